@@ -1,0 +1,43 @@
+"""MoE Workbench: routing and cross-modal attention analysis for Llama 4 Mixture-of-Experts models.
+
+    import workbench as wb
+    model = wb.load_model("path/to/Llama-4-Scout-17B-16E-Instruct", dtype=torch.bfloat16, device="cuda")
+    proc = wb.load_processor("path/to/...")
+    with wb.record(model, "runs/x.zarr", capture=("router", "attention")):
+        model(**proc(text=["<|image|>What is here?"], images=[img]))
+    ds = wb.open_trace("runs/x.zarr")
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# Public names -> the module that defines them; imported on first use so that
+# `import workbench` stays light (no zarr/xarray/plotly until needed).
+_LAZY = {
+    "load_model": "workbench.checkpoint",
+    "random_model": "workbench.checkpoint",
+    "save_model": "workbench.checkpoint",
+    "CheckpointError": "workbench.checkpoint",
+    "ModelConfig": "workbench.config",
+    "TextConfig": "workbench.config",
+    "ConfigError": "workbench.config",
+    "preset": "workbench.config",
+    "load_processor": "workbench.processor",
+    "open_trace": "workbench.store",
+    "record": "workbench.hooks",
+    "Recorder": "workbench.hooks",
+    "open_attention": "workbench.hooks.attention",
+}
+_SUBMODULES = {"kernels", "hooks", "analysis", "model", "config", "checkpoint", "processor", "store", "vision"}
+
+__all__ = sorted(_LAZY) + sorted(_SUBMODULES)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"workbench.{name}")
+    raise AttributeError(f"module 'workbench' has no attribute {name!r}")

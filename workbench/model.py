@@ -1,0 +1,364 @@
+"""Llama 4 (Scout / Maverick) in plain PyTorch, readable top to bottom.
+
+Module and parameter names equal the HF checkpoint keys (``language_model.model.layers.N.
+feed_forward.experts.gate_up_proj`` ...), so a state dict loads without renaming. The forward
+pass knows nothing of stores or widgets: it exposes :class:`~workbench.hooks.taps.Tap` points
+(``hook_inputs``, ``hook_router``, ``hook_attn``) that do nothing unless a recorder attaches.
+
+Semantics reproduce transformers' ``Llama4ForConditionalGeneration`` / ``Llama4ForCausalLM``:
+- router: logits = x W^T; top-k on logits; score = sigmoid(logit) multiplies the expert INPUT;
+  y = shared(x) + sum_k SwiGLU_e(s_k * x). Only the selected experts run (sorted dispatch in
+  :func:`workbench.kernels.moe_experts`).
+- RoPE layers (``no_rope_layers[i] == 1``): complex interleaved-pair RoPE (llama3 scaling when
+  configured), weightless L2 QK norm after RoPE, block-diagonal causal attention in chunks of
+  ``attention_chunk_size``. NoPE layers: global causal attention, query temperature
+  log1p(floor((pos+1)/floor_scale)) * attn_scale + 1 when tuning is on.
+- Padding: positions come from the attention mask, so every sequence of a padded batch (left
+  or right padding) computes what it computes alone. (transformers derives the NoPE temperature
+  from the buffer index instead, which differs under left padding; we follow the position.)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workbench.config import ModelConfig, TextConfig, llama3_inv_freq
+from workbench.hooks.taps import Tap
+from workbench.kernels import moe_experts
+from workbench.vision import MultiModalProjector, VisionModel
+
+__all__ = [
+    "Llama4ForCausalLM", "Llama4ForConditionalGeneration", "Llama4TextModel", "ModelOutput",
+    "build_model", "position_ids_from_mask",
+]
+
+
+@dataclass
+class ModelOutput:
+    """What a forward pass returns.
+
+    logits: (B, T, vocab) in the model dtype. hidden_states: (B, T, H) after the final norm.
+    """
+
+    logits: torch.Tensor
+    hidden_states: torch.Tensor | None = None
+
+    def __getitem__(self, i):  # tuple-style access, as with transformers outputs
+        return (self.logits, self.hidden_states)[i]
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+class Llama4TextRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Weightless RMS normalization over the last dim, computed in float32 (Llama 4 QK norm)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
+def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) as complex numbers.
+
+    x: (B, T, heads, D); freqs_cis: (B, T, D/2) complex64. Returns x's shape and dtype.
+    """
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * freqs_cis[:, :, None, :]).flatten(3).type_as(x)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions 0, 1, ... of the real tokens of each row; padding gets 0. (B, T) long."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0) * attention_mask.long()
+
+
+class Llama4TextMLP(nn.Module):
+    """SwiGLU MLP: dense layers and the shared expert."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Llama4TextExperts(nn.Module):
+    """The routed experts' weights, x @ W layout: gate_up_proj (E, H, 2I) gate first, down_proj (E, I, H)."""
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        E, H, I = config.num_local_experts, config.hidden_size, config.intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, H, 2 * I))
+        self.down_proj = nn.Parameter(torch.empty(E, I, H))
+
+
+class Llama4TextMoe(nn.Module):
+    """Top-k sigmoid router + routed experts + shared expert.
+
+    ``hook_router`` sees, per flattened token (N = B*T): ``router_logits`` (N, E) model dtype,
+    ``topk_ids`` (N, k) int64, ``topk_weights`` (N, k) the scores as applied (model dtype).
+    """
+
+    def __init__(self, config: TextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = config.num_local_experts
+        self.router = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)
+        self.experts = Llama4TextExperts(config)
+        self.shared_expert = Llama4TextMLP(config.hidden_size, config.intermediate_size)
+        self.hook_router = Tap()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        router_logits = self.router(x)
+        top_logits, topk_ids = torch.topk(router_logits, self.top_k, dim=-1)
+        topk_weights = torch.sigmoid(top_logits.float()).to(x.dtype)
+        if self.hook_router.active:
+            self.hook_router(router_logits=router_logits, topk_ids=topk_ids, topk_weights=topk_weights)
+        routed = moe_experts(x, topk_ids, topk_weights, self.experts.gate_up_proj, self.experts.down_proj,
+                             scale="input")
+        return (self.shared_expert(x) + routed).view(shape)
+
+
+class Llama4TextAttention(nn.Module):
+    """GQA self-attention; RoPE + L2 QK norm + chunked mask on RoPE layers, temperature on NoPE layers.
+
+    ``hook_attn`` sees the exact query/key the softmax uses: ``query`` (B, Hq, T, D) already scaled
+    by the NoPE temperature, ``key`` (B, Hkv, T, D), ``scale`` (float), ``allowed`` (B, 1, T, T)
+    bool mask, ``position_ids`` (B, T), ``attention_mask`` (B, T).
+    """
+
+    def __init__(self, config: TextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.scale = self.head_dim ** -0.5
+        self.use_rope = config.uses_rope[layer_idx]
+        self.use_qk_norm = config.use_qk_norm and self.use_rope
+        self.qk_norm_eps = config.rms_norm_eps
+        self.temperature_tuning = config.attn_temperature_tuning and not self.use_rope
+        self.floor_scale, self.attn_scale = config.floor_scale, config.attn_scale
+        bias = config.attention_bias
+        H, D = config.hidden_size, self.head_dim
+        self.q_proj = nn.Linear(H, self.num_heads * D, bias=bias)
+        self.k_proj = nn.Linear(H, self.num_kv_heads * D, bias=bias)
+        self.v_proj = nn.Linear(H, self.num_kv_heads * D, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * D, H, bias=bias)
+        self.hook_attn = Tap()
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, position_ids: torch.Tensor,
+                allowed: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.use_rope:
+            q, k = apply_rope(q, freqs_cis), apply_rope(k, freqs_cis)
+        if self.use_qk_norm:
+            q, k = l2_norm(q, self.qk_norm_eps), l2_norm(k, self.qk_norm_eps)
+        if self.temperature_tuning:
+            pos = position_ids.float()
+            temp = torch.log1p(torch.floor((pos + 1.0) / self.floor_scale)) * self.attn_scale + 1.0
+            q = (q * temp[:, :, None, None]).to(q.dtype)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.hook_attn.active:
+            self.hook_attn(query=q, key=k, scale=self.scale, allowed=allowed,
+                           position_ids=position_ids, attention_mask=attention_mask)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.scale,
+                                             enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class Llama4TextDecoderLayer(nn.Module):
+    def __init__(self, config: TextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.is_moe_layer = config.is_moe_layer(layer_idx)
+        self.self_attn = Llama4TextAttention(config, layer_idx)
+        self.feed_forward = (Llama4TextMoe(config, layer_idx) if self.is_moe_layer
+                             else Llama4TextMLP(config.hidden_size, config.intermediate_size_mlp))
+        self.input_layernorm = Llama4TextRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = Llama4TextRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, freqs_cis, position_ids, allowed, attention_mask):
+        x = x + self.self_attn(self.input_layernorm(x), freqs_cis, position_ids, allowed, attention_mask)
+        return x + self.feed_forward(self.post_attention_layernorm(x))
+
+
+def attention_masks(attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                    chunk_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean "query may attend key" masks, (B, 1, T, T) each: (global causal, chunked causal).
+
+    Keys must be real tokens at or before the query; chunked layers also need the key in the
+    query's chunk of ``chunk_size`` positions. Every row keeps its diagonal so that padding
+    queries stay finite (their outputs are never read).
+    """
+    B, T = attention_mask.shape
+    idx = torch.arange(T, device=attention_mask.device)
+    causal = idx[None, :, None] >= idx[None, None, :]
+    valid_key = attention_mask.bool()[:, None, :]
+    diag = torch.eye(T, dtype=torch.bool, device=attention_mask.device)[None]
+    full = (causal & valid_key) | diag
+    if chunk_size is None:
+        chunked = full
+    else:
+        block = position_ids // chunk_size
+        chunked = (full & (block[:, :, None] == block[:, None, :])) | diag
+    return full[:, None], chunked[:, None]
+
+
+class Llama4TextModel(nn.Module):
+    """Embedding, decoder layers, final norm. ``hook_inputs`` sees input_ids/attention_mask/position_ids."""
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Llama4TextDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = Llama4TextRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.hook_inputs = Tap()
+
+    def rope_freqs(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T, head_dim/2) complex64 rotations for the given positions."""
+        c = self.config
+        inv_freq = llama3_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling).to(position_ids.device)
+        angles = position_ids[..., None].float() * inv_freq
+        return torch.polar(torch.ones_like(angles), angles)
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T) long and/or inputs_embeds (B, T, H) -> hidden states (B, T, H).
+
+        With both, the embeddings are used and the ids only describe the tokens to ``hook_inputs``
+        (the multimodal model passes fused embeddings this way).
+        """
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("pass input_ids or inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T, _ = x.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(B, T, dtype=torch.long, device=x.device)
+        elif attention_mask.shape != (B, T):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, inputs have (B, T)={(B, T)}")
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
+        if self.hook_inputs.active:
+            self.hook_inputs(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        full, chunked = attention_masks(attention_mask, position_ids, self.config.attention_chunk_size)
+        freqs_cis = self.rope_freqs(position_ids)
+        for layer in self.layers:
+            allowed = chunked if layer.self_attn.use_rope else full
+            x = layer(x, freqs_cis, position_ids, allowed, attention_mask)
+        return self.norm(x)
+
+
+class Llama4ForCausalLM(nn.Module):
+    """Text-only Llama 4 (checkpoint keys ``model.*``, ``lm_head.weight``)."""
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Llama4TextModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def text_config(self) -> TextConfig:
+        return self.config
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                **batch_extras) -> ModelOutput:
+        """(B, T) ids -> ModelOutput(logits (B, T, vocab)). Extra processor keys are ignored."""
+        _check_extras(batch_extras)
+        h = self.model(input_ids, attention_mask, position_ids, inputs_embeds)
+        return ModelOutput(logits=self.lm_head(h), hidden_states=h)
+
+
+class Llama4ForConditionalGeneration(nn.Module):
+    """Vision tower + projector + text decoder with early fusion.
+
+    Image features replace the ``<|patch|>`` (image_token_index) embeddings in order.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.vision_model = VisionModel(config.vision)
+        self.multi_modal_projector = MultiModalProjector(config.vision, config.text.hidden_size)
+        self.language_model = Llama4ForCausalLM(config.text)
+
+    @property
+    def text_config(self) -> TextConfig:
+        return self.config.text
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """(B, T) ids (+ (N_tiles, 3, S, S) pixels) -> (B, T, H) input embeddings with images fused."""
+        embeds = self.language_model.model.embed_tokens(input_ids)
+        if pixel_values is None:
+            return embeds
+        feats = self.multi_modal_projector(self.vision_model(pixel_values.to(embeds.dtype)))
+        feats = feats.reshape(-1, feats.shape[-1]).to(embeds.dtype)
+        slots = input_ids == self.config.image_token_index
+        # A count check is a host sync, but images already force one through the vision tower's
+        # shapes; the clear error is worth it.
+        n_slots = int(slots.sum())
+        if n_slots != feats.shape[0]:
+            raise ValueError(f"the prompt has {n_slots} <|patch|> tokens but the images give {feats.shape[0]} "
+                             f"patch features ({pixel_values.shape[0]} tiles): prompts and images do not match")
+        return embeds.masked_scatter(slots[..., None], feats)
+
+    def forward(self, input_ids=None, attention_mask=None, pixel_values=None, position_ids=None,
+                inputs_embeds=None, **batch_extras) -> ModelOutput:
+        """input_ids (B, T) long, attention_mask (B, T), pixel_values (N_tiles, 3, S, S) float.
+
+        Returns ModelOutput(logits (B, T, vocab)). Extra processor keys are ignored.
+        """
+        _check_extras(batch_extras)
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids (or inputs_embeds)")
+            inputs_embeds = self.embed(input_ids, pixel_values)
+        elif pixel_values is not None:
+            raise ValueError("pass pixel_values with input_ids, not with inputs_embeds")
+        lm = self.language_model
+        h = lm.model(input_ids, attention_mask, position_ids, inputs_embeds)
+        return ModelOutput(logits=lm.lm_head(h), hidden_states=h)
+
+
+# Keys a processor batch carries for bookkeeping; the model accepts and ignores them.
+_PROCESSOR_KEYS = frozenset({"image_sizes", "aspect_ratios", "tile_grids", "original_sizes", "token_type_ids",
+                             "image_grid", "images_per_sample", "patch_grids"})
+
+
+def _check_extras(extras: dict) -> None:
+    unknown = set(extras) - _PROCESSOR_KEYS
+    if unknown:
+        raise TypeError(f"unexpected forward() arguments: {', '.join(sorted(unknown))}")
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """An uninitialized model for ``config`` (use inside ``torch.device('meta')`` to allocate nothing)."""
+    if config.is_multimodal:
+        return Llama4ForConditionalGeneration(config)
+    return Llama4ForCausalLM(config.text)
