@@ -170,12 +170,15 @@ class ModelConfig:
         dtype = d.get("dtype") or d.get("torch_dtype")
         if arch == "Llama4ForCausalLM":
             text = d.get("text_config", d)
-            return cls(text=TextConfig.from_dict(text), vision=None, architecture=arch, dtype=dtype)
+            return cls(text=_text_from_dict(text, source), vision=None, architecture=arch, dtype=dtype)
         if "text_config" not in d:
             raise ConfigError(f"{source}: {arch} needs a 'text_config' section")
-        vision = VisionConfig.from_dict(d.get("vision_config") or {})
+        try:
+            vision = VisionConfig.from_dict(d.get("vision_config") or {})
+        except ValueError as e:
+            raise ConfigError(f"{source}: {e}") from e
         return cls(
-            text=TextConfig.from_dict(d["text_config"]),
+            text=_text_from_dict(d["text_config"], source),
             vision=vision,
             architecture=arch,
             image_token_index=d.get("image_token_index", d.get("image_token_id", cls.image_token_index)),
@@ -243,6 +246,15 @@ class ModelConfig:
         vision = _vision_parameter_count(self.vision, t.hidden_size) if self.vision is not None else 0
         return {"text_total": text_total, "text_active": text_active, "vision": vision,
                 "total": text_total + vision, "embedding": embed}
+
+
+def _text_from_dict(d: dict[str, Any], source: str) -> TextConfig:
+    try:
+        return TextConfig.from_dict(d)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from e
+    except (TypeError, ValueError) as e:  # e.g. a string where a number belongs
+        raise ConfigError(f"{source}: text config: {e}") from e
 
 
 def _vision_parameter_count(cfg: VisionConfig, text_hidden_size: int) -> int:
