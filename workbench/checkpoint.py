@@ -158,6 +158,7 @@ def load_model(path: str | os.PathLike, dtype=None, device=None, *, progress: bo
                 bar.update(1)
     bar.close()
     _retie(model, config)
+    model.source = {"path": str(p.resolve()), "fingerprint": checkpoint_fingerprint(p)}
     model.eval()
     return model
 

@@ -1,0 +1,149 @@
+"""Recording router decisions: what the model routed is what the store holds."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import workbench as wb
+from workbench.hooks import RecorderError, iter_taps
+from tests.hf_reference import IMAGE_TOKEN, TOKENS_PER_TILE, hf_multimodal_model, hf_text_model
+
+torch.set_grad_enabled(False)
+
+
+@pytest.fixture(scope="module")
+def text_ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpt")
+    hf = hf_text_model(seed=21, num_experts_per_tok=2, interleave_moe_layer_step=2)
+    hf.save_pretrained(d)
+    return d, hf
+
+
+def router_outputs(model, **inputs):
+    """The model's own router outputs, read through its taps (no recorder involved)."""
+    got = []
+    taps = [t for _, t in iter_taps(model, "hook_router")]
+    for t in taps:
+        t.fn = lambda tap, router_logits, topk_ids, topk_weights: got.append(
+            (router_logits.clone(), topk_ids.clone(), topk_weights.clone()))
+    try:
+        model(**inputs)
+    finally:
+        for t in taps:
+            t.fn = None
+    return got
+
+
+def test_round_trip_equals_the_models_router_outputs(text_ckpt, tmp_path):
+    d, _ = text_ckpt
+    model = wb.load_model(d, progress=False)
+    ids = torch.randint(3, 300, (3, 11), generator=torch.Generator().manual_seed(0))
+    ref = router_outputs(model, input_ids=ids)
+    with wb.record(model, tmp_path / "t.zarr", capture=("router", "logits"), logits_dtype="float32") as rec:
+        model(input_ids=ids)
+    ds = wb.open_trace(tmp_path / "t.zarr").load()
+    assert ds.attrs["complete"] and ds.attrs["n_tokens"] == 33
+    assert list(ds["layer"].values) == [1, 3]
+    np.testing.assert_array_equal(ds["token_id"].values, ids.reshape(-1).numpy())
+    np.testing.assert_array_equal(ds["sequence"].values, np.repeat([0, 1, 2], 11))
+    np.testing.assert_array_equal(ds["position"].values, np.tile(np.arange(11), 3))
+    for l, (logits, topk, weights) in enumerate(ref):
+        np.testing.assert_array_equal(ds["topk_expert"].values[:, l], topk.numpy())
+        np.testing.assert_array_equal(ds["topk_weight"].values[:, l], weights.numpy())
+        np.testing.assert_array_equal(ds["router_logits"].values[:, l], logits.numpy())
+        # Independent check of the semantics: weights are sigmoid of the chosen logits.
+        chosen = np.take_along_axis(logits.double().numpy(), topk.numpy(), axis=1)
+        np.testing.assert_allclose(ds["topk_weight"].values[:, l], 1 / (1 + np.exp(-chosen)), rtol=1e-6)
+    counts = np.stack([np.bincount(t.reshape(-1).numpy(), minlength=8) for _, t, _ in ref])
+    np.testing.assert_array_equal(rec.loads().values, counts)
+    # Taps are detached again: a later forward pass records nothing.
+    assert all(not t.active for _, t in iter_taps(model))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_is_never_recorded_and_rows_match_unpadded_runs(text_ckpt, tmp_path, side):
+    d, _ = text_ckpt
+    model = wb.load_model(d, progress=False)
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(3, 300, (n,), generator=g) for n in (9, 4, 7)]
+    T = 9
+    ids = torch.zeros(3, T, dtype=torch.long)
+    mask = torch.zeros(3, T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+        ids[i, sl], mask[i, sl] = s, 1
+    with wb.record(model, tmp_path / "pad.zarr") as rec:
+        model(input_ids=ids, attention_mask=mask)
+    with wb.record(model, tmp_path / "alone.zarr"):
+        for s in seqs:
+            model(input_ids=s[None])
+    pad, alone = wb.open_trace(tmp_path / "pad.zarr").load(), wb.open_trace(tmp_path / "alone.zarr").load()
+    assert pad.sizes["token"] == 20 == alone.sizes["token"]
+    for name in ("token_id", "sequence", "position", "topk_expert"):
+        np.testing.assert_array_equal(pad[name].values, alone[name].values, err_msg=name)
+    np.testing.assert_allclose(pad["topk_weight"].values, alone["topk_weight"].values, rtol=1e-5)
+    assert rec.loads().values.sum() == 20 * 2 * 2  # tokens x top-2, per MoE layer summed over 2 layers
+
+
+def test_transformers_model_records_the_same_trace(text_ckpt, tmp_path):
+    """The adapter for transformers' module tree feeds the same store code: equal traces."""
+    d, hf = text_ckpt
+    model = wb.load_model(d, progress=False)
+    ids = torch.randint(3, 300, (2, 13), generator=torch.Generator().manual_seed(3))
+    with wb.record(model, tmp_path / "ours.zarr"):
+        model(input_ids=ids)
+    with wb.record(hf, tmp_path / "hf.zarr"):
+        hf(input_ids=ids)
+    ours, ref = wb.open_trace(tmp_path / "ours.zarr").load(), wb.open_trace(tmp_path / "hf.zarr").load()
+    np.testing.assert_array_equal(ours["topk_expert"].values, ref["topk_expert"].values)
+    np.testing.assert_allclose(ours["topk_weight"].values, ref["topk_weight"].values, rtol=1e-5)
+    np.testing.assert_array_equal(ours["layer"].values, ref["layer"].values)
+
+
+def test_image_tokens_are_marked_as_image_patches(tmp_path):
+    hf = hf_multimodal_model(seed=4)
+    hf.save_pretrained(tmp_path / "mm")
+    model = wb.load_model(tmp_path / "mm", progress=False)
+    prompt = [1, 5, 6, 7] + [IMAGE_TOKEN] * (2 * TOKENS_PER_TILE) + [8, 9, 2]
+    with wb.record(model, tmp_path / "img.zarr"):
+        model(input_ids=torch.tensor([prompt]), pixel_values=torch.randn(2, 3, 56, 56))
+    ds = wb.open_trace(tmp_path / "img.zarr").load()
+    expected = np.array([2, 0, 0, 0] + [1] * 8 + [0, 0, 2], np.int8)  # bos/eos are special
+    np.testing.assert_array_equal(ds["modality"].values, expected)
+
+
+def test_several_forward_passes_number_sequences_consecutively(text_ckpt, tmp_path):
+    d, _ = text_ckpt
+    model = wb.load_model(d, progress=False)
+    with wb.record(model, tmp_path / "t.zarr") as rec:
+        for n in (3, 1, 2):
+            model(input_ids=torch.randint(3, 300, (n, 5)))
+        rec.flush()
+        assert rec.n_tokens == 30
+    ds = wb.open_trace(tmp_path / "t.zarr")
+    np.testing.assert_array_equal(np.unique(ds["sequence"].values), np.arange(6))
+
+
+def test_bad_capture_option_and_missing_ids(text_ckpt, tmp_path):
+    d, _ = text_ckpt
+    model = wb.load_model(d, progress=False)
+    with pytest.raises(RecorderError, match="unknown capture option"):
+        wb.record(model, tmp_path / "x.zarr", capture=("router", "gates"))
+    with pytest.raises(RecorderError, match="needs input_ids"):
+        with wb.record(model, tmp_path / "y.zarr"):
+            model(inputs_embeds=torch.randn(1, 4, 64))
+    # The failed block left a store that opens (incomplete, nothing committed).
+    ds = wb.open_trace(tmp_path / "y.zarr")
+    assert ds.attrs["complete"] is False and ds.sizes["token"] == 0
+
+
+def test_store_error_surfaces_in_the_callers_thread(text_ckpt, tmp_path):
+    d, _ = text_ckpt
+    model = wb.load_model(d, progress=False)
+    rec = wb.record(model, tmp_path / "t.zarr").attach()
+    rec._writer.append = lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device"))
+    model(input_ids=torch.randint(3, 300, (1, 5)))
+    with pytest.raises(RecorderError, match="No space left"):
+        rec.flush()
+    rec.close(complete=False)
