@@ -194,8 +194,12 @@ class _Pending:
     topk_weights: torch.Tensor  # (B*T, L, k)
     router_logits: torch.Tensor | None  # (B*T, L, E)
     loads: torch.Tensor  # (L, E) int64, padding excluded, computed on the device
-    first_sequence: int
+    sequence_ids: np.ndarray  # (B,) trace sequence number of each row
     event: Any = None
+
+    @property
+    def first_sequence(self) -> int:
+        return int(self.sequence_ids[0])
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
@@ -231,6 +235,8 @@ class Recorder:
         self.spec = self.adapter.spec()
         self.store_path = Path(store)
         self.processor = processor
+        if processor is not None:
+            self.spec.special_ids |= _special_ids(processor) - {self.spec.image_token_id}
         self._logits = "logits" in self.capture
         self._writer = self._open_store(logits_dtype, overwrite, resume, provenance or {})
         self._next_sequence = self._sequences_in_store()
@@ -239,6 +245,7 @@ class Recorder:
         self._thread = threading.Thread(target=self._write_loop, name="workbench-recorder", daemon=True)
         self._thread.start()
         self._cur: dict[str, Any] | None = None
+        self._sequence_ids: np.ndarray | None = None
         self._hook = None
         self._attached = False
         self._closed = False
@@ -346,13 +353,20 @@ class Recorder:
             input_ids=_to_host(ids), attention_mask=_to_host(mask), position_ids=_to_host(cur["pos"]),
             topk_ids=_to_host(topk), topk_weights=_to_host(weights),
             router_logits=_to_host(logits) if logits is not None else None, loads=_to_host(loads),
-            first_sequence=self._next_sequence)
-        self._next_sequence += ids.shape[0]
+            sequence_ids=self._take_sequence_ids(ids.shape[0]))
         if topk.device.type == "cuda":
             pending.event = torch.cuda.Event()
             pending.event.record()
         attention = self.attention.finish_pass(pending) if self.attention is not None else None
         self._queue.put((pending, attention))  # blocks when the writer is behind: back-pressure
+
+    def _take_sequence_ids(self, batch: int) -> np.ndarray:
+        """Sequence numbers for this pass: those ``run`` set (prompt indices), else the next free ones."""
+        ids, self._sequence_ids = self._sequence_ids, None
+        if ids is None or len(ids) != batch:
+            ids = np.arange(self._next_sequence, self._next_sequence + batch, dtype=np.int64)
+        self._next_sequence = max(self._next_sequence, int(ids.max()) + 1)
+        return ids
 
     # -- writer thread -------------------------------------------------------------------------
     def _write_loop(self) -> None:
@@ -375,7 +389,7 @@ class Recorder:
         B, T = mask.shape
         keep = mask.reshape(-1)
         ids = p.input_ids.numpy().reshape(-1)[keep]
-        seq = (np.arange(B, dtype=np.int64)[:, None] + p.first_sequence).repeat(T, 1).reshape(-1)[keep]
+        seq = p.sequence_ids[:, None].repeat(T, 1).reshape(-1)[keep]
         pos = p.position_ids.numpy().reshape(-1)[keep]
         modality = np.zeros(ids.shape, np.int8)
         if self.spec.special_ids:
@@ -426,8 +440,10 @@ class Recorder:
             max_tokens: int | None = None, truncation: bool = False, progress: bool = True) -> dict[str, Any]:
         """Record ``model`` over a prompt set; returns a summary dict.
 
-        inputs: strings, or dicts {"text": str, "images": [PIL.Image | path, ...]}. Empty prompts
-        are skipped and counted. A tqdm bar (terminal or JupyterLab) shows tokens/s.
+        inputs: strings, or dicts {"text": str, "images": [PIL.Image | path, ...]}. Each prompt's
+        trace ``sequence`` is its index in ``inputs``; prompts already in the store (a resumed
+        run) are skipped, so are empty prompts (counted in the summary). A tqdm bar (terminal or
+        JupyterLab) shows tokens/s.
         """
         from tqdm.auto import tqdm
 
@@ -435,7 +451,9 @@ class Recorder:
             raise RecorderError("Recorder.run: pass the model this recorder was created for")
         items = [_as_item(x, i) for i, x in enumerate(inputs)]
         skipped = [it["index"] for it in items if not it["text"].strip() and not it["images"]]
-        items = [it for it in items if it["text"].strip() or it["images"]]
+        done = self._next_sequence  # prompts [0, done) are committed already (resume)
+        items = [it for it in items if (it["text"].strip() or it["images"]) and it["index"] >= done]
+        skipped = [i for i in skipped if i >= done]
         self.attach()
         t0, n0 = time.perf_counter(), self.n_tokens
         bar = tqdm(total=len(items), desc=f"trace -> {self.store_path.name}", unit="prompt", disable=not progress)
@@ -452,6 +470,7 @@ class Recorder:
                     batch = processor(**kw)
                     tensors = {k: v.to(device) for k, v in batch.items()
                                if k in ("input_ids", "attention_mask", "pixel_values") and v is not None}
+                    self._sequence_ids = np.array([it["index"] for it in chunk], dtype=np.int64)
                     model(**tensors)
                     bar.update(len(chunk))
                     bar.set_postfix(tok_s=f"{(self.n_tokens - n0) / max(time.perf_counter() - t0, 1e-9):,.0f}")
@@ -459,7 +478,8 @@ class Recorder:
         finally:
             bar.close()
         dt = time.perf_counter() - t0
-        return {"prompts": len(items), "skipped_empty": skipped, "tokens": self.n_tokens - n0,
+        return {"prompts": len(items), "resumed_after": done, "skipped_empty": skipped,
+                "tokens": self.n_tokens - n0,
                 "seconds": dt, "tokens_per_s": (self.n_tokens - n0) / max(dt, 1e-9)}
 
 
@@ -500,6 +520,14 @@ def _vocab(processor) -> list[str] | None:
     n = tok.get_vocab_size(with_added_tokens=True)
     # Decoded text, not BPE symbols ("Ġthe"): what a reader of the trace wants to see.
     return [tok.decode([i], skip_special_tokens=False) for i in range(n)]
+
+
+def _special_ids(processor) -> set[int]:
+    """Ids of the tokenizer's special tokens (chat headers, image delimiters, tile separators...)."""
+    tok = getattr(processor, "tokenizer", None)
+    if tok is None or not hasattr(tok, "get_added_tokens_decoder"):
+        return set()
+    return {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
 
 
 def _tokenizer_hash(processor) -> str | None:

@@ -78,8 +78,6 @@ def _is_trace(path: Path) -> bool:
 def cmd_info(args) -> int:
     path = Path(args.path)
     if _is_trace(path):
-        from workbench.store import describe_trace
-
         print(describe_trace(path))
         return 0
     from workbench.config import PRESETS, ModelConfig, preset
@@ -91,23 +89,175 @@ def cmd_info(args) -> int:
     return 0
 
 
+class CLIError(Exception):
+    """A user error the CLI reports in one line (bad prompts file, missing image...)."""
+
+
+def read_prompts(path: Path, images_dir: Path | None) -> list[dict]:
+    """Read a JSONL prompts file: one object per line, {"text": str, "images": [file, ...]}.
+
+    A bare JSON string is a text prompt. Image files resolve against ``images_dir`` (default: the
+    prompts file's folder). Errors name the line.
+    """
+    import json
+
+    if not path.is_file():
+        raise CLIError(f"prompts file {path} does not exist")
+    base = images_dir if images_dir is not None else path.parent
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CLIError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if isinstance(obj, str):
+                obj = {"text": obj}
+            if not isinstance(obj, dict) or not isinstance(obj.get("text", ""), str):
+                raise CLIError(f"{path}:{n}: expected an object with a string 'text' (and optional 'images')")
+            images = obj.get("images") or []
+            if isinstance(images, str):
+                images = [images]
+            if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+                raise CLIError(f"{path}:{n}: 'images' must be a list of file names")
+            files = []
+            for name in images:
+                f_img = (base / name) if not Path(name).is_absolute() else Path(name)
+                if not f_img.is_file():
+                    raise CLIError(f"{path}:{n}: image file {f_img} does not exist")
+                files.append(f_img)
+            prompts.append({"text": obj.get("text", ""), "images": files, "line": n})
+    return prompts
+
+
+def _du(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def trace_summary(store: Path, run: dict | None = None) -> str:
+    """Tokens, speed, bytes and per-layer load imbalance of a trace (what `trace` prints at the end)."""
+    from workbench.analysis import load_imbalance
+    from workbench.store import open_trace
+
+    ds = open_trace(store)
+    imb = load_imbalance(ds)
+    lines = []
+    if run is not None:
+        lines.append(f"traced {run['prompts']} prompts, {run['tokens']:,} tokens in {run['seconds']:.1f} s "
+                     f"({run['tokens_per_s']:,.0f} tokens/s)")
+        if run.get("resumed_after"):
+            lines.append(f"resumed: prompts 0-{run['resumed_after'] - 1} were already in the store")
+        if run["skipped_empty"]:
+            lines.append(f"skipped {len(run['skipped_empty'])} empty prompt(s): "
+                         + ", ".join(str(i) for i in run["skipped_empty"][:10]))
+    lines.append(f"store {store}: {ds.sizes['token']:,} tokens, {_du(store) / 1e6:.2f} MB on disk, "
+                 f"complete={ds.attrs['complete']}")
+    lines.append("load imbalance per MoE layer (CV = std/mean of load shares; max/mean = E * max share):")
+    for i, layer in enumerate(imb["layer"].values):
+        lines.append(f"  layer {int(layer):3d}: CV {float(imb['cv'][i]):.3f}  max/mean {float(imb['max_over_mean'][i]):.2f}")
+    return "\n".join(lines)
+
+
+def describe_trace(store: Path) -> str:
+    """`workbench info STORE`: what a trace holds, where it came from, and its load imbalance."""
+    from workbench.store import open_trace
+
+    ds = open_trace(store)
+    a = ds.attrs
+    prov = a.get("provenance", {})
+    arch = (prov.get("model_config") or {}).get("architectures", ["?"])[0]
+    import numpy as np
+
+    n_seq = len(np.unique(ds["sequence"].values))
+    arrays = ", ".join(sorted(v for v in ds.data_vars if "token" in ds[v].dims))
+    lines = [f"trace {store} (schema {a['schema']}, complete={a['complete']})",
+             f"  {ds.sizes['token']:,} tokens in {n_seq} sequences; {len(a['moe_layers'])} MoE layers, "
+             f"{a['n_experts']} experts, top-{a['top_k']}",
+             f"  arrays: {arrays}",
+             f"  model: {arch} on {prov.get('device', '?')} ({prov.get('dtype', '?')})"
+             + (f", checkpoint {prov['checkpoint_path']} [{prov.get('checkpoint_fingerprint')}]"
+                if prov.get("checkpoint_path") else ""),
+             f"  created {prov.get('created', '?')}, updated {prov.get('updated', '?')}; "
+             f"workbench {prov.get('versions', {}).get('workbench', '?')}"]
+    return "\n".join(lines + trace_summary(store).splitlines()[1:])
+
+
+def cmd_trace(args) -> int:
+    import hashlib
+
+    import torch
+
+    from workbench.checkpoint import load_model
+    from workbench.hooks import Recorder
+    from workbench.processor import load_processor
+
+    prompts_path = Path(args.prompts)
+    prompts = read_prompts(prompts_path, Path(args.images) if args.images else None)
+    capture = tuple(c.strip() for c in args.capture.split(",") if c.strip())
+    inputs_hash = hashlib.sha256(prompts_path.read_bytes()).hexdigest()[:16]
+    out = Path(args.out)
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    proc = load_processor(args.model)
+    if args.resume:
+        from workbench.store import open_trace
+
+        prev = open_trace(out).attrs.get("provenance", {}).get("inputs_hash")
+        if prev is not None and prev != inputs_hash:
+            raise CLIError(f"{out} was traced from other prompts (inputs hash {prev}, this file {inputs_hash}); "
+                           f"refusing to resume with a different prompts file")
+    rec = Recorder(model, out, capture, processor=proc, resume=args.resume, overwrite=args.overwrite,
+                   provenance={"inputs_hash": inputs_hash, "prompts_file": str(prompts_path)})
+    ok = False
+    try:
+        with torch.no_grad():
+            run = rec.run(model, proc, prompts, batch_size=args.batch_size, max_tokens=args.max_tokens,
+                          truncation=args.truncate, progress=not args.quiet)
+        ok = True
+    finally:
+        rec.close(complete=ok)
+    print(trace_summary(out, run))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="workbench", description="MoE Workbench: routing analysis for Llama 4 MoE models")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="architecture of a checkpoint/preset, or a summary of a trace store")
     p.add_argument("path", help="checkpoint directory, preset name (scout, maverick), or trace store")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("trace", help="record router decisions over a prompts file into a zarr trace store")
+    p.add_argument("model", help="checkpoint directory (config.json, safetensors, tokenizer.json)")
+    p.add_argument("--prompts", required=True, help='JSONL file: {"text": ..., "images": [file, ...]} per line')
+    p.add_argument("--images", help="folder the image file names resolve against (default: the prompts file's)")
+    p.add_argument("--out", required=True, help="trace store to create (a directory, e.g. runs/x.zarr)")
+    p.add_argument("--capture", default="router", help="comma list of router, logits, attention (default: router)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=None, help="longest prompt allowed (tokens); longer is an error")
+    p.add_argument("--truncate", action="store_true", help="truncate prompts longer than --max-tokens instead")
+    p.add_argument("--resume", action="store_true", help="continue an incomplete store from its committed length")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing trace at --out")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: as stored)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_trace)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     from workbench.checkpoint import CheckpointError
     from workbench.config import ConfigError
+    from workbench.hooks.recorder import RecorderError
+    from workbench.processor import ProcessorError
+    from workbench.store import TraceError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+    except (CLIError, ConfigError, CheckpointError, ProcessorError, TraceError, RecorderError,
+            FileNotFoundError) as e:
         print(f"workbench {args.command}: error: {e}", file=sys.stderr)
         return 2
 
