@@ -175,9 +175,9 @@ def test_moe_runs_only_selected_experts(tmp_path, monkeypatch):
     seen = []
     real = wm.moe_experts
 
-    def spy(x, ids, w, gu, dp, *, scale):
+    def spy(x, ids, w, gu, dp, *, scale, **kw):
         seen.append((x.shape[0], ids.shape, scale))
-        return real(x, ids, w, gu, dp, scale=scale)
+        return real(x, ids, w, gu, dp, scale=scale, **kw)
 
     monkeypatch.setattr(wm, "moe_experts", spy)
     model(input_ids=torch.randint(3, 300, (2, 7)))

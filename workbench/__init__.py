@@ -25,6 +25,7 @@ _LAZY = {
     "ConfigError": "workbench.config",
     "preset": "workbench.config",
     "load_processor": "workbench.processor",
+    "ProcessorError": "workbench.processor",
     "open_trace": "workbench.store",
     "record": "workbench.hooks",
     "Recorder": "workbench.hooks",

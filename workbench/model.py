@@ -132,8 +132,9 @@ class Llama4TextMoe(nn.Module):
         topk_weights = torch.sigmoid(top_logits.float()).to(x.dtype)
         if self.hook_router.active:
             self.hook_router(router_logits=router_logits, topk_ids=topk_ids, topk_weights=topk_weights)
+        # Ids come from topk over E logits, so they are in range: skip the check (a host sync on GPU).
         routed = moe_experts(x, topk_ids, topk_weights, self.experts.gate_up_proj, self.experts.down_proj,
-                             scale="input")
+                             scale="input", check_ids=False)
         return (self.shared_expert(x) + routed).view(shape)
 
 
