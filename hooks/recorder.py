@@ -224,7 +224,7 @@ class Recorder:
                  logits_dtype: str = "float16", overwrite: bool = False, resume: bool = False,
                  processor=None, provenance: dict | None = None, queue_size: int = 4,
                  adapter: RoutingAdapter | None = None, attention_layers: Sequence[int] | None = None,
-                 attention_heads: str = "all") -> None:
+                 attention_heads: str | Sequence[int] = "all", attention_dtype: str = "float16") -> None:
         capture = tuple(capture)
         unknown = [c for c in capture if c not in CAPTURE_CHOICES]
         if unknown:
@@ -233,6 +233,12 @@ class Recorder:
         self.model = model
         self.adapter = adapter or adapter_for(model)
         self.spec = self.adapter.spec()
+        self.attention = None
+        if "attention" in self.capture:  # validated before the store is created and locked
+            from workbench.hooks.attention import AttentionCapture
+
+            self.attention = AttentionCapture(self, layers=attention_layers, heads=attention_heads,
+                                              dtype=attention_dtype)
         self.store_path = Path(store)
         self.processor = processor
         if processor is not None:
@@ -250,11 +256,6 @@ class Recorder:
         self._attached = False
         self._closed = False
         self._loads_lock = threading.Lock()
-        self.attention = None
-        if "attention" in self.capture:
-            from workbench.hooks.attention import AttentionCapture
-
-            self.attention = AttentionCapture(self, layers=attention_layers, heads=attention_heads)
 
     # -- store ---------------------------------------------------------------------------------
     def _open_store(self, logits_dtype, overwrite, resume, provenance):
@@ -455,7 +456,7 @@ class Recorder:
         items = [it for it in items if (it["text"].strip() or it["images"]) and it["index"] >= done]
         skipped = [i for i in skipped if i >= done]
         self.attach()
-        t0, n0 = time.perf_counter(), self.n_tokens
+        t0, n0, seen = time.perf_counter(), self.n_tokens, 0
         bar = tqdm(total=len(items), desc=f"trace -> {self.store_path.name}", unit="prompt", disable=not progress)
         device = next(model.parameters()).device
         try:
@@ -472,8 +473,9 @@ class Recorder:
                                if k in ("input_ids", "attention_mask", "pixel_values") and v is not None}
                     self._sequence_ids = np.array([it["index"] for it in chunk], dtype=np.int64)
                     model(**tensors)
+                    seen += int(batch["attention_mask"].sum())  # host tensor from the processor: no sync
                     bar.update(len(chunk))
-                    bar.set_postfix(tok_s=f"{(self.n_tokens - n0) / max(time.perf_counter() - t0, 1e-9):,.0f}")
+                    bar.set_postfix(tok_s=f"{seen / max(time.perf_counter() - t0, 1e-9):,.0f}")
             self.flush()
         finally:
             bar.close()
