@@ -137,3 +137,11 @@ def test_second_writer_is_refused(ckpt, tmp_path):
     with wb.record(model, store):
         out = run_cli("trace", ckpt, "--prompts", pfile, "--out", store, "--resume")
         assert out.returncode == 2 and "lock" in out.stderr.lower() and str(os.getpid()) in out.stderr
+
+
+def test_demo_runs_and_writes_a_trace(tmp_path):
+    out = run_cli("demo", "--out", tmp_path, "--quiet", check=True, timeout=600).stdout
+    assert "load imbalance per MoE layer" in out and "top experts by domain" in out
+    ds = wb.open_trace(tmp_path / "demo.zarr")
+    assert ds.attrs["complete"] and ds.sizes["token"] > 0
+    assert set(np.unique(ds["modality"].values)) <= {0, 1, 2}
