@@ -1,0 +1,140 @@
+"""Routed-expert computation in plain PyTorch (the CPU path, and the fallback everywhere).
+
+Sorted dispatch: the T*k (token, slot) assignments are flattened, stably sorted by expert,
+counted per expert (bincount -> offsets), the token rows are gathered in that order, each
+expert's contiguous segment goes through its SwiGLU, and the results are added back to
+token order. Only the assigned (token, expert) pairs are computed.
+
+Two ways to run the per-expert matmuls on the sorted rows:
+
+* ``"loop"``    -- a Python loop over the non-empty experts (one gate_up matmul, SiLU*up and
+  one down matmul per segment; the segment stays hot in cache between the two matmuls).
+* ``"grouped"`` -- ``torch._grouped_mm`` with int32 cumulative offsets (two calls in total).
+  It needs 16-byte aligned strides; when the shapes/strides do not allow it the loop is used.
+
+The default on CPU (``method=None``) is chosen from ``benchmarks/moe_cpu.py`` measurements, see
+``benchmarks/RESULTS.md`` and ``_default_method``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["moe_experts_torch", "sort_assignments", "grouped_mm_supported"]
+
+# Chosen from benchmarks/moe_cpu.py on the project's 2-core CPU machine, torch 2.13, 2026-11-26
+# (benchmarks/RESULTS.md): loop/grouped time ratios 0.85-1.28 (single-thread CPU time, fp32 and
+# bf16), grouped as fast or faster in 10 of 14 cases and 1.25x faster with E=128 and few tokens per
+# expert; the loop was ahead only on one-token decode (fp32) and a skewed bf16 case (0.85x).
+_CPU_DEFAULT_METHOD = "grouped"
+
+
+def sort_assignments(topk_ids: torch.Tensor, num_experts: int):
+    """Stable sort of the flattened (token, slot) assignments by expert.
+
+    Returns ``(order, token_of_sorted, counts)``: ``order`` (T*k,) int64 indexes the flattened
+    ``topk_ids`` so that ``topk_ids.view(-1)[order]`` is non-decreasing; ``token_of_sorted`` =
+    ``order // k`` is the token row of each sorted assignment; ``counts`` (E,) int64 is the
+    number of assignments per expert.
+    """
+    k = topk_ids.shape[1]
+    flat = topk_ids.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)
+    return order, torch.div(order, k, rounding_mode="floor"), counts
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    es = t.element_size()
+    if t.data_ptr() % 16:
+        return False
+    if t.dim() >= 2 and not (t.stride(-1) == 1 or t.stride(-2) == 1):
+        return False
+    return all((s * es) % 16 == 0 for s, n in zip(t.stride(), t.shape) if s != 1 and n > 1)
+
+
+def grouped_mm_supported(x_sorted: torch.Tensor, gate_up_proj: torch.Tensor,
+                         down_proj: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` can take these operands (16-byte aligned strides, I*es too)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    I = down_proj.shape[1]
+    if (I * x_sorted.element_size()) % 16:
+        return False
+    if x_sorted.device.type == "cuda" and x_sorted.dtype != torch.bfloat16:
+        return False  # the CUDA implementation is bf16-only (sm90+)
+    return all(_aligned(t) for t in (x_sorted, gate_up_proj, down_proj))
+
+
+def _experts_loop(xs, counts_list, gate_up_proj, down_proj):
+    N, H = xs.shape
+    I = down_proj.shape[1]
+    ys = xs.new_empty(N, H)
+    s = 0
+    for e, c in enumerate(counts_list):
+        if c == 0:
+            continue
+        h = xs[s:s + c] @ gate_up_proj[e]
+        ys[s:s + c] = (F.silu(h[:, :I]) * h[:, I:]) @ down_proj[e]
+        s += c
+    return ys
+
+
+def _experts_grouped(xs, counts, gate_up_proj, down_proj):
+    I = down_proj.shape[1]
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    h = torch._grouped_mm(xs, gate_up_proj, offs=offs)
+    a = F.silu(h[:, :I]) * h[:, I:]  # contiguous (N, I)
+    return torch._grouped_mm(a, down_proj, offs=offs)
+
+
+def _default_method(device: torch.device) -> str:
+    if device.type == "cpu":
+        return _CPU_DEFAULT_METHOD
+    return "grouped"  # on GPUs a single grouped call avoids E small launches + the host sync
+
+
+def moe_experts_torch(x, topk_ids, topk_weights, gate_up_proj, down_proj, *,
+                      scale: str = "input", method: str | None = None,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """Torch implementation of :func:`workbench.kernels.moe_experts` (inputs already validated).
+
+    ``method``: ``None`` (measured default for the device), ``"loop"`` or ``"grouped"``
+    (falls back to the loop when ``torch._grouped_mm`` cannot take the operands).
+    """
+    T, H = x.shape
+    k = topk_ids.shape[1]
+    E = gate_up_proj.shape[0]
+    dtype = x.dtype
+    if out is None:
+        out = x.new_empty(T, H)
+    if T == 0:
+        return out
+
+    order, tok, counts = sort_assignments(topk_ids, E)
+    w = topk_weights.reshape(-1)[order]
+    xs = x.index_select(0, tok)
+    if scale == "input":
+        # As transformers' Llama4TextMoe: routed_in * router_scores in the model dtype.
+        xs = xs * w.to(dtype)[:, None]
+
+    m = method or _default_method(x.device)
+    if m == "grouped" and grouped_mm_supported(xs, gate_up_proj, down_proj):
+        ys = _experts_grouped(xs, counts, gate_up_proj, down_proj)
+    elif m in ("grouped", "loop"):
+        ys = _experts_loop(xs, counts.tolist(), gate_up_proj, down_proj)
+    else:
+        raise ValueError(f"method must be None, 'loop' or 'grouped', got {method!r}")
+
+    if k == 1:
+        if scale == "output":
+            ys = ys * w.to(dtype)[:, None]
+        out.index_copy_(0, tok, ys)
+        return out
+    acc = torch.zeros(T, H, dtype=torch.float32, device=x.device)
+    ysf = ys.float()
+    if scale == "output":
+        ysf = ysf * w.float()[:, None]
+    acc.index_add_(0, tok, ysf)
+    out.copy_(acc)
+    return out

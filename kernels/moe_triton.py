@@ -1,0 +1,375 @@
+"""Fused MoE expert kernels in Triton (the GPU path), modeled on vLLM's ``fused_moe``.
+
+Pipeline for N = T*k (token, slot) assignments, all on the device and with fixed shapes (no
+``.item()``/``.tolist()``/data-dependent sizes), so the whole call can be captured in a CUDA graph:
+
+1. :func:`align_block_size` -- sort the assignments by expert and pad each expert's segment to a
+   multiple of ``BLOCK_M``. Buffers have the worst-case padded size
+   ``N + min(E, N) * (BLOCK_M - 1)``; the true padded length stays on the device
+   (``num_tokens_post_padded``) and programs past it exit at once.
+2. ``_gate_up_kernel`` -- grouped GEMM over the BLOCK_M tiles: each program reads its token rows
+   of ``x`` through the sorted index (no permuted copy of x), optionally scales them by the router
+   weight (``scale="input"``: rounded to x's dtype before the matmul, as transformers does),
+   accumulates the gate tile AND the matching up tile (columns n and I+n) in fp32, and writes
+   ``silu(gate) * up`` into the intermediate (N, I), row = rank of the assignment in sorted order.
+3. ``_down_kernel`` -- grouped GEMM of the intermediate with ``down_proj[e]`` and the combine to
+   token order fused in the store: for k == 1 each token has one row, stored directly into the
+   (T, H) output (``scale="output"`` multiplies here); for k > 1 each (token, slot) row is stored
+   in a float32 (T, k, H) buffer and summed over k afterwards (deterministic, fp32 accumulation).
+
+Tile configurations come from JSON files in ``configs/`` (:func:`get_config`).
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["moe_experts_triton", "align_block_size", "get_config", "config_file_name",
+           "default_config", "device_name"]
+
+CONFIG_DIR = Path(__file__).with_name("configs")
+_KERNEL_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+
+
+# --------------------------------------------------------------------------- configs
+
+def device_name(device: torch.device | None = None) -> str:
+    """Name used in config file names: CUDA device name with spaces -> '_', or 'cpu'."""
+    if device is not None and torch.device(device).type != "cuda":
+        return "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    idx = torch.device(device).index if device is not None else None
+    return _cuda_name(torch.cuda.current_device() if idx is None else idx)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_name(index: int) -> str:
+    return torch.cuda.get_device_name(index).replace(" ", "_")
+
+
+def config_file_name(E: int, H: int, I: int, dev_name: str, dtype: torch.dtype | str = "bf16") -> str:
+    dt = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, dtype)
+    return f"E={E},H={H},I={I},device_name={dev_name},dtype={dt}.json"
+
+
+def _check_config(cfg: dict, where: str) -> dict:
+    if not isinstance(cfg.get("BLOCK_M"), int) or cfg["BLOCK_M"] < 16 or cfg["BLOCK_M"] & (cfg["BLOCK_M"] - 1):
+        raise ValueError(f"{where}: BLOCK_M must be a power of two >= 16, got {cfg.get('BLOCK_M')!r}")
+    for part in ("gate_up", "down"):
+        sub = cfg.get(part)
+        if not isinstance(sub, dict):
+            raise ValueError(f"{where}: missing '{part}' section")
+        for key in _KERNEL_KEYS:
+            if not isinstance(sub.get(key), int) or sub[key] < 1:
+                raise ValueError(f"{where}: '{part}.{key}' must be a positive int, got {sub.get(key)!r}")
+        for key in ("BLOCK_N", "BLOCK_K"):
+            if sub[key] < 16 or sub[key] & (sub[key] - 1):
+                raise ValueError(f"{where}: '{part}.{key}' must be a power of two >= 16, got {sub[key]}")
+    return cfg
+
+
+@functools.lru_cache(maxsize=None)
+def _load_default_file() -> dict:
+    path = CONFIG_DIR / "default.json"
+    with open(path) as f:
+        data = json.load(f)
+    gpu = {float(k): _check_config(v, f"{path} gpu bucket {k}") for k, v in data["gpu"].items()}
+    return {"gpu": dict(sorted(gpu.items())),
+            "interpreter": _check_config(data["interpreter"], f"{path} interpreter")}
+
+
+def default_config(T: int, k: int, E: int, H: int, I: int, dev_name: str = "cpu") -> dict:
+    """Config for shapes/GPUs without a tuned file, from ``configs/default.json``: the average
+    number of assignments per expert (T*k/E) picks BLOCK_M and tiles; CPU (interpreter) gets
+    the smallest tiles (fewest program instances)."""
+    d = _load_default_file()
+    if dev_name == "cpu":
+        return d["interpreter"]
+    per_expert = T * k / max(E, 1)
+    for bound, cfg in d["gpu"].items():
+        if per_expert <= bound:
+            return cfg
+    return cfg
+
+
+@functools.lru_cache(maxsize=None)
+def _load_config_file(path: str) -> dict:
+    with open(path) as f:
+        data = json.load(f)
+    buckets = {}
+    for key, cfg in data.items():
+        if key.startswith("_"):  # comments / provenance
+            continue
+        try:
+            t = int(key)
+        except ValueError:
+            raise ValueError(f"{path}: bucket keys must be token counts (ints), got {key!r}") from None
+        buckets[t] = _check_config(cfg, f"{path} bucket {key}")
+    if not buckets:
+        raise ValueError(f"{path}: no token buckets")
+    return buckets
+
+
+@functools.lru_cache(maxsize=None)
+def _buckets_for(E: int, H: int, I: int, dev_name: str, dtype) -> dict | None:
+    path = CONFIG_DIR / config_file_name(E, H, I, dev_name, dtype)
+    return _load_config_file(str(path)) if path.is_file() else None
+
+
+def get_config(T: int, k: int, E: int, H: int, I: int, dtype: torch.dtype = torch.bfloat16,
+               dev_name: str | None = None) -> dict:
+    """Tile config for T tokens: the bucket of the matching JSON file nearest to T (log scale),
+    else :func:`default_config`. Files: ``configs/E=..,H=..,I=..,device_name=..,dtype=...json``
+    mapping token-count buckets to ``{"BLOCK_M", "gate_up": {...}, "down": {...}}``.
+    Returns a fresh dict (callers may modify it)."""
+    if dev_name is None:
+        dev_name = device_name()
+    buckets = _buckets_for(E, H, I, dev_name, dtype)
+    if buckets is not None:
+        lt = math.log(max(T, 1))
+        best = min(buckets, key=lambda b: (abs(math.log(max(b, 1)) - lt), b))
+        return copy.deepcopy(buckets[best])
+    return copy.deepcopy(default_config(T, k, E, H, I, dev_name))
+
+
+# --------------------------------------------------------------------------- alignment
+
+def max_padded_len(N: int, E: int, block_m: int) -> int:
+    """Worst-case length of the padded sorted index: every non-empty expert wastes < BLOCK_M slots."""
+    return N + min(E, N) * (block_m - 1)
+
+
+def align_block_size(topk_ids: torch.Tensor, E: int, block_m: int):
+    """Sort the (token, slot) assignments by expert and pad each expert to a multiple of block_m.
+
+    Device-side, fixed shapes, no host synchronization. With N = topk_ids.numel() and
+    P = max_padded_len(N, E, block_m), nb = ceil(P / block_m), returns
+
+    * ``sorted_ids`` (P,) int32: flat assignment id t*k+j at its padded slot, N in padding slots;
+    * ``block_expert`` (nb,) int32: expert of each block (clamped to E-1 past the end);
+    * ``block_shift`` (nb,) int32: padded slot - sorted rank for the rows of each block;
+    * ``num_tokens_post_padded`` (1,) int32: the true padded length (blocks at or past it are idle).
+    """
+    dev = topk_ids.device
+    flat = topk_ids.reshape(-1).to(torch.int64)
+    N = flat.numel()
+    P = max_padded_len(N, E, block_m)
+    nb = triton.cdiv(P, block_m)
+    # scatter_add instead of bincount: CUDA bincount syncs to size its output
+    counts = torch.zeros(E, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
+    ends = torch.cumsum(counts, 0)
+    starts = ends - counts
+    padded = (counts + block_m - 1) // block_m * block_m
+    pends = torch.cumsum(padded, 0)
+    pstarts = pends - padded
+    sorted_e, order = torch.sort(flat, stable=True)
+    dest = pstarts[sorted_e] + torch.arange(N, device=dev) - starts[sorted_e]
+    sorted_ids = torch.full((P,), N, dtype=torch.int32, device=dev)
+    sorted_ids.scatter_(0, dest, order.to(torch.int32))
+    block_start = torch.arange(nb, device=dev, dtype=torch.int64) * block_m
+    be = torch.searchsorted(pends, block_start, right=True).clamp_(max=E - 1)
+    block_shift = (pstarts - starts)[be]
+    return sorted_ids, be.to(torch.int32), block_shift.to(torch.int32), pends[-1:].to(torch.int32)
+
+
+# --------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _tile_ids(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    # grouped ordering: GROUP_M consecutive M-blocks share B tiles in L2 (M-blocks of one
+    # expert are consecutive, so a group mostly reads one expert's weights)
+    pid = tl.program_id(0)
+    num_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_in_group
+    first_m = group_id * GROUP_M
+    group_size = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % num_in_group) % group_size)
+    pid_n = (pid % num_in_group) // group_size
+    return pid_m, pid_n
+
+
+@triton.jit
+def _gate_up_kernel(
+    x_ptr, w_ptr, inter_ptr, topk_w_ptr,
+    sorted_ids_ptr, block_expert_ptr, block_shift_ptr, ntpp_ptr,
+    N, H, I, num_pid_m, K_TOP,
+    stride_xm, stride_xh, stride_we, stride_wh, stride_wn, stride_im, stride_in,
+    SCALE_INPUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    num_pid_n = tl.cdiv(I, BLOCK_N)
+    pid_m, pid_n = _tile_ids(num_pid_m, num_pid_n, GROUP_M)
+    ntpp = tl.load(ntpp_ptr)
+    if pid_m * BLOCK_M >= ntpp:
+        return
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    shift = tl.load(block_shift_ptr + pid_m)
+    offs_slot = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    aid = tl.load(sorted_ids_ptr + offs_slot)
+    valid = aid < N
+    tok = (aid // K_TOP).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < I
+    offs_k = tl.arange(0, BLOCK_K)
+
+    a_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :] * stride_xh
+    g_ptrs = w_ptr + e * stride_we + offs_k[:, None] * stride_wh + offs_n[None, :].to(tl.int64) * stride_wn
+    u_ptrs = g_ptrs + I * stride_wn
+    if SCALE_INPUT:
+        # router weight rounded to x's dtype, product rounded to x's dtype (transformers numerics)
+        rw = tl.load(topk_w_ptr + aid, mask=valid, other=0.0)
+        rw = rw.to(x_ptr.dtype.element_ty).to(tl.float32)
+
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kk in range(0, tl.cdiv(H, BLOCK_K)):
+        k_left = H - kk * BLOCK_K
+        a = tl.load(a_ptrs, mask=valid[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        if SCALE_INPUT:
+            a = (a.to(tl.float32) * rw[:, None]).to(x_ptr.dtype.element_ty)
+        bmask = (offs_k[:, None] < k_left) & mask_n[None, :]
+        bg = tl.load(g_ptrs, mask=bmask, other=0.0)
+        bu = tl.load(u_ptrs, mask=bmask, other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            bg = bg.to(tl.float32)
+            bu = bu.to(tl.float32)
+        acc_g = tl.dot(a, bg, acc_g, input_precision=PRECISION)
+        acc_u = tl.dot(a, bu, acc_u, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_xh
+        g_ptrs += BLOCK_K * stride_wh
+        u_ptrs += BLOCK_K * stride_wh
+
+    h = acc_g * tl.sigmoid(acc_g) * acc_u
+    rank = (offs_slot - shift).to(tl.int64)
+    i_ptrs = inter_ptr + rank[:, None] * stride_im + offs_n[None, :] * stride_in
+    tl.store(i_ptrs, h.to(inter_ptr.dtype.element_ty), mask=valid[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _down_kernel(
+    inter_ptr, w_ptr, c_ptr, topk_w_ptr,
+    sorted_ids_ptr, block_expert_ptr, block_shift_ptr, ntpp_ptr,
+    N, I, H, num_pid_m,
+    stride_im, stride_in, stride_we, stride_wi, stride_wh, stride_cm, stride_ch,
+    SCALE_OUTPUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    num_pid_n = tl.cdiv(H, BLOCK_N)
+    pid_m, pid_n = _tile_ids(num_pid_m, num_pid_n, GROUP_M)
+    ntpp = tl.load(ntpp_ptr)
+    if pid_m * BLOCK_M >= ntpp:
+        return
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    shift = tl.load(block_shift_ptr + pid_m)
+    offs_slot = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    aid = tl.load(sorted_ids_ptr + offs_slot)
+    valid = aid < N
+    rank = (offs_slot - shift).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < H
+    offs_k = tl.arange(0, BLOCK_K)
+
+    a_ptrs = inter_ptr + rank[:, None] * stride_im + offs_k[None, :] * stride_in
+    b_ptrs = w_ptr + e * stride_we + offs_k[:, None] * stride_wi + offs_n[None, :].to(tl.int64) * stride_wh
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kk in range(0, tl.cdiv(I, BLOCK_K)):
+        k_left = I - kk * BLOCK_K
+        a = tl.load(a_ptrs, mask=valid[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_in
+        b_ptrs += BLOCK_K * stride_wi
+
+    if SCALE_OUTPUT:
+        rw = tl.load(topk_w_ptr + aid, mask=valid, other=0.0).to(tl.float32)
+        acc = acc * rw[:, None]
+    # combine fused into the store: row = flat assignment id (= token for k == 1)
+    c_ptrs = c_ptr + aid.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_ch
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & mask_n[None, :])
+
+
+# --------------------------------------------------------------------------- entry point
+
+def _precision(dtype: torch.dtype, upcast: bool) -> str | None:
+    """tl.dot input precision: fp32 follows torch's matmul setting (TF32 off by default ->
+    "ieee"); None (the backend default) for fp16/bf16 operands, where it does not apply."""
+    if dtype == torch.float32 or upcast:
+        return "tf32" if (torch.backends.cuda.matmul.allow_tf32 and not upcast) else "ieee"
+    return None
+
+
+def moe_experts_triton(x, topk_ids, topk_weights, gate_up_proj, down_proj, *, scale: str = "input",
+                       out: torch.Tensor | None = None, config: dict | None = None,
+                       upcast_bf16: bool | None = None) -> torch.Tensor:
+    """Triton implementation of :func:`workbench.kernels.moe_experts` (inputs already validated).
+
+    ``config``: a tile config dict (see :func:`get_config`); default: looked up from ``configs/``.
+    ``upcast_bf16``: convert tiles to fp32 before ``tl.dot`` (default: on under TRITON_INTERPRET,
+    where bf16 ``tl.dot`` is wrong; the interpreter upcasts fp16 too, harmlessly).
+    """
+    T, H = x.shape
+    k = topk_ids.shape[1]
+    E, _, I2 = gate_up_proj.shape
+    I = I2 // 2
+    N = T * k
+    dtype = x.dtype
+    if out is None:
+        out = x.new_empty(T, H)
+    if T == 0:
+        return out
+    if config is None:
+        config = get_config(T, k, E, H, I, dtype, device_name(x.device))
+    else:
+        _check_config(config, "config")
+    if upcast_bf16 is None:
+        upcast_bf16 = os.environ.get("TRITON_INTERPRET") == "1" and dtype == torch.bfloat16
+    precision = _precision(dtype, upcast_bf16)
+    bm = config["BLOCK_M"]
+    gu, dn = config["gate_up"], config["down"]
+
+    sorted_ids, block_expert, block_shift, ntpp = align_block_size(topk_ids, E, bm)
+    num_pid_m = block_expert.numel()
+    tw = topk_weights.reshape(-1)
+    if not tw.is_contiguous():
+        tw = tw.contiguous()
+
+    inter = torch.empty(N, I, dtype=dtype, device=x.device)
+    grid1 = (num_pid_m * triton.cdiv(I, gu["BLOCK_N"]),)
+    _gate_up_kernel[grid1](
+        x, gate_up_proj, inter, tw, sorted_ids, block_expert, block_shift, ntpp,
+        N, H, I, num_pid_m, k,
+        x.stride(0), x.stride(1), gate_up_proj.stride(0), gate_up_proj.stride(1), gate_up_proj.stride(2),
+        inter.stride(0), inter.stride(1),
+        SCALE_INPUT=(scale == "input"), UPCAST=upcast_bf16, PRECISION=precision,
+        BLOCK_M=bm, BLOCK_N=gu["BLOCK_N"], BLOCK_K=gu["BLOCK_K"], GROUP_M=gu["GROUP_M"],
+        num_warps=gu["num_warps"], num_stages=gu["num_stages"],
+    )
+
+    c = out if k == 1 else torch.empty(T, k, H, dtype=torch.float32, device=x.device)
+    c2 = c.view(N, H) if k > 1 else c
+    grid2 = (num_pid_m * triton.cdiv(H, dn["BLOCK_N"]),)
+    _down_kernel[grid2](
+        inter, down_proj, c2, tw, sorted_ids, block_expert, block_shift, ntpp,
+        N, I, H, num_pid_m,
+        inter.stride(0), inter.stride(1), down_proj.stride(0), down_proj.stride(1), down_proj.stride(2),
+        c2.stride(0), c2.stride(1),
+        SCALE_OUTPUT=(scale == "output"), UPCAST=upcast_bf16, PRECISION=precision,
+        BLOCK_M=bm, BLOCK_N=dn["BLOCK_N"], BLOCK_K=dn["BLOCK_K"], GROUP_M=dn["GROUP_M"],
+        num_warps=dn["num_warps"], num_stages=dn["num_stages"],
+    )
+    if k > 1:
+        out.copy_(c.sum(dim=1))  # fp32 sum over the k slots, one rounding to x's dtype
+    return out
