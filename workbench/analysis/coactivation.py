@@ -1,0 +1,58 @@
+"""Expert co-activation within a token's top-k set."""
+
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+
+from . import _common as C
+
+
+def coactivation(ds: xr.Dataset, layer: int, *, counts: bool = False, modality=None,
+                 n_experts: int | None = None) -> xr.DataArray:
+    """Co-activation matrix of one MoE layer, dims ``(expert, expert_j)``.
+
+    ``layer`` is a decoder layer index (a value of the ``layer`` coordinate).
+    Over the selected tokens t with top-k set S_t,
+
+        N_i  = #{t : i in S_t}
+        N_ij = #{t : i in S_t and j in S_t},  i != j
+
+    counting ALL ordered pairs of distinct experts of each set, both directions (so N_ij = N_ji;
+    a top-k set adds k(k-1) ordered pairs). Returns C_ij = N_ij / N_i = P(j in S_t | i in S_t),
+    NaN on rows with N_i = 0 and NaN on the diagonal (i = j is not a pair). With ``counts=True``
+    returns the integer matrix N_ij instead (diagonal 0). Coordinate ``n_i`` (dim expert) holds N_i.
+    With k = 1 there are no pairs: C is 0 off the diagonal on used rows.
+    """
+    who = "coactivation"
+    code = C.resolve_modality(modality, who)
+    C.require(ds, "topk_expert", who=who)
+    E = C.get_n_experts(ds, n_experts, who)
+    li = C.layer_position(ds, layer, who)
+    k = ds.sizes["k"]
+    sub = ds.isel(moe_layer=[li])
+    names = ["topk_expert"] + (["modality"] if code is not None else [])
+    if code is not None:
+        C.require(ds, "modality", who=who)
+    nij = np.zeros(E * E, dtype=np.int64)
+    ni = np.zeros(E, dtype=np.int64)
+    for sl, blk in C.iter_blocks(sub, names):
+        e = C.check_experts(blk["topk_expert"], E, sl.start, who)[:, 0, :]  # (n, k)
+        if code is not None:
+            e = e[blk["modality"] == code]
+        ni += np.bincount(e.ravel(), minlength=E)
+        for a in range(k):
+            for b in range(k):
+                if a != b:
+                    nij += np.bincount(e[:, a] * E + e[:, b], minlength=E * E)
+    nij = nij.reshape(E, E)
+    coords = {"expert": np.arange(E), "expert_j": np.arange(E), "n_i": ("expert", ni),
+              "layer": int(ds["layer"].values[li])}
+    attrs = {"k": k, "n_experts": E, "modality_filter": C.modality_attr(code), "n_tokens": int(ni.sum() // k) if k else 0}
+    if counts:
+        attrs["definition"] = "N_ij = #{t : i in S_t and j in S_t}, i != j (diagonal 0)"
+        return xr.DataArray(nij, dims=("expert", "expert_j"), coords=coords, name="coactivation_count", attrs=attrs)
+    cond = C.safe_div(nij, ni[:, None])
+    np.fill_diagonal(cond, np.nan)
+    attrs["definition"] = "C_ij = N_ij / N_i = P(j in S_t | i in S_t), i != j; NaN if N_i = 0 or i = j"
+    return xr.DataArray(cond, dims=("expert", "expert_j"), coords=coords, name="coactivation", attrs=attrs)
