@@ -123,11 +123,16 @@ class Llama4TextMoe(nn.Module):
         self.experts = Llama4TextExperts(config)
         self.shared_expert = Llama4TextMLP(config.hidden_size, config.intermediate_size)
         self.hook_router = Tap()
+        # Intervention point for ablations: a bool (E,) tensor; masked experts are never chosen
+        # (their logits become -inf before top-k, so the router picks among the others).
+        self.expert_mask: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         router_logits = self.router(x)
+        if self.expert_mask is not None:
+            router_logits = router_logits.masked_fill(self.expert_mask.to(router_logits.device), float("-inf"))
         top_logits, topk_ids = torch.topk(router_logits, self.top_k, dim=-1)
         topk_weights = torch.sigmoid(top_logits.float()).to(x.dtype)
         if self.hook_router.active:

@@ -9,6 +9,7 @@ work. Results are labelled xarray objects with dims ``moe_layer``/``expert``/...
 from ``attrs['n_experts']`` or the router_logits' expert dim; pass ``n_experts=`` otherwise.
 """
 
+from .ablation import expert_ablation
 from .coactivation import coactivation
 from .entropy import router_entropy
 from .load import expert_load, load_imbalance
@@ -26,4 +27,5 @@ __all__ = [
     "vocab_specialization",
     "domain_specialization",
     "saturation",
+    "expert_ablation",
 ]
