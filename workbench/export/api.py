@@ -1,0 +1,356 @@
+"""Export entry points: one function per artifact and :func:`export_all`."""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import xarray as xr
+
+from ._common import (ArtifactSkipped, ExportError, Selection, export_provenance, jsonable, open_for_export,
+                      prepare_out_dir, with_artifact, write_text_atomic)
+from .figures import FIGURE_FORMATS, save_figure
+
+__all__ = [
+    "ExportResult", "ExportContext", "export_all", "ARTIFACTS", "GROUPS",
+    "export_load_heatmap", "export_imbalance", "export_entropy", "export_token_routing", "export_transitions",
+    "export_coactivation", "export_attention", "export_layer_metrics", "export_layer_metrics_by_modality",
+    "export_vocab_tables", "export_domain_tables", "export_netcdf", "export_parquet", "export_report",
+]
+
+
+class ExportResult(list):
+    """``list[Path]`` of the files written, plus ``skipped``: {artifact: reason} for the
+    artifacts that did not apply to this trace."""
+
+    def __init__(self, paths=(), skipped: Mapping[str, str] | None = None):
+        super().__init__(paths)
+        self.skipped: dict[str, str] = dict(skipped or {})
+
+
+@dataclass
+class ExportContext:
+    """An opened trace, its selection and the output folder, shared by the artifact writers."""
+
+    ds: xr.Dataset  # the whole trace
+    path: Path | None
+    sel: Selection
+    sub: xr.Dataset  # the selected part
+    prov: dict[str, str]  # provenance common to every file
+    out: Path
+
+    @classmethod
+    def open(cls, store: Any, out_dir: Any, *, layers=None, sequences=None, tokens=None,
+             exported: str | None = None) -> "ExportContext":
+        prepare_out_dir(out_dir, create=False)  # fail early, but create nothing before the request is valid
+        ds, path = open_for_export(store)
+        sel = Selection.make(ds, layers, sequences, tokens)
+        sub = sel.apply(ds)
+        prov = export_provenance(ds, path, exported=exported, selection=sel)
+        return cls(ds, path, sel, sub, prov, prepare_out_dir(out_dir))
+
+    def vocab(self) -> list[str] | None:
+        if self.path is None or not self.ds.attrs.get("has_vocab"):
+            return None
+        from workbench.store import trace_vocab
+
+        return trace_vocab(self.path)
+
+    def figure(self, name: str, fig, description: str, formats: Sequence[str]) -> list[Path]:
+        title = f"{description} [{self.prov['model']}, trace {self.prov['trace_fingerprint']}]"
+        try:
+            return save_figure(fig, self.out / "figures" / name, with_artifact(self.prov, name), title=title,
+                               description=description, formats=formats)
+        finally:
+            fig.clear()
+
+    def table(self, table, csv: bool = True, tex: bool = True, tex_table=None) -> list[Path]:
+        from .tables import write_csv, write_latex
+
+        prov = with_artifact(self.prov, table.name)
+        out = []
+        if csv:
+            out.append(write_csv(table, self.out / "tables" / f"{table.name}.csv", prov))
+        if tex:
+            out.append(write_latex(tex_table or table, self.out / "tables" / f"{table.name}.tex", prov))
+        return out
+
+
+# --------------------------------------------------------------------------------- artifacts
+def _check_formats(formats: Sequence[str]) -> list[str]:
+    formats = [formats] if isinstance(formats, str) else list(formats)
+    bad = [f for f in formats if f not in FIGURE_FORMATS]
+    if bad or not formats:
+        raise ExportError(f"unknown figure format(s) {bad or formats}; choose from {list(FIGURE_FORMATS)}")
+    return formats
+
+
+def _a_load_heatmap(ctx: ExportContext, formats=FIGURE_FORMATS, **_) -> list[Path]:
+    from .figures import plot_load_heatmap
+
+    return ctx.figure("load_heatmap", plot_load_heatmap(ctx.sub), "Expert load share per MoE layer", formats)
+
+
+def _a_imbalance(ctx: ExportContext, formats=FIGURE_FORMATS, **_) -> list[Path]:
+    from .figures import plot_imbalance
+
+    return ctx.figure("imbalance", plot_imbalance(ctx.sub), "Load imbalance per MoE layer", formats)
+
+
+def _a_entropy(ctx: ExportContext, formats=FIGURE_FORMATS, **_) -> list[Path]:
+    from .figures import plot_entropy
+
+    return ctx.figure("entropy", plot_entropy(ctx.sub), "Router entropy per MoE layer", formats)
+
+
+def _a_token_routing(ctx: ExportContext, formats=FIGURE_FORMATS, sequence=None, max_tokens=128, **_) -> list[Path]:
+    from .figures import plot_token_routing
+
+    seq = sequence if sequence is not None else int(np.asarray(ctx.sub["sequence"].isel(token=0).values))
+    fig = plot_token_routing(ctx.sub, seq, max_tokens=max_tokens)
+    return ctx.figure(f"token_routing_seq{seq}", fig, f"Top-1 expert per token of sequence {seq}", formats)
+
+
+def _a_transitions(ctx: ExportContext, formats=FIGURE_FORMATS, transitions=None, **_) -> list[Path]:
+    from .figures import _pick_layers, plot_transitions
+
+    a, b = _pick_layers(ctx.sub, *(transitions if transitions is not None else (None, None)))
+    return ctx.figure(f"transitions_L{a}_L{b}", plot_transitions(ctx.sub, a, b),
+                      f"Top-1 expert transitions from layer {a} to layer {b}", formats)
+
+
+def _a_coactivation(ctx: ExportContext, formats=FIGURE_FORMATS, coactivation_layer=None, **_) -> list[Path]:
+    from .figures import plot_coactivation
+
+    layer = coactivation_layer if coactivation_layer is not None else int(ctx.sub["layer"].values[0])
+    fig = plot_coactivation(ctx.sub, layer)
+    return ctx.figure(f"coactivation_L{layer}", fig, f"Expert co-activation at layer {layer}", formats)
+
+
+def _a_attention(ctx: ExportContext, formats=FIGURE_FORMATS, sequence=None, attention_layer=None, query=None,
+                 image_index=0, image=None, image_info=None, **_) -> list[Path]:
+    from .figures import attention_values, plot_attention
+
+    d = attention_values(ctx.path, ctx.sub, sequence, attention_layer, query, image_index, ctx.sel.token_rows)
+    fig = plot_attention(ctx.path, ctx.sub, d["sequence"], d["layer"], query=query, image_index=image_index,
+                         image=image, image_info=image_info, token_rows=ctx.sel.token_rows)
+    name = f"attention_seq{d['sequence']}_L{d['layer']}_img{d['image']}"
+    return ctx.figure(name, fig, f"Cross-modal attention, sequence {d['sequence']}, layer {d['layer']}", formats)
+
+
+def _a_layer_metrics(ctx: ExportContext, **_) -> list[Path]:
+    from .tables import layer_metrics_table
+
+    return ctx.table(layer_metrics_table(ctx.sub))
+
+
+def _a_layer_metrics_by_modality(ctx: ExportContext, **_) -> list[Path]:
+    from .tables import layer_metrics_by_modality_table
+
+    return ctx.table(layer_metrics_by_modality_table(ctx.sub))
+
+
+def _a_vocab(ctx: ExportContext, vocab_top=5, vocab_min_count=5, vocab_target="input", **_) -> list[Path]:
+    from .tables import vocab_tables
+
+    long, compact, scores = vocab_tables(ctx.sub, ctx.vocab(), top=vocab_top, min_count=vocab_min_count,
+                                         target=vocab_target)
+    return ctx.table(long, tex_table=compact) + ctx.table(scores)
+
+
+def _a_domain(ctx: ExportContext, labels=None, **_) -> list[Path]:
+    from .tables import domain_tables, read_labels
+
+    if labels is None:
+        raise ArtifactSkipped("domain tables skipped: no sequence labels given (labels= or --labels FILE)")
+    if isinstance(labels, (str, Path)):
+        labels = read_labels(labels)
+    main, shares = domain_tables(ctx.sub, labels)
+    return ctx.table(main) + ctx.table(shares)
+
+
+def _a_netcdf(ctx: ExportContext, **_) -> list[Path]:
+    from .data import subset_dataset, write_netcdf
+
+    sub = subset_dataset(ctx.ds, ctx.sel, with_artifact(ctx.prov, "trace_subset"))
+    return [write_netcdf(sub, ctx.out / "data" / "trace_subset.nc")]
+
+
+def _a_parquet(ctx: ExportContext, **_) -> list[Path]:
+    from .data import subset_dataset, write_parquet
+
+    prov = with_artifact(ctx.prov, "trace_subset")
+    sub = subset_dataset(ctx.ds, ctx.sel, prov)
+    return [write_parquet(sub, ctx.out / "data" / "trace_subset.parquet", prov, ctx.ds.attrs.get("provenance"))]
+
+
+def _a_report(ctx: ExportContext, sequence=None, report_max_tokens=256, notes=(), **_) -> list[Path]:
+    from .report import write_report
+
+    return [write_report(ctx.out / "report.html", ctx.sub, with_artifact(ctx.prov, "report"), sequence=sequence,
+                         max_tokens=report_max_tokens, notes=notes)]
+
+
+ARTIFACTS: dict[str, Callable[..., list[Path]]] = {
+    "load_heatmap": _a_load_heatmap,
+    "imbalance": _a_imbalance,
+    "entropy": _a_entropy,
+    "token_routing": _a_token_routing,
+    "transitions": _a_transitions,
+    "coactivation": _a_coactivation,
+    "attention": _a_attention,
+    "layer_metrics": _a_layer_metrics,
+    "layer_metrics_by_modality": _a_layer_metrics_by_modality,
+    "vocab": _a_vocab,
+    "domain": _a_domain,
+    "netcdf": _a_netcdf,
+    "parquet": _a_parquet,
+    "report": _a_report,
+}
+GROUPS: dict[str, tuple[str, ...]] = {
+    "figures": ("load_heatmap", "imbalance", "entropy", "token_routing", "transitions", "coactivation", "attention"),
+    "tables": ("layer_metrics", "layer_metrics_by_modality", "vocab", "domain"),
+    "data": ("netcdf", "parquet"),
+    "report": ("report",),
+}
+
+
+def _items(what: str | Sequence[str]) -> list[str]:
+    return [str(w).strip() for w in (what.split(",") if isinstance(what, str) else what) if str(w).strip()]
+
+
+def resolve_what(what: str | Sequence[str]) -> list[str]:
+    """``"figures,tables"`` / ``["figures", "netcdf"]`` -> artifact names, in a stable order."""
+    items = _items(what)
+    if not items:
+        raise ExportError(f"nothing to export: what={what!r}; choose from {list(GROUPS)} or {list(ARTIFACTS)}")
+    names: list[str] = []
+    for w in items:
+        if w in GROUPS:
+            names += GROUPS[w]
+        elif w in ARTIFACTS:
+            names.append(w)
+        else:
+            raise ExportError(f"unknown export item {w!r}; choose from the groups {', '.join(GROUPS)} or the "
+                              f"artifacts {', '.join(ARTIFACTS)}")
+    return list(dict.fromkeys(names))
+
+
+def _single(name: str) -> Callable[..., list[Path]]:
+    fn = ARTIFACTS[name]
+
+    def export_one(store, out_dir, *, layers=None, sequences=None, tokens=None, **opts) -> list[Path]:
+        if "formats" in opts:
+            opts["formats"] = _check_formats(opts["formats"])
+        ctx = ExportContext.open(store, out_dir, layers=layers, sequences=sequences, tokens=tokens)
+        return fn(ctx, **opts)
+
+    export_one.__name__ = f"export_{name}"
+    export_one.__doc__ = (f"Export the ``{name}`` artifact of the trace ``store`` (path or open_trace Dataset) into "
+                          f"``out_dir``; returns the paths written. Selection: ``layers`` (decoder indices of MoE "
+                          f"layers), ``sequences``, ``tokens`` (``(start, stop)`` rows). Raises ArtifactSkipped when "
+                          f"it does not apply to the trace, ExportError for a bad request.\n\n{fn.__doc__ or ''}")
+    return export_one
+
+
+export_load_heatmap = _single("load_heatmap")
+export_imbalance = _single("imbalance")
+export_entropy = _single("entropy")
+export_token_routing = _single("token_routing")
+export_transitions = _single("transitions")
+export_coactivation = _single("coactivation")
+export_attention = _single("attention")
+export_layer_metrics = _single("layer_metrics")
+export_layer_metrics_by_modality = _single("layer_metrics_by_modality")
+export_vocab_tables = _single("vocab")
+export_domain_tables = _single("domain")
+export_netcdf = _single("netcdf")
+export_parquet = _single("parquet")
+export_report = _single("report")
+
+
+def _check_options(ctx: ExportContext, sequence, transitions, coactivation_layer) -> None:
+    """Refuse bad figure options before anything is written."""
+    layers = [int(x) for x in np.asarray(ctx.sub["layer"].values)]
+    if sequence is not None:
+        seqs = np.unique(np.asarray(ctx.sub["sequence"].values)).tolist()
+        if int(sequence) not in seqs:
+            raise ExportError(f"sequence {sequence} is not in the selection; it holds sequences "
+                              f"{', '.join(map(str, seqs[:20]))}{' ...' if len(seqs) > 20 else ''}")
+    for what, vals in (("transitions", transitions or ()), ("coactivation_layer", (
+            [] if coactivation_layer is None else [coactivation_layer]))):
+        if what == "transitions" and transitions is not None and len(tuple(transitions)) != 2:
+            raise ExportError(f"transitions: expected two MoE layers (a, b), got {transitions!r}")
+        for v in vals:
+            if int(v) not in layers:
+                raise ExportError(f"{what}: layer {v} is not a MoE layer of the selection; MoE layers: {layers}")
+
+
+def export_all(store, out_dir, what: str | Sequence[str] = ("figures", "tables", "data", "report"), *,
+               layers=None, sequences=None, tokens=None, labels=None, sequence: int | None = None,
+               transitions: tuple[int, int] | None = None, coactivation_layer: int | None = None,
+               attention_layer: int | None = None, image=None, image_info=None,
+               vocab_top: int = 5, vocab_min_count: int = 5, formats: Sequence[str] = FIGURE_FORMATS,
+               progress: bool = True) -> ExportResult:
+    """Export figures, tables, trace subsets and the HTML report of a trace into ``out_dir``.
+
+    ``what``: groups ``figures, tables, data, report`` and/or artifact names (``load_heatmap,
+    imbalance, entropy, token_routing, transitions, coactivation, attention, layer_metrics,
+    layer_metrics_by_modality, vocab, domain, netcdf, parquet, report``); a comma string or a list.
+    Selection (applies to every artifact): ``layers`` (decoder layer indices, each a MoE layer),
+    ``sequences`` (sequence ids), ``tokens`` (``(start, stop)`` or ``"start:stop"`` rows).
+    ``labels`` (sequence -> domain: a dict, list, or a JSON/JSONL file) enables the domain tables.
+    ``sequence``: the sequence shown by the token-routing figure, the report and the attention
+    overlay (default: the first selected one). ``transitions=(a, b)``, ``coactivation_layer``,
+    ``attention_layer``: decoder layers of those figures. ``image``/``image_info``: draw the
+    attention overlay on the image's pixels (see :func:`workbench.export.figures.plot_attention`).
+
+    Layout: ``figures/*.{pdf,svg,png}``, ``tables/*.{csv,tex}``,
+    ``data/trace_subset.{nc,parquet}``, ``report.html``, ``manifest.json`` (provenance, files,
+    skipped artifacts). Every file is written atomically and carries the provenance of
+    :func:`workbench.export.export_provenance`. Artifacts that do not apply (no router logits, top-1
+    routing, one MoE layer, no attention maps, one modality, no labels) are skipped: the reasons
+    are in ``result.skipped`` and ``manifest.json``. Returns the list of paths written.
+    """
+    from tqdm.auto import tqdm
+
+    names = resolve_what(what)
+    formats = _check_formats(formats)
+    for key, v in (("vocab_top", vocab_top), ("vocab_min_count", vocab_min_count)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ExportError(f"{key} must be a positive integer, got {v!r}")
+    if labels is None and "domain" in names and "domain" not in _items(what):
+        names.remove("domain")  # part of the "tables" group only when labels are given
+    if isinstance(labels, (str, Path)):
+        from .tables import read_labels
+
+        labels = read_labels(labels)
+    ctx = ExportContext.open(store, out_dir, layers=layers, sequences=sequences, tokens=tokens)
+    _check_options(ctx, sequence, transitions, coactivation_layer)
+    opts = dict(formats=formats, sequence=sequence, transitions=transitions, coactivation_layer=coactivation_layer,
+                attention_layer=attention_layer, image=image, image_info=image_info, labels=labels,
+                vocab_top=vocab_top, vocab_min_count=vocab_min_count)
+    result = ExportResult()
+    order = [n for n in names if n != "report"] + (["report"] if "report" in names else [])
+    bar = tqdm(order, desc="export", unit="artifact", disable=not progress, file=sys.stderr)
+    for name in bar:
+        bar.set_postfix_str(name)
+        try:
+            if name == "report":
+                result += ARTIFACTS[name](ctx, notes=[f"{k}: {v}" for k, v in result.skipped.items()], **opts)
+            else:
+                result += ARTIFACTS[name](ctx, **opts)
+        except ArtifactSkipped as e:
+            result.skipped[name] = str(e)
+    bar.close()
+    manifest = {
+        "provenance": ctx.prov,
+        "trace_provenance": jsonable(ctx.ds.attrs.get("provenance") or {}),
+        "files": [str(p.relative_to(ctx.out)) for p in result],
+        "skipped": result.skipped,
+    }
+    result.append(write_text_atomic(ctx.out / "manifest.json", json.dumps(manifest, indent=1) + "\n"))
+    return result

@@ -1,0 +1,167 @@
+"""Trace subsets as NetCDF and Parquet, with provenance.
+
+NetCDF (``trace_subset.nc``): the trace's per-token variables restricted to the selection, same
+names and dims as the ``workbench.trace/1`` schema (``token_id, sequence, position, modality``
+(token); ``topk_expert, topk_weight`` (token, moe_layer, k); ``router_logits`` (token,
+moe_layer, expert) when recorded; ``token_text`` when the trace stores a vocabulary), with
+coordinates ``token_index`` (token: the row in the source trace) and ``layer`` (moe_layer).
+Per-batch arrays (``expert_load``, ``batch_end``) are left out (batches do not survive a token
+subset). ``router_logits`` are written as float32 (float16 is not a NetCDF type; the values are
+unchanged). Written with the ``h5netcdf`` engine (NetCDF-4/HDF5) when h5py is installed, else
+``scipy`` (NetCDF-3 64-bit offset: int64 ``token_index`` becomes int32, strings become char
+arrays). Global attributes: every provenance key, ``trace_provenance`` (the trace's full
+provenance as JSON), ``schema = "workbench.trace_subset/1"``, ``n_experts``, ``top_k``.
+Open with ``xr.open_dataset(path)``.
+
+Parquet (``trace_subset.parquet``): tidy, one row per (token, MoE layer): ``token_index``
+(int64), ``sequence``, ``position``, ``token_id`` (int32), ``modality`` (int8), ``token`` (string,
+when a vocabulary is stored), ``layer`` (int32, decoder layer index), ``expert_0..expert_{k-1}``
+(int16), ``weight_0..weight_{k-1}`` (float32, slot order as stored), and ``router_logits``
+(fixed-size list of E float32) when recorded. Rows are sorted by token_index then layer order.
+Written by pyarrow in row groups of a bounded number of tokens (memory does not grow with the
+subset). Schema metadata: ``workbench.provenance`` (JSON of the provenance keys) and
+``workbench.trace_provenance``; read with ``pyarrow.parquet.read_table`` / ``pandas.read_parquet``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import xarray as xr
+
+from ._common import Selection, atomic_path, jsonable
+
+__all__ = ["subset_dataset", "write_netcdf", "write_parquet", "netcdf_engine", "PARQUET_BLOCK_TOKENS"]
+
+PARQUET_BLOCK_TOKENS = 16384
+_TOKEN_VARS = ("token_id", "sequence", "position", "modality", "topk_expert", "topk_weight", "router_logits")
+
+
+def netcdf_engine() -> str:
+    try:
+        import h5netcdf  # noqa: F401
+        import h5py  # noqa: F401
+
+        return "h5netcdf"
+    except ImportError:
+        return "scipy"
+
+
+def subset_dataset(ds: xr.Dataset, sel: Selection, prov: Mapping[str, str]) -> xr.Dataset:
+    """The selected part of the trace as a (lazy) Dataset ready to write (see the module doc)."""
+    sub = sel.apply(ds)
+    n_src = int(ds.sizes["token"])
+    rows = sel.token_rows if sel.token_rows is not None else np.arange(n_src)
+    data = {}
+    for name in _TOKEN_VARS:
+        if name in sub.variables:
+            v = sub[name]
+            if name == "router_logits" and v.dtype != np.float32:
+                v = v.astype(np.float32)
+                v.attrs["stored_dtype"] = str(sub[name].dtype)
+            data[name] = v.variable
+    if "token_text" in sub.variables:
+        texts = np.asarray(sub["token_text"].values, dtype=object)
+        data["token_text"] = xr.Variable(("token",), np.array([str(t) for t in texts], dtype=object),
+                                         attrs={"long_name": "token string (trace vocabulary)"})
+    trace_prov = ds.attrs.get("provenance") or {}
+    attrs: dict[str, Any] = {k: str(v) for k, v in prov.items()}
+    attrs.update({
+        "schema": "workbench.trace_subset/1",
+        "source_schema": str(ds.attrs.get("schema")),
+        "n_experts": int(ds.attrs.get("n_experts")),
+        "top_k": int(ds.attrs.get("top_k")),
+        "moe_layers": np.asarray(sub["layer"].values, np.int32),
+        "trace_provenance": json.dumps(jsonable(trace_prov), sort_keys=True),
+    })
+    out = xr.Dataset(
+        data,
+        coords={"token_index": ("token", np.asarray(rows, np.int64)),
+                "layer": ("moe_layer", np.asarray(sub["layer"].values, np.int32))},
+        attrs=attrs,
+    )
+    for name in ("topk_expert", "topk_weight", "router_logits"):
+        if name in out.variables:
+            out[name].attrs.pop("coordinates", None)
+            out[name].encoding = {}
+    for name in out.variables:
+        out[name].encoding = {}
+    return out
+
+
+def write_netcdf(sub: xr.Dataset, path: Path, engine: str | None = None) -> Path:
+    """Write a :func:`subset_dataset` result to NetCDF (atomically)."""
+    engine = engine or netcdf_engine()
+    sub = sub.copy()
+    sub.attrs["netcdf_engine"] = engine
+    enc: dict[str, dict] = {}
+    if "token_text" in sub.variables and engine == "h5netcdf":
+        enc["token_text"] = {"dtype": str}  # variable-length strings (NetCDF-3 gets char arrays)
+    if engine == "scipy" and "token_index" in sub.variables:
+        sub["token_index"] = sub["token_index"].astype(np.int32)
+    with atomic_path(path) as tmp:
+        sub.to_netcdf(tmp, engine=engine, encoding=enc or None, format=None if engine == "h5netcdf" else "NETCDF3_64BIT")
+    return Path(path)
+
+
+def write_parquet(sub: xr.Dataset, path: Path, prov: Mapping[str, str], trace_provenance: Mapping | None = None,
+                  block_tokens: int = PARQUET_BLOCK_TOKENS) -> Path:
+    """Write a :func:`subset_dataset` result as a tidy Parquet table (one row per token x layer)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    L, k = int(sub.sizes["moe_layer"]), int(sub.sizes["k"])
+    has_logits = "router_logits" in sub.variables
+    E = int(sub.sizes["expert"]) if has_logits else int(sub.attrs.get("n_experts", 0))
+    has_text = "token_text" in sub.variables
+    layers = np.asarray(sub["layer"].values, np.int32)
+    fields = [pa.field("token_index", pa.int64()), pa.field("sequence", pa.int32()), pa.field("position", pa.int32()),
+              pa.field("token_id", pa.int32()), pa.field("modality", pa.int8())]
+    if has_text:
+        fields.append(pa.field("token", pa.string()))
+    fields.append(pa.field("layer", pa.int32()))
+    fields += [pa.field(f"expert_{j}", pa.int16()) for j in range(k)]
+    fields += [pa.field(f"weight_{j}", pa.float32()) for j in range(k)]
+    if has_logits:
+        fields.append(pa.field("router_logits", pa.list_(pa.float32(), E)))
+    meta = {
+        "workbench.provenance": json.dumps(dict(prov), sort_keys=False),
+        "workbench.trace_provenance": json.dumps(jsonable(trace_provenance or {}), sort_keys=True),
+        "workbench.layout": "one row per (token, moe_layer); expert_j/weight_j = top-k slot j as stored",
+        "workbench.n_experts": str(E),
+        "workbench.top_k": str(k),
+    }
+    schema = pa.schema(fields, metadata={k_: v.encode("utf-8") for k_, v in meta.items()})
+    n = int(sub.sizes["token"])
+    names = ["token_id", "sequence", "position", "modality", "topk_expert", "topk_weight"]
+    names += ["router_logits"] if has_logits else []
+    with atomic_path(path) as tmp:
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as w:
+            for s in range(0, n, block_tokens):
+                blk = sub[names].isel(token=slice(s, min(s + block_tokens, n))).load()
+                T = blk.sizes["token"]
+                rep = lambda a: np.repeat(np.asarray(a), L)  # noqa: E731
+                cols = {
+                    "token_index": rep(sub["token_index"].values[s:s + T]).astype(np.int64),
+                    "sequence": rep(blk["sequence"].values).astype(np.int32),
+                    "position": rep(blk["position"].values).astype(np.int32),
+                    "token_id": rep(blk["token_id"].values).astype(np.int32),
+                    "modality": rep(blk["modality"].values).astype(np.int8),
+                }
+                arrays = [pa.array(cols[c]) for c in ("token_index", "sequence", "position", "token_id", "modality")]
+                if has_text:
+                    texts = np.asarray(sub["token_text"].values[s:s + T], dtype=object)
+                    arrays.append(pa.array(np.repeat(texts, L).tolist(), type=pa.string()))
+                arrays.append(pa.array(np.tile(layers, T)))
+                e = np.asarray(blk["topk_expert"].transpose("token", "moe_layer", "k").values).reshape(T * L, k)
+                wgt = np.asarray(blk["topk_weight"].transpose("token", "moe_layer", "k").values).reshape(T * L, k)
+                arrays += [pa.array(e[:, j].astype(np.int16)) for j in range(k)]
+                arrays += [pa.array(wgt[:, j].astype(np.float32)) for j in range(k)]
+                if has_logits:
+                    lg = np.asarray(blk["router_logits"].transpose("token", "moe_layer", "expert").values,
+                                    np.float32).reshape(T * L * E)
+                    arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(lg), E))
+                w.write_table(pa.Table.from_arrays(arrays, schema=schema))
+    return Path(path)

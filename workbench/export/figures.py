@@ -1,0 +1,626 @@
+"""Publication figures of a trace: vector PDF and SVG plus a PNG preview, with provenance.
+
+Style: matplotlib with a private ``rc_context`` (the user's global rcParams are left alone),
+DejaVu Sans (shipped with matplotlib, so always available), 8 pt text, single-column width
+(3.5 in) unless the data needs more.
+
+Fonts: PDF uses ``pdf.fonttype = 42`` (TrueType subsets embedded; text stays selectable and
+searchable, no Type 3 bitmaps). SVG uses ``svg.fonttype = "path"``: glyphs are drawn as paths, so
+the SVG looks identical on every machine without the font installed (the price: SVG text is not
+editable as text; edit the PDF, or re-plot, to change labels). PNG: 200 dpi preview.
+
+Colors: experts always get :func:`workbench.widgets.expert_color` (Okabe-Ito up to 8 experts,
+viridis positions beyond; colorblind-safe); sequential values use viridis.
+
+Provenance (see :func:`workbench.export._common.export_provenance`): PDF Info dictionary
+(Title, Subject = what the figure shows + the provenance as ``key: value`` lines, Keywords =
+``key=value; ...``, Creator, CreationDate); SVG Dublin Core RDF metadata (title, description =
+provenance lines, identifier = trace fingerprint, source = store path, date, creator, keywords =
+``key=value``); PNG ``tEXt``/``iTXt`` chunks (Title, Description, Software, Source, Creation
+Time, and one chunk per provenance key).
+
+Every ``plot_*`` function takes a (selected) trace Dataset and returns a
+``matplotlib.figure.Figure``; it raises :class:`ArtifactSkipped` when the figure does not apply
+to the trace (no router logits, top-1 routing, a single MoE layer, no attention maps).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import xarray as xr
+
+from ._common import (ArtifactSkipped, ExportError, atomic_path, expert_palette, layer_labels, provenance_text,
+                      token_texts, visible)
+
+__all__ = [
+    "STYLE", "FIGURE_FORMATS", "save_figure",
+    "plot_load_heatmap", "plot_imbalance", "plot_entropy", "plot_token_routing", "plot_transitions",
+    "plot_coactivation", "plot_attention",
+]
+
+FIGURE_FORMATS = ("pdf", "svg", "png")
+PNG_DPI = 200
+SINGLE = 3.5  # in, single column
+DOUBLE = 7.0  # in, two columns
+
+STYLE: dict[str, Any] = {
+    "pdf.fonttype": 42,
+    "ps.fonttype": 42,
+    "svg.fonttype": "path",
+    "text.usetex": False,
+    "font.family": "sans-serif",
+    "font.sans-serif": ["DejaVu Sans"],
+    "font.size": 8,
+    "axes.titlesize": 8,
+    "axes.labelsize": 8,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 7,
+    "legend.fontsize": 7,
+    "legend.frameon": False,
+    "axes.linewidth": 0.6,
+    "xtick.major.width": 0.6,
+    "ytick.major.width": 0.6,
+    "xtick.major.size": 2.5,
+    "ytick.major.size": 2.5,
+    "lines.linewidth": 1.2,
+    "lines.markersize": 3.5,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "image.cmap": "viridis",
+    "savefig.bbox": "tight",
+    "savefig.pad_inches": 0.03,
+    "figure.dpi": 100,
+}
+
+_MODALITY_LABEL = {0: "text", 1: "image patches", 2: "special"}
+_MODALITY_COLOR = {0: "#E69F00", 1: "#0072B2", 2: "#D55E00"}  # Okabe-Ito orange, blue, vermillion
+_MODALITY_STYLE = {0: dict(ls="--", marker="s"), 1: dict(ls=":", marker="^"), 2: dict(ls="-.", marker="v")}
+
+
+def _rc():
+    import matplotlib
+
+    return matplotlib.rc_context(STYLE)
+
+
+def _figure(w: float, h: float):
+    from matplotlib.figure import Figure
+
+    with _rc():
+        return Figure(figsize=(w, h), layout="constrained")
+
+
+# ------------------------------------------------------------------------------------- saving
+def _creator() -> str:
+    import matplotlib
+
+    import workbench
+
+    return f"MoE Workbench {workbench.__version__} (workbench.export, matplotlib {matplotlib.__version__})"
+
+
+def _parse_date(s: str) -> _dt.datetime:
+    try:
+        d = _dt.datetime.fromisoformat(s)
+    except ValueError:
+        d = _dt.datetime.now(_dt.timezone.utc)
+    if d.tzinfo is None:
+        d = d.replace(tzinfo=_dt.timezone.utc)
+    return d
+
+
+def _latin1(s: str) -> str:
+    return s.encode("latin-1", "replace").decode("latin-1")
+
+
+def figure_metadata(fmt: str, prov: Mapping[str, str], title: str, description: str) -> dict[str, Any]:
+    """The matplotlib ``metadata=`` dict of one format (see the module docstring)."""
+    creator = _creator()
+    lines = provenance_text(prov)
+    if fmt == "pdf":
+        return {"Title": title, "Subject": f"{description}\n{lines}", "Creator": creator,
+                "Keywords": "; ".join(f"{k}={v}" for k, v in prov.items()),
+                "CreationDate": _parse_date(prov.get("exported", ""))}
+    if fmt == "svg":
+        return {"Title": title, "Description": f"{description}\n{lines}", "Creator": creator,
+                "Identifier": f"workbench-trace:{prov.get('trace_fingerprint', 'n/a')}",
+                "Source": prov.get("trace", "n/a"), "Date": prov.get("exported", ""),
+                "Keywords": [f"{k}={v}" for k, v in prov.items()]}
+    if fmt == "png":
+        md = {"Title": title, "Description": description, "Software": creator, "Source": prov.get("trace", "n/a"),
+              "Creation Time": prov.get("exported", "")}
+        for k, v in prov.items():
+            md[_latin1(k)[:79]] = v
+        return md
+    raise ExportError(f"unknown figure format {fmt!r}; choose from {FIGURE_FORMATS}")
+
+
+def save_figure(fig, base: str | Path, prov: Mapping[str, str], *, title: str, description: str,
+                formats: Sequence[str] = FIGURE_FORMATS, png_dpi: int = PNG_DPI) -> list[Path]:
+    """Write ``fig`` as ``base.pdf``, ``base.svg`` and ``base.png`` (each atomically, with provenance)."""
+    base = Path(base)
+    out = []
+    for fmt in formats:
+        path = base.with_name(base.name + "." + fmt)
+        md = figure_metadata(fmt, prov, title, description)
+        with _rc(), atomic_path(path) as tmp:
+            kw = {"dpi": png_dpi} if fmt == "png" else {}
+            if fmt == "svg":
+                import matplotlib
+
+                matplotlib.rcParams["svg.hashsalt"] = prov.get("trace_fingerprint", "workbench")
+            fig.savefig(tmp, format=fmt, metadata=md, **kw)
+        out.append(path)
+    return out
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _experts_axis(ax, E: int, axis: str = "x") -> None:
+    step = 1 if E <= 32 else (8 if E <= 128 else 16)
+    ticks = np.arange(0, E, step)
+    (ax.set_xticks if axis == "x" else ax.set_yticks)(ticks)
+    (ax.set_xticklabels if axis == "x" else ax.set_yticklabels)([str(t) for t in ticks])
+
+
+def _expert_strip(ax, E: int, orientation: str = "horizontal") -> None:
+    """A row (or column) of the experts' palette colors, aligned with a heatmap's expert axis."""
+    from matplotlib.colors import ListedColormap
+
+    cmap = ListedColormap(expert_palette(E))
+    data = np.arange(E)[None, :] if orientation == "horizontal" else np.arange(E)[:, None]
+    ax.imshow(data, cmap=cmap, aspect="auto", interpolation="nearest", vmin=-0.5, vmax=E - 0.5)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for s in ax.spines.values():
+        s.set_visible(False)
+
+
+def _heatmap_with_strips(fig, values: np.ndarray, E_x: int, *, E_y: int | None = None, cmap="viridis",
+                         vmin=None, vmax=None, bad="#DDDDDD"):
+    """Main heatmap axes with an expert color strip above (and left when E_y is given)."""
+    import matplotlib
+
+    if E_y is None:
+        gs = fig.add_gridspec(2, 2, height_ratios=[0.05, 1], width_ratios=[1, 0.04], hspace=0.01, wspace=0.02)
+        ax_top = fig.add_subplot(gs[0, 0])
+        ax = fig.add_subplot(gs[1, 0])
+        cax = fig.add_subplot(gs[1, 1])
+        ax_left = None
+    else:
+        gs = fig.add_gridspec(2, 3, height_ratios=[0.05, 1], width_ratios=[0.05, 1, 0.05], hspace=0.01, wspace=0.02)
+        ax_top = fig.add_subplot(gs[0, 1])
+        ax = fig.add_subplot(gs[1, 1])
+        ax_left = fig.add_subplot(gs[1, 0])
+        cax = fig.add_subplot(gs[1, 2])
+    cm = (matplotlib.colormaps[cmap] if isinstance(cmap, str) else cmap).with_extremes(bad=bad)
+    im = ax.imshow(np.ma.masked_invalid(values), aspect="auto", interpolation="nearest", cmap=cm, vmin=vmin, vmax=vmax)
+    _expert_strip(ax_top, E_x, "horizontal")
+    if ax_left is not None:
+        _expert_strip(ax_left, E_y, "vertical")
+        ax.set_yticklabels([])
+        ax.tick_params(axis="y", length=0)
+    fig.colorbar(im, cax=cax)
+    return ax, ax_top, ax_left, cax
+
+
+def _size_for_heatmap(n_rows: int, n_cols: int) -> tuple[float, float]:
+    w = SINGLE if n_cols <= 24 else DOUBLE
+    h = min(9.0, max(1.6, 0.6 + 0.16 * n_rows))
+    return w, h
+
+
+def _modalities_present(ds: xr.Dataset) -> list[int]:
+    mod = np.asarray(ds["modality"].values)
+    return [int(m) for m in np.unique(mod) if int(m) in _MODALITY_LABEL]
+
+
+# ------------------------------------------------------------------------------------ figures
+def plot_load_heatmap(ds: xr.Dataset):
+    """Load share f_i (``workbench.analysis.expert_load``) as a (MoE layer x expert) heatmap."""
+    from workbench.analysis import expert_load
+
+    f = expert_load(ds)
+    L, E = f.shape
+    with _rc():
+        fig = _figure(*_size_for_heatmap(L, E))
+        ax, ax_top, _, cax = _heatmap_with_strips(fig, f.values, E, vmin=0.0)
+        ax.set_yticks(np.arange(L))
+        ax.set_yticklabels(layer_labels(ds))
+        _experts_axis(ax, E)
+        ax.set_xlabel("expert")
+        ax.set_ylabel("MoE layer (decoder index)")
+        cax.set_ylabel(f"load share f_i (uniform = 1/{E})")
+        ax_top.set_title(f"Expert load share, {f.attrs['n_tokens']:,} tokens, top-{f.attrs['k']}", loc="left")
+    return fig
+
+
+def plot_imbalance(ds: xr.Dataset):
+    """Load imbalance per layer (``workbench.analysis.load_imbalance``): CV and max/mean,
+    all tokens and (when the trace mixes modalities) per modality."""
+    from workbench.analysis import load_imbalance
+
+    imb = load_imbalance(ds)
+    mods = _modalities_present(ds)
+    split = load_imbalance(ds, by_modality=True) if len(mods) > 1 else None
+    x = np.asarray(ds["layer"].values)
+    with _rc():
+        fig = _figure(SINGLE, 2.6)
+        axes = fig.subplots(2, 1, sharex=True)
+        for ax, key, label in ((axes[0], "cv", "CV (std/mean)"), (axes[1], "max_over_mean", "max/mean")):
+            ax.plot(x, imb[key].values, color="#000000", marker="o", label="all tokens")
+            if split is not None:
+                for m in mods:
+                    ax.plot(x, split[key].sel(modality=m).values, color=_MODALITY_COLOR[m],
+                            label=_MODALITY_LABEL[m], **_MODALITY_STYLE[m])
+            ax.set_ylabel(label)
+            ax.set_ylim(bottom=0)
+        axes[1].axhline(1.0, color="#999999", lw=0.6, ls="-", zorder=0)
+        axes[1].set_xlabel("MoE layer (decoder index)")
+        axes[1].set_xticks(x)
+        axes[0].set_title(f"Load imbalance per MoE layer ({imb.attrs['n_experts']} experts, top-{imb.attrs['k']})",
+                          loc="left")
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=4)
+    return fig
+
+
+def plot_entropy(ds: xr.Dataset):
+    """Mean normalized router entropy per layer, p = softmax(router logits)
+    (``workbench.analysis.router_entropy``); needs recorded router logits."""
+    from workbench.analysis import router_entropy
+
+    if "router_logits" not in ds.variables:
+        raise ArtifactSkipped("router entropy figure skipped: the trace has no router_logits (record with "
+                              "capture=('router', 'logits')); the entropy of softmax(logits) needs them")
+    ent = router_entropy(ds, source="logits", per_token=False)
+    mods = _modalities_present(ds)
+    split = router_entropy(ds, source="logits", per_token=False, by_modality=True) if len(mods) > 1 else None
+    x = np.asarray(ds["layer"].values)
+    with _rc():
+        fig = _figure(SINGLE, 1.9)
+        ax = fig.subplots()
+        ax.plot(x, ent["mean_entropy"].values, color="#000000", marker="o", label="all tokens")
+        if split is not None:
+            for m in mods:
+                ax.plot(x, split["mean_entropy"].sel(modality=m).values, color=_MODALITY_COLOR[m],
+                        label=_MODALITY_LABEL[m], **_MODALITY_STYLE[m])
+        ax.set_ylim(0, 1.02)
+        ax.set_xticks(x)
+        ax.set_xlabel("MoE layer (decoder index)")
+        ax.set_ylabel("mean H / log E")
+        ax.set_title(f"Router entropy of softmax(logits), {ent.attrs['n_experts']} experts", loc="left")
+        fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=4)
+    return fig
+
+
+def routing_strip_data(ds: xr.Dataset, sequence: int | None = None, max_tokens: int | None = 128):
+    """Rows, top-1 experts (T, L), top-k experts/weights, texts, modality of one sequence's tokens
+    (in position order; the first ``max_tokens``). Top-1 = ``workbench.analysis`` top-1 rule."""
+    from workbench.analysis._common import top1
+
+    seq = np.asarray(ds["sequence"].values)
+    if seq.size == 0:
+        raise ExportError("the selection holds no tokens")
+    if sequence is None:
+        sequence = int(seq[0])
+    rows = np.flatnonzero(seq == int(sequence))
+    if rows.size == 0:
+        have = np.unique(seq)
+        raise ExportError(f"sequence {sequence} is not in the selection; it holds sequences "
+                          f"{', '.join(map(str, have[:20].tolist()))}{' ...' if have.size > 20 else ''}")
+    pos = np.asarray(ds["position"].isel(token=rows).values)
+    rows = rows[np.argsort(pos, kind="stable")]
+    n_total = rows.size
+    if max_tokens is not None and rows.size > max_tokens:
+        rows = rows[:max_tokens]
+    sub = ds[["topk_expert", "topk_weight", "modality", "position"]].isel(token=rows).load()
+    e = np.asarray(sub["topk_expert"].transpose("token", "moe_layer", "k").values)
+    w = np.asarray(sub["topk_weight"].transpose("token", "moe_layer", "k").values)
+    t1 = top1(e, w)
+    return {"sequence": int(sequence), "rows": rows, "n_total": n_total, "top1": t1, "experts": e, "weights": w,
+            "texts": token_texts(ds, rows), "modality": np.asarray(sub["modality"].values),
+            "position": np.asarray(sub["position"].values)}
+
+
+def plot_token_routing(ds: xr.Dataset, sequence: int | None = None, max_tokens: int = 128):
+    """Tokens of one sequence (x) by MoE layer (y), each cell colored by the token's top-1 expert."""
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    from workbench.widgets._palette import text_color_on
+
+    d = routing_strip_data(ds, sequence, max_tokens)
+    E = int(ds.attrs.get("n_experts") or (int(d["experts"].max()) + 1))
+    T, L = d["top1"].shape
+    colors = expert_palette(E)
+    w = min(DOUBLE, max(SINGLE, 1.0 + 0.12 * T))
+    h = min(9.0, 1.3 + 0.17 * L)
+    with _rc():
+        fig = _figure(w, h)
+        used = sorted(set(int(x) for x in np.unique(d["top1"])))
+        key = len(used) > 16  # too many experts for a legend: a color key strip of all experts instead
+        if key:
+            gs = fig.add_gridspec(4, 1, height_ratios=[1, 0.06, 0.12, 0.05], hspace=0.02)
+        else:
+            gs = fig.add_gridspec(2, 1, height_ratios=[1, 0.06], hspace=0.02)
+        ax = fig.add_subplot(gs[0])
+        axm = fig.add_subplot(gs[1], sharex=ax)
+        ax.imshow(d["top1"].T, cmap=ListedColormap(colors), vmin=-0.5, vmax=E - 0.5, aspect="auto",
+                  interpolation="nearest")
+        if T <= 48 and L <= 16:
+            for t in range(T):
+                for li in range(L):
+                    e = int(d["top1"][t, li])
+                    ax.text(t, li, str(e), ha="center", va="center", fontsize=5, color=text_color_on(colors[e]))
+        ax.set_yticks(np.arange(L))
+        ax.set_yticklabels(layer_labels(ds))
+        ax.set_ylabel("MoE layer")
+        ax.tick_params(axis="x", labelbottom=False, length=0)
+        mod_colors = {0: "#FFFFFF", 1: "#888888", 2: "#000000"}
+        mrow = np.array([[int(m) for m in d["modality"]]])
+        axm.imshow(mrow, cmap=ListedColormap([mod_colors[0], mod_colors[1], mod_colors[2]]), vmin=-0.5, vmax=2.5,
+                   aspect="auto", interpolation="nearest")
+        axm.set_yticks([0])
+        axm.set_yticklabels(["modality"])
+        step = max(1, int(np.ceil(T / 64)))
+        ticks = np.arange(0, T, step)
+        labels = [visible(d["texts"][t])[:14] for t in ticks]
+        axm.set_xticks(ticks)
+        axm.set_xticklabels(labels, rotation=90, fontsize=6, parse_math=False)
+        for s in axm.spines.values():
+            s.set_linewidth(0.4)
+        handles = [] if key else [Patch(facecolor=colors[e], edgecolor="none", label=f"expert {e}") for e in used]
+        if key:
+            axk = fig.add_subplot(gs[3])
+            _expert_strip(axk, E, "horizontal")
+            step = 8 if E <= 128 else 16
+            axk.set_xticks(np.arange(0, E, step))
+            axk.set_xticklabels([str(t) for t in range(0, E, step)], fontsize=6)
+            axk.set_xlabel("expert color key", fontsize=6)
+        handles += [Patch(facecolor=mod_colors[m], edgecolor="#555555", lw=0.4, label=_MODALITY_LABEL[m])
+                    for m in sorted(set(int(x) for x in d["modality"]))]
+        fig.legend(handles=handles, loc="outside right upper", ncol=1 if len(handles) <= 14 else 2,
+                   handlelength=1.0, handleheight=1.0, fontsize=6)
+        shown = f"first {T} of {d['n_total']} tokens" if T < d["n_total"] else f"{T} tokens"
+        ax.set_title(f"Top-1 expert per token, sequence {d['sequence']} ({shown})", loc="left")
+    return fig
+
+
+def _pick_layers(ds: xr.Dataset, a, b) -> tuple[int, int]:
+    layers = [int(x) for x in np.asarray(ds["layer"].values)]
+    if a is None and b is None:
+        if len(layers) < 2:
+            raise ArtifactSkipped(f"transitions figure skipped: the selection has a single MoE layer ({layers}); "
+                                  "transitions need two")
+        return layers[0], layers[1]
+    if a is None or b is None:
+        raise ExportError("transitions: give both layers a and b, or neither")
+    for x in (a, b):
+        if int(x) not in layers:
+            raise ExportError(f"layer {x} is not a MoE layer of the selection; MoE layers: {layers}")
+    return int(a), int(b)
+
+
+def plot_transitions(ds: xr.Dataset, a: int | None = None, b: int | None = None):
+    """Top-1 transition matrix P(expert at layer b | expert at layer a)
+    (``workbench.analysis.layer_transitions``); default: the first two selected MoE layers."""
+    from workbench.analysis import layer_transitions
+
+    a, b = _pick_layers(ds, a, b)
+    P = layer_transitions(ds, a, b)
+    E = P.shape[0]
+    side = SINGLE if E <= 32 else DOUBLE * 0.75
+    with _rc():
+        fig = _figure(side, side * 0.9)
+        ax, ax_top, ax_left, cax = _heatmap_with_strips(fig, P.values, E, E_y=E, vmin=0.0, vmax=1.0)
+        _experts_axis(ax, E, "x")
+        ax.set_xlabel(f"top-1 expert at layer {b}")
+        ax_left.set_ylabel(f"top-1 expert at layer {a}")
+        step = 1 if E <= 32 else 8
+        ax_left.set_yticks(np.arange(0, E, step))
+        ax_left.set_yticklabels([str(t) for t in range(0, E, step)])
+        ax_left.tick_params(axis="y", length=2)
+        cax.set_ylabel("P(b = j | a = i)")
+        ax_top.set_title(f"Top-1 transitions, layer {a} -> {b} ({P.attrs['n_tokens']:,} tokens)", loc="left")
+    return fig
+
+
+def plot_coactivation(ds: xr.Dataset, layer: int | None = None):
+    """Co-activation P(j in S_t | i in S_t) within the top-k set at one MoE layer
+    (``workbench.analysis.coactivation``); top-k > 1 only. Default: the first selected layer."""
+    from workbench.analysis import coactivation
+
+    k = int(ds.sizes["k"])
+    if k < 2:
+        raise ArtifactSkipped("co-activation figure skipped: top-1 routing (k = 1) has no expert pairs")
+    layers = [int(x) for x in np.asarray(ds["layer"].values)]
+    if layer is None:
+        layer = layers[0]
+    elif int(layer) not in layers:
+        raise ExportError(f"layer {layer} is not a MoE layer of the selection; MoE layers: {layers}")
+    C = coactivation(ds, int(layer))
+    E = C.shape[0]
+    side = SINGLE if E <= 32 else DOUBLE * 0.75
+    with _rc():
+        fig = _figure(side, side * 0.9)
+        ax, ax_top, ax_left, cax = _heatmap_with_strips(fig, C.values, E, E_y=E, vmin=0.0)
+        _experts_axis(ax, E, "x")
+        step = 1 if E <= 32 else 8
+        ax_left.set_yticks(np.arange(0, E, step))
+        ax_left.set_yticklabels([str(t) for t in range(0, E, step)])
+        ax_left.tick_params(axis="y", length=2)
+        ax_left.set_ylabel("expert i")
+        ax.set_xlabel("expert j")
+        cax.set_ylabel("P(j in S | i in S)")
+        ax_top.set_title(f"Expert co-activation, layer {int(layer)}, top-{k} ({C.attrs['n_tokens']:,} tokens)",
+                         loc="left")
+    return fig
+
+
+# --------------------------------------------------------------------------------- attention
+def _rgb(image: Any) -> np.ndarray:
+    from PIL import Image
+
+    if isinstance(image, (str, Path)):
+        p = Path(image)
+        if not p.is_file():
+            raise FileNotFoundError(f"image file {p} does not exist")
+        with Image.open(p) as im:
+            return np.asarray(im.convert("RGB"))
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    a = np.asarray(image)
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=2)
+    if a.ndim != 3 or a.shape[2] not in (3, 4):
+        raise ExportError(f"image array must be (H, W), (H, W, 3) or (H, W, 4), got shape {a.shape}")
+    a = a[..., :3]
+    if a.dtype.kind == "f":
+        a = np.clip(a * 255.0 if a.max(initial=0) <= 1.0 else a, 0, 255)
+    return a.astype(np.uint8)
+
+
+def attention_values(store: Path, ds: xr.Dataset, sequence: int | None = None, layer: int | None = None,
+                     query: int | None = None, image_index: int = 0, token_rows: np.ndarray | None = None):
+    """Per-patch attention of one image: mean over heads and over the query tokens (or one query
+    token row), at one recorded decoder layer (default: the last recorded). Returns a dict."""
+    from workbench.hooks.attention import attention_sequences, open_attention
+
+    if store is None:
+        raise ArtifactSkipped("attention overlay skipped: the trace was given as a Dataset without a store path")
+    seqs = attention_sequences(store)
+    if not seqs:
+        raise ArtifactSkipped("attention overlay skipped: the trace has no cross-modal attention maps (record with "
+                              "capture=('router', 'attention') on a multimodal model)")
+    chosen = np.unique(np.asarray(ds["sequence"].values)).tolist()
+    usable = [s for s in seqs if s in chosen]
+    if sequence is None:
+        if not usable:
+            raise ArtifactSkipped(f"attention overlay skipped: none of the selected sequences has attention maps "
+                                  f"(sequences with maps: {seqs[:20]})")
+        sequence = usable[0]
+    elif int(sequence) not in seqs:
+        raise ExportError(f"sequence {sequence} has no attention maps; sequences with maps: {seqs}")
+    att = open_attention(store, int(sequence))
+    layers = [int(x) for x in att["layer"].values]
+    if layer is None:
+        layer = layers[-1]
+    elif int(layer) not in layers:
+        raise ExportError(f"attention maps of sequence {sequence} were recorded at decoder layers {layers}, not {layer}")
+    a = att.sel(layer=int(layer))
+    qtok = np.asarray(att["query_token"].values)
+    if query is not None:
+        hit = np.flatnonzero(qtok == int(query))
+        if hit.size == 0:
+            raise ExportError(f"token {query} is not a query of sequence {sequence}'s attention maps "
+                              f"(queries: token rows {qtok[:10].tolist()}...)")
+        a = a.isel(query=hit)
+        what = f"query token {query}"
+    else:
+        if token_rows is not None:
+            keep = np.flatnonzero(np.isin(qtok, token_rows))
+            if keep.size and keep.size < qtok.size:
+                a = a.isel(query=keep)
+        what = f"mean over {a.sizes['query']} text queries"
+    images = np.asarray(att["image"].values)
+    if image_index not in set(images.tolist()):
+        raise ExportError(f"sequence {sequence} has images {sorted(set(images.tolist()))}, not {image_index}")
+    psel = np.flatnonzero(images == image_index)
+    vals = np.asarray(a.isel(patch=psel).astype("float64").mean(("head", "query")).values)
+    heads = "head mean" if att.attrs.get("head_mean") else f"mean of {att.sizes['head']} heads"
+    return {"sequence": int(sequence), "layer": int(layer), "values": vals,
+            "tile": np.asarray(att["tile"].values)[psel], "row": np.asarray(att["row"].values)[psel],
+            "col": np.asarray(att["col"].values)[psel], "what": what, "heads": heads, "image": int(image_index)}
+
+
+def plot_attention(store: Path | None, ds: xr.Dataset, sequence: int | None = None, layer: int | None = None, *,
+                   query: int | None = None, image_index: int = 0, image: Any = None, image_info: Any = None,
+                   token_rows: np.ndarray | None = None):
+    """Cross-modal attention of text queries over one image's patches.
+
+    Without ``image``: one small heatmap per tile on its token grid (row x col), tiles in token
+    order. With ``image`` (PIL image, array or file) and ``image_info`` (the processor's
+    ``ImageInfo`` of that image, or a mapping accepted by :func:`workbench.geometry.patch_boxes`):
+    the attention drawn over the pixels, one translucent box per patch token of the local tiles
+    (the global thumbnail's tokens are left out: they would cover the image a second time).
+    """
+    from matplotlib.colors import Normalize
+
+    d = attention_values(store, ds, sequence, layer, query, image_index, token_rows)
+    vals = d["values"]
+    vmax = float(np.nanmax(vals)) if vals.size and np.nanmax(vals) > 0 else 1.0
+    norm = Normalize(0.0, vmax)
+    title = (f"Attention to image {d['image']}, sequence {d['sequence']}, layer {d['layer']}\n"
+             f"({d['what']}, {d['heads']})")
+    if image is not None:
+        return _attention_on_pixels(d, _rgb(image), image_info, norm, title)
+    tiles = np.unique(d["tile"])
+    nt = tiles.size
+    ncol = min(nt, 4)
+    nrow = int(np.ceil(nt / ncol))
+    gr, gc = int(d["row"].max()) + 1, int(d["col"].max()) + 1
+    with _rc():
+        fig = _figure(min(DOUBLE, 1.2 + 1.3 * ncol), 0.6 + 1.3 * nrow)
+        axes = np.atleast_1d(fig.subplots(nrow, ncol, squeeze=False)).ravel()
+        im = None
+        for ax, t in zip(axes, tiles):
+            grid = np.full((gr, gc), np.nan)
+            m = d["tile"] == t
+            grid[d["row"][m], d["col"][m]] = vals[m]
+            im = ax.imshow(grid, cmap="viridis", norm=norm, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"tile {int(t)}", fontsize=7)
+        for ax in axes[nt:]:
+            ax.set_visible(False)
+        cb = fig.colorbar(im, ax=list(axes[:nt]), shrink=0.9)
+        cb.set_label("attention probability")
+        fig.suptitle(title, fontsize=7, x=0.0, ha="left")
+    return fig
+
+
+def _attention_on_pixels(d: dict, rgb: np.ndarray, image_info: Any, norm, title: str):
+    import matplotlib
+    from matplotlib.collections import PatchCollection
+    from matplotlib.patches import Rectangle
+
+    from workbench.geometry import patch_boxes
+
+    if image_info is None:
+        raise ExportError("attention overlay on the image needs image_info (the processor's ImageInfo of the image, "
+                          "or a mapping with original_size, grid, ...)")
+    try:
+        boxes = patch_boxes(image_info)
+    except ValueError as e:
+        raise ExportError(f"image_info: {e}") from None
+    vals = d["values"]
+    if boxes.shape[0] != vals.shape[0]:
+        raise ExportError(f"image_info describes {boxes.shape[0]} patch tokens but image {d['image']} of sequence "
+                          f"{d['sequence']} has {vals.shape[0]} in the trace; pass the ImageInfo of that image")
+    tiles = d["tile"]
+    info_global = image_info.get("has_global_tile") if isinstance(image_info, Mapping) else getattr(
+        image_info, "has_global_tile", None)
+    n_tiles = int(tiles.max()) + 1 if tiles.size else 0
+    has_global = bool(info_global) if info_global is not None else n_tiles > 1
+    keep = ~(tiles == n_tiles - 1) if has_global else np.ones(tiles.shape, bool)
+    keep &= np.isfinite(boxes).all(axis=1)
+    H, W = rgb.shape[:2]
+    cmap = matplotlib.colormaps["viridis"]
+    with _rc():
+        fig = _figure(SINGLE, SINGLE * H / max(W, 1) + 0.5)
+        ax = fig.subplots()
+        ax.imshow(rgb, extent=(0, W, H, 0), interpolation="bilinear")
+        rects = [Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1]) for b in boxes[keep]]
+        pc = PatchCollection(rects, facecolors=cmap(norm(vals[keep])), edgecolors="none", alpha=0.55)
+        ax.add_collection(pc)
+        ax.set_xlim(0, W)
+        ax.set_ylim(H, 0)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        sm = matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap)
+        cb = fig.colorbar(sm, ax=ax, shrink=0.85)
+        cb.set_label("attention probability")
+        ax.set_title(title, fontsize=7, loc="left")
+    return fig

@@ -1,0 +1,373 @@
+"""Tables of routing metrics as CSV and LaTeX (booktabs), with provenance.
+
+CSV: UTF-8, ``# key: value`` provenance comment lines first (read with
+``pandas.read_csv(path, comment="#")`` or skip lines starting with ``#``), then a header row.
+Floats are written with Python's shortest round-trip ``repr`` (reading them back gives the exact
+float64 the analysis returned); NaN is ``nan``.
+
+LaTeX: a ``tabular`` only (``\\input`` it inside your own ``table`` environment), with ``booktabs``
+rules (``\\toprule``, ``\\midrule``, ``\\bottomrule``), ``% key: value`` provenance comment lines
+and the suggested caption as a comment. Needs ``\\usepackage{booktabs}``; token strings use
+``\\texttt`` and ``\\textvisiblespace`` and assume UTF-8 input (the LaTeX default since 2018).
+Every LaTeX special character of a text cell is escaped (:func:`latex_escape`). Numbers are
+rounded to 3 decimals for display (the CSV holds the exact values); NaN shows as ``--``.
+
+Values come from :mod:`workbench.analysis` (no formula is re-derived here):
+
+- ``layer_metrics``: per MoE layer, :func:`~workbench.analysis.load_imbalance` (cv,
+  max_over_mean, maxvio, load_entropy) and, when router logits were recorded,
+  :func:`~workbench.analysis.router_entropy` (mean normalized entropy of softmax(logits)).
+- ``layer_metrics_by_modality``: the same split by modality (when the trace mixes modalities).
+- ``vocab_top_tokens`` / ``vocab_specialization``: :func:`~workbench.analysis.vocab_specialization`,
+  the token ids with the largest p(expert | token id) per expert, and the per-layer score.
+- ``domain_specialization`` / ``domain_shares``: :func:`~workbench.analysis.domain_specialization`
+  with the given sequence labels.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import xarray as xr
+
+from ._common import ArtifactSkipped, ExportError, atomic_path
+
+__all__ = ["Table", "latex_escape", "latex_token", "write_csv", "write_latex", "layer_metrics_table",
+           "layer_metrics_by_modality_table", "vocab_tables", "domain_tables"]
+
+_MOD_NAMES = {0: "text", 1: "image", 2: "special"}
+
+
+@dataclass
+class Column:
+    key: str
+    header: str  # LaTeX header (already escaped / LaTeX markup)
+    kind: str = "float"  # "int" | "float" | "str" | "token" | "tex" (raw LaTeX, CSV gets the plain text)
+    digits: int = 3
+
+
+@dataclass
+class Table:
+    """A table: named columns and rows of Python values (one list per row)."""
+
+    name: str
+    columns: list[Column]
+    rows: list[list[Any]]
+    caption: str
+    notes: list[str] = field(default_factory=list)
+
+    def column(self, key: str) -> list[Any]:
+        i = [c.key for c in self.columns].index(key)
+        return [r[i] for r in self.rows]
+
+
+# ------------------------------------------------------------------------------------ escaping
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "<": r"\textless{}",
+    ">": r"\textgreater{}",
+    "|": r"\textbar{}",
+}
+
+
+def latex_escape(text: Any) -> str:
+    """Escape every LaTeX special character (``\\ & % $ # _ { } ~ ^ < > |``) and make control
+    characters visible (``\\n`` -> ``\\textbackslash{}n``)."""
+    out = []
+    for ch in str(text):
+        if ch in _LATEX_SPECIAL:
+            out.append(_LATEX_SPECIAL[ch])
+        elif ch == "\n":
+            out.append(r"\textbackslash{}n")
+        elif ch == "\t":
+            out.append(r"\textbackslash{}t")
+        elif ch == "\r":
+            out.append(r"\textbackslash{}r")
+        elif ord(ch) < 32 or ord(ch) == 127:
+            out.append(rf"\textbackslash{{}}x{ord(ch):02x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def latex_token(text: str) -> str:
+    """A token string for LaTeX: escaped, spaces as ``\\textvisiblespace{}``, in ``\\texttt``."""
+    esc = latex_escape(text).replace(" ", r"\textvisiblespace{}")
+    return r"\texttt{" + (esc if esc else r"\textit{(empty)}") + "}"
+
+
+def _fmt_csv(v: Any, kind: str) -> str:
+    if v is None:
+        return ""
+    if kind == "int":
+        return str(int(v))
+    if kind == "float":
+        f = float(v)
+        return "nan" if math.isnan(f) else repr(f)
+    return str(v)
+
+
+def _fmt_tex(v: Any, col: Column) -> str:
+    if v is None:
+        return "--"
+    if col.kind == "int":
+        return f"{int(v):,}".replace(",", "{,}")
+    if col.kind == "float":
+        f = float(v)
+        return "--" if not math.isfinite(f) else f"{f:.{col.digits}f}"
+    if col.kind == "token":
+        return latex_token(str(v))
+    if col.kind == "tex":
+        return str(v[1]) if isinstance(v, tuple) else str(v)
+    return latex_escape(v)
+
+
+def _one_line(s: str) -> str:
+    return " ".join(str(s).split())
+
+
+def write_csv(table: Table, path: Path, prov: Mapping[str, str]) -> Path:
+    """CSV with ``# key: value`` provenance lines (written atomically)."""
+    buf = io.StringIO()
+    for k, v in prov.items():
+        buf.write(f"# {k}: {_one_line(v)}\n")
+    buf.write(f"# table: {table.name}\n# caption: {_one_line(table.caption)}\n")
+    for n in table.notes:
+        buf.write(f"# note: {_one_line(n)}\n")
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow([c.key for c in table.columns])
+    for row in table.rows:
+        w.writerow([_fmt_csv(v[0] if (c.kind == "tex" and isinstance(v, tuple)) else v, c.kind)
+                    for v, c in zip(row, table.columns)])
+    with atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue(), encoding="utf-8", newline="")
+    return Path(path)
+
+
+def latex_source(table: Table, prov: Mapping[str, str]) -> str:
+    align = "".join("r" if c.kind in ("int", "float") else "l" for c in table.columns)
+    lines = [f"% {k}: {_one_line(v)}" for k, v in prov.items()]
+    lines += [f"% table: {table.name}", f"% caption: {_one_line(table.caption)}"]
+    lines += [f"% note: {_one_line(n)}" for n in table.notes]
+    lines += [r"% requires \usepackage{booktabs} (and UTF-8 input for token strings)",
+              rf"\begin{{tabular}}{{{align}}}", r"\toprule",
+              " & ".join(c.header for c in table.columns) + r" \\", r"\midrule"]
+    for row in table.rows:
+        lines.append(" & ".join(_fmt_tex(v, c) for v, c in zip(row, table.columns)) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", ""]
+    return "\n".join(lines)
+
+
+def write_latex(table: Table, path: Path, prov: Mapping[str, str]) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(latex_source(table, prov), encoding="utf-8", newline="\n")
+    return Path(path)
+
+
+# ------------------------------------------------------------------------------------- tables
+_METRIC_COLUMNS = [
+    Column("cv", "CV"),
+    Column("max_over_mean", "max/mean", digits=2),
+    Column("maxvio", "MaxVio", digits=2),
+    Column("load_entropy", r"$H(f)/\log E$"),
+]
+
+
+def layer_metrics_table(ds: xr.Dataset) -> Table:
+    """Per MoE layer: tokens, load imbalance (CV, max/mean, MaxVio, load entropy) and, with
+    router logits, the mean normalized router entropy of softmax(logits)."""
+    from workbench.analysis import load_imbalance, router_entropy
+
+    imb = load_imbalance(ds)
+    cols = [Column("layer", "Layer", "int"), Column("n_tokens", "Tokens", "int")] + list(_METRIC_COLUMNS)
+    ent = None
+    notes = [f"{imb.attrs['n_experts']} experts, top-{imb.attrs['k']}; load share f_i = (1/kT) sum_t 1[i in S_t]",
+             "cv = std(f)/mean(f) (population std); max_over_mean = E max f; maxvio = E max f - 1; "
+             "load_entropy = H(f)/log E"]
+    if "router_logits" in ds.variables:
+        ent = router_entropy(ds, source="logits", per_token=False)
+        cols.append(Column("router_entropy", r"$\bar H_{\mathrm{router}}$"))
+        notes.append("router_entropy = mean over tokens of H(softmax(router logits)) / log E")
+    else:
+        notes.append("router_entropy omitted: the trace has no router_logits")
+    rows = []
+    for i, layer in enumerate(np.asarray(ds["layer"].values)):
+        r = [int(layer), int(imb.attrs["n_tokens"])] + [float(imb[c.key].values[i]) for c in _METRIC_COLUMNS]
+        if ent is not None:
+            r.append(float(ent["mean_entropy"].values[i]))
+        rows.append(r)
+    return Table("layer_metrics", cols, rows, "Routing metrics per MoE layer (all selected tokens).", notes)
+
+
+def layer_metrics_by_modality_table(ds: xr.Dataset) -> Table:
+    """The metrics of :func:`layer_metrics_table` split by modality (modalities with tokens)."""
+    from workbench.analysis import load_imbalance, router_entropy
+
+    imb = load_imbalance(ds, by_modality=True)
+    ntok = np.asarray(imb["n_tokens"].values)
+    present = [m for m in range(ntok.size) if ntok[m] > 0]
+    if len(present) < 2:
+        raise ArtifactSkipped("per-modality metrics table skipped: the selection holds a single modality")
+    ent = router_entropy(ds, source="logits", per_token=False, by_modality=True) if "router_logits" in ds else None
+    cols = [Column("modality", "Modality", "str"), Column("layer", "Layer", "int"), Column("n_tokens", "Tokens", "int")]
+    cols += list(_METRIC_COLUMNS)
+    if ent is not None:
+        cols.append(Column("router_entropy", r"$\bar H_{\mathrm{router}}$"))
+    rows = []
+    for m in present:
+        for i, layer in enumerate(np.asarray(ds["layer"].values)):
+            r = [_MOD_NAMES.get(m, str(m)), int(layer), int(ntok[m])]
+            r += [float(imb[c.key].values[m, i]) for c in _METRIC_COLUMNS]
+            if ent is not None:
+                r.append(float(ent["mean_entropy"].values[m, i]))
+            rows.append(r)
+    return Table("layer_metrics_by_modality", cols, rows, "Routing metrics per MoE layer and modality.",
+                 ["same definitions as layer_metrics, over the tokens of each modality"])
+
+
+def vocab_tables(ds: xr.Dataset, vocab: Sequence[str] | None, *, top: int = 5, min_count: int = 5,
+                 target: str = "input") -> tuple[Table, Table, Table]:
+    """``(top tokens long CSV table, compact LaTeX table, per-layer score table)`` from
+    :func:`workbench.analysis.vocab_specialization`.
+
+    Per layer and expert, the ``top`` token ids (occurring >= ``min_count`` times) with the largest
+    p(expert | token id) (ties: more frequent first, then smaller id)."""
+    from workbench.analysis import vocab_specialization
+
+    vs = vocab_specialization(ds, min_count=min_count, target=target)
+    ids = np.asarray(vs["token_id"].values)
+    counts = np.asarray(vs["count"].values)
+    if ids.size == 0:
+        raise ArtifactSkipped(f"vocabulary tables skipped: no token id occurs at least min_count={min_count} times "
+                              "in the selection (lower min_count)")
+    share = np.asarray(vs["share"].values)  # (V, L, E)
+    load = np.asarray(vs["load"].values)  # (L, E)
+    layers = [int(x) for x in np.asarray(ds["layer"].values)]
+    E = share.shape[2]
+
+    def text(i: int) -> str:
+        if vocab is not None and 0 <= i < len(vocab):
+            return vocab[i]
+        return f"#{i}"
+
+    long_cols = [Column("layer", "Layer", "int"), Column("expert", "Expert", "int"), Column("rank", "Rank", "int"),
+                 Column("token_id", "Token id", "int"), Column("token", "Token", "token"),
+                 Column("share", r"$p(i\mid v)$"), Column("count", "Count", "int")]
+    long_rows, tex_rows = [], []
+    for li, layer in enumerate(layers):
+        for e in range(E):
+            p = share[:, li, e]
+            order = np.lexsort((ids, -counts, -p))
+            order = [j for j in order if p[j] > 0][:top]
+            for r, j in enumerate(order, 1):
+                long_rows.append([layer, e, r, int(ids[j]), text(int(ids[j])), float(p[j]), int(counts[j])])
+            cell = ", ".join(f"{latex_token(text(int(ids[j])))} ({p[j]:.2f})" for j in order) or "--"
+            plain = "; ".join(f"{text(int(ids[j]))} ({p[j]:.2f})" for j in order)
+            tex_rows.append([layer, e, float(load[li, e]), (plain, cell)])
+    notes = [f"p(i|v) = share of token id v's top-k slots routed to expert i (workbench.analysis.vocab_specialization, "
+             f"target={target}); ids occurring >= {min_count} times; top {top} per expert"]
+    long = Table("vocab_top_tokens", long_cols, long_rows, "Tokens most specific to each expert.", notes)
+    tex_cols = [Column("layer", "Layer", "int"), Column("expert", "Expert", "int"),
+                Column("load_share", "$f_i$"), Column("top_tokens", r"Top tokens ($p(i\mid v)$)", "tex")]
+    compact = Table("vocab_top_tokens", tex_cols, tex_rows, "Tokens most specific to each expert.", notes)
+    score_cols = [Column("layer", "Layer", "int"), Column("n_tokens", "Tokens", "int"),
+                  Column("n_ids", "Token ids", "int"), Column("score", "MI [nats]"),
+                  Column("score_normalized", "MI$/H(f)$")]
+    score_rows = [[layer, int(vs.attrs["n_tokens"]), int(ids.size), float(vs["score"].values[li]),
+                   float(vs["score_normalized"].values[li])] for li, layer in enumerate(layers)]
+    scores = Table("vocab_specialization", score_cols, score_rows,
+                   "Vocabulary specialization per MoE layer: mutual information between token id and expert.",
+                   ["score = sum_v (n_v/N) KL(p(.|v) || f) = I(token id; expert) in nats; "
+                    "score_normalized = score / H(f)", notes[0]])
+    return long, compact, scores
+
+
+def domain_tables(ds: xr.Dataset, labels: Mapping[int, Any] | Sequence[Any], *, top: int = 3) -> tuple[Table, Table]:
+    """``(per-layer JSD + top experts per label, long shares table)`` from
+    :func:`workbench.analysis.domain_specialization`."""
+    from workbench.analysis import domain_specialization
+
+    dsp = domain_specialization(ds, labels)
+    lab = [str(x) for x in np.asarray(dsp["label"].values).tolist()]
+    if not lab:
+        raise ArtifactSkipped("domain tables skipped: no selected sequence has a label")
+    share = np.asarray(dsp["share"].values)  # (G, L, E)
+    count = np.asarray(dsp["count"].values)
+    layers = [int(x) for x in np.asarray(ds["layer"].values)]
+    E = share.shape[2]
+    cols = [Column("layer", "Layer", "int"), Column("jsd", "JSD [nats]"), Column("jsd_normalized", r"JSD$/\log m$")]
+    cols += [Column(f"top_{g}", latex_escape(name), "tex") for g, name in enumerate(lab)]
+    rows = []
+    for li, layer in enumerate(layers):
+        r = [layer, float(dsp["jsd"].values[li]), float(dsp["jsd_normalized"].values[li])]
+        for g in range(len(lab)):
+            p = share[g, li]
+            order = [e for e in np.argsort(-np.nan_to_num(p, nan=-1.0), kind="stable")[:top] if np.isfinite(p[e])]
+            plain = "; ".join(f"{e} ({p[e]:.2f})" for e in order)
+            r.append((plain, ", ".join(f"{e} ({p[e]:.2f})" for e in order) or "--"))
+        rows.append(r)
+    notes = ["JSD = H(mean_l p_l) - mean_l H(p_l) over labels with tokens (workbench.analysis.domain_specialization); "
+             f"top_<label> = the {top} experts with the largest share p_l(i) of that label",
+             "labels: " + "; ".join(f"{name} ({int(c)} tokens)" for name, c in zip(lab, count)),
+             f"unlabeled tokens: {int(dsp.attrs.get('n_unlabeled_tokens', 0))}"]
+    main = Table("domain_specialization", cols, rows, "Domain specialization per MoE layer.", notes)
+    long_cols = [Column("label", "Label", "str"), Column("layer", "Layer", "int"), Column("expert", "Expert", "int"),
+                 Column("share", "$p_l(i)$"), Column("label_tokens", "Tokens", "int")]
+    long_rows = [[lab[g], layer, e, float(share[g, li, e]), int(count[g])]
+                 for g in range(len(lab)) for li, layer in enumerate(layers) for e in range(E)]
+    shares = Table("domain_shares", long_cols, long_rows, "Expert load share per domain label and MoE layer.",
+                   ["p_l(i) = (1/(k n_l)) sum_{t in l} 1[i in S_t]"])
+    return main, shares
+
+
+def read_labels(path: str | Path) -> dict[int, str]:
+    """Sequence labels from a file: a JSON object ``{"0": "code", ...}`` or a JSON list (index =
+    sequence), or a JSONL prompts file whose n-th non-empty line (sequence n) has a
+    ``"domain"`` or ``"label"`` field."""
+    import json
+
+    p = Path(path)
+    if not p.is_file():
+        raise ExportError(f"labels file {p} does not exist")
+    text = p.read_text(encoding="utf-8")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        obj = None
+    if isinstance(obj, dict):
+        try:
+            return {int(k): str(v) for k, v in obj.items()}
+        except ValueError:
+            raise ExportError(f"{p}: keys must be sequence numbers, got {list(obj)[:5]}") from None
+    if isinstance(obj, list):
+        return {i: str(v) for i, v in enumerate(obj)}
+    out = {}
+    n = 0
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ExportError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
+        if isinstance(rec, dict) and ("domain" in rec or "label" in rec):
+            out[n] = str(rec.get("domain", rec.get("label")))
+        n += 1
+    if not out:
+        raise ExportError(f"{p}: no labels found (expected a JSON object sequence -> label, a JSON list, or JSONL "
+                          "lines with a 'domain' or 'label' field)")
+    return out
