@@ -41,6 +41,62 @@ NOTEBOOKS = {
                  "print(expert_load(ds).round(3).to_pandas())\n"
                  "load_imbalance(ds)"),
     ],
+    "04_analyses_and_export.ipynb": [
+        ("md", "# Routing analyses and paper export\n\nTrace the bundled prompts (prose, code, arithmetic), compute "
+               "the routing metrics (definitions in each function's docstring) and export figures, tables and an "
+               "HTML report for a paper."),
+        ("code", SETUP),
+        ("code", "model, proc = wb.load_model(MODEL), wb.load_processor(MODEL)\n"
+                 "prompts = [p for p in demo_prompts() if not p['images']]\n"
+                 "store = f'{RUNS}/analyses.zarr'\n"
+                 "with wb.record(model, store, capture=('router', 'logits'), processor=proc, overwrite=True) as rec:\n"
+                 "    summary = rec.run(model, proc, prompts, batch_size=4)\n"
+                 "summary"),
+        ("code", "from workbench import analysis as A\n"
+                 "ds = wb.open_trace(store)\n"
+                 "A.load_imbalance(ds).to_dataframe()"),
+        ("code", "A.router_entropy(ds)['mean_entropy'].to_pandas()"),
+        ("code", "A.repetition_rate(ds).to_dataframe()"),
+        ("code", "layers = ds['layer'].values\n"
+                 "A.layer_transitions(ds, int(layers[0]), int(layers[-1])).round(2).to_pandas()"),
+        ("code", "labels = {i: p['domain'] for i, p in enumerate(prompts)}\n"
+                 "dom = A.domain_specialization(ds, labels)\n"
+                 "dom['jsd_normalized'].to_pandas()"),
+        ("md", "## Ablate experts\nMask experts at one MoE layer (router forced to the others) and measure the change in loss."),
+        ("code", "batch = proc(text=[p['text'] for p in prompts], padding=True)\n"
+                 "A.expert_ablation(model, batch, int(layers[0]), range(4)).to_dataframe()"),
+        ("md", "## Export for the paper\nVector figures (PDF/SVG, fonts embedded) + PNG previews, CSV/LaTeX tables, "
+               "NetCDF/Parquet subsets and a self-contained HTML report; every file carries provenance."),
+        ("code", "from workbench.export import export_all\n"
+                 "files = export_all(store, f'{RUNS}/paper', labels=labels, progress=False)\n"
+                 "sorted(str(f.relative_to(f'{RUNS}/paper')) for f in files)"),
+    ],
+    "05_real_llama4_checkpoint.ipynb": [
+        ("md", "# A real Llama 4 Scout / Maverick checkpoint\n\nSet `WB_CHECKPOINT` to an HF-format directory "
+               "(e.g. a local copy of `meta-llama/Llama-4-Scout-17B-16E-Instruct`: `config.json`, sharded "
+               "`model-*.safetensors` + `model.safetensors.index.json`, `tokenizer.json`). Without it this "
+               "notebook runs on the embedded tiny model through exactly the same loading path.\n\n"
+               "| model | parameters | bf16 weights | where it fits |\n|---|---|---|---|\n"
+               "| Scout (16 experts) | 109B total / 17B active | ~218 GB | one host with >= 256 GB RAM (CPU, slow), "
+               "or a GPU with that much memory; `load_model` places the whole model on one device |\n"
+               "| Maverick (128 experts) | 400B / 17B | ~800 GB | CPU host with >= 1 TB RAM |\n\n"
+               "Weights are read lazily from safetensors onto a meta-device model and materialized in place: "
+               "peak host memory is about one copy of the weights. Recording costs little on top "
+               "(router ids/weights per token; logits add 2 bytes x experts x MoE layers per token)."),
+        ("code", SETUP + "\nCHECKPOINT = os.environ.get('WB_CHECKPOINT') or MODEL\n"
+                 "DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'"),
+        ("code", "from workbench.cli import describe_model\n"
+                 "print(describe_model(wb.ModelConfig.from_pretrained(CHECKPOINT), CHECKPOINT))\n"
+                 "print()\nprint(describe_model(wb.preset('scout'), 'released Scout configuration, for comparison'))"),
+        ("code", "dtype = torch.bfloat16 if DEVICE == 'cuda' else None   # None: as stored\n"
+                 "model = wb.load_model(CHECKPOINT, dtype=dtype, device=DEVICE)\n"
+                 "proc = wb.load_processor(CHECKPOINT)"),
+        ("code", "prompts = [p['text'] for p in demo_prompts() if not p['images']]\n"
+                 "store = f'{RUNS}/real.zarr'\n"
+                 "with wb.record(model, store, processor=proc, overwrite=True) as rec:\n"
+                 "    print(rec.run(model, proc, prompts, batch_size=2))\n"
+                 "from workbench.cli import describe_trace\nprint(describe_trace(__import__('pathlib').Path(store)))"),
+    ],
 }
 
 
