@@ -1,0 +1,330 @@
+"""Real-browser test of the widgets: JupyterLab + Debian's Chromium driven by Playwright.
+
+Starts JupyterLab on 127.0.0.1 (random free port, random token, temporary root, config, data and
+settings dirs), opens a notebook that builds every view on small traces, runs it through the
+"Run" menu, and checks in the page that the plotly figures rendered, that moving a layer slider
+changes the figures, that clicking a token pins it, and that hostile token text stays text.
+Screenshots go to the test's tmp dir (and ``benchmarks/out/widgets_*.png``).
+
+Needs: ``/usr/bin/chromium`` (Debian package ``chromium``; never a Playwright-downloaded browser)
+and the Python packages ``jupyterlab`` and ``playwright``. Skipped with the reason when missing.
+The harness (``jupyter_lab``, ``browser``, ``open_notebook``, ...) is reused by
+``benchmarks/widgets_browser.py``.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage"]
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "out"
+
+
+def require_browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium)")
+    for mod in ("playwright", "jupyterlab"):
+        try:
+            __import__(mod)
+        except ImportError:
+            pytest.skip(f"python package {mod!r} is not installed (pip install jupyterlab playwright)")
+
+
+# ----------------------------------------------------------------------------------------- harness
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def jupyter_lab(root: Path, *, timeout: float = 90.0):
+    """Run JupyterLab on 127.0.0.1 in its own process group; yield (base_url, token); kill it after."""
+    port, token = free_port(), secrets.token_hex(16)
+    home = root / ".jupyter-test"
+    settings = home / "settings"
+    for d in ("config", "data", "runtime", "workspaces"):
+        (home / d).mkdir(parents=True, exist_ok=True)
+    # no network checks, no news toast; cells stay in the DOM (no windowing) so every view renders
+    _write_json(settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings",
+                {"fetchNews": "false", "checkForUpdates": False, "doNotDisturbMode": True})
+    _write_json(settings / "@jupyterlab" / "notebook-extension" / "tracker.jupyterlab-settings",
+                {"windowingMode": "none", "autoStartDefaultKernel": True})
+    env = dict(os.environ, JUPYTER_CONFIG_DIR=str(home / "config"), JUPYTER_DATA_DIR=str(home / "data"),
+               JUPYTER_RUNTIME_DIR=str(home / "runtime"), JUPYTER_PLATFORM_DIRS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
+           f"--ServerApp.port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
+           f"--ServerApp.root_dir={root}", f"--LabApp.user_settings_dir={settings}",
+           f"--LabApp.workspaces_dir={home / 'workspaces'}",
+           "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate", "--LabApp.news_url=",
+           "--LabApp.extension_manager=readonly", "--ServerApp.open_browser=False"]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        cmd.append("--allow-root")  # CI containers run as root
+    log = open(home / "server.log", "wb")
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.monotonic()
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"JupyterLab exited with {proc.returncode}: "
+                                   f"{(home / 'server.log').read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() - t0 > timeout:
+                raise RuntimeError(f"JupyterLab did not start in {timeout:.0f} s")
+            time.sleep(0.3)
+        yield base, token
+    finally:
+        kids = []
+        with contextlib.suppress(Exception):
+            import psutil
+
+            kids = psutil.Process(proc.pid).children(recursive=True)  # kernels run in their own sessions
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)  # the server (it shuts its kernels down)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+        for k in kids:  # a kernel the server did not stop
+            with contextlib.suppress(Exception):
+                k.kill()
+        log.close()
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+@contextlib.contextmanager
+def browser(viewport=(1600, 1100)):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            ctx = b.new_context(viewport={"width": viewport[0], "height": viewport[1]})
+            page = ctx.new_page()
+            page.set_default_timeout(60_000)
+            yield page
+        finally:
+            b.close()
+
+
+def write_notebook(path: Path, cells: list[str]) -> None:
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(c) for c in cells]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, str(path))
+
+
+def open_notebook(page, base: str, token: str, name: str) -> None:
+    page.goto(f"{base}/lab/tree/{name}?reset&token={token}")  # reset: no tabs restored from a workspace
+    page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=90_000)
+    # a kernel-selection dialog (if this JupyterLab shows one despite autoStartDefaultKernel)
+    with contextlib.suppress(Exception):
+        page.locator(".jp-Dialog .jp-mod-accept", has_text="Select").click(timeout=3_000)
+    # kernel started and idle
+    page.wait_for_function(
+        "() => { const s = document.querySelector('.jp-Notebook-ExecutionIndicator');"
+        " return s && s.getAttribute('data-status') === 'idle'; }", timeout=90_000)
+
+
+def run_all(page) -> None:
+    page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+    page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+
+
+def wait_idle(page, timeout=180_000) -> None:
+    """Until no cell is queued or running ([*]) and the first has run (an error stops Run All)."""
+    page.wait_for_function(
+        "() => { const p = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].map(c => c.textContent);"
+        " return p.length && /\\[\\d+\\]/.test(p[0]) && !p.some(t => t.includes('*')); }", timeout=timeout)
+
+
+def cell_errors(page) -> list[str]:
+    return page.eval_on_selector_all(
+        ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr'], .jp-RenderedText[data-mime-type"
+        "='application/vnd.jupyter.error']", "els => els.map(e => e.innerText)")
+
+
+JS_FIG = """(view) => { const gd = [...document.querySelectorAll('.js-plotly-plot')]
+  .find(g => g.layout && g.layout.meta && g.layout.meta.view === view);
+  if (!gd) return null;
+  return {title: gd.layout.title && gd.layout.title.text, data: JSON.stringify(gd.data.map(t => [t.z, t.y, t.x]))}; }"""
+
+
+def fig_state(page, view: str):
+    return page.evaluate(JS_FIG, view)
+
+
+def wait_fig_change(page, view: str, before: dict, timeout=30_000) -> dict:
+    page.wait_for_function(
+        "([view, before]) => { const gd = [...document.querySelectorAll('.js-plotly-plot')]"
+        ".find(g => g.layout && g.layout.meta && g.layout.meta.view === view);"
+        " return gd && JSON.stringify(gd.data.map(t => [t.z, t.y, t.x])) !== before; }",
+        arg=[view, before["data"]], timeout=timeout)
+    return fig_state(page, view)
+
+
+def slider_handle(page, container: str, label: str):
+    """The noUiSlider handle of the ipywidgets slider whose description is ``label`` in ``container``."""
+    return page.locator(f"{container} .widget-slider:has(.widget-label:text-is('{label}')) .noUi-handle").first
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+def make_browser_traces(root: Path) -> None:
+    """Small traces for the notebook: a routing trace (with hostile tokens), a second one to compare,
+    and a multimodal trace with attention maps recorded from a tiny random model."""
+    import torch
+
+    import workbench as wb
+    from tests.hf_reference import IMAGE_TOKEN, TOKENS_PER_TILE, hf_multimodal_model
+    from tests.test_widgets import make_trace
+
+    batches = [[(s, 40 + 7 * (s % 3))] for s in range(8)]
+    make_trace(root / "trace.zarr", layers=[1, 3, 5, 7], n_experts=8, k=2, batches=batches, seed=3)
+    make_trace(root / "trace_b.zarr", layers=[1, 3, 5, 7], n_experts=8, k=2, batches=batches[:5], seed=4)
+    hf_multimodal_model(seed=5).save_pretrained(root / "mm_ckpt")
+    model = wb.load_model(root / "mm_ckpt", progress=False)
+    g = torch.Generator().manual_seed(0)
+    ids = [1] + torch.randint(3, 300, (3,), generator=g).tolist() + [IMAGE_TOKEN] * (3 * TOKENS_PER_TILE) \
+        + torch.randint(3, 300, (6,), generator=g).tolist() + [2]
+    with torch.no_grad(), wb.record(model, root / "mm.zarr", capture=("router", "attention")):
+        model(input_ids=torch.tensor([ids]), pixel_values=torch.randn(3, 3, 56, 56, generator=g))
+    shutil.rmtree(root / "mm_ckpt")
+
+
+NOTEBOOK = [
+    "import numpy as np\n"
+    "from workbench.widgets import (ExpertLoadDashboard, TokenRoutingView, CrossModalAttentionView,\n"
+    "                               RoutingFlow, TraceComparison)",
+    "dash = ExpertLoadDashboard('trace.zarr')\ndash",
+    "tokens = TokenRoutingView('trace.zarr', page_size=120)\ntokens",
+    "flow = RoutingFlow('trace.zarr', a=0, b=2)\nflow",
+    "cmp = TraceComparison('trace.zarr', 'trace_b.zarr', labels=('A', 'B'))\ncmp",
+    "yy, xx = np.mgrid[0:56, 0:112]\n"
+    "img = np.stack([xx * 2, yy * 4, 255 - xx * 2], -1).clip(0, 255).astype(np.uint8)\n"
+    "info = dict(original_size=(56, 112), grid=(1, 2), resized_size=(56, 112), tile_size=56,\n"
+    "            token_grid=(2, 2), has_global_tile=True)\n"
+    "att = CrossModalAttentionView('mm.zarr', 0, image=img, image_info=info, layer=3)\natt",
+]
+
+
+# --------------------------------------------------------------------------------------------- test
+def test_views_render_and_react_in_jupyterlab(tmp_path):
+    require_browser()
+    t_start = time.monotonic()
+    make_browser_traces(tmp_path)
+    write_notebook(tmp_path / "views.ipynb", NOTEBOOK)
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    dialogs: list[str] = []
+    with jupyter_lab(tmp_path) as (base, token), browser() as page:
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        open_notebook(page, base, token, "views.ipynb")
+        run_all(page)
+        wait_idle(page)
+        assert not cell_errors(page), cell_errors(page)
+
+        # ---- every view rendered its plotly figures (svg)
+        for view, n_min in ((".wb-load-dashboard", 3), (".wb-token-view", 1), (".wb-routing-flow", 2),
+                            (".wb-trace-comparison", 4), (".wb-attention-view", 1)):
+            page.wait_for_function(
+                "([sel, n]) => document.querySelectorAll(sel + ' .js-plotly-plot svg.main-svg').length >= n",
+                arg=[view, n_min], timeout=60_000)
+        assert page.locator(".wb-load-dashboard .js-plotly-plot .hm image").count() >= 1  # heatmap drawn
+        assert page.locator(".wb-routing-flow .sankey-link").count() > 0
+        page.screenshot(path=str(shots / "notebook.png"), full_page=True)
+
+        # ---- dashboard: the layer slider changes the per-expert bars
+        before = fig_state(page, "ExpertLoadDashboard.bars")
+        assert before["title"].startswith("Layer L1")
+        h = slider_handle(page, ".wb-load-dashboard", "Layer")
+        h.focus()
+        h.press("ArrowRight")
+        after = wait_fig_change(page, "ExpertLoadDashboard.bars", before)
+        assert after["title"].startswith("Layer L3"), after["title"]
+        # the mode toggle changes the heatmap
+        hm0 = fig_state(page, "ExpertLoadDashboard.heatmap")
+        page.locator(".wb-load-dashboard .widget-toggle-button", has_text="count").click()
+        hm1 = wait_fig_change(page, "ExpertLoadDashboard.heatmap", hm0)
+        assert "count" in hm1["title"]
+        page.locator(".wb-load-dashboard").screenshot(path=str(shots / "load_dashboard.png"))
+
+        # ---- token view: hostile text stays text; layer slider recolors; click pins
+        strip = page.locator(".wb-token-view .wb-tokens")
+        page.wait_for_function("() => document.querySelectorAll('.wb-tokens .wb-tok').length === 120")
+        assert strip.locator("script, img, b").count() == 0
+        text = strip.inner_text()
+        assert "<script>alert(1)</script>" in text and "<img src=x onerror=alert(1)>" in text
+        e_before = page.eval_on_selector_all(".wb-tokens .wb-tok", "els => els.map(e => e.dataset.e).join()")
+        h = slider_handle(page, ".wb-token-view", "Layer")
+        h.focus()
+        h.press("ArrowRight")
+        page.wait_for_function(
+            "(b) => [...document.querySelectorAll('.wb-tokens .wb-tok')].map(e => e.dataset.e).join() !== b",
+            arg=e_before)
+        path0 = fig_state(page, "TokenRoutingView.path")
+        strip.locator(".wb-tok[data-i='7']").click()
+        path1 = wait_fig_change(page, "TokenRoutingView.path", path0)
+        assert path1["title"].startswith("Token 7"), path1["title"]
+        assert strip.locator(".wb-pinned[data-i='7']").count() == 1
+        page.locator(".wb-token-view").screenshot(path=str(shots / "token_view.png"))
+
+        # ---- routing flow: choosing another target layer redraws the Sankey
+        s0 = fig_state(page, "RoutingFlow.sankey")
+        page.locator(".wb-routing-flow .widget-dropdown:has(.widget-label:text-is('To layer')) select") \
+            .select_option(label="L3")
+        s1 = page.wait_for_function(
+            "(t) => { const gd = [...document.querySelectorAll('.js-plotly-plot')].find(g => g.layout && "
+            "g.layout.meta && g.layout.meta.view === 'RoutingFlow.sankey'); return gd.layout.title.text !== t; }",
+            arg=s0["title"])
+        assert "L1 \u2192 L3" in fig_state(page, "RoutingFlow.sankey")["title"]
+        page.locator(".wb-routing-flow").screenshot(path=str(shots / "routing_flow.png"))
+        page.locator(".wb-trace-comparison").screenshot(path=str(shots / "trace_comparison.png"))
+
+        # ---- attention: the layer slider changes the overlay (L3 global attention -> L2 chunked)
+        a0 = fig_state(page, "CrossModalAttentionView")
+        assert "L3" in a0["title"]
+        h = slider_handle(page, ".wb-attention-view", "Layer")
+        h.focus()
+        h.press("ArrowLeft")
+        a1 = wait_fig_change(page, "CrossModalAttentionView", a0)
+        assert "L2" in a1["title"], a1["title"]
+        assert page.locator(".wb-attention-view .js-plotly-plot image").count() >= 2  # picture + heatmap
+        page.locator(".wb-attention-view").screenshot(path=str(shots / "attention_view.png"))
+        assert not cell_errors(page), cell_errors(page)
+    assert not dialogs, f"a token's text ran as script: {dialogs}"
+    OUT.mkdir(parents=True, exist_ok=True)
+    for f in shots.glob("*.png"):
+        shutil.copy(f, OUT / f"widgets_{f.name}")
+    print(f"browser test: {time.monotonic() - t_start:.1f} s; screenshots in {shots} and {OUT}")

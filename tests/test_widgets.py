@@ -1,0 +1,592 @@
+"""Widgets: the state of each view and the data it derives, against values computed by hand on tiny
+synthetic traces (TraceWriter) and on traces recorded from tiny random models."""
+from __future__ import annotations
+
+import html
+import math
+import threading
+import time
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ipywidgets")
+pytest.importorskip("plotly")
+pytest.importorskip("anywidget")
+
+from workbench.store import TraceWriter  # noqa: E402
+from workbench.widgets import (  # noqa: E402
+    CrossModalAttentionView,
+    ExpertLoadDashboard,
+    RoutingFlow,
+    TokenRoutingView,
+    TraceComparison,
+    expert_color,
+    expert_colors,
+    sankey_links,
+    text_color_on,
+)
+from workbench.widgets._palette import OKABE_ITO  # noqa: E402
+
+HOSTILE = ["<script>alert(1)</script>", "<img src=x onerror=alert(1)>", '" onmouseover="alert(2)', "&amp;",
+           "</span><b>bold</b>", "\n"]
+VOCAB = ["<|bos|>", "hello", " world", *HOSTILE] + [f"w{i}" for i in range(40)]
+
+LAYERS = [1, 3, 5]
+E, K = 4, 2
+# batches of whole sequences: [seq 0 (3 tok), seq 1 (3 tok)], [seq 2 (4 tok)], [seq 3 (2 tok), seq 4 (3 tok)]
+BATCHES = [[(0, 3), (1, 3)], [(2, 4)], [(3, 2), (4, 3)]]
+
+
+def _topk(rng, n, L, k, e):
+    return np.stack([np.stack([rng.permutation(e)[:k] for _ in range(L)]) for _ in range(n)]).astype(np.int16)
+
+
+def make_trace(path, *, layers=LAYERS, n_experts=E, k=K, batches=BATCHES, seed=0, vocab=VOCAB,
+               hostile_first=True):
+    """Write a synthetic trace; return the per-token arrays (what the views must reproduce)."""
+    rng = np.random.default_rng(seed)
+    L = len(layers)
+    cols = {n: [] for n in ("token_id", "sequence", "position", "modality", "topk_expert", "topk_weight")}
+    with TraceWriter.create(path, moe_layers=layers, n_experts=n_experts, top_k=k, vocab=vocab) as w:
+        for batch in batches:
+            ids, seq, pos, mod = [], [], [], []
+            for s, n in batch:
+                ids += list(rng.integers(0, len(vocab) if vocab else 500, n))
+                seq += [s] * n
+                pos += list(range(n))
+                mod += list(rng.integers(0, 3, n))
+            n = len(ids)
+            a = dict(token_id=np.asarray(ids, np.int32), sequence=np.asarray(seq, np.int32),
+                     position=np.asarray(pos, np.int32), modality=np.asarray(mod, np.int8),
+                     topk_expert=_topk(rng, n, L, k, n_experts),
+                     topk_weight=rng.random((n, L, k)).astype(np.float32))
+            if hostile_first and not cols["token_id"]:
+                m = min(n, len(HOSTILE))
+                a["token_id"][:m] = [vocab.index(h) for h in HOSTILE[:m]]
+                a["modality"][:m] = 0
+            w.append(**a)
+            for key in cols:
+                cols[key].append(a[key])
+    return {key: np.concatenate(v) for key, v in cols.items()}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    p = tmp_path_factory.mktemp("w") / "tiny.zarr"
+    return p, make_trace(p)
+
+
+def hand_counts(d, keep=None, n_experts=E):
+    """N[l, e] = number of tokens whose top-k set at layer l holds e (loops, no bincount)."""
+    te = d["topk_expert"]
+    L = te.shape[1]
+    n = np.zeros((L, n_experts), np.int64)
+    for t in range(te.shape[0]):
+        if keep is not None and not keep[t]:
+            continue
+        for l in range(L):
+            for e in te[t, l]:
+                n[l, int(e)] += 1
+    return n
+
+
+def hand_top1(d, t, l):
+    w = d["topk_weight"][t, l]
+    return int(d["topk_expert"][t, l][int(np.argmax(w))])
+
+
+# --------------------------------------------------------------------------------- palette
+def test_expert_colors_fixed_distinct_and_colorblind_palettes():
+    assert expert_colors(8) == list(OKABE_ITO)
+    assert expert_color(3, 5) == OKABE_ITO[3]
+    for n in (16, 128):
+        cols = expert_colors(n)
+        assert len(set(cols)) == n, "one color per expert"
+        assert cols == expert_colors(n), "deterministic"
+        assert all(c.startswith("#") and len(c) == 7 for c in cols)
+    # neighbouring ids are far apart (van der Corput order on viridis): 0 -> start, 1 -> middle, 2 -> 1/4
+    from workbench.widgets._palette import _viridis
+
+    assert expert_color(0, 16) == "#440154" and expert_color(1, 16) == _viridis(8 / 15)
+    assert expert_color(2, 16) == _viridis(4 / 15) and expert_color(15, 16) == _viridis(1.0)
+    with pytest.raises(ValueError, match="outside"):
+        expert_color(16, 16)
+    assert text_color_on("#000000") == "#FFFFFF" and text_color_on("#F0E442") == "#000000"
+
+
+# --------------------------------------------------------------------------------- load dashboard
+def test_dashboard_heatmap_equals_hand_counts_and_toggles(tiny):
+    p, d = tiny
+    dash = ExpertLoadDashboard(p, mode="count")
+    n = hand_counts(d)
+    T = d["token_id"].shape[0]
+    np.testing.assert_array_equal(dash.z, n)
+    assert dash.n_selected == T
+    assert list(dash.heatmap.data[0].y) == ["L1", "L3", "L5"]
+    dash.mode = "share"
+    f = n / (K * T)
+    np.testing.assert_allclose(dash.z, f)
+    np.testing.assert_allclose(dash.z.sum(1), 1.0)
+    dash.mode = "deviation"
+    np.testing.assert_allclose(dash.z, E * f - 1)
+    assert dash.heatmap.data[0].zmid == 0
+    # imbalance panel: CV, max/mean, entropy per layer by hand
+    cv = [np.std(r) / np.mean(r) for r in f]
+    mm = [np.max(r) / np.mean(r) for r in f]
+    ent = [-sum(x * math.log(x) for x in r if x > 0) / math.log(E) for r in f]
+    np.testing.assert_allclose(dash.metrics.data[0].y, cv)
+    np.testing.assert_allclose(dash.metrics.data[1].y, mm)
+    np.testing.assert_allclose(dash.metrics.data[2].y, ent)
+    # axis titles / titles present
+    assert dash.heatmap.layout.xaxis.title.text == "expert"
+    assert "MoE layer" in dash.heatmap.layout.yaxis.title.text
+    assert "deviation" in dash.heatmap.layout.title.text
+
+
+def test_dashboard_layer_slider_bars_use_expert_colors(tiny):
+    p, d = tiny
+    dash = ExpertLoadDashboard(p, mode="count", layer=0)
+    n = hand_counts(d)
+    np.testing.assert_array_equal(dash.bars.data[0].y, n[0])
+    assert list(dash.bars.data[0].marker.color) == expert_colors(E)
+    dash.w_layer.value = 2
+    np.testing.assert_array_equal(dash.bars.data[0].y, n[2])
+    assert "L5" in dash.bars.layout.title.text
+    assert dash.heatmap.layout.shapes[0].y0 == 1.5
+
+
+@pytest.mark.parametrize("code", [0, 1, 2])
+def test_dashboard_modality_filter(tiny, code):
+    p, d = tiny
+    dash = ExpertLoadDashboard(p, mode="count")
+    dash.w_modality.value = code
+    keep = d["modality"] == code
+    np.testing.assert_array_equal(dash.z, hand_counts(d, keep))
+    assert dash.n_selected == int(keep.sum())
+    dash.mode = "share"
+    np.testing.assert_allclose(dash.z, hand_counts(d, keep) / (K * keep.sum()))
+
+
+@pytest.mark.parametrize("rng_", [(0, 4), (1, 1), (1, 2), (2, 2), (1, 3), (0, 0), (3, 4)])
+def test_dashboard_sequence_range_filter(tiny, rng_):
+    """Batch-aligned ranges (read from expert_load) and ranges that cut a batch (edges from tokens)."""
+    p, d = tiny
+    dash = ExpertLoadDashboard(p, mode="count")
+    dash.w_seq.value = rng_
+    keep = (d["sequence"] >= rng_[0]) & (d["sequence"] <= rng_[1])
+    np.testing.assert_array_equal(dash.z, hand_counts(d, keep))
+    assert dash.n_selected == int(keep.sum())
+    dash.w_modality.value = 1  # both filters
+    np.testing.assert_array_equal(dash.z, hand_counts(d, keep & (d["modality"] == 1)))
+
+
+def test_dashboard_unsorted_sequences(tmp_path):
+    p = tmp_path / "u.zarr"
+    d = make_trace(p, batches=[[(2, 3)], [(0, 2), (1, 2)], [(2, 1)]])
+    dash = ExpertLoadDashboard(p, mode="count")
+    dash.w_seq.value = (1, 2)
+    keep = d["sequence"] >= 1
+    np.testing.assert_array_equal(dash.z, hand_counts(d, keep))
+
+
+def test_dashboard_refresh_rereads_a_growing_trace(tmp_path):
+    p = tmp_path / "g.zarr"
+    d = make_trace(p, batches=BATCHES[:2], hostile_first=False)
+    w = TraceWriter.resume(p, reopen=True)  # a run that goes on
+    dash = ExpertLoadDashboard(p, mode="count")
+    np.testing.assert_array_equal(dash.z, hand_counts(d))
+    assert not dash.refresh()  # nothing new
+    rng = np.random.default_rng(9)
+    n = 5
+    extra = dict(token_id=np.arange(n, dtype=np.int32), sequence=np.full(n, 3, np.int32),
+                 position=np.arange(n, dtype=np.int32), modality=np.zeros(n, np.int8),
+                 topk_expert=_topk(rng, n, 3, K, E), topk_weight=rng.random((n, 3, K)).astype(np.float32))
+    w.append(**extra)
+    assert dash.refresh()
+    both = {k: np.concatenate([d[k], extra[k]]) for k in d}
+    np.testing.assert_array_equal(dash.z, hand_counts(both))
+    assert dash.w_seq.value == (0, 3) and dash.n_selected == both["token_id"].shape[0]
+    w.close()
+
+
+class FakeRecorder:
+    """Duck-typed live source: running totals that grow while a 'run' streams."""
+
+    def __init__(self, L=3, n_experts=E, k=1):
+        import xarray as xr
+
+        self._xr = xr
+        self.counts = np.zeros((L, n_experts), np.int64)
+        self.n_tokens = 0
+        self.k = k
+        self.polls = 0
+        self._closed = False
+
+    def loads(self):
+        self.polls += 1
+        return self._xr.DataArray(self.counts.copy(), dims=("moe_layer", "expert"),
+                                  coords={"layer": ("moe_layer", [1, 3, 5])})
+
+    def add(self, n, rng):
+        e = rng.integers(0, self.counts.shape[1], (n, self.counts.shape[0]))
+        for l in range(self.counts.shape[0]):
+            self.counts[l] += np.bincount(e[:, l], minlength=self.counts.shape[1])
+        self.n_tokens += n
+
+
+def test_live_dashboard_refresh_rate_is_bounded():
+    rec = FakeRecorder()
+    dash = ExpertLoadDashboard(rec, mode="count", refresh_hz=50)  # asked 50 Hz: capped at 2 Hz
+    assert dash.live and dash.refresh_hz == 2.0
+    assert dash.w_modality.disabled and dash.w_seq.disabled
+    rng = np.random.default_rng(0)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < 2.6:  # the "run" commits a batch every 10 ms
+        rec.add(5, rng)
+        time.sleep(0.01)
+    dur = time.perf_counter() - t0
+    n_ref = dash.n_refreshes
+    assert 2 <= n_ref <= int(dur * 2.0) + 1, n_ref
+    rec._closed = True
+    dash.stop()
+    np.testing.assert_array_equal(dash.z, rec.counts)  # the last refresh shows the final totals
+    assert dash.n_selected == rec.n_tokens
+    with pytest.raises(ValueError, match="stored trace"):
+        ExpertLoadDashboard(rec, modality=0)
+
+
+def test_live_dashboard_on_a_real_recorder(tmp_path):
+    torch = pytest.importorskip("torch")
+    import workbench as wb
+    from tests.hf_reference import hf_text_model
+
+    ck = tmp_path / "ck"
+    hf_text_model(seed=3, num_experts_per_tok=2, interleave_moe_layer_step=2).save_pretrained(ck)
+    model = wb.load_model(ck, progress=False)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad(), wb.record(model, tmp_path / "live.zarr") as rec:
+        dash = ExpertLoadDashboard(rec, mode="count", refresh_hz=2)
+        for _ in range(4):
+            model(input_ids=torch.randint(3, 300, (2, 9), generator=g))
+        rec.flush()
+        assert dash.refresh() or dash.n_selected == rec.n_tokens
+        np.testing.assert_array_equal(dash.z, rec.loads().values)
+        assert dash.k == 2 and dash.n_selected == 72
+    dash.stop()
+    assert dash._thread is None
+    # the stored trace gives the same heatmap
+    np.testing.assert_array_equal(ExpertLoadDashboard(tmp_path / "live.zarr", mode="count").z, dash.z)
+
+
+# --------------------------------------------------------------------------------- token view
+class _Spans(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags, self.tokens, self.titles, self._cur = [], [], [], None
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        a = dict(attrs)
+        if "data-i" in a:
+            self._cur = a
+            self.tokens.append([int(a["data-i"]), int(a["data-e"]), a["style"], ""])
+            self.titles.append(a["title"])
+
+    def handle_endtag(self, tag):
+        self._cur = None
+
+    def handle_data(self, data):
+        if self._cur is not None:
+            self.tokens[-1][3] += data
+
+
+def test_token_view_escapes_hostile_tokens(tiny):
+    p, d = tiny
+    v = TokenRoutingView(p, page_size=8)
+    h = v.html
+    for bad in ("<script", "<img", "<b>", "onerror=alert(1)>", '" onmouseover="'):
+        assert bad not in h, bad
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in h
+    assert "&lt;img src=x onerror=alert(1)&gt;" in h
+    parsed = _Spans()
+    parsed.feed(h)
+    assert set(parsed.tags) == {"span"}, "token text never creates elements"
+    texts = [t[3] for t in parsed.tokens]
+    assert texts[:4] == HOSTILE[:4]  # shown literally
+    assert texts[5] == "\u21b5\n"  # newline token made visible
+    # tooltips: the token text is shown inside the (escaped) attribute
+    assert "alert(2)" in parsed.titles[2] and parsed.titles[0].startswith("token 0")
+
+
+def test_token_view_colors_follow_top1_at_the_layer(tiny):
+    p, d = tiny
+    v = TokenRoutingView(p, page_size=10)
+    for layer in (0, 2):
+        v.layer = layer
+        parsed = _Spans()
+        parsed.feed(v.html)
+        assert len(parsed.tokens) == 10
+        for row, e, style, _ in parsed.tokens:
+            assert e == hand_top1(d, row, layer)
+            assert f"background:{expert_color(e, E)}" in style
+        tip = parsed.titles[7]
+        lab = ["L1", "L3", "L5"][layer]
+        w = d["topk_weight"][7, layer]
+        first = int(d["topk_expert"][7, layer][int(np.argmax(w))])
+        assert f"layer {lab}: top-2 expert (weight): {first} ({w.max():.3f})" in tip
+
+
+def test_token_view_pages_through_the_trace(tiny):
+    p, d = tiny
+    v = TokenRoutingView(p, page_size=6)
+    n = d["token_id"].shape[0]
+    assert v.n_pages == math.ceil(n / 6)
+    v.w_next.click()
+    assert v.page == 1
+    parsed = _Spans()
+    parsed.feed(v.html)
+    assert [t[0] for t in parsed.tokens] == list(range(6, 12))
+    v.page = v.n_pages - 1
+    parsed = _Spans()
+    parsed.feed(v.html)
+    assert [t[0] for t in parsed.tokens] == list(range(6 * (v.n_pages - 1), n))
+    v.w_next.click()  # stays on the last page
+    assert v.page == v.n_pages - 1
+
+
+def test_pinning_a_token_shows_its_path_through_all_layers(tiny):
+    p, d = tiny
+    v = TokenRoutingView(p, page_size=8)
+    v.pin(5)
+    path = v.token_path(5)
+    np.testing.assert_array_equal(path["experts"], d["topk_expert"][5])
+    np.testing.assert_array_equal(path["weights"], d["topk_weight"][5])
+    assert path["top1"].tolist() == [hand_top1(d, 5, l) for l in range(3)]
+    fig = v.path_fig
+    assert list(fig.data[0].x) == ["L1", "L3", "L5"]
+    assert list(fig.data[0].y) == path["top1"].tolist()
+    for s in range(K):
+        assert list(fig.data[1 + s].y) == d["topk_expert"][5, :, s].tolist()
+        assert list(fig.data[1 + s].marker.color) == [expert_color(int(e), E) for e in d["topk_expert"][5, :, s]]
+    assert "Token 5" in fig.layout.title.text and "<" not in fig.layout.title.text.replace("&lt;", "")
+    v.layer = 1  # re-render keeps the pin marked
+    assert 'wb-pinned" data-i="5"' in v.html
+    v.pin(-1)
+    assert v.path_fig.data[0].x == () and v.w_path.value == ""
+    with pytest.raises(ValueError, match="outside"):
+        v.pin(10_000)
+
+
+def test_token_view_without_vocab_shows_ids(tmp_path):
+    p = tmp_path / "nv.zarr"
+    d = make_trace(p, vocab=None, hostile_first=False)
+    v = TokenRoutingView(p, page_size=4)
+    parsed = _Spans()
+    parsed.feed(v.html)
+    assert len(parsed.tokens) == 4
+    for row, e, style, text in parsed.tokens:
+        if d["modality"][row] != 1:
+            assert text == f"\u27e8{int(d['token_id'][row])}\u27e9"
+        else:
+            assert text == "\u25a6"
+
+
+# --------------------------------------------------------------------------------- routing flow
+def test_sankey_link_values_equal_transition_counts(tiny):
+    p, d = tiny
+    f = RoutingFlow(p, a=0, b=2)
+    n = np.zeros((E, E), np.int64)
+    for t in range(d["token_id"].shape[0]):
+        n[hand_top1(d, t, 0), hand_top1(d, t, 2)] += 1
+    s = f.sankey.data[0]
+    got = np.zeros((E, E), np.int64)
+    for src, tgt, val in zip(s.link.source, s.link.target, s.link.value):
+        assert 0 <= src < E <= tgt < 2 * E
+        got[src, tgt - E] += val
+    np.testing.assert_array_equal(got, n)
+    assert list(s.node.color) == expert_colors(E) * 2
+    assert s.node.label[0] == "e0 @L1" and s.node.label[E] == "e0 @L5"
+    # modality filter
+    f.w_modality.value = 0
+    n0 = np.zeros((E, E), np.int64)
+    for t in np.flatnonzero(d["modality"] == 0):
+        n0[hand_top1(d, t, 0), hand_top1(d, t, 2)] += 1
+    s = f.sankey.data[0]
+    got = np.zeros((E, E), np.int64)
+    for src, tgt, val in zip(s.link.source, s.link.target, s.link.value):
+        got[src, tgt - E] += val
+    np.testing.assert_array_equal(got, n0)
+
+
+def test_coactivation_heatmap_counts_all_pairs(tiny):
+    p, d = tiny
+    f = RoutingFlow(p, a=1, b=2, coactivation_mode="count")
+    n = np.zeros((E, E), np.int64)
+    for t in range(d["token_id"].shape[0]):
+        s = [int(x) for x in d["topk_expert"][t, 1]]
+        for i in s:
+            for j in s:
+                if i != j:
+                    n[i, j] += 1
+    np.testing.assert_array_equal(np.asarray(f.coact.data[0].z), n)
+    f.w_co.value = "probability"
+    ni = hand_counts(d)[1]
+    z = np.asarray(f.coact.data[0].z, float)
+    off = ~np.eye(E, dtype=bool)
+    np.testing.assert_allclose(z[off], (n / ni[:, None])[off])
+    assert "Co-activation at L3" in f.coact.layout.title.text
+
+
+def test_sankey_keeps_the_largest_links():
+    n = np.array([[5, 0, 1], [0, 2, 7], [3, 0, 0]])
+    lk = sankey_links(n, max_links=3)
+    assert lk["value"].tolist() == [7, 5, 3]
+    assert lk["source"].tolist() == [1, 0, 2] and lk["target"].tolist() == [3 + 2, 3 + 0, 3 + 0]
+    assert lk["dropped"] == 3
+
+
+def test_top1_routing_has_no_coactivation(tmp_path):
+    p = tmp_path / "k1.zarr"
+    make_trace(p, k=1, hostile_first=False)
+    f = RoutingFlow(p)
+    assert f.coactivation_matrix() is None and f.w_co.disabled
+    assert "none" in f.coact.layout.title.text
+
+
+# --------------------------------------------------------------------------------- comparison
+def test_trace_comparison_difference(tmp_path):
+    pa, pb = tmp_path / "a.zarr", tmp_path / "b.zarr"
+    da = make_trace(pa, seed=1, hostile_first=False)
+    db = make_trace(pb, seed=2, batches=[[(0, 7)], [(1, 9)]], hostile_first=False)
+    c = TraceComparison(pa, pb, labels=("base", "tuned"))
+    fa = hand_counts(da) / (K * da["token_id"].shape[0])
+    fb = hand_counts(db) / (K * db["token_id"].shape[0])
+    np.testing.assert_allclose(c.figs[0].data[0].z, fa)
+    np.testing.assert_allclose(c.figs[1].data[0].z, fb)
+    np.testing.assert_allclose(c.figs[2].data[0].z, fb - fa)
+    assert c.figs[2].layout.title.text == "tuned \u2212 base"
+    assert c.figs[0].data[0].zmin == c.figs[1].data[0].zmin  # one color range for both
+    np.testing.assert_allclose(c.cv.data[1].y, [np.std(r) / np.mean(r) for r in fb])
+    c.w_mode.value = "count"
+    np.testing.assert_allclose(c.figs[2].data[0].z, hand_counts(db) - hand_counts(da))
+    c.w_modality.value = 1
+    np.testing.assert_allclose(c.figs[0].data[0].z, hand_counts(da, da["modality"] == 1))
+    pc = tmp_path / "c.zarr"
+    make_trace(pc, n_experts=6, hostile_first=False)
+    with pytest.raises(ValueError, match="numbers of experts"):
+        TraceComparison(pa, pc)
+
+
+# --------------------------------------------------------------------------------- cross-modal attention
+@pytest.fixture(scope="module")
+def mm_trace(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    import workbench as wb
+    from tests.hf_reference import IMAGE_TOKEN, TOKENS_PER_TILE, hf_multimodal_model
+
+    d = tmp_path_factory.mktemp("mm")
+    hf_multimodal_model(seed=5).save_pretrained(d / "ck")
+    model = wb.load_model(d / "ck", progress=False)
+    g = torch.Generator().manual_seed(0)
+    text = lambda n: torch.randint(3, 300, (n,), generator=g).tolist()  # noqa: E731
+    # seq 0: one 1-tile image; seq 1: one 2-tile image + global thumbnail (3 tiles of 4 tokens)
+    p0 = [1] + text(3) + [IMAGE_TOKEN] * TOKENS_PER_TILE + text(5) + [2]
+    p1 = [1] + text(2) + [IMAGE_TOKEN] * (3 * TOKENS_PER_TILE) + text(4) + [2]
+    path = d / "mm.zarr"
+    with torch.no_grad(), wb.record(model, path, capture=("router", "attention"), attention_dtype="float32"):
+        model(input_ids=torch.tensor([p0]), pixel_values=torch.randn(1, 3, 56, 56, generator=g))
+        model(input_ids=torch.tensor([p1]), pixel_values=torch.randn(3, 3, 56, 56, generator=g))
+    return path
+
+
+def test_attention_overlay_on_a_single_tile_image(mm_trace):
+    from workbench.hooks.attention import open_attention
+
+    img = np.zeros((56, 56, 3), np.uint8)
+    info = {"original_size": (56, 56), "grid": (1, 1), "resized_size": (56, 56), "tile_size": 56,
+            "token_grid": (2, 2), "has_global_tile": False}
+    v = CrossModalAttentionView(mm_trace, 0, image=img, image_info=info, layer=1)
+    att = open_attention(mm_trace, 0)
+    vals = np.asarray(att.isel(layer=1, query=v.w_query.value).values, float).mean(0)  # head mean
+    xs, ys = np.asarray(v.fig.data[-1].x), np.asarray(v.fig.data[-1].y)
+    np.testing.assert_array_equal(xs, [0, 28, 56])
+    np.testing.assert_array_equal(ys, [0, 28, 56])
+    z = np.asarray(v.fig.data[-1].z, float)
+    for p in range(4):  # patch p = row-major (row, col) of the 2x2 token grid, 28 px cells
+        r, c = int(att.row[p]), int(att.col[p])
+        assert z[r, c] == pytest.approx(vals[p])
+    assert v.fig.data[0].type == "image"
+    # a single head, and the layer slider
+    v.w_mean.value = False
+    v.w_head.value = 2
+    v.w_layer.value = 3
+    vals = np.asarray(att.isel(layer=3, query=v.w_query.value, head=2).values, float)
+    z = np.asarray(v.fig.data[-1].z, float)
+    assert z[int(att.row[3]), int(att.col[3])] == pytest.approx(vals[3])
+    assert "L3" in v.fig.layout.title.text and "head 2" in v.fig.layout.title.text
+    v.w_opacity.value = 0.2
+    assert v.fig.data[-1].opacity == pytest.approx(0.2)
+
+
+def test_attention_overlay_tiled_image_and_global_thumbnail(mm_trace):
+    from workbench.hooks.attention import open_attention
+
+    img = np.full((56, 112, 3), 200, np.uint8)
+    info = {"original_size": (56, 112), "grid": (1, 2), "resized_size": (56, 112), "tile_size": 56,
+            "token_grid": (2, 2), "has_global_tile": True}
+    v = CrossModalAttentionView(mm_trace, 1, image=img, image_info=info)
+    att = open_attention(mm_trace, 1)
+    vals = np.asarray(att.isel(layer=0, query=v.w_query.value).values, float).mean(0)
+    assert list(v.parts) == ["local tiles", "global thumbnail"]
+    np.testing.assert_array_equal(v.fig.data[-1].x, [0, 28, 56, 84, 112])
+    z = np.asarray(v.fig.data[-1].z, float)
+    for p in range(8):  # tiles 0, 1: columns 0-1 and 2-3
+        t, r, c = int(att.tile[p]), int(att.row[p]), int(att.col[p])
+        assert z[r, 2 * t + c] == pytest.approx(vals[p])
+    v.w_part.value = "global thumbnail"  # 2x2 cells of 56 x 28 px over the whole image
+    np.testing.assert_array_equal(v.fig.data[-1].x, [0, 56, 112])
+    np.testing.assert_array_equal(v.fig.data[-1].y, [0, 28, 56])
+    z = np.asarray(v.fig.data[-1].z, float)
+    for p in range(8, 12):
+        assert z[int(att.row[p]), int(att.col[p])] == pytest.approx(vals[p])
+    # query labels are plain text (Dropdown), titles escape token text
+    assert all(isinstance(x, str) for x in v.query_labels)
+
+
+def test_attention_view_errors_are_clear(mm_trace, tmp_path):
+    with pytest.raises(ValueError, match="no image for sequence 0"):
+        CrossModalAttentionView(mm_trace, 0)
+    # default Llama 4 geometry (336 px tiles, 12x12 tokens) does not fit the tiny model's 2x2 tokens per tile
+    with pytest.raises(ValueError, match="image_info"):
+        CrossModalAttentionView(mm_trace, 1, image=np.zeros((56, 112, 3), np.uint8))
+    with pytest.raises(ValueError, match="original_size"):
+        CrossModalAttentionView(mm_trace, 0, image=np.zeros((30, 56, 3), np.uint8),
+                                image_info={"original_size": (56, 56), "grid": (1, 1), "resized_size": (56, 56),
+                                            "tile_size": 56, "token_grid": (2, 2)})
+    from workbench.hooks.attention import AttentionNotFoundError
+
+    with pytest.raises(AttentionNotFoundError):
+        CrossModalAttentionView(mm_trace, 7, image=np.zeros((56, 56, 3), np.uint8))
+
+
+def test_attention_view_image_from_a_path(mm_trace, tmp_path):
+    from PIL import Image
+
+    f = tmp_path / "im.png"
+    Image.fromarray(np.full((56, 56, 3), 90, np.uint8)).save(f)
+    info = {"original_size": (56, 56), "grid": (1, 1), "resized_size": (56, 56), "tile_size": 56,
+            "token_grid": (2, 2), "has_global_tile": False}
+    v = CrossModalAttentionView(mm_trace, 0, image=f, image_info=info)
+    assert v.fig.data[0].source.startswith("data:image/png;base64,")
+    assert (v.fig.data[0].dx, v.fig.data[0].x0) == (1.0, 0.5)
+
+
+# --------------------------------------------------------------------------------- display
+def test_views_display_as_their_widget(tiny):
+    p, _ = tiny
+    for v in (ExpertLoadDashboard(p), TokenRoutingView(p), RoutingFlow(p)):
+        b = v._repr_mimebundle_()
+        assert "application/vnd.jupyter.widget-view+json" in b
+        assert b["application/vnd.jupyter.widget-view+json"]["model_id"] == v.widget.model_id

@@ -1,0 +1,40 @@
+"""Interactive JupyterLab views of traces (ipywidgets + plotly FigureWidget + anywidget).
+
+    from workbench.widgets import ExpertLoadDashboard, TokenRoutingView, CrossModalAttentionView, \
+        RoutingFlow, TraceComparison
+    ExpertLoadDashboard("runs/x.zarr")             # heatmap, filters, imbalance metrics
+    with wb.record(model, "runs/y.zarr") as rec:
+        dash = ExpertLoadDashboard(rec)            # live: redraws at <= 2 Hz while the run streams
+        display(dash); ...
+    TokenRoutingView("runs/x.zarr")                # tokens colored by top-1 expert, click to pin
+    CrossModalAttentionView("runs/x.zarr", sequence=0, image="cat.jpg", image_info=batch.images[0])
+    RoutingFlow("runs/x.zarr", a=0, b=1)           # Sankey of expert transitions + co-activation
+    TraceComparison("runs/a.zarr", "runs/b.zarr")  # side by side + difference
+
+Every view reads stored traces lazily (per-batch load arrays, token pages, one attention map at a
+time) and colors experts with :func:`expert_color` (fixed, colorblind-safe). Each view's
+``widget`` is the ipywidgets container; the view object itself displays as that widget.
+"""
+from __future__ import annotations
+
+import importlib
+
+from ._palette import expert_color, expert_colors, text_color_on
+
+_LAZY = {
+    "ExpertLoadDashboard": "workbench.widgets.load",
+    "TokenRoutingView": "workbench.widgets.tokens",
+    "token_page_html": "workbench.widgets.tokens",
+    "CrossModalAttentionView": "workbench.widgets.attention",
+    "RoutingFlow": "workbench.widgets.flow",
+    "sankey_links": "workbench.widgets.flow",
+    "TraceComparison": "workbench.widgets.compare",
+}
+
+__all__ = ["expert_color", "expert_colors", "text_color_on", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'workbench.widgets' has no attribute {name!r}")

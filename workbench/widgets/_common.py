@@ -1,0 +1,281 @@
+"""Shared plumbing of the views: opening traces, cached load counts, display."""
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from workbench.analysis import _common as AC
+from workbench.analysis.load import expert_load as _analysis_expert_load
+from workbench.analysis.load import imbalance_from_shares
+
+#: Dropdown options of the token filter; -1 = all tokens (ipywidgets treats a None value as "nothing selected")
+MODALITY_OPTIONS = (("all tokens", -1), ("text", 0), ("image patches", 1), ("special", 2))
+
+
+def modality_code(value) -> int | None:
+    """Dropdown value -> analysis modality filter (None = all tokens)."""
+    return None if value is None or int(value) < 0 else int(value)
+
+
+def open_any(trace: Any, *, tokens: bool = False) -> tuple[xr.Dataset, Path | None]:
+    """``(dataset, path)`` from a trace path or an already opened ``xarray.Dataset``.
+
+    Paths are opened lazily with :func:`workbench.store.open_trace` (with ``token_text`` when
+    ``tokens`` and the trace stores a vocabulary)."""
+    from workbench.store import open_trace
+
+    if isinstance(trace, xr.Dataset):
+        src = trace.encoding.get("source")
+        return trace, (Path(src) if src else None)
+    if isinstance(trace, (str, os.PathLike)):
+        p = Path(trace)
+        ds = open_trace(p)
+        if tokens and ds.attrs.get("has_vocab"):
+            ds = open_trace(p, tokens=True)
+        return ds, p
+    raise TypeError(f"expected a trace path or an xarray.Dataset from open_trace, got {type(trace).__name__}")
+
+
+def layer_labels(ds: xr.Dataset) -> list[str]:
+    """Axis labels of the MoE layers: the decoder layer index of each (coordinate ``layer``)."""
+    if "layer" in ds.coords:
+        return [f"L{int(x)}" for x in np.asarray(ds["layer"].values)]
+    return [f"moe{i}" for i in range(ds.sizes["moe_layer"])]
+
+
+def n_experts_of(ds: xr.Dataset) -> int:
+    return AC.get_n_experts(ds, None, "widgets")
+
+
+def is_recorder(obj: Any) -> bool:
+    """Duck-typed live source: has ``loads()`` and ``n_tokens`` (a :class:`~workbench.hooks.Recorder`)."""
+    return callable(getattr(obj, "loads", None)) and hasattr(obj, "n_tokens") and not isinstance(
+        obj, (xr.Dataset, str, os.PathLike))
+
+
+def derive(counts: np.ndarray, n_tokens: int, k: int, mode: str) -> np.ndarray:
+    """Heatmap values from load counts N (L, E) over T selected tokens, top-k = k.
+
+    ``"count"``: N_i; ``"share"``: the load share f_i = N_i / (k T) of
+    :func:`workbench.analysis.expert_load`; ``"deviation"``: E f_i - 1, the relative deviation from
+    the uniform share 1/E (0 = uniform, +1 = twice the uniform share, -1 = unused). NaN when T = 0.
+    """
+    counts = np.asarray(counts)
+    if mode == "count":
+        return counts.astype(np.int64)
+    f = AC.safe_div(counts, k * int(n_tokens))
+    if mode == "share":
+        return f
+    if mode == "deviation":
+        return counts.shape[-1] * f - 1.0
+    raise ValueError(f"mode must be 'count', 'share' or 'deviation', got {mode!r}")
+
+
+def imbalance(counts: np.ndarray, n_tokens: int, k: int) -> dict[str, np.ndarray]:
+    """Per-layer imbalance metrics (cv, max_over_mean, maxvio, load_entropy) of
+    :func:`workbench.analysis.load_imbalance`, from counts."""
+    f = derive(counts, n_tokens, k, "share")
+    return imbalance_from_shares(f, counts.shape[-1])
+
+
+class TraceLoads:
+    """Expert-load counts of a stored trace under a sequence-range / modality filter, cached.
+
+    Whole-trace and batch-aligned sequence ranges are summed from the per-batch ``expert_load``
+    array (a small read). Token rows of batches that straddle the range edge, and any modality
+    filter, are counted by :func:`workbench.analysis.expert_load` over just the selected token
+    rows (streamed in blocks); with a modality filter all three modalities are counted in that one
+    pass and cached, so switching between them is free.
+    """
+
+    def __init__(self, ds: xr.Dataset, cache_size: int = 16):
+        AC.require(ds, "topk_expert", who="ExpertLoadDashboard")
+        self.ds = ds
+        self.n_experts = n_experts_of(ds)
+        self.n_layers = int(ds.sizes["moe_layer"])
+        self.k = int(ds.sizes["k"])
+        self.n_tokens = int(ds.sizes["token"])
+        self._cache: OrderedDict = OrderedDict()
+        self._cache_size = cache_size
+        self._seq: np.ndarray | None = None
+        self._sorted: bool | None = None
+        self._bounds: np.ndarray | None = None
+        self._lock = threading.Lock()
+
+    # -- sequences --------------------------------------------------------------------------
+    def sequences(self) -> np.ndarray:
+        """The 1-D ``sequence`` column (4 bytes per token), read once."""
+        if self._seq is None:
+            self._seq = AC.load_column(self.ds, "sequence").astype(np.int64)
+            s = self._seq
+            self._sorted = bool(s.size < 2 or np.all(s[1:] >= s[:-1]))
+        return self._seq
+
+    def sequence_range(self) -> tuple[int, int]:
+        s = self.sequences()
+        return (int(s.min()), int(s.max())) if s.size else (0, 0)
+
+    def _batch_bounds(self) -> np.ndarray | None:
+        if "batch_end" not in self.ds or "expert_load" not in self.ds:
+            return None
+        if self._bounds is None:
+            ends = np.asarray(self.ds["batch_end"].values, np.int64)
+            self._bounds = np.concatenate([[0], ends])
+        b = self._bounds
+        if b[-1] != self.n_tokens:
+            return None  # the batches do not cover this token table (a subset Dataset)
+        return b
+
+    # -- counts -----------------------------------------------------------------------------
+    def counts(self, seq_range: tuple[int, int] | None = None, modality: int | None = None
+               ) -> tuple[np.ndarray, int]:
+        """``(N (moe_layer, expert) int64, T selected tokens)``."""
+        key = (None if seq_range is None else (int(seq_range[0]), int(seq_range[1])), modality)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        if modality is None:
+            out = self._counts_all_modalities_free(key[0])
+        else:
+            per_mod = self._by_modality(key[0])
+            out = per_mod[modality]
+        with self._lock:
+            self._cache[key] = out
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return out
+
+    def _token_rows(self, seq_range):
+        """The selected token rows: a slice (sorted traces) or an index array."""
+        if seq_range is None:
+            return slice(0, self.n_tokens)
+        lo, hi = seq_range
+        s = self.sequences()
+        if self._sorted:
+            a, b = np.searchsorted(s, [lo, hi + 1])
+            return slice(int(a), int(b))
+        return np.flatnonzero((s >= lo) & (s <= hi))
+
+    def _counts_all_modalities_free(self, seq_range):
+        from workbench.store import expert_loads
+
+        L, E = self.n_layers, self.n_experts
+        rows = self._token_rows(seq_range)
+        bounds = self._batch_bounds()
+        if isinstance(rows, slice) and bounds is not None:
+            a, b = rows.start, rows.stop
+            if (a, b) == (0, self.n_tokens):
+                return np.asarray(expert_loads(self.ds).values, np.int64), self.n_tokens
+            # whole batches inside [a, b) from expert_load, the edges from the token table
+            b0 = int(np.searchsorted(bounds, a, side="left"))  # first batch starting at >= a
+            b1 = int(np.searchsorted(bounds, b, side="right")) - 1  # last batch ending at <= b
+            counts = np.zeros((L, E), np.int64)
+            if b1 > b0:
+                counts += np.asarray(self.ds["expert_load"].isel(batch=slice(b0, b1)).sum("batch").values, np.int64)
+                edges = [(a, int(bounds[b0])), (int(bounds[b1]), b)]
+            else:
+                edges = [(a, b)]
+            for x, y in edges:
+                if y > x:
+                    counts += self._count_rows(slice(x, y), None)[0]
+            return counts, b - a
+        return self._count_rows(rows, None)
+
+    def _count_rows(self, rows, modality):
+        sub = self.ds.isel(token=rows)
+        n = int(sub.sizes["token"])
+        if n == 0:
+            return np.zeros((self.n_layers, self.n_experts), np.int64), 0
+        da = _analysis_expert_load(sub, normalize=False, modality=modality, n_experts=self.n_experts)
+        return np.asarray(da.values, np.int64), int(da.attrs["n_tokens"])
+
+    def _by_modality(self, seq_range):
+        rows = self._token_rows(seq_range)
+        sub = self.ds.isel(token=rows)
+        L, E = self.n_layers, self.n_experts
+        if int(sub.sizes["token"]) == 0:
+            z = (np.zeros((L, E), np.int64), 0)
+            return {m: z for m in range(3)}
+        da = _analysis_expert_load(sub, normalize=False, by_modality=True, n_experts=E)
+        ntok = np.asarray(da["n_tokens"].values, np.int64)
+        out = {m: (np.asarray(da.values[m], np.int64), int(ntok[m])) for m in range(da.sizes["modality"])}
+        with self._lock:
+            for m, v in out.items():
+                self._cache[(seq_range, m)] = v
+        return out
+
+
+def js_array(a):
+    """Array data for a FigureWidget trace, JSON-safe: plotly sends 1-D numeric arrays as binary
+    buffers (NaN fine) but 2-D arrays as JSON lists, where NaN is not valid JSON; those become None
+    (a gap in a plotly heatmap)."""
+    a = np.asarray(a)
+    if a.ndim >= 2 and a.dtype.kind == "f" and not np.isfinite(a).all():
+        out = a.astype(object)
+        out[~np.isfinite(a)] = None
+        return out.tolist()
+    return a
+
+
+_SPEC_DTYPES = {"f": ("f4", np.float32), "i": ("i4", np.int32), "u": ("i4", np.int32)}
+
+
+def typed_array(a) -> dict:
+    """A plotly.js typed-array spec ``{dtype, bdata, shape}`` (base64 binary) for a 2-D numeric array.
+
+    FigureWidget sends 2-D numpy arrays as nested JSON lists (~20 characters per value, and NaN is
+    not JSON); the spec is 4 bytes per value (float32 / int32, NaN allowed) and plotly.js decodes it
+    without parsing. Read it back with :func:`from_plotly`."""
+    import base64
+
+    a = np.asarray(a)
+    code, dt = _SPEC_DTYPES.get(a.dtype.kind, ("f4", np.float32))
+    buf = np.ascontiguousarray(a, dtype=dt).tobytes()
+    return {"dtype": code, "bdata": base64.b64encode(buf).decode("ascii"),
+            "shape": ", ".join(str(int(x)) for x in a.shape)}
+
+
+def from_plotly(v) -> np.ndarray:
+    """A trace property as a numpy array (decodes typed-array specs; None -> NaN)."""
+    import base64
+
+    if isinstance(v, dict) and "bdata" in v:
+        dt = {"f4": np.float32, "f8": np.float64, "i4": np.int32, "i2": np.int16, "i1": np.int8,
+              "u1": np.uint8, "u2": np.uint16, "u4": np.uint32}[v["dtype"]]
+        a = np.frombuffer(base64.b64decode(v["bdata"]), dtype=dt)
+        shape = v.get("shape")
+        if shape:
+            a = a.reshape([int(x) for x in str(shape).split(",")])
+        return a
+    return np.asarray(v, dtype=float)
+
+
+class ViewBase:
+    """Display protocol: every view shows its ``widget`` (an ipywidgets container)."""
+
+    widget: Any
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    def _ipython_display_(self):  # pragma: no cover - exercised in the browser test
+        from IPython.display import display
+
+        display(self.widget)
+
+
+def figure_widget(**layout):
+    import plotly.graph_objects as go
+
+    fig = go.FigureWidget()
+    base = dict(template="plotly_white", margin=dict(l=60, r=20, t=50, b=50))
+    base.update(layout)
+    fig.update_layout(**base)
+    return fig

@@ -1,0 +1,267 @@
+"""CrossModalAttentionView: a text token's attention over the image patches, on the image's pixels."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import _common as W
+from ._palette import SEQUENTIAL
+
+__all__ = ["CrossModalAttentionView", "overlay_grid"]
+
+_MAX_IMAGE_SIDE = 1024  # the picture is sent downscaled to at most this many pixels per side
+
+
+def _as_rgb_array(image: Any) -> np.ndarray:
+    """(H, W, 3) uint8 from a PIL image, an array (H, W[, 3|4], uint8 or float in [0, 1]) or a path."""
+    from PIL import Image
+
+    if isinstance(image, (str, os.PathLike)):
+        p = Path(image)
+        if not p.is_file():
+            raise FileNotFoundError(f"image file {p} does not exist")
+        with Image.open(p) as im:
+            return np.asarray(im.convert("RGB"))
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    a = np.asarray(image)
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=2)
+    if a.ndim != 3 or a.shape[2] not in (3, 4):
+        raise ValueError(f"image array must be (H, W), (H, W, 3) or (H, W, 4), got shape {a.shape}")
+    a = a[..., :3]
+    if a.dtype.kind == "f":
+        a = np.clip(a * 255.0 if a.max(initial=0) <= 1.0 else a, 0, 255)
+    return a.astype(np.uint8)
+
+
+def _data_uri(rgb: np.ndarray) -> tuple[str, int, int]:
+    """PNG data URI of the image downscaled to <= _MAX_IMAGE_SIDE per side; its (width, height)."""
+    from PIL import Image
+
+    im = Image.fromarray(rgb)
+    scale = 1.0
+    if max(im.size) > _MAX_IMAGE_SIDE:
+        scale = max(im.size) / _MAX_IMAGE_SIDE
+        im = im.resize((max(1, round(im.size[0] / scale)), max(1, round(im.size[1] / scale))), Image.BILINEAR)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), im.size[0], im.size[1]
+
+
+def overlay_grid(boxes: np.ndarray):
+    """Cells of the boxes on the grid of their edges: ``(xs, ys, cells)``.
+
+    boxes: (n, 4) ``x0, y0, x1, y1`` (NaN rows skipped). xs / ys: sorted edge coordinates (heatmap
+    brick edges); cells[i] = (iy0, iy1, ix0, ix1) so that box i covers ``z[iy0:iy1, ix0:ix1]``, or
+    None for a NaN box."""
+    ok = np.isfinite(boxes).all(axis=1)
+    b = boxes[ok]
+    xs = np.unique(np.concatenate([b[:, 0], b[:, 2]])) if b.size else np.array([0.0, 1.0])
+    ys = np.unique(np.concatenate([b[:, 1], b[:, 3]])) if b.size else np.array([0.0, 1.0])
+    cells: list = []
+    for i in range(boxes.shape[0]):
+        if not ok[i]:
+            cells.append(None)
+            continue
+        x0, y0, x1, y1 = boxes[i]
+        cells.append((int(np.searchsorted(ys, y0)), int(np.searchsorted(ys, y1)),
+                      int(np.searchsorted(xs, x0)), int(np.searchsorted(xs, x1))))
+    return xs, ys, cells
+
+
+class CrossModalAttentionView(W.ViewBase):
+    """Attention of a selected text token over one image of a sequence, drawn on the image.
+
+    ``trace``: the trace path (or a Dataset opened from it) recorded with
+    ``capture=("router", "attention")``; ``sequence``: the trace sequence number.
+
+    The picture: ``image=`` (PIL image, array or file path); else the trace's provenance entry
+    ``provenance["images"][str(sequence)][image_index]`` (a file path) when present. Pixel placement
+    uses :func:`workbench.geometry.patch_boxes`: pass ``image_info=`` (the processor's
+    ``ImageInfo`` for this image, ``batch.images[i]``, or a mapping with its fields) when the image
+    was not processed with the default Llama 4 settings; without it the tiling is recomputed from the
+    image size and the token grid of the stored maps (``config=`` an ``ImageProcessorConfig``).
+
+    Controls: query token, layer, head (or the mean over heads), opacity, and for tiled images local
+    tiles vs the global thumbnail (both cover the whole image, so one is shown at a time).
+    """
+
+    def __init__(self, trace: Any, sequence: int, *, image: Any = None, image_info: Any = None,
+                 image_index: int = 0, config: Any = None, query: int | None = None, layer: int = 0,
+                 head: int | str = "mean", opacity: float = 0.55):
+        import ipywidgets as ipw
+        import plotly.graph_objects as go
+
+        from workbench.geometry import patch_boxes
+        from workbench.hooks.attention import open_attention
+
+        ds, path = W.open_any(trace, tokens=True)
+        if path is None:
+            raise ValueError("CrossModalAttentionView needs the trace's path (attention maps are child groups "
+                             "of the store): pass the path, or a Dataset from workbench.open_trace(path)")
+        self.ds, self.path, self.sequence = ds, path, int(sequence)
+        self.att = open_attention(path, self.sequence)
+        att = self.att
+        images = np.asarray(att["image"].values)
+        n_img = int(images.max(initial=-1) + 1)
+        if not 0 <= int(image_index) < n_img:
+            raise ValueError(f"image_index {image_index}: sequence {self.sequence} has {n_img} image(s)")
+        self.image_index = int(image_index)
+        self.patch_idx = np.flatnonzero(images == self.image_index)
+
+        # ---- the picture and its size
+        if image is None:
+            prov = ds.attrs.get("provenance") or {}
+            paths = (prov.get("images") or {}).get(str(self.sequence)) if isinstance(prov, dict) else None
+            if paths and len(paths) > self.image_index:
+                image = paths[self.image_index]
+        self.rgb = _as_rgb_array(image) if image is not None else None
+        info_size = None
+        if image_info is not None:
+            info_size = (image_info.get("original_size") if isinstance(image_info, dict)
+                         else getattr(image_info, "original_size", None))
+        if self.rgb is not None:
+            size = self.rgb.shape[:2]
+            if info_size is not None and tuple(int(x) for x in info_size) != tuple(size):
+                raise ValueError(f"image is {size[0]}x{size[1]} (height x width) but image_info.original_size "
+                                 f"is {tuple(info_size)}: pass the image the processor was given")
+        elif info_size is not None:
+            size = tuple(int(x) for x in info_size)
+        else:
+            raise ValueError(
+                f"CrossModalAttentionView: no image for sequence {self.sequence}: pass image= (PIL image, array or "
+                f"path) or image_info= (the processor's ImageInfo), or store file paths in the trace provenance "
+                f"under 'images' {{'{self.sequence}': [path, ...]}}")
+        self.size = (int(size[0]), int(size[1]))
+
+        # ---- geometry: one pixel box per patch token of this image
+        rows = np.asarray(att["row"].values)[self.patch_idx]
+        cols = np.asarray(att["col"].values)[self.patch_idx]
+        tiles = np.asarray(att["tile"].values)[self.patch_idx]
+        token_grid = (int(rows.max(initial=0)) + 1, int(cols.max(initial=0)) + 1)
+        kw = {} if image_info is not None else {"original_size": self.size, "token_grid": token_grid}
+        boxes = patch_boxes(image_info, config=config, **kw)
+        if boxes.shape[0] != self.patch_idx.size:
+            raise ValueError(
+                f"sequence {self.sequence} image {self.image_index} has {self.patch_idx.size} patch tokens "
+                f"({int(tiles.max(initial=-1)) + 1} tiles of {token_grid[0]}x{token_grid[1]}) but the processor "
+                f"geometry for a {self.size[0]}x{self.size[1]} image gives {boxes.shape[0]}: pass image_info= "
+                "(the processor's ImageInfo for this image) or config= (its ImageProcessorConfig)")
+        self.boxes = boxes
+        per_tile = token_grid[0] * token_grid[1]
+        n_tiles = int(tiles.max(initial=-1)) + 1
+        n_local = n_tiles - 1 if (n_tiles > 1 and boxes.shape[0] > 0 and
+                                  _has_global(image_info, n_tiles)) else n_tiles
+        self.parts = {"local tiles": np.arange(0, n_local * per_tile)}
+        if n_local < n_tiles:
+            self.parts["global thumbnail"] = np.arange(n_local * per_tile, n_tiles * per_tile)
+        self._grids = {name: overlay_grid(boxes[idx]) for name, idx in self.parts.items()}
+
+        # ---- queries (text and special tokens after the first patch)
+        q_tok = np.asarray(att["query_token"].values)
+        q_pos = np.asarray(att["query_position"].values)
+        if "token_text" in ds:
+            texts = [str(x) for x in np.asarray(ds["token_text"].isel(token=q_tok).values)]
+        else:
+            texts = [f"\u27e8{int(x)}\u27e9" for x in np.asarray(ds["token_id"].isel(token=q_tok).values)]
+        mods = np.asarray(ds["modality"].isel(token=q_tok).values)
+        self.query_labels = [f"pos {int(p)}: {t!r}" + (" (special)" if m == 2 else "")
+                             for p, t, m in zip(q_pos, texts, mods)]
+        if query is None:
+            text_q = np.flatnonzero(mods == 0)
+            query = int(text_q[0]) if text_q.size else 0
+        heads = [int(h) for h in np.asarray(att["head"].values)]
+        self.heads = heads
+        self.head_mean_stored = bool(att.attrs.get("head_mean", False))
+        self.layer_values = [int(x) for x in np.asarray(att["layer"].values)]
+
+        self.w_query = ipw.Dropdown(options=[(lab, i) for i, lab in enumerate(self.query_labels)], value=int(query),
+                                    description="Query", layout=ipw.Layout(width="420px"))
+        self.w_layer = ipw.SelectionSlider(options=[(f"L{x}", i) for i, x in enumerate(self.layer_values)],
+                                           value=int(layer), description="Layer", continuous_update=False)
+        self.w_head = ipw.SelectionSlider(options=[(str(h), i) for i, h in enumerate(heads)], value=0,
+                                          description="Head", continuous_update=False,
+                                          disabled=self.head_mean_stored or head == "mean")
+        self.w_mean = ipw.Checkbox(value=(head == "mean") or self.head_mean_stored, description="mean over heads",
+                                   disabled=self.head_mean_stored)
+        if head != "mean" and not self.head_mean_stored:
+            if int(head) not in heads:
+                raise ValueError(f"head {head} was not recorded; recorded heads: {heads}")
+            self.w_head.value = heads.index(int(head))
+        self.w_opacity = ipw.FloatSlider(value=float(opacity), min=0.0, max=1.0, step=0.05, description="Opacity",
+                                         continuous_update=True)
+        self.w_part = ipw.ToggleButtons(options=list(self.parts), value="local tiles", description="Patches",
+                                        disabled=len(self.parts) == 1)
+
+        H0, W0 = self.size
+        self.fig = W.figure_widget(title=dict(text="", x=0.01), width=min(760, max(360, int(520 * W0 / max(H0, 1)))),
+                                   height=560,
+                                   xaxis=dict(title="x (pixels)", range=[0, W0], constrain="domain", showgrid=False),
+                                   yaxis=dict(title="y (pixels)", range=[H0, 0], scaleanchor="x", showgrid=False))
+        if self.rgb is not None:
+            uri, w_px, h_px = _data_uri(self.rgb)
+            dx, dy = W0 / w_px, H0 / h_px  # original pixels per sent pixel; x0/y0 = first pixel's centre
+            self.fig.add_trace(go.Image(source=uri, x0=dx / 2, y0=dy / 2, dx=dx, dy=dy, hoverinfo="skip",
+                                        name="image"))
+        xs, ys, _ = self._grids["local tiles"]
+        self.fig.add_heatmap(z=np.zeros((len(ys) - 1, len(xs) - 1)), x=xs, y=ys, colorscale=SEQUENTIAL,
+                             opacity=float(opacity), zmin=0, colorbar=dict(title=dict(text="attention")),
+                             hoverongaps=False, name="attention",
+                             hovertemplate="x %{x:.0f}, y %{y:.0f}: p = %{z:.4f}<extra></extra>")
+        self.fig.layout.meta = {"view": "CrossModalAttentionView"}
+        self._draw()
+        for w in (self.w_query, self.w_layer, self.w_head, self.w_mean, self.w_part):
+            w.observe(lambda ch: self._draw(), "value")
+        self.w_mean.observe(lambda ch: setattr(self.w_head, "disabled", bool(ch["new"])), "value")
+        self.w_opacity.observe(lambda ch: setattr(self.fig.data[-1], "opacity", float(ch["new"])), "value")
+        self.widget = ipw.VBox([ipw.HBox([self.w_query, self.w_part]), ipw.HBox([self.w_layer, self.w_head, self.w_mean]),
+                                self.w_opacity, self.fig])
+        self.widget.add_class("wb-attention-view")
+
+    # ---------------------------------------------------------------- data
+    def attention(self) -> np.ndarray:
+        """Attention of the selected query over this image's patch tokens (patch order), at the selected
+        layer and head (or the mean over the recorded heads)."""
+        v = np.asarray(self.att.isel(layer=int(self.w_layer.value), query=int(self.w_query.value)).values,
+                       np.float64)  # (head, patch)
+        v = v.mean(axis=0) if self.w_mean.value else v[int(self.w_head.value)]
+        return v[self.patch_idx]
+
+    def overlay(self) -> np.ndarray:
+        """The heatmap z drawn over the image (rows = y cells, cols = x cells; NaN = no patch)."""
+        part = self.w_part.value
+        xs, ys, cells = self._grids[part]
+        vals = self.attention()[self.parts[part]]
+        z = np.full((len(ys) - 1, len(xs) - 1), np.nan)
+        for v, c in zip(vals, cells):
+            if c is not None:
+                z[c[0]:c[1], c[2]:c[3]] = v
+        return z
+
+    def _draw(self) -> None:
+        part = self.w_part.value
+        xs, ys, _ = self._grids[part]
+        z = self.overlay()
+        q = int(self.w_query.value)
+        head = "mean over heads" if self.w_mean.value else f"head {self.heads[int(self.w_head.value)]}"
+        with self.fig.batch_update():
+            hm = self.fig.data[-1]
+            hm.x, hm.y, hm.z = xs, ys, W.js_array(z)
+            hm.zmax = float(np.nanmax(z)) if np.isfinite(z).any() and np.nanmax(z) > 0 else 1.0
+            self.fig.layout.title.text = (f"Sequence {self.sequence}, image {self.image_index}: attention of "
+                                          f"{html.escape(self.query_labels[q])} — L{self.layer_values[int(self.w_layer.value)]}, {head}")
+
+
+def _has_global(image_info: Any, n_tiles: int) -> bool:
+    if image_info is not None:
+        v = image_info.get("has_global_tile") if isinstance(image_info, dict) else getattr(image_info, "has_global_tile", None)
+        if v is not None:
+            return bool(v)
+    return n_tiles > 1

@@ -1,0 +1,310 @@
+"""ExpertLoadDashboard: MoE layer x expert load heatmap, filters, imbalance metrics; live mode."""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from . import _common as W
+from ._palette import DIVERGING, SEQUENTIAL, expert_colors
+
+__all__ = ["ExpertLoadDashboard"]
+
+_MODES = {"count": "count", "share": "share", "deviation": "deviation from uniform"}
+_MAX_HZ = 2.0
+
+
+class ExpertLoadDashboard(W.ViewBase):
+    """Load of every expert at every MoE layer, from a stored trace or live from a Recorder.
+
+    ``source``: a trace path, an ``xarray.Dataset`` from :func:`workbench.open_trace`, or a running
+    :class:`workbench.hooks.Recorder` (live mode). Controls:
+
+    * ``mode``: ``"count"`` (top-k slots N_i), ``"share"`` (f_i = N_i / (k T), see
+      :func:`workbench.analysis.expert_load`) or ``"deviation"`` (E f_i - 1: 0 = uniform);
+    * ``modality``: None, 0 (text), 1 (image patches), 2 (special) - stored traces only;
+    * ``seq_range``: inclusive (first, last) sequence ids - stored traces only;
+    * ``layer``: the MoE layer (position on ``moe_layer``) shown as per-expert bars.
+
+    The panel on the right shows per layer the imbalance metrics of
+    :func:`workbench.analysis.load_imbalance`: CV, max/mean and normalized load entropy.
+
+    Live mode polls ``recorder.loads()`` (a copy of the writer's running totals) in a daemon thread
+    at ``refresh_hz`` (capped at 2 Hz) and redraws only when the committed token count changed;
+    it stops when the recorder is closed or on :meth:`stop`.
+    """
+
+    def __init__(self, source: Any, *, mode: str = "share", modality: int | None = None,
+                 seq_range: tuple[int, int] | None = None, layer: int = 0, refresh_hz: float = 2.0,
+                 autostart: bool = True):
+        import ipywidgets as ipw
+
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {list(_MODES)}, got {mode!r}")
+        self.live = W.is_recorder(source)
+        self._update_lock = threading.RLock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.refresh_hz = min(float(refresh_hz), _MAX_HZ)
+        if self.refresh_hz <= 0:
+            raise ValueError(f"refresh_hz must be > 0, got {refresh_hz}")
+        self.n_refreshes = 0
+        self._quiet = False
+        self.refresh_cpu_seconds = 0.0  # CPU time the live thread spent refreshing (its cost to the run)
+        if self.live:
+            self.recorder = source
+            da = source.loads()
+            self.n_layers, self.n_experts = (int(x) for x in da.shape)
+            self.k = int(getattr(getattr(source, "spec", None), "top_k", 0) or 0)
+            self.layers = [f"L{int(x)}" for x in np.asarray(da["layer"].values)]
+            self.loads = None
+            self.ds = None
+            seq_lo, seq_hi = 0, 0
+        else:
+            self.recorder = None
+            self.ds, self.path = W.open_any(source)
+            self.loads = W.TraceLoads(self.ds)
+            self.n_layers, self.n_experts, self.k = self.loads.n_layers, self.loads.n_experts, self.loads.k
+            self.layers = W.layer_labels(self.ds)
+            seq_lo, seq_hi = self.loads.sequence_range()
+        if not 0 <= int(layer) < self.n_layers:
+            raise ValueError(f"layer must be a MoE layer position in [0, {self.n_layers}), got {layer}")
+        if self.live and (modality is not None or seq_range is not None):
+            raise ValueError("modality / seq_range filters need a stored trace (live mode shows all tokens)")
+
+        # ---- controls
+        self.w_mode = ipw.ToggleButtons(options=[(v, k) for k, v in _MODES.items()], value=mode,
+                                        description="Show", style={"button_width": "180px"})
+        self.w_modality = ipw.Dropdown(options=list(W.MODALITY_OPTIONS), value=-1 if modality is None else int(modality),
+                                       description="Tokens", disabled=self.live)
+        self.w_seq = ipw.IntRangeSlider(value=tuple(seq_range) if seq_range is not None else (seq_lo, seq_hi),
+                                        min=seq_lo, max=max(seq_hi, seq_lo), description="Sequences",
+                                        continuous_update=False, disabled=self.live or seq_hi == seq_lo,
+                                        layout=ipw.Layout(width="420px"))
+        self.w_layer = ipw.SelectionSlider(options=[(lab, i) for i, lab in enumerate(self.layers)],
+                                           value=int(layer), description="Layer", continuous_update=False)
+        self.w_status = ipw.HTML()
+
+        # ---- figures
+        E, L = self.n_experts, self.n_layers
+        self.heatmap = W.figure_widget(
+            title=dict(text="Expert load", x=0.01), height=max(320, min(900, 14 * L + 140)), width=600,
+            xaxis=dict(title="expert", constrain="domain"), yaxis=dict(title="MoE layer (decoder index)",
+                                                                       autorange="reversed"))
+        self.heatmap.add_heatmap(z=np.zeros((L, E)), x=list(range(E)), y=self.layers, colorscale=SEQUENTIAL,
+                                 colorbar=dict(title=dict(text="share")), hoverongaps=False, name="load")
+        self.heatmap.layout.meta = {"view": "ExpertLoadDashboard.heatmap"}
+        self.bars = W.figure_widget(title=dict(text="", x=0.01), height=300, width=760,
+                                    xaxis=dict(title="expert"), yaxis=dict(title="share"), showlegend=False)
+        self.bars.add_bar(x=list(range(E)), y=np.zeros(E), marker=dict(color=expert_colors(E)), name="experts")
+        self.bars.layout.meta = {"view": "ExpertLoadDashboard.bars"}
+        from plotly.subplots import make_subplots
+
+        import plotly.graph_objects as go
+
+        sp = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.11,
+                           subplot_titles=("CV = std f / mean f", "max / mean = E max f",
+                                           "load entropy / log E"))
+        self.metrics = go.FigureWidget(sp)
+        self.metrics.update_layout(template="plotly_white", height=max(420, min(900, 14 * L + 140)), width=330,
+                                   title=dict(text="Imbalance per layer", x=0.01), showlegend=False,
+                                   margin=dict(l=50, r=10, t=70, b=40))
+        for row, name in enumerate(("cv", "max_over_mean", "load_entropy"), start=1):
+            self.metrics.add_scatter(x=self.layers, y=np.zeros(L), mode="lines+markers", name=name,
+                                     line=dict(color="#0072B2"), row=row, col=1)
+        self.metrics.update_xaxes(title_text="MoE layer", row=3, col=1)
+        self.metrics.layout.meta = {"view": "ExpertLoadDashboard.metrics"}
+
+        self.counts = np.zeros((L, E), np.int64)
+        self.n_selected = 0
+        self._seen_tokens = -1
+        self.compute_seconds = 0.0
+        self._recompute()
+        self._redraw()
+
+        self.w_mode.observe(lambda ch: self._on_mode(), "value")
+        self.w_layer.observe(lambda ch: self._on_layer(), "value")
+        self.w_modality.observe(lambda ch: self._on_filter(), "value")
+        self.w_seq.observe(lambda ch: self._on_filter(), "value")
+
+        controls = ipw.VBox([ipw.HBox([self.w_mode]), ipw.HBox([self.w_modality, self.w_seq]),
+                             ipw.HBox([self.w_layer]), self.w_status])
+        self.widget = ipw.VBox([controls, ipw.HBox([self.heatmap, self.metrics]), self.bars])
+        self.widget.add_class("wb-load-dashboard")
+        if self.live and autostart:
+            self.start()
+
+    # ---------------------------------------------------------------- state (also for tests)
+    @property
+    def mode(self) -> str:
+        return self.w_mode.value
+
+    @mode.setter
+    def mode(self, v: str) -> None:
+        self.w_mode.value = v
+
+    @property
+    def z(self) -> np.ndarray:
+        """The heatmap values currently shown, (moe_layer, expert)."""
+        return np.asarray(self.heatmap.data[0].z, dtype=float)
+
+    def values(self, mode: str | None = None) -> np.ndarray:
+        """Heatmap values for ``mode`` from the current counts (see :func:`_common.derive`)."""
+        return W.derive(self.counts, self.n_selected, self.k, mode or self.mode)
+
+    def metrics_values(self) -> dict[str, np.ndarray]:
+        return W.imbalance(self.counts, self.n_selected, self.k)
+
+    # ---------------------------------------------------------------- updates
+    def _recompute(self) -> None:
+        t0 = time.perf_counter()
+        if self.live:
+            rec = self.recorder
+            n = int(rec.n_tokens)
+            da = rec.loads()
+            self.counts = np.asarray(da.values, np.int64)
+            if not self.k:  # no spec: infer k from the totals
+                self.k = max(1, int(round(self.counts[0].sum() / n))) if n else 1
+            self.n_selected = n
+            self._seen_tokens = n
+        else:
+            seq = tuple(self.w_seq.value)
+            lo, hi = self.loads.sequence_range()
+            seq_range = None if seq == (lo, hi) else seq
+            self.counts, self.n_selected = self.loads.counts(seq_range, W.modality_code(self.w_modality.value))
+        self.compute_seconds = time.perf_counter() - t0
+
+    def _status_html(self) -> str:
+        if self.live:
+            state = "live" if self._thread is not None and self._thread.is_alive() else "stopped"
+            return (f"<b>{state}</b> &middot; {self.n_selected:,} tokens committed &middot; "
+                    f"refresh &le; {self.refresh_hz:g} Hz &middot; {self.n_refreshes} redraws")
+        mod = dict((v, k) for k, v in W.MODALITY_OPTIONS)[self.w_modality.value]
+        return (f"{self.n_selected:,} of {self.loads.n_tokens:,} tokens selected ({mod}, sequences "
+                f"{self.w_seq.value[0]}-{self.w_seq.value[1]}) &middot; top-{self.k} of {self.n_experts} experts")
+
+    def _redraw(self, heatmap: bool = True, layer: bool = True, metrics: bool = True) -> None:
+        """Push the current state to the figures (only the parts a control change affects)."""
+        mode = self.mode
+        z = self.values(mode)
+        li = int(self.w_layer.value)
+        title = {"count": "top-k slots", "share": "share", "deviation": "E·f − 1"}[mode]
+        hover = {"count": "%{z:,}", "share": "%{z:.2%}", "deviation": "%{z:+.1%} vs uniform"}[mode]
+        with self._update_lock:
+            with self.heatmap.batch_update():
+                hm = self.heatmap.data[0]
+                if heatmap:
+                    hm.z = W.js_array(z)
+                    if mode == "deviation":
+                        lim = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0
+                        hm.update(colorscale=DIVERGING, zmid=0, zmin=-max(lim, 1e-9), zmax=max(lim, 1e-9),
+                                  zauto=False)
+                    else:
+                        hm.update(colorscale=SEQUENTIAL, zmid=None, zmin=None, zmax=None, zauto=True)
+                    hm.colorbar.title.text = title
+                    hm.hovertemplate = "layer %{y}, expert %{x}: " + hover + "<extra></extra>"
+                    self.heatmap.layout.title.text = f"Expert load ({_MODES[mode]}) — {self.n_selected:,} tokens"
+                if layer:
+                    self.heatmap.layout.shapes = [dict(type="rect", xref="paper", x0=0, x1=1, yref="y",
+                                                       y0=li - 0.5, y1=li + 0.5,
+                                                       line=dict(color="#D55E00", width=2))]
+            if layer or heatmap:
+                with self.bars.batch_update():
+                    self.bars.data[0].y = z[li]
+                    self.bars.data[0].hovertemplate = ("expert %{x}: " + hover.replace("%{z", "%{y")
+                                                       + "<extra></extra>")
+                    self.bars.layout.yaxis.title.text = title
+                    self.bars.layout.title.text = f"Layer {self.layers[li]}: {_MODES[mode]} per expert"
+            if metrics:
+                m = self.metrics_values()
+                with self.metrics.batch_update():
+                    for i, name in enumerate(("cv", "max_over_mean", "load_entropy")):
+                        self.metrics.data[i].y = m[name]
+            self.w_status.value = self._status_html()
+
+    def _on_layer(self) -> None:
+        self._redraw(heatmap=False, layer=True, metrics=False)
+
+    def _on_mode(self) -> None:
+        self._redraw(heatmap=True, layer=True, metrics=False)
+
+    def _on_filter(self) -> None:
+        if self._quiet:
+            return
+        self.w_status.value = "computing&hellip;"
+        self._recompute()
+        self._redraw()
+
+    def refresh(self) -> bool:
+        """Re-read the source and redraw if it changed; returns whether it redrew.
+
+        Live: new totals from the recorder. Stored trace: re-open the path (a trace still being
+        written has more committed tokens)."""
+        with self._update_lock:  # the live thread and the user's thread may both call it
+            if self.live:
+                if int(self.recorder.n_tokens) == self._seen_tokens:
+                    return False
+                self._recompute()
+                self._redraw()
+                self.n_refreshes += 1
+                return True
+            if self.path is None:
+                return False
+            ds, _ = W.open_any(self.path)
+            if int(ds.attrs.get("n_tokens", -1)) == self.loads.n_tokens:
+                return False
+            was_full = tuple(self.w_seq.value) == self.loads.sequence_range()
+            self.ds, self.loads = ds, W.TraceLoads(ds)
+            lo, hi = self.loads.sequence_range()
+            self._quiet = True  # the slider updates below must not trigger a recompute each
+            try:
+                self.w_seq.max = max(hi, self.w_seq.min)
+                self.w_seq.min = lo
+                self.w_seq.disabled = hi == lo
+                if was_full:
+                    self.w_seq.value = (lo, hi)
+            finally:
+                self._quiet = False
+            self._recompute()
+            self._redraw()
+            return True
+
+    # ---------------------------------------------------------------- live thread
+    def start(self) -> None:
+        """Start the live refresh thread (live mode only)."""
+        if not self.live:
+            raise RuntimeError("start(): the dashboard shows a stored trace; use refresh() to re-read it")
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="wb-load-dashboard", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the live refresh thread (after one last refresh)."""
+        self._stop.set()
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout=5)
+        self._thread = None
+        if self.live:
+            self.refresh()
+            self.w_status.value = self._status_html()
+
+    def _loop(self) -> None:
+        period = 1.0 / self.refresh_hz
+        while not self._stop.wait(period):
+            c0 = time.thread_time()
+            try:
+                self.refresh()
+            except Exception as e:  # shown, never raised into the recording thread
+                self.w_status.value = f"<span style='color:#D55E00'>refresh failed: {type(e).__name__}: {e}</span>"
+            finally:
+                self.refresh_cpu_seconds += time.thread_time() - c0
+            if getattr(self.recorder, "_closed", False):
+                self.refresh()
+                break
+        self._thread = None
+        self.w_status.value = self._status_html()

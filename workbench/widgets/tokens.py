@@ -1,0 +1,332 @@
+"""TokenRoutingView: the trace's text, each token colored by its top-1 expert at a chosen layer."""
+from __future__ import annotations
+
+import html
+import time
+from typing import Any
+
+import numpy as np
+
+from workbench.analysis import _common as AC
+
+from . import _common as W
+from ._palette import expert_color, text_color_on
+
+__all__ = ["TokenRoutingView", "token_page_html"]
+
+_VARS = ("token_id", "sequence", "position", "modality", "topk_expert", "topk_weight")
+
+_ESM = r"""
+function render({ model, el }) {
+  const root = document.createElement("div");
+  root.className = "wb-tokens";
+  el.appendChild(root);
+  const mark = () => {
+    const p = model.get("pinned");
+    root.querySelectorAll(".wb-pinned").forEach((e) => e.classList.remove("wb-pinned"));
+    if (p >= 0) {
+      const t = root.querySelector('[data-i="' + p + '"]');
+      if (t) t.classList.add("wb-pinned");
+    }
+  };
+  const draw = () => {
+    // the HTML is built by workbench.widgets.tokens.token_page_html, every token text escaped
+    root.innerHTML = model.get("html");
+    mark();
+    root.dataset.rendered = String(model.get("revision"));
+  };
+  root.addEventListener("click", (ev) => {
+    const t = ev.target.closest("[data-i]");
+    if (!t) return;
+    const i = parseInt(t.dataset.i, 10);
+    model.set("pinned", model.get("pinned") === i ? -1 : i);
+    model.save_changes();
+  });
+  model.on("change:html", draw);
+  model.on("change:pinned", mark);
+  draw();
+}
+export default { render };
+"""
+
+_CSS = r"""
+.wb-tokens { font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: 13px;
+             line-height: 1.9; max-height: 420px; overflow-y: auto; padding: 6px;
+             border: 1px solid #ddd; border-radius: 4px; background: #fff; color: #000; }
+.wb-tokens .wb-tok { white-space: pre-wrap; border-radius: 3px; padding: 1px 1px; margin: 0 1px;
+                     cursor: pointer; }
+.wb-tokens .wb-tok:hover { outline: 2px solid #333; }
+.wb-tokens .wb-special { font-style: italic; box-shadow: inset 0 -2px 0 rgba(0,0,0,0.45); }
+.wb-tokens .wb-patch { font-size: 11px; }
+.wb-tokens .wb-pinned { outline: 3px solid #D55E00 !important; outline-offset: 1px; }
+.wb-tokens .wb-seq { display: block; margin: 6px 0 2px; color: #555; font-size: 11px;
+                     border-top: 1px dashed #bbb; }
+"""
+
+
+def _strip_cls():
+    import anywidget
+    import traitlets as t
+
+    class TokenStrip(anywidget.AnyWidget):
+        """Browser side of :class:`TokenRoutingView`: shows ``html``, reports clicks as ``pinned``."""
+
+        _esm = _ESM
+        _css = _CSS
+        html = t.Unicode("").tag(sync=True)
+        pinned = t.Int(-1).tag(sync=True)
+        revision = t.Int(0).tag(sync=True)
+
+    return TokenStrip
+
+
+_STRIP = None
+
+
+def _token_strip():
+    global _STRIP
+    if _STRIP is None:
+        _STRIP = _strip_cls()
+    return _STRIP()
+
+
+def _display_text(text: str, modality: int) -> str:
+    if modality == 1:
+        return "\u25a6"  # one small square per image patch token
+    if text == "":
+        return "\u2205"
+    return text.replace("\n", "\u21b5\n").replace("\t", "\u21e5\t")
+
+
+def token_page_html(rows: np.ndarray, texts, sequences, positions, modality, experts, weights,
+                    layer_pos: int, layer_label: str, n_experts: int, pinned: int = -1) -> str:
+    """HTML of one page of tokens (every token string and tooltip HTML-escaped).
+
+    rows: trace row of each token; texts: token strings; experts/weights: (n, moe_layer, k)
+    top-k ids and applied weights; each token's background is
+    ``expert_color(top1, n_experts)`` at MoE layer position ``layer_pos`` (top-1 = the slot with the
+    largest weight, :func:`workbench.analysis._common.top1`).
+    """
+    top = AC.top1(experts[:, layer_pos, :], weights[:, layer_pos, :])
+    out = []
+    prev_seq = None
+    k = experts.shape[-1]
+    for j in range(rows.shape[0]):
+        seq = int(sequences[j])
+        if seq != prev_seq:
+            out.append(f'<span class="wb-seq">sequence {seq}</span>')
+            prev_seq = seq
+        e = int(top[j])
+        bg = expert_color(e, n_experts)
+        fg = text_color_on(bg)
+        mod = int(modality[j])
+        kind = {0: "text", 1: "image patch", 2: "special"}.get(mod, str(mod))
+        order = np.argsort(-weights[j, layer_pos, :], kind="stable")
+        topk = ", ".join(f"{int(experts[j, layer_pos, s])} ({float(weights[j, layer_pos, s]):.3f})" for s in order)
+        tip = (f"token {int(rows[j])} \u00b7 sequence {seq}, position {int(positions[j])} \u00b7 {kind}\n"
+               f"text: {texts[j]!r}\n"
+               f"layer {layer_label}: top-{k} expert (weight): {topk}")
+        cls = "wb-tok" + (" wb-special" if mod == 2 else "") + (" wb-patch" if mod == 1 else "") + (
+            " wb-pinned" if int(rows[j]) == pinned else "")
+        out.append(
+            f'<span class="{cls}" data-i="{int(rows[j])}" data-e="{e}" style="background:{bg};color:{fg}" '
+            f'title="{html.escape(tip, quote=True)}">{html.escape(_display_text(texts[j], mod), quote=True)}</span>')
+    return "".join(out)
+
+
+class TokenRoutingView(W.ViewBase):
+    """Tokens of a trace colored by their top-1 expert at the chosen MoE layer.
+
+    ``trace``: a path or a Dataset from :func:`workbench.open_trace` (token strings come from the
+    trace's stored vocabulary; without one the token ids are shown). Hover a token for its top-k
+    experts and weights at the layer; click it to pin it and plot its path through all MoE layers
+    (click again to unpin). The trace is read one page (``page_size`` tokens) at a time.
+    """
+
+    def __init__(self, trace: Any, *, layer: int = 0, page_size: int = 512, page: int = 0):
+        import ipywidgets as ipw
+
+        self.ds, self.path = W.open_any(trace, tokens=True)
+        AC.require(self.ds, *_VARS, who="TokenRoutingView")
+        self.n_tokens = int(self.ds.sizes["token"])
+        self.n_experts = W.n_experts_of(self.ds)
+        self.n_layers = int(self.ds.sizes["moe_layer"])
+        self.k = int(self.ds.sizes["k"])
+        self.layers = W.layer_labels(self.ds)
+        self.page_size = int(page_size)
+        if self.page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        if not 0 <= int(layer) < self.n_layers:
+            raise ValueError(f"layer must be a MoE layer position in [0, {self.n_layers}), got {layer}")
+        self.n_pages = max(1, -(-self.n_tokens // self.page_size))
+        self.has_text = "token_text" in self.ds
+
+        self.w_layer = ipw.SelectionSlider(options=[(lab, i) for i, lab in enumerate(self.layers)],
+                                           value=int(layer), description="Layer", continuous_update=False)
+        self.w_page = ipw.BoundedIntText(value=int(page), min=0, max=self.n_pages - 1, description="Page",
+                                         layout=ipw.Layout(width="170px"))
+        self.w_prev = ipw.Button(description="\u25c0 prev", layout=ipw.Layout(width="80px"))
+        self.w_next = ipw.Button(description="next \u25b6", layout=ipw.Layout(width="80px"))
+        self.w_info = ipw.HTML()
+        self.strip = _token_strip()
+        self.strip.add_class("wb-token-strip")
+        self.w_path = ipw.HTML()
+        self.path_fig = W.figure_widget(title=dict(text="Click a token to see its path through the MoE layers",
+                                                   x=0.01),
+                                        height=300, width=760, xaxis=dict(title="MoE layer (decoder index)"),
+                                        yaxis=dict(title="expert", range=[-0.5, self.n_experts - 0.5]),
+                                        showlegend=True)
+        self.path_fig.add_scatter(x=[], y=[], mode="lines", line=dict(color="#777", width=1.5), name="top-1 path")
+        for s in range(self.k):
+            self.path_fig.add_scatter(x=[], y=[], mode="markers", name=f"slot {s}",
+                                      marker=dict(size=10, line=dict(color="#333", width=1),
+                                                  symbol=["circle", "diamond", "square", "triangle-up"][s % 4]))
+        self.path_fig.layout.meta = {"view": "TokenRoutingView.path"}
+
+        self._page_data: dict[str, np.ndarray] | None = None
+        self._page_loaded = -1
+        self.load_seconds = 0.0
+        self.render_seconds = 0.0
+        self._render()
+
+        self.w_layer.observe(lambda ch: self._render(), "value")
+        self.w_page.observe(lambda ch: self._render(), "value")
+        self.w_prev.on_click(lambda b: self._step(-1))
+        self.w_next.on_click(lambda b: self._step(+1))
+        self.strip.observe(lambda ch: self._show_path(), "pinned")
+
+        legend = ipw.HTML("<small>Background = top-1 expert at the layer (one fixed colorblind-safe color "
+                          "per expert, as in every workbench view). \u25a6 = image patch token; "
+                          "<i>italic</i> = special token. Hover for the top-k experts and weights.</small>")
+        self.widget = ipw.VBox([ipw.HBox([self.w_layer, self.w_prev, self.w_page, self.w_next]), self.w_info,
+                                legend, self.strip, self.w_path, self.path_fig])
+        self.widget.add_class("wb-token-view")
+
+    # ---------------------------------------------------------------- state
+    @property
+    def layer(self) -> int:
+        return int(self.w_layer.value)
+
+    @layer.setter
+    def layer(self, v: int) -> None:
+        self.w_layer.value = int(v)
+
+    @property
+    def page(self) -> int:
+        return int(self.w_page.value)
+
+    @page.setter
+    def page(self, v: int) -> None:
+        self.w_page.value = int(v)
+
+    @property
+    def pinned(self) -> int:
+        return int(self.strip.pinned)
+
+    def pin(self, token: int) -> None:
+        """Pin trace row ``token`` (-1 to unpin), as a click does."""
+        token = int(token)
+        if token != -1 and not 0 <= token < self.n_tokens:
+            raise ValueError(f"token {token} is outside the trace's rows [0, {self.n_tokens})")
+        self.strip.pinned = token
+
+    @property
+    def html(self) -> str:
+        return self.strip.html
+
+    def page_rows(self, page: int | None = None) -> slice:
+        p = self.page if page is None else int(page)
+        return slice(p * self.page_size, min((p + 1) * self.page_size, self.n_tokens))
+
+    # ---------------------------------------------------------------- data
+    def _read_page(self) -> dict[str, np.ndarray]:
+        if self._page_loaded == self.page and self._page_data is not None:
+            return self._page_data
+        t0 = time.perf_counter()
+        sl = self.page_rows()
+        names = list(_VARS) + (["token_text"] if self.has_text else [])
+        sub = self.ds[names].isel(token=sl).load()
+        order = {"topk_expert": ("token", "moe_layer", "k"), "topk_weight": ("token", "moe_layer", "k")}
+        d = {n: np.asarray(sub[n].transpose(*order.get(n, sub[n].dims)).values) for n in names}
+        d["rows"] = np.arange(sl.start, sl.stop)
+        if not self.has_text:
+            d["token_text"] = np.array([f"\u27e8{int(i)}\u27e9" for i in d["token_id"]], dtype=object)
+        self._page_data, self._page_loaded = d, self.page
+        self.load_seconds = time.perf_counter() - t0
+        return d
+
+    def token_path(self, token: int) -> dict[str, Any]:
+        """Routing of trace row ``token`` through every MoE layer: ``experts`` (moe_layer, k),
+        ``weights`` (moe_layer, k), ``top1`` (moe_layer,), ``layers`` (decoder indices)."""
+        token = int(token)
+        if not 0 <= token < self.n_tokens:
+            raise ValueError(f"token {token} is outside the trace's rows [0, {self.n_tokens})")
+        sub = self.ds[["topk_expert", "topk_weight"]].isel(token=token).load()
+        e = np.asarray(sub["topk_expert"].transpose("moe_layer", "k").values)
+        w = np.asarray(sub["topk_weight"].transpose("moe_layer", "k").values)
+        return {"experts": e, "weights": w, "top1": AC.top1(e, w),
+                "layers": [int(x) for x in np.asarray(self.ds["layer"].values)]}
+
+    def _token_text(self, token: int) -> str:
+        d = self._page_data
+        if d is not None and d["rows"].size and d["rows"][0] <= token <= d["rows"][-1]:
+            return str(d["token_text"][token - d["rows"][0]])
+        if self.has_text:
+            return str(self.ds["token_text"].isel(token=token).values)
+        return f"\u27e8{int(self.ds['token_id'].isel(token=token).values)}\u27e9"
+
+    # ---------------------------------------------------------------- drawing
+    def _step(self, d: int) -> None:
+        self.w_page.value = int(np.clip(self.page + d, 0, self.n_pages - 1))
+
+    def _render(self) -> None:
+        d = self._read_page()
+        t0 = time.perf_counter()
+        li = self.layer
+        self.strip.html = token_page_html(d["rows"], d["token_text"], d["sequence"], d["position"], d["modality"],
+                                          d["topk_expert"], d["topk_weight"], li, self.layers[li], self.n_experts,
+                                          pinned=self.pinned)
+        self.strip.revision += 1
+        sl = self.page_rows()
+        self.w_info.value = (f"tokens {sl.start:,}\u2013{max(sl.stop - 1, sl.start):,} of {self.n_tokens:,} "
+                             f"(page {self.page + 1} of {self.n_pages}) \u00b7 layer {self.layers[li]} \u00b7 "
+                             f"top-{self.k} of {self.n_experts} experts")
+        self.render_seconds = time.perf_counter() - t0
+
+    def _show_path(self) -> None:
+        t = self.pinned
+        fig = self.path_fig
+        if t < 0:
+            with fig.batch_update():
+                for tr in fig.data:
+                    tr.x, tr.y = [], []
+                fig.layout.title.text = "Click a token to see its path through the MoE layers"
+            self.w_path.value = ""
+            return
+        p = self.token_path(t)
+        labels = self.layers
+        text = self._token_text(t)
+        wmax = float(np.nanmax(p["weights"])) if np.isfinite(p["weights"]).any() else 1.0
+        with fig.batch_update():
+            fig.data[0].x, fig.data[0].y = labels, p["top1"].tolist()
+            for s in range(self.k):
+                tr = fig.data[1 + s]
+                es = p["experts"][:, s]
+                ws = p["weights"][:, s]
+                tr.x, tr.y = labels, es.tolist()
+                tr.marker.color = [expert_color(int(e), self.n_experts) for e in es]
+                tr.marker.size = (8 + 14 * np.nan_to_num(ws) / max(wmax, 1e-9)).tolist()
+                tr.customdata = ws.tolist()
+                tr.hovertemplate = "layer %{x}: expert %{y}, weight %{customdata:.3f}<extra>slot " + str(s) + "</extra>"
+            fig.layout.title.text = f"Token {t} {html.escape(repr(text))}: path through the MoE layers"
+        items = []
+        for li, lab in enumerate(labels):
+            order = np.argsort(-p["weights"][li], kind="stable")
+            cells = ", ".join(
+                f'<span style="background:{expert_color(int(p["experts"][li, s]), self.n_experts)};'
+                f'color:{text_color_on(expert_color(int(p["experts"][li, s]), self.n_experts))};'
+                f'padding:0 3px;border-radius:2px">{int(p["experts"][li, s])}</span> '
+                f'({float(p["weights"][li, s]):.3f})' for s in order)
+            items.append(f"<b>{html.escape(lab)}</b>: {cells}")
+        self.w_path.value = (f"<div class='wb-path'>Pinned token {t} <code>{html.escape(repr(text))}</code> "
+                             f"&mdash; " + " &middot; ".join(items) + "</div>")
