@@ -10,7 +10,13 @@ import workbench as wb
 from workbench.analysis import expert_ablation
 from tests.hf_reference import hf_text_model
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Inference only; scoped to each test so other modules (kernel gradients) are unaffected."""
+    with torch.no_grad():
+        yield
 
 
 def hf_masked_logits(hf, ids, layer, expert):

@@ -23,7 +23,13 @@ from workbench.kernels.attention_map import (allowed_mask, cross_attention_probs
                                              cross_attention_probs_reference)
 from workbench.model import attention_masks
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Inference only; scoped to each test so other modules (kernel gradients) are unaffected."""
+    with torch.no_grad():
+        yield
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -14,7 +14,13 @@ from workbench.checkpoint import CheckpointError, save_model
 from workbench.config import ConfigError, ModelConfig, preset
 from tests.hf_reference import hf_multimodal_model, hf_text_model
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Inference only; scoped to each test so other modules (kernel gradients) are unaffected."""
+    with torch.no_grad():
+        yield
 
 
 @pytest.fixture

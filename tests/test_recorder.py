@@ -9,7 +9,13 @@ import workbench as wb
 from workbench.hooks import RecorderError, iter_taps
 from tests.hf_reference import IMAGE_TOKEN, TOKENS_PER_TILE, hf_multimodal_model, hf_text_model
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Inference only; scoped to each test so other modules (kernel gradients) are unaffected."""
+    with torch.no_grad():
+        yield
 
 
 @pytest.fixture(scope="module")
