@@ -142,6 +142,7 @@ def test_second_writer_is_refused(ckpt, tmp_path):
 def test_demo_runs_and_writes_a_trace(tmp_path):
     out = run_cli("demo", "--out", tmp_path, "--quiet", check=True, timeout=600).stdout
     assert "load imbalance per MoE layer" in out and "top experts by domain" in out
+    assert (tmp_path / "paper" / "report.html").is_file() and list((tmp_path / "paper" / "figures").glob("*.pdf"))
     ds = wb.open_trace(tmp_path / "demo.zarr")
     assert ds.attrs["complete"] and ds.sizes["token"] > 0
     assert set(np.unique(ds["modality"].values)) <= {0, 1, 2}

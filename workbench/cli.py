@@ -221,42 +221,9 @@ def cmd_trace(args) -> int:
     return 0
 
 
-REPO_DATA = Path(__file__).resolve().parent.parent / "data"
-EMBEDDED_MODEL = REPO_DATA / "models" / "tiny-llama4"
-DEMO_PROMPTS = REPO_DATA / "prompts" / "demo.jsonl"
-_FALLBACK_PROMPTS = [
-    {"text": "The quick brown fox jumps over the lazy dog while the river flows to the sea.", "domain": "prose"},
-    {"text": "Reading a book on a rainy afternoon is one of the small pleasures of life.", "domain": "prose"},
-    {"text": "def add(a, b):\n    return a + b\n\nprint(add(2, 3))", "domain": "code"},
-    {"text": "for i in range(10):\n    if i % 2 == 0:\n        print(i)", "domain": "code"},
-    {"text": "17 + 25 = 42\n8 * 7 = 56\n100 - 37 = 63", "domain": "math"},
-]
-
-
-def _random_demo_model(folder: Path) -> Path:
-    """A small random Llama 4 (16 experts, top-1, NoPE + chunked layers) with the tiny tokenizer."""
-    import torch
-
-    from workbench.checkpoint import random_model, save_model
-    from workbench.config import ModelConfig
-    from workbench.tiny_tokenizer import make_llama4_tokenizer
-
-    if (folder / "model.safetensors").is_file():
-        return folder
-    ids = make_llama4_tokenizer(folder, vocab_size=1024)
-    cfg = ModelConfig.from_dict({"architectures": ["Llama4ForCausalLM"], "model_type": "llama4_text",
-                                 "vocab_size": 1024, "hidden_size": 64, "intermediate_size": 64,
-                                 "intermediate_size_mlp": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
-                                 "num_key_value_heads": 2, "head_dim": 16, "num_local_experts": 16,
-                                 "attention_chunk_size": 32, "bos_token_id": ids["<|begin_of_text|>"],
-                                 "eos_token_id": ids["<|eot|>"], "pad_token_id": ids["<|finetune_right_pad|>"]})
-    save_model(random_model(cfg, dtype=torch.float32, seed=0, std=0.5), folder, cfg)
-    return folder
-
-
 def cmd_demo(args) -> int:
     """Trace the bundled prompts with the embedded model, print a summary."""
-    import json
+    import warnings
 
     import numpy as np
     import torch
@@ -267,21 +234,21 @@ def cmd_demo(args) -> int:
     from workbench.processor import load_processor
     from workbench.store import open_trace
 
+    from workbench.embedded import EMBEDDED_MODEL, default_model_dir, demo_prompts, is_trained_default
+
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if (EMBEDDED_MODEL / "model.safetensors").is_file():
-        model_dir = EMBEDDED_MODEL
-        print(f"model: embedded default {model_dir}")
+    if is_trained_default():
+        print(f"model: embedded default {EMBEDDED_MODEL}")
     else:
-        model_dir = _random_demo_model(out_dir / "random-tiny-llama4")
         print("model: the trained embedded model (data/models/tiny-llama4) is not shipped yet; running on a small "
               "RANDOM Llama 4 preset (16 experts, top-1): its routing is arbitrary, not learned")
-    if DEMO_PROMPTS.is_file() and model_dir == EMBEDDED_MODEL:
-        prompts = read_prompts(DEMO_PROMPTS, None)
-        domains = [json.loads(l).get("domain", "other") for l in DEMO_PROMPTS.read_text().splitlines() if l.strip()]
-    else:
-        prompts = [{"text": p["text"], "images": []} for p in _FALLBACK_PROMPTS]
-        domains = [p["domain"] for p in _FALLBACK_PROMPTS]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # said above, once
+        model_dir = default_model_dir(out_dir / "random-tiny-llama4")
+    items = demo_prompts()
+    prompts = [{"text": p["text"], "images": p["images"]} for p in items]
+    domains = [p["domain"] for p in items]
     model = load_model(model_dir, progress=False)
     proc = load_processor(model_dir)
     store = out_dir / "demo.zarr"
@@ -306,6 +273,12 @@ def cmd_demo(args) -> int:
         print(f"  {str(label):6s}: " + ", ".join(f"expert {e} {row[e]:.0%}" for e in top))
     print(f"domain specialization (normalized JSD, 0 = same routing everywhere): "
           + ", ".join(f"layer {int(l)} {v:.2f}" for l, v in zip(spec['layer'].values, spec['jsd_normalized'].values)))
+    from workbench.export import export_all
+
+    files = export_all(store, out_dir / "paper", labels=labels, progress=False)
+    report = next((f for f in files if f.name == "report.html"), None)
+    print(f"paper export: {len(files)} files in {out_dir / 'paper'} (figures PDF/SVG/PNG, tables CSV/LaTeX, "
+          f"NetCDF/Parquet)" + (f"; interactive report {report}" if report else ""))
     print(f"trace written to {store}; open it with workbench.open_trace({str(store)!r})")
     return 0
 
