@@ -41,6 +41,26 @@ NOTEBOOKS = {
                  "print(expert_load(ds).round(3).to_pandas())\n"
                  "load_imbalance(ds)"),
     ],
+    "02_live_expert_load.ipynb": [
+        ("md", "# Live expert-load dashboard\n\nThe dashboard watches a running `Recorder`: the MoE layer x "
+               "expert heatmap and the imbalance panel refresh (at most twice a second) while the prompts stream "
+               "into the trace. Afterwards the same views open on the stored trace, lazily."),
+        ("code", SETUP + "\nfrom IPython.display import display\n"
+                 "from workbench.widgets import ExpertLoadDashboard, TokenRoutingView, RoutingFlow"),
+        ("code", "model, proc = wb.load_model(MODEL), wb.load_processor(MODEL)\n"
+                 "prompts = [p for p in demo_prompts() if not p['images']] * 4\n"
+                 "store = f'{RUNS}/live.zarr'\n"
+                 "rec = wb.record(model, store, processor=proc, overwrite=True)\n"
+                 "dash = ExpertLoadDashboard(rec)     # live mode: refreshes while the run streams\n"
+                 "display(dash)"),
+        ("code", "with rec:\n    summary = rec.run(model, proc, prompts, batch_size=2)\n"
+                 "dash.stop()\nprint(summary['tokens'], 'tokens;', rec.loads().sum().item(), 'routed slots')"),
+        ("md", "## The stored trace\nFilter by modality or sequence range; toggle count / share / deviation from uniform."),
+        ("code", "ExpertLoadDashboard(store)"),
+        ("code", "TokenRoutingView(store)   # tokens colored by top-1 expert; layer slider; click a token to pin its path"),
+        ("code", "layers = wb.open_trace(store)['layer'].values\n"
+                 "RoutingFlow(store, a=int(layers[0]), b=int(layers[-1]))"),
+    ],
     "04_analyses_and_export.ipynb": [
         ("md", "# Routing analyses and paper export\n\nTrace the bundled prompts (prose, code, arithmetic), compute "
                "the routing metrics (definitions in each function's docstring) and export figures, tables and an "
