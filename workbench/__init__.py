@@ -31,7 +31,7 @@ _LAZY = {
     "Recorder": "workbench.hooks",
     "open_attention": "workbench.hooks.attention",
 }
-_SUBMODULES = {"kernels", "hooks", "analysis", "model", "config", "checkpoint", "processor", "store", "vision"}
+_SUBMODULES = {"kernels", "hooks", "analysis", "model", "config", "checkpoint", "processor", "store", "vision", "geometry", "export", "widgets", "embedded"}
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES)
 
