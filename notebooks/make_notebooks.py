@@ -61,6 +61,41 @@ NOTEBOOKS = {
         ("code", "layers = wb.open_trace(store)['layer'].values\n"
                  "RoutingFlow(store, a=int(layers[0]), b=int(layers[-1]))"),
     ],
+    "03_cross_modal_attention.ipynb": [
+        ("md", "# Cross-modal attention on the digit images\n\nThe embedded model was trained on 2 x 2 grids of "
+               "scikit-learn digits with captions such as \"top left 3, top right 7, bottom left 1, bottom right 0\". "
+               "We record its attention from text queries to image-patch keys and check where the token that predicts "
+               "each digit looks: it should be that digit's quadrant."),
+        ("code", SETUP + "\nimport numpy as np\nfrom PIL import Image\nfrom IPython.display import display\n"
+                 "from workbench.widgets import CrossModalAttentionView"),
+        ("code", "model, proc = wb.load_model(MODEL), wb.load_processor(MODEL)\n"
+                 "items = [p for p in demo_prompts() if p['images']]\n"
+                 "assert items, 'this notebook needs the embedded multimodal model and its digit prompts'\n"
+                 "item = items[0]\nimage = Image.open(item['images'][0]).convert('RGB')\n"
+                 "print(item['text'])\nimage.resize((168, 168), Image.NEAREST)"),
+        ("code", "batch = proc(text=[item['text']], images=[[image]])\n"
+                 "store = f'{RUNS}/attention.zarr'\n"
+                 "with wb.record(model, store, capture=('router', 'attention'), processor=proc, overwrite=True):\n"
+                 "    model(**batch)\n"
+                 "att = wb.open_attention(store, sequence=0)\natt"),
+        ("md", "## Which quadrant does each digit's predicting token attend to?\nHead-mean over the last two layers; "
+               "quadrant of each patch from its (row, col) on the tile's token grid."),
+        ("code", "ds = wb.open_trace(store, tokens=True)\n"
+                 "text = [str(t) for t in ds['token_text'].values]\n"
+                 "a = att.sel(layer=att['layer'].values[-2:]).mean(('layer', 'head')).values   # (query, patch)\n"
+                 "rows, cols = att['row'].values, att['col'].values\n"
+                 "half = (rows.max() + 1) / 2\n"
+                 "quadrant = (rows >= half) * 2 + (cols >= half)            # 0 TL, 1 TR, 2 BL, 3 BR\n"
+                 "names = ['top left', 'top right', 'bottom left', 'bottom right']\n"
+                 "q_tokens = att['query_token'].values\n"
+                 "for qi, t in enumerate(q_tokens[:-1]):\n"
+                 "    nxt = text[t + 1].strip()\n"
+                 "    if nxt.isdigit():\n"
+                 "        mass = np.bincount(quadrant, weights=a[qi], minlength=4)\n"
+                 "        print(f'before digit {nxt}: most attention on {names[int(mass.argmax())]:12s}', np.round(mass / mass.sum(), 2))"),
+        ("md", "## Interactive overlay\nPick a text token; the heat map is drawn on the pixels of the picture you gave."),
+        ("code", "CrossModalAttentionView(store, sequence=0, image=image, image_info=batch.images[0])"),
+    ],
     "04_analyses_and_export.ipynb": [
         ("md", "# Routing analyses and paper export\n\nTrace the bundled prompts (prose, code, arithmetic), compute "
                "the routing metrics (definitions in each function's docstring) and export figures, tables and an "
