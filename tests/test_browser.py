@@ -176,10 +176,11 @@ def cell_errors(page) -> list[str]:
         "='application/vnd.jupyter.error']", "els => els.map(e => e.innerText)")
 
 
-JS_FIG = """(view) => { const gd = [...document.querySelectorAll('.js-plotly-plot')]
+JS_FIG_BODY = """const gd = [...document.querySelectorAll('.js-plotly-plot')]
   .find(g => g.layout && g.layout.meta && g.layout.meta.view === view);
   if (!gd) return null;
-  return {title: gd.layout.title && gd.layout.title.text, data: JSON.stringify(gd.data.map(t => [t.z, t.y, t.x]))}; }"""
+  return {title: gd.layout.title && gd.layout.title.text, data: JSON.stringify(gd.data.map(t => [t.z, t.y, t.x]))};"""
+JS_FIG = "(view) => { " + JS_FIG_BODY + " }"
 
 
 def fig_state(page, view: str):
@@ -256,7 +257,7 @@ def test_views_render_and_react_in_jupyterlab(tmp_path):
         assert not cell_errors(page), cell_errors(page)
 
         # ---- every view rendered its plotly figures (svg)
-        for view, n_min in ((".wb-load-dashboard", 3), (".wb-token-view", 1), (".wb-routing-flow", 2),
+        for view, n_min in ((".wb-load-dashboard", 3), (".wb-routing-flow", 2),
                             (".wb-trace-comparison", 4), (".wb-attention-view", 1)):
             page.wait_for_function(
                 "([sel, n]) => document.querySelectorAll(sel + ' .js-plotly-plot svg.main-svg').length >= n",
@@ -293,11 +294,16 @@ def test_views_render_and_react_in_jupyterlab(tmp_path):
         page.wait_for_function(
             "(b) => [...document.querySelectorAll('.wb-tokens .wb-tok')].map(e => e.dataset.e).join() !== b",
             arg=e_before)
-        path0 = fig_state(page, "TokenRoutingView.path")
+        assert fig_state(page, "TokenRoutingView.path") is None  # made on the first pin
         strip.locator(".wb-tok[data-i='7']").click()
-        path1 = wait_fig_change(page, "TokenRoutingView.path", path0)
-        assert path1["title"].startswith("Token 7"), path1["title"]
-        assert strip.locator(".wb-pinned[data-i='7']").count() == 1
+        page.wait_for_function("(js) => { const s = (new Function('view', js))('TokenRoutingView.path');"
+                               " return s && s.title.startsWith('Token 7'); }", arg=JS_FIG_BODY)
+        path1 = fig_state(page, "TokenRoutingView.path")
+        assert path1["data"] != "[]"
+        strip.locator(".wb-tok[data-i='9']").click()
+        wait_fig_change(page, "TokenRoutingView.path", path1)
+        assert fig_state(page, "TokenRoutingView.path")["title"].startswith("Token 9")
+        assert strip.locator(".wb-pinned[data-i='9']").count() == 1
         page.locator(".wb-token-view").screenshot(path=str(shots / "token_view.png"))
 
         # ---- routing flow: choosing another target layer redraws the Sankey

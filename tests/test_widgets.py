@@ -579,7 +579,11 @@ def test_attention_view_image_from_a_path(mm_trace, tmp_path):
     info = {"original_size": (56, 56), "grid": (1, 1), "resized_size": (56, 56), "tile_size": 56,
             "token_grid": (2, 2), "has_global_tile": False}
     v = CrossModalAttentionView(mm_trace, 0, image=f, image_info=info)
-    assert v.fig.data[0].source.startswith("data:image/png;base64,")
+    assert v.fig.data[0].source == "__workbench_asset__:image"  # the picture travels once, as an asset
+    assert v.fig.widget.assets["image"].startswith("data:image/png;base64,")
+    n = len(v.fig.widget.spec)
+    v.w_opacity.value = 0.3
+    assert len(v.fig.widget.spec) < 20_000 and n < 20_000
     assert (v.fig.data[0].dx, v.fig.data[0].x0) == (1.0, 0.5)
 
 

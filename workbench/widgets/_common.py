@@ -11,8 +11,11 @@ import numpy as np
 import xarray as xr
 
 from workbench.analysis import _common as AC
+from workbench.store import expert_loads, open_trace
 from workbench.analysis.load import expert_load as _analysis_expert_load
 from workbench.analysis.load import imbalance_from_shares
+
+from ._plot import Plot
 
 #: Dropdown options of the token filter; -1 = all tokens (ipywidgets treats a None value as "nothing selected")
 MODALITY_OPTIONS = (("all tokens", -1), ("text", 0), ("image patches", 1), ("special", 2))
@@ -28,8 +31,6 @@ def open_any(trace: Any, *, tokens: bool = False) -> tuple[xr.Dataset, Path | No
 
     Paths are opened lazily with :func:`workbench.store.open_trace` (with ``token_text`` when
     ``tokens`` and the trace stores a vocabulary)."""
-    from workbench.store import open_trace
-
     if isinstance(trace, xr.Dataset):
         src = trace.encoding.get("source")
         return trace, (Path(src) if src else None)
@@ -164,8 +165,6 @@ class TraceLoads:
         return np.flatnonzero((s >= lo) & (s <= hi))
 
     def _counts_all_modalities_free(self, seq_range):
-        from workbench.store import expert_loads
-
         L, E = self.n_layers, self.n_experts
         rows = self._token_rows(seq_range)
         bounds = self._batch_bounds()
@@ -212,51 +211,6 @@ class TraceLoads:
         return out
 
 
-def js_array(a):
-    """Array data for a FigureWidget trace, JSON-safe: plotly sends 1-D numeric arrays as binary
-    buffers (NaN fine) but 2-D arrays as JSON lists, where NaN is not valid JSON; those become None
-    (a gap in a plotly heatmap)."""
-    a = np.asarray(a)
-    if a.ndim >= 2 and a.dtype.kind == "f" and not np.isfinite(a).all():
-        out = a.astype(object)
-        out[~np.isfinite(a)] = None
-        return out.tolist()
-    return a
-
-
-_SPEC_DTYPES = {"f": ("f4", np.float32), "i": ("i4", np.int32), "u": ("i4", np.int32)}
-
-
-def typed_array(a) -> dict:
-    """A plotly.js typed-array spec ``{dtype, bdata, shape}`` (base64 binary) for a 2-D numeric array.
-
-    FigureWidget sends 2-D numpy arrays as nested JSON lists (~20 characters per value, and NaN is
-    not JSON); the spec is 4 bytes per value (float32 / int32, NaN allowed) and plotly.js decodes it
-    without parsing. Read it back with :func:`from_plotly`."""
-    import base64
-
-    a = np.asarray(a)
-    code, dt = _SPEC_DTYPES.get(a.dtype.kind, ("f4", np.float32))
-    buf = np.ascontiguousarray(a, dtype=dt).tobytes()
-    return {"dtype": code, "bdata": base64.b64encode(buf).decode("ascii"),
-            "shape": ", ".join(str(int(x)) for x in a.shape)}
-
-
-def from_plotly(v) -> np.ndarray:
-    """A trace property as a numpy array (decodes typed-array specs; None -> NaN)."""
-    import base64
-
-    if isinstance(v, dict) and "bdata" in v:
-        dt = {"f4": np.float32, "f8": np.float64, "i4": np.int32, "i2": np.int16, "i1": np.int8,
-              "u1": np.uint8, "u2": np.uint16, "u4": np.uint32}[v["dtype"]]
-        a = np.frombuffer(base64.b64decode(v["bdata"]), dtype=dt)
-        shape = v.get("shape")
-        if shape:
-            a = a.reshape([int(x) for x in str(shape).split(",")])
-        return a
-    return np.asarray(v, dtype=float)
-
-
 class ViewBase:
     """Display protocol: every view shows its ``widget`` (an ipywidgets container)."""
 
@@ -272,10 +226,7 @@ class ViewBase:
 
 
 def figure_widget(**layout):
-    import plotly.graph_objects as go
-
-    fig = go.FigureWidget()
+    """A :class:`~workbench.widgets._plot.Plot` (plotly figure + light widget) with the common style."""
     base = dict(template="plotly_white", margin=dict(l=60, r=20, t=50, b=50))
     base.update(layout)
-    fig.update_layout(**base)
-    return fig
+    return Plot(**base)

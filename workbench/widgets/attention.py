@@ -208,8 +208,9 @@ class CrossModalAttentionView(W.ViewBase):
         if self.rgb is not None:
             uri, w_px, h_px = _data_uri(self.rgb)
             dx, dy = W0 / w_px, H0 / h_px  # original pixels per sent pixel; x0/y0 = first pixel's centre
-            self.fig.add_trace(go.Image(source=uri, x0=dx / 2, y0=dy / 2, dx=dx, dy=dy, hoverinfo="skip",
-                                        name="image"))
+            self.image_uri = uri
+            self.fig.add_trace(go.Image(source=self.fig.asset("image", uri), x0=dx / 2, y0=dy / 2, dx=dx, dy=dy,
+                                        hoverinfo="skip", name="image"))
         xs, ys, _ = self._grids["local tiles"]
         self.fig.add_heatmap(z=np.zeros((len(ys) - 1, len(xs) - 1)), x=xs, y=ys, colorscale=SEQUENTIAL,
                              opacity=float(opacity), zmin=0, colorbar=dict(title=dict(text="attention")),
@@ -220,9 +221,9 @@ class CrossModalAttentionView(W.ViewBase):
         for w in (self.w_query, self.w_layer, self.w_head, self.w_mean, self.w_part):
             w.observe(lambda ch: self._draw(), "value")
         self.w_mean.observe(lambda ch: setattr(self.w_head, "disabled", bool(ch["new"])), "value")
-        self.w_opacity.observe(lambda ch: setattr(self.fig.data[-1], "opacity", float(ch["new"])), "value")
+        self.w_opacity.observe(lambda ch: self._set_opacity(float(ch["new"])), "value")
         self.widget = ipw.VBox([ipw.HBox([self.w_query, self.w_part]), ipw.HBox([self.w_layer, self.w_head, self.w_mean]),
-                                self.w_opacity, self.fig])
+                                self.w_opacity, self.fig.widget])
         self.widget.add_class("wb-attention-view")
 
     # ---------------------------------------------------------------- data
@@ -245,6 +246,10 @@ class CrossModalAttentionView(W.ViewBase):
                 z[c[0]:c[1], c[2]:c[3]] = v
         return z
 
+    def _set_opacity(self, v: float) -> None:
+        with self.fig.batch_update():
+            self.fig.data[-1].opacity = v
+
     def _draw(self) -> None:
         part = self.w_part.value
         xs, ys, _ = self._grids[part]
@@ -253,7 +258,7 @@ class CrossModalAttentionView(W.ViewBase):
         head = "mean over heads" if self.w_mean.value else f"head {self.heads[int(self.w_head.value)]}"
         with self.fig.batch_update():
             hm = self.fig.data[-1]
-            hm.x, hm.y, hm.z = xs, ys, W.js_array(z)
+            hm.x, hm.y, hm.z = xs, ys, z
             hm.zmax = float(np.nanmax(z)) if np.isfinite(z).any() and np.nanmax(z) > 0 else 1.0
             self.fig.layout.title.text = (f"Sequence {self.sequence}, image {self.image_index}: attention of "
                                           f"{html.escape(self.query_labels[q])} — L{self.layer_values[int(self.w_layer.value)]}, {head}")

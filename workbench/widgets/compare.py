@@ -50,7 +50,7 @@ class TraceComparison(W.ViewBase):
         for name in (*self.labels, f"{self.labels[1]} \u2212 {self.labels[0]}"):
             f = W.figure_widget(title=dict(text=name, x=0.01), height=h, width=375,
                                 xaxis=dict(title="expert"), yaxis=dict(title="MoE layer", autorange="reversed"))
-            f.add_heatmap(z=np.zeros((L, E)), x=list(range(E)), y=la, colorscale=SEQUENTIAL, hoverongaps=False,
+            f.add_heatmap(z=np.zeros((L, E)), x=list(range(E)), y=la, colorscale=SEQUENTIAL, hoverongaps=False, zsmooth="fast",
                           colorbar=dict(title=dict(text="")))
             f.layout.meta = {"view": f"TraceComparison.{name}"}
             self.figs.append(f)
@@ -61,8 +61,8 @@ class TraceComparison(W.ViewBase):
         self._draw()
         self.w_mode.observe(lambda ch: self._draw(), "value")
         self.w_modality.observe(lambda ch: self._draw(), "value")
-        self.widget = ipw.VBox([ipw.HBox([self.w_mode, self.w_modality]), self.w_status, ipw.HBox(self.figs),
-                                self.cv])
+        self.widget = ipw.VBox([ipw.HBox([self.w_mode, self.w_modality]), self.w_status, ipw.HBox([f.widget for f in self.figs]),
+                                self.cv.widget])
         self.widget.add_class("wb-trace-comparison")
 
     def values(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -84,7 +84,7 @@ class TraceComparison(W.ViewBase):
         for f, z in zip(self.figs[:2], (za, zb)):
             with f.batch_update():
                 hm = f.data[0]
-                hm.z = W.js_array(z)
+                hm.z = z
                 if mode == "deviation":
                     lim = max(abs(lo), abs(hi), 1e-9)
                     hm.update(colorscale=DIVERGING, zmin=-lim, zmax=lim, zmid=0)
@@ -94,7 +94,7 @@ class TraceComparison(W.ViewBase):
         lim = float(np.nanmax(np.abs(d))) if np.isfinite(d).any() else 1.0
         with self.figs[2].batch_update():
             hm = self.figs[2].data[0]
-            hm.z = W.js_array(d)
+            hm.z = d
             hm.update(colorscale=DIVERGING, zmin=-max(lim, 1e-9), zmax=max(lim, 1e-9), zmid=0)
             hm.colorbar.title.text = f"\u0394 {title}"
         na, nb = self._counts

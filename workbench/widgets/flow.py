@@ -90,7 +90,7 @@ class RoutingFlow(W.ViewBase):
         for w in (self.w_a, self.w_b, self.w_modality, self.w_co):
             w.observe(lambda ch: self._draw(), "value")
         self.widget = ipw.VBox([ipw.HBox([self.w_a, self.w_b, self.w_modality]), self.w_co, self.w_status,
-                                ipw.HBox([self.sankey, self.coact])])
+                                ipw.HBox([self.sankey.widget, self.coact.widget])])
         self.widget.add_class("wb-routing-flow")
 
     # ---------------------------------------------------------------- data
@@ -140,10 +140,10 @@ class RoutingFlow(W.ViewBase):
         with self.coact.batch_update():
             hm = self.coact.data[0]
             if co is None:
-                hm.z = W.js_array(np.full((E, E), np.nan))
+                hm.z = np.full((E, E), np.nan)
                 self.coact.layout.title.text = f"Co-activation at {la}: none (top-1 routing has no expert pairs)"
             else:
-                hm.z = W.js_array(co)
+                hm.z = co
                 what = "P(j in S | i in S)" if self.w_co.value == "probability" else "pair count N_ij"
                 hm.colorbar.title.text = "P(j|i)" if self.w_co.value == "probability" else "pairs"
                 hm.hovertemplate = "i = %{y}, j = %{x}: %{z:.3f}<extra></extra>" if self.w_co.value == "probability" \

@@ -94,20 +94,24 @@ class ExpertLoadDashboard(W.ViewBase):
             xaxis=dict(title="expert", constrain="domain"), yaxis=dict(title="MoE layer (decoder index)",
                                                                        autorange="reversed"))
         self.heatmap.add_heatmap(z=np.zeros((L, E)), x=list(range(E)), y=self.layers, colorscale=SEQUENTIAL,
+                                 zsmooth="fast",  # one pixel per cell, scaled: several times cheaper to draw
                                  colorbar=dict(title=dict(text="share")), hoverongaps=False, name="load")
         self.heatmap.layout.meta = {"view": "ExpertLoadDashboard.heatmap"}
+        self.heatmap.layout.shapes = [dict(type="rect", xref="paper", x0=0, x1=1, yref="y", y0=layer - 0.5,
+                                           y1=layer + 0.5, line=dict(color="#D55E00", width=2))]
+        self._scale = SEQUENTIAL
         self.bars = W.figure_widget(title=dict(text="", x=0.01), height=300, width=760,
                                     xaxis=dict(title="expert"), yaxis=dict(title="share"), showlegend=False)
         self.bars.add_bar(x=list(range(E)), y=np.zeros(E), marker=dict(color=expert_colors(E)), name="experts")
         self.bars.layout.meta = {"view": "ExpertLoadDashboard.bars"}
         from plotly.subplots import make_subplots
 
-        import plotly.graph_objects as go
+        from ._plot import Plot
 
         sp = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.11,
                            subplot_titles=("CV = std f / mean f", "max / mean = E max f",
                                            "load entropy / log E"))
-        self.metrics = go.FigureWidget(sp)
+        self.metrics = Plot(sp)
         self.metrics.update_layout(template="plotly_white", height=max(420, min(900, 14 * L + 140)), width=330,
                                    title=dict(text="Imbalance per layer", x=0.01), showlegend=False,
                                    margin=dict(l=50, r=10, t=70, b=40))
@@ -131,7 +135,7 @@ class ExpertLoadDashboard(W.ViewBase):
 
         controls = ipw.VBox([ipw.HBox([self.w_mode]), ipw.HBox([self.w_modality, self.w_seq]),
                              ipw.HBox([self.w_layer]), self.w_status])
-        self.widget = ipw.VBox([controls, ipw.HBox([self.heatmap, self.metrics]), self.bars])
+        self.widget = ipw.VBox([controls, ipw.HBox([self.heatmap.widget, self.metrics.widget]), self.bars.widget])
         self.widget.add_class("wb-load-dashboard")
         if self.live and autostart:
             self.start()
@@ -196,23 +200,25 @@ class ExpertLoadDashboard(W.ViewBase):
             with self.heatmap.batch_update():
                 hm = self.heatmap.data[0]
                 if heatmap:
-                    hm.z = W.js_array(z)
+                    hm.z = z
+                    self._z = z
                     if mode == "deviation":
                         lim = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0
-                        hm.update(colorscale=DIVERGING, zmid=0, zmin=-max(lim, 1e-9), zmax=max(lim, 1e-9),
-                                  zauto=False)
-                    else:
-                        hm.update(colorscale=SEQUENTIAL, zmid=None, zmin=None, zmax=None, zauto=True)
+                        hm.update(zmid=0, zmin=-max(lim, 1e-9), zmax=max(lim, 1e-9), zauto=False)
+                    scale = DIVERGING if mode == "deviation" else SEQUENTIAL
+                    if self._scale != scale:  # colorscale validation is the slow part: only on a change
+                        hm.colorscale = scale
+                        if scale == SEQUENTIAL:
+                            hm.update(zmid=None, zmin=None, zmax=None, zauto=True)
+                        self._scale = scale
                     hm.colorbar.title.text = title
                     hm.hovertemplate = "layer %{y}, expert %{x}: " + hover + "<extra></extra>"
                     self.heatmap.layout.title.text = f"Expert load ({_MODES[mode]}) — {self.n_selected:,} tokens"
                 if layer:
-                    self.heatmap.layout.shapes = [dict(type="rect", xref="paper", x0=0, x1=1, yref="y",
-                                                       y0=li - 0.5, y1=li + 0.5,
-                                                       line=dict(color="#D55E00", width=2))]
+                    self.heatmap.layout.shapes[0].update(y0=li - 0.5, y1=li + 0.5)
             if layer or heatmap:
                 with self.bars.batch_update():
-                    self.bars.data[0].y = z[li]
+                    self.bars.data[0].y = np.asarray(z[li], np.float64)
                     self.bars.data[0].hovertemplate = ("expert %{x}: " + hover.replace("%{z", "%{y")
                                                        + "<extra></extra>")
                     self.bars.layout.yaxis.title.text = title
@@ -228,7 +234,7 @@ class ExpertLoadDashboard(W.ViewBase):
         self._redraw(heatmap=False, layer=True, metrics=False)
 
     def _on_mode(self) -> None:
-        self._redraw(heatmap=True, layer=True, metrics=False)
+        self._redraw(heatmap=True, layer=False, metrics=False)
 
     def _on_filter(self) -> None:
         if self._quiet:

@@ -5,14 +5,17 @@ import html
 import time
 from typing import Any
 
+import anywidget
+import ipywidgets as ipw
 import numpy as np
+import traitlets as t
 
 from workbench.analysis import _common as AC
 
 from . import _common as W
 from ._palette import expert_color, text_color_on
 
-__all__ = ["TokenRoutingView", "token_page_html"]
+__all__ = ["TokenRoutingView", "TokenStrip", "token_page_html"]
 
 _VARS = ("token_id", "sequence", "position", "modality", "topk_expert", "topk_weight")
 
@@ -64,30 +67,14 @@ _CSS = r"""
 """
 
 
-def _strip_cls():
-    import anywidget
-    import traitlets as t
+class TokenStrip(anywidget.AnyWidget):
+    """Browser side of :class:`TokenRoutingView`: shows ``html``, reports clicks as ``pinned``."""
 
-    class TokenStrip(anywidget.AnyWidget):
-        """Browser side of :class:`TokenRoutingView`: shows ``html``, reports clicks as ``pinned``."""
-
-        _esm = _ESM
-        _css = _CSS
-        html = t.Unicode("").tag(sync=True)
-        pinned = t.Int(-1).tag(sync=True)
-        revision = t.Int(0).tag(sync=True)
-
-    return TokenStrip
-
-
-_STRIP = None
-
-
-def _token_strip():
-    global _STRIP
-    if _STRIP is None:
-        _STRIP = _strip_cls()
-    return _STRIP()
+    _esm = _ESM
+    _css = _CSS
+    html = t.Unicode("").tag(sync=True)
+    pinned = t.Int(-1).tag(sync=True)
+    revision = t.Int(0).tag(sync=True)
 
 
 def _display_text(text: str, modality: int) -> str:
@@ -144,8 +131,6 @@ class TokenRoutingView(W.ViewBase):
     """
 
     def __init__(self, trace: Any, *, layer: int = 0, page_size: int = 512, page: int = 0):
-        import ipywidgets as ipw
-
         self.ds, self.path = W.open_any(trace, tokens=True)
         AC.require(self.ds, *_VARS, who="TokenRoutingView")
         self.n_tokens = int(self.ds.sizes["token"])
@@ -168,20 +153,11 @@ class TokenRoutingView(W.ViewBase):
         self.w_prev = ipw.Button(description="\u25c0 prev", layout=ipw.Layout(width="80px"))
         self.w_next = ipw.Button(description="next \u25b6", layout=ipw.Layout(width="80px"))
         self.w_info = ipw.HTML()
-        self.strip = _token_strip()
+        self.strip = TokenStrip()
         self.strip.add_class("wb-token-strip")
         self.w_path = ipw.HTML()
-        self.path_fig = W.figure_widget(title=dict(text="Click a token to see its path through the MoE layers",
-                                                   x=0.01),
-                                        height=300, width=760, xaxis=dict(title="MoE layer (decoder index)"),
-                                        yaxis=dict(title="expert", range=[-0.5, self.n_experts - 0.5]),
-                                        showlegend=True)
-        self.path_fig.add_scatter(x=[], y=[], mode="lines", line=dict(color="#777", width=1.5), name="top-1 path")
-        for s in range(self.k):
-            self.path_fig.add_scatter(x=[], y=[], mode="markers", name=f"slot {s}",
-                                      marker=dict(size=10, line=dict(color="#333", width=1),
-                                                  symbol=["circle", "diamond", "square", "triangle-up"][s % 4]))
-        self.path_fig.layout.meta = {"view": "TokenRoutingView.path"}
+        self._path_fig = None  # created on the first pin: the text shows without waiting for plotly.js
+        self.w_path_box = ipw.Box()
 
         self._page_data: dict[str, np.ndarray] | None = None
         self._page_loaded = -1
@@ -197,12 +173,31 @@ class TokenRoutingView(W.ViewBase):
 
         legend = ipw.HTML("<small>Background = top-1 expert at the layer (one fixed colorblind-safe color "
                           "per expert, as in every workbench view). \u25a6 = image patch token; "
-                          "<i>italic</i> = special token. Hover for the top-k experts and weights.</small>")
+                          "<i>italic</i> = special token. Hover for the top-k experts and weights; click a token to pin "
+                          "it and plot its path through all MoE layers.</small>")
         self.widget = ipw.VBox([ipw.HBox([self.w_layer, self.w_prev, self.w_page, self.w_next]), self.w_info,
-                                legend, self.strip, self.w_path, self.path_fig])
+                                legend, self.strip, self.w_path, self.w_path_box])
         self.widget.add_class("wb-token-view")
 
     # ---------------------------------------------------------------- state
+    @property
+    def path_fig(self):
+        """The pinned token's path figure (a :class:`~workbench.widgets._plot.Plot`, made on first use)."""
+        if self._path_fig is None:
+            fig = W.figure_widget(title=dict(text="Click a token to see its path through the MoE layers", x=0.01),
+                                  height=300, width=760, xaxis=dict(title="MoE layer (decoder index)"),
+                                  yaxis=dict(title="expert", range=[-0.5, self.n_experts - 0.5]), showlegend=True)
+            fig.add_scatter(x=[], y=[], mode="lines", line=dict(color="#777", width=1.5), name="top-1 path")
+            for s in range(self.k):
+                fig.add_scatter(x=[], y=[], mode="markers", name=f"slot {s}", cliponaxis=False,
+                                marker=dict(size=10, line=dict(color="#333", width=1),
+                                            symbol=["circle", "diamond", "square", "triangle-up"][s % 4]))
+            fig.layout.meta = {"view": "TokenRoutingView.path"}
+            fig.push()
+            self._path_fig = fig
+            self.w_path_box.children = (fig.widget,)
+        return self._path_fig
+
     @property
     def layer(self) -> int:
         return int(self.w_layer.value)
@@ -295,6 +290,9 @@ class TokenRoutingView(W.ViewBase):
 
     def _show_path(self) -> None:
         t = self.pinned
+        if t < 0 and self._path_fig is None:
+            self.w_path.value = ""
+            return
         fig = self.path_fig
         if t < 0:
             with fig.batch_update():

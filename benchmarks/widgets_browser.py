@@ -1,0 +1,359 @@
+"""Widget performance measured in a real browser (JupyterLab + Debian's Chromium via Playwright).
+
+    .venv/bin/python benchmarks/widgets_browser.py [--tokens 1000000] [--root DIR] [--reps 15]
+
+Builds (or reuses, with ``--root``) three synthetic traces with :class:`workbench.store.TraceWriter`
+- ``big.zarr``: 1,000,000 tokens, 48 MoE layers x 128 experts, top-1, batches of 8192 tokens
+  (8 sequences of 1024), and ``tok10k.zarr``: 10,000 tokens, same shape, a 5,000-entry vocabulary -
+and a small random Llama 4 checkpoint (4 MoE layers, 16 experts, top-1) for the live run.
+Starts JupyterLab (127.0.0.1, random port and token, temporary config) and drives Chromium:
+
+1. *Open*: time from Shift+Enter on ``ExpertLoadDashboard('big.zarr')`` to the 48 x 128 heatmap,
+   the metrics panel and the bars drawn in the page (the imports were paid in an earlier cell; that
+   one-time import is reported separately).
+2. *Control change*: in-page time (``performance.now()``) from the click / key event on a control
+   to the ``plotly_afterplot`` event of the figure it changes, then one animation frame: the
+   "Show" toggle (count / share / deviation: new 48 x 128 z to the heatmap), the layer slider
+   (bars + highlight), the token filter (first time: one pass over the 1M tokens; then cached).
+   Median and max over ``--reps`` changes.
+3. *Token view*: Shift+Enter on ``TokenRoutingView('tok10k.zarr')`` to the 512 token spans of the
+   first page in the page.
+4. *Live overhead*: in the kernel (dashboard displayed in the page), the same recorded run (the
+   random checkpoint, 40 forward passes of 4 x 256 tokens) with and without a live
+   ExpertLoadDashboard at 2 Hz, alternated ABAB after a warm-up run; the ratio of wall times, and
+   the CPU time the refresh thread used as a fraction of the run.
+
+Writes ``benchmarks/out/widgets_browser.json`` and prints a markdown table (the numbers in
+``benchmarks/RESULTS.md``, "Widgets").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.test_browser import (  # noqa: E402
+    CHROMIUM,
+    browser,
+    cell_errors,
+    jupyter_lab,
+    open_notebook,
+    write_notebook,
+)
+
+OUT = ROOT / "benchmarks" / "out"
+L, E = 48, 128
+
+
+# ------------------------------------------------------------------------------------------- data
+def write_trace(path: Path, n_tokens: int, *, vocab=None, seed=0, batch=8192, seq_len=1024) -> float:
+    from workbench.store import TraceWriter
+
+    if (path / "zarr.json").exists():
+        return 0.0
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    # skewed routing so that the heatmap has structure: expert popularity differs per layer
+    pop = rng.dirichlet(np.full(E, 0.6), size=L)
+    cum = np.cumsum(pop, axis=1)
+    V = len(vocab) if vocab else 50_000
+    with TraceWriter.create(path, moe_layers=list(range(1, 2 * L, 2)), n_experts=E, top_k=1, vocab=vocab,
+                            overwrite=True) as w:
+        done = 0
+        while done < n_tokens:
+            n = min(batch, n_tokens - done)
+            rows = np.arange(done, done + n)
+            u = rng.random((n, L))
+            te = np.empty((n, L, 1), np.int16)
+            for l in range(L):
+                te[:, l, 0] = np.minimum(np.searchsorted(cum[l], u[:, l]), E - 1)
+            mod = np.zeros(n, np.int8)
+            mod[(rows % seq_len) < 144] = 1  # an image's patch tokens at the start of each sequence
+            mod[(rows % seq_len) == 0] = 2
+            w.append(rng.integers(0, V, n).astype(np.int32), (rows // seq_len).astype(np.int32),
+                     (rows % seq_len).astype(np.int32), mod, te, rng.random((n, L, 1)).astype(np.float32))
+            done += n
+    return time.perf_counter() - t0
+
+
+def make_model(path: Path) -> None:
+    if (path / "config.json").exists():
+        return
+    from tests.hf_reference import hf_text_model
+
+    hf_text_model(seed=1, hidden_size=256, intermediate_size=256, intermediate_size_mlp=512, num_hidden_layers=4,
+                  num_attention_heads=8, num_key_value_heads=2, head_dim=32, num_local_experts=16,
+                  interleave_moe_layer_step=1, max_position_embeddings=1024).save_pretrained(path)
+
+
+# --------------------------------------------------------------------------------------- notebook
+CELLS = [
+    # 0: imports (one-time cost, timed in the kernel)
+    "import time, json\n_t = time.perf_counter()\nimport numpy as np\n"
+    "from workbench.widgets import ExpertLoadDashboard, TokenRoutingView\n"
+    "import workbench.widgets.load, workbench.widgets.tokens, workbench.widgets._plot\n"
+    "IMPORT_S = time.perf_counter() - _t\nprint(f'imports {IMPORT_S:.2f} s')",
+    # 1: token view of the 10k-token trace (the first view of the page)
+    "_t = time.perf_counter()\ntv = TokenRoutingView('tok10k.zarr')\nTOK_KERNEL_S = time.perf_counter() - _t\ntv",
+    # 2: open the 1M-token trace (plotly.js already loaded in the page by cell 1)
+    "_t = time.perf_counter()\ndash = ExpertLoadDashboard('big.zarr')\nOPEN_KERNEL_S = time.perf_counter() - _t\n"
+    "dash",
+    # 3: live overhead
+    """import statistics, torch, workbench as wb
+from IPython.display import display
+torch.manual_seed(0)
+model = wb.load_model('ckpt', progress=False)
+g = torch.Generator().manual_seed(0)
+batches = [torch.randint(3, 300, (4, 256), generator=g) for _ in range(N_FORWARD)]
+
+def one_run(variant, i):
+    # 'off': no dashboard; 'hidden': live dashboard, updates sent, not displayed; 'shown': displayed
+    with torch.no_grad(), wb.record(model, f'live_{i}.zarr', overwrite=True) as rec:
+        d = ExpertLoadDashboard(rec, refresh_hz=2.0) if variant != 'off' else None
+        if variant == 'shown':
+            display(d)
+        t = time.perf_counter()
+        for b in batches:
+            model(input_ids=b)
+        rec.flush()
+        dt = time.perf_counter() - t
+    if d is None:
+        return dt, 0, 0.0
+    d.stop()
+    return dt, d.n_refreshes, d.refresh_cpu_seconds
+
+one_run('off', 'warm')
+order = ['off', 'hidden', 'shown']
+runs = {v: [] for v in order}
+for i in range(N_PAIRS):
+    for v in order[i % 3:] + order[:i % 3]:  # rotate the order every round
+        runs[v].append(one_run(v, i))
+wall = {v: [r[0] for r in runs[v]] for v in order}
+med = statistics.median
+res = dict(imports_s=IMPORT_S, open_kernel_s=OPEN_KERNEL_S, token_view_kernel_s=TOK_KERNEL_S,
+           run_s=wall, refreshes={v: [r[1] for r in runs[v]] for v in order[1:]},
+           refresh_cpu_s={v: [r[2] for r in runs[v]] for v in order[1:]},
+           ratio_hidden=med(wall['hidden']) / med(wall['off']), ratio_shown=med(wall['shown']) / med(wall['off']),
+           cpu_fraction=sum(r[2] for v in order[1:] for r in runs[v]) / sum(wall['hidden'] + wall['shown']),
+           threads=torch.get_num_threads())
+json.dump(res, open('kernel_results.json', 'w'))
+print(json.dumps(res, indent=1))""",
+]
+
+# a second notebook, opened in a fresh page: the dashboard is the page's first plot (plotly.js cold)
+COLD_CELLS = [CELLS[0], "_t = time.perf_counter()\ndash = ExpertLoadDashboard('big.zarr')\n"
+              "json.dump({'open_kernel_cold_s': time.perf_counter() - _t}, open('cold.json', 'w'))\ndash"]
+
+DASH_DRAWN = ("() => { const d = document.querySelector('.wb-load-dashboard'); return d &&"
+              " d.querySelectorAll('.js-plotly-plot .hm image').length >= 1 &&"
+              " d.querySelectorAll('.js-plotly-plot .bars path, .js-plotly-plot .point path').length >= 128 &&"
+              " d.querySelectorAll('.js-plotly-plot .scatterlayer .trace').length >= 3; }")
+
+
+JS_FIND = """const find = (view) => [...document.querySelectorAll('.js-plotly-plot')]
+  .find(g => g.layout && g.layout.meta && g.layout.meta.view === view);"""
+
+# Arm a timer on `el`: t0 at the user's event (capture phase), done at the first plotly_afterplot of
+# figure `view` whose title differs from now, plus one animation frame (the paint).
+JS_ARM = JS_FIND + """
+return new Promise((armed) => {
+  const gd = find(view); const before = gd.layout.title.text; let t0 = null;
+  window.__wbTimer = new Promise((resolve) => {
+    const start = () => { if (t0 === null) t0 = performance.now(); };
+    el.addEventListener(evt, start, {capture: true, once: true});
+    const done = () => {
+      if (t0 === null || gd.layout.title.text === before) return;
+      gd.removeListener('plotly_afterplot', done);
+      requestAnimationFrame(() => resolve(performance.now() - t0));
+    };
+    gd.on('plotly_afterplot', done);
+  });
+  armed(true);
+});"""
+
+
+def timed_change(page, locator, view: str, evt: str, action) -> float:
+    locator.evaluate("(el, [view, evt]) => { " + JS_ARM + " }", [view, evt])
+    action()
+    return float(page.evaluate("() => window.__wbTimer"))
+
+
+def run_cell(page, i: int, done_js: str, timeout=120_000) -> float:
+    """Shift+Enter on cell i (command mode); seconds until `done_js` is true in the page."""
+    cell = page.locator(".jp-Notebook .jp-Cell").nth(i)
+    cell.locator(".jp-InputPrompt").click()
+    page.keyboard.press("Escape")
+    t0 = time.perf_counter()
+    page.keyboard.press("Shift+Enter")
+    page.wait_for_function(done_js, timeout=timeout, polling="raf")
+    return time.perf_counter() - t0
+
+
+def wait_cell_done(page, i: int, timeout=900_000) -> None:
+    page.wait_for_function(
+        "(i) => { const p = document.querySelectorAll('.jp-Notebook .jp-CodeCell .jp-InputPrompt')[i];"
+        " return p && /\\[\\d+\\]/.test(p.textContent); }", arg=i, timeout=timeout)
+
+
+def versions() -> dict:
+    import subprocess
+    from importlib import metadata
+
+    out = {"python": platform.python_version(), "cpu_count": __import__("os").cpu_count()}
+    for d in ("jupyterlab", "ipywidgets", "plotly", "anywidget", "playwright", "zarr", "xarray", "numpy", "torch"):
+        try:
+            out[d] = metadata.version(d)
+        except Exception:
+            out[d] = None
+    try:
+        out["chromium"] = subprocess.run([CHROMIUM, "--version"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        out["chromium"] = None
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=1_000_000)
+    ap.add_argument("--root", type=Path, default=None, help="keep traces here (reused on the next run)")
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--pairs", type=int, default=5, help="rounds (off, hidden, shown) of the live-overhead run")
+    ap.add_argument("--forward", type=int, default=40, help="forward passes per live-overhead run")
+    a = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` etc.: still stop JupyterLab
+    if not Path(CHROMIUM).exists():
+        sys.exit(f"{CHROMIUM} is missing: apt-get install -y chromium")
+    root = a.root or Path(tempfile.mkdtemp(prefix="wb-widgets-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
+    res: dict = {"date": "2026-11-26", "versions": versions(), "tokens": a.tokens}
+    print(f"traces in {root}", flush=True)
+    res["write_big_s"] = write_trace(root / "big.zarr", a.tokens, seed=0)
+    vocab = [f"w{i}" for i in range(5000)]
+    vocab[:4] = ["<|begin_of_text|>", "<script>alert(1)</script>", " the", "\n"]
+    res["write_10k_s"] = write_trace(root / "tok10k.zarr", 10_000, vocab=vocab, seed=1)
+    make_model(root / "ckpt")
+    cells = [c.replace("N_FORWARD", str(a.forward)).replace("N_PAIRS", str(a.pairs)) for c in CELLS]
+    write_notebook(root / "bench.ipynb", cells)
+    write_notebook(root / "cold.ipynb", COLD_CELLS)
+    (root / "kernel_results.json").unlink(missing_ok=True)
+
+    with jupyter_lab(root) as (base, token), browser() as page:
+        try:
+            _measure(page, base, token, a, res)
+        except Exception:
+            page.screenshot(path=str(OUT / "widgets_bench_failure.png"))
+            raise
+    _report(root, a, res)
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _measure(page, base, token, a, res) -> None:
+    open_notebook(page, base, token, "bench.ipynb")
+    _log("notebook open")
+    run_cell(page, 0, "() => true")
+    wait_cell_done(page, 0)
+    _log("imports done")
+    # token view of 10k tokens: the page's first view
+    res["token_view_first_page_s"] = run_cell(
+        page, 1, "() => document.querySelectorAll('.wb-token-view .wb-tokens .wb-tok').length === 512")
+    wait_cell_done(page, 1)
+    _log(f"token view: {res['token_view_first_page_s']:.2f} s")
+    page.locator(".wb-token-view").first.screenshot(path=str(OUT / "widgets_bench_tokens_10k.png"))
+    # open the 1M-token trace in the dashboard (plotly.js loaded by the token view's plot)
+    res["open_1m_warm_s"] = run_cell(page, 2, DASH_DRAWN)
+    wait_cell_done(page, 2)
+    _log(f"open 1M (warm page): {res['open_1m_warm_s']:.2f} s")
+    page.wait_for_timeout(500)
+    dash = page.locator(".wb-load-dashboard").first
+    mode_t, layer_t = [], []
+    labels = ["share", "count", "deviation from uniform"]  # starts on share: the first click is count
+    for r in range(a.reps):
+        btn = dash.locator(".widget-toggle-button", has_text=labels[(r + 1) % 3]).first
+        mode_t.append(timed_change(page, btn, "ExpertLoadDashboard.heatmap", "click", btn.click))
+        handle = dash.locator(".widget-slider:has(.widget-label:text-is('Layer')) .noUi-handle").first
+        handle.focus()
+        key = "ArrowRight" if r % 2 == 0 else "ArrowLeft"
+        layer_t.append(timed_change(page, handle, "ExpertLoadDashboard.bars", "keydown",
+                                    lambda: handle.press(key)))
+    res["mode_change_ms"] = mode_t
+    res["layer_change_ms"] = layer_t
+    sel = dash.locator(".widget-dropdown:has(.widget-label:text-is('Tokens')) select").first
+    filt = []
+    for label in ("text", "image patches", "text", "all tokens", "image patches", "text"):
+        filt.append(timed_change(page, sel, "ExpertLoadDashboard.heatmap", "change",
+                                 lambda: sel.select_option(label=label)))
+    res["filter_change_ms"] = filt  # first: one pass over all tokens (all modalities cached after)
+    _log("controls done")
+    dash.screenshot(path=str(OUT / "widgets_bench_dashboard_1m.png"))
+    # live overhead
+    run_cell(page, 3, "() => true")
+    wait_cell_done(page, 3)
+    _log("live done")
+    res["cell_errors"] = cell_errors(page)
+    # a fresh page and notebook: the dashboard is the first plot (plotly.js loaded by it)
+    page2 = page.context.browser.new_page(viewport={"width": 1600, "height": 1100})
+    page2.set_default_timeout(60_000)
+    open_notebook(page2, base, token, "cold.ipynb")
+    run_cell(page2, 0, "() => true")
+    wait_cell_done(page2, 0)
+    res["open_1m_cold_s"] = run_cell(page2, 1, DASH_DRAWN)
+    wait_cell_done(page2, 1)
+    _log(f"open 1M (cold page): {res['open_1m_cold_s']:.2f} s")
+    res["cell_errors"] += cell_errors(page2)
+
+
+def _report(root, a, res) -> None:
+    mode_t, layer_t, filt = res["mode_change_ms"], res["layer_change_ms"], res["filter_change_ms"]
+    res.update(json.loads((root / "kernel_results.json").read_text()))
+    res.update(json.loads((root / "cold.json").read_text()))
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "widgets_browser.json").write_text(json.dumps(res, indent=1))
+    if a.root is None:
+        shutil.rmtree(root, ignore_errors=True)
+
+    med = statistics.median
+    print()
+    print("| measurement | result | target |")
+    print("|---|---|---|")
+    print(f"| one-time imports in the kernel (ipywidgets, anywidget, plotly, workbench.widgets) | "
+          f"{res['imports_s']:.2f} s | - |")
+    print(f"| open a {a.tokens:,}-token trace (48 x 128) in ExpertLoadDashboard, Shift+Enter to all three "
+          f"plots drawn: first plot of the page (loads plotly.js) | {res['open_1m_cold_s']:.2f} s "
+          f"(kernel part {res['open_kernel_cold_s']:.2f} s) | < 3 s |")
+    print(f"| same, plotly.js already loaded in the page | {res['open_1m_warm_s']:.2f} s "
+          f"(kernel part {res['open_kernel_s']:.2f} s) | < 3 s |")
+    print(f"| heatmap 48 x 128 after the Show toggle, event to painted (median / max of {a.reps}) | "
+          f"{med(mode_t):.0f} / {max(mode_t):.0f} ms | <= 100 ms |")
+    print(f"| layer slider key to bars painted (median / max) | {med(layer_t):.0f} / {max(layer_t):.0f} ms | "
+          "<= 100 ms |")
+    print(f"| token filter, first (one pass over {a.tokens:,} tokens) / cached (median of the rest) | "
+          f"{filt[0]:.0f} / {med(filt[1:]):.0f} ms | - |")
+    print(f"| TokenRoutingView of 10,000 tokens (first view of the page): Shift+Enter to the first 512 "
+          f"tokens drawn | "
+          f"{res['token_view_first_page_s']:.2f} s (kernel part {res['token_view_kernel_s']:.2f} s) | < 1 s |")
+    print(f"| live dashboard (2 Hz) on a recorded run, kernel side only (updates sent, not displayed): "
+          f"wall time / no dashboard (median of {a.pairs} rounds) | {res['ratio_hidden']:.3f} | <= 1.02 |")
+    print(f"| same, dashboard displayed in the page (browser on the same 2 cores) | {res['ratio_shown']:.3f} | - |")
+    print(f"| refresh thread CPU time / run wall time | {100 * res['cpu_fraction']:.2f} % | - |")
+    print(f"\nrun wall times {json.dumps({k: [round(x, 2) for x in v] for k, v in res['run_s'].items()})}; "
+          f"refreshes {res['refreshes']}; cell errors: {res['cell_errors']}")
+    print(json.dumps(res["versions"]))
+
+
+if __name__ == "__main__":
+    main()
