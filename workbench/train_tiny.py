@@ -926,6 +926,13 @@ def write_model_card(out: Path, config: ModelConfig, m: dict, info: dict) -> Non
             f"layer {i} {int((np.asarray(c) > 0).sum())}/{t.num_local_experts}"
             for i, c in zip(t.moe_layers, m["load_counts"])),
         "",
+        *(["Other runs of the same script (not shipped), as a check that the recipe is not a lucky seed:", ""]
+          + [f"* {r['what']}: per-digit {r['digit_accuracy']:.1%}, per-caption {r['caption_accuracy']:.1%}, "
+             f"localized digits {r['localization_digit_rate']:.1%} (captions {r['localization_caption_rate']:.1%}), "
+             f"val loss prose/code/math {r['val_loss']['prose']:.2f}/{r['val_loss']['code']:.2f}/"
+             f"{r['val_loss']['math']:.2f}, load CV per layer "
+             + "/".join(f"{x:.2f}" for x in r["load_cv_all"]) for r in info.get("replications", [])] + [""]
+          if info.get("replications") else []),
         "`training_metrics.json` holds these numbers in machine-readable form.",
         "",
     ]
