@@ -26,7 +26,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 CHROMIUM = "/usr/bin/chromium"
@@ -310,7 +309,7 @@ def test_views_render_and_react_in_jupyterlab(tmp_path):
         s0 = fig_state(page, "RoutingFlow.sankey")
         page.locator(".wb-routing-flow .widget-dropdown:has(.widget-label:text-is('To layer')) select") \
             .select_option(label="L3")
-        s1 = page.wait_for_function(
+        page.wait_for_function(
             "(t) => { const gd = [...document.querySelectorAll('.js-plotly-plot')].find(g => g.layout && "
             "g.layout.meta && g.layout.meta.view === 'RoutingFlow.sankey'); return gd.layout.title.text !== t; }",
             arg=s0["title"])

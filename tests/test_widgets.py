@@ -2,9 +2,7 @@
 synthetic traces (TraceWriter) and on traces recorded from tiny random models."""
 from __future__ import annotations
 
-import html
 import math
-import threading
 import time
 from html.parser import HTMLParser
 
@@ -594,3 +592,70 @@ def test_views_display_as_their_widget(tiny):
         b = v._repr_mimebundle_()
         assert "application/vnd.jupyter.widget-view+json" in b
         assert b["application/vnd.jupyter.widget-view+json"]["model_id"] == v.widget.model_id
+
+
+# --------------------------------------------------------------------------------- edge cases, plumbing
+def test_empty_trace_views_do_not_crash(tmp_path):
+    import json as _json
+
+    p = tmp_path / "empty.zarr"
+    TraceWriter.create(p, moe_layers=LAYERS, n_experts=E, top_k=K, vocab=VOCAB).close()
+    dash = ExpertLoadDashboard(p, mode="share")
+    assert dash.n_selected == 0 and np.isnan(dash.z).all()
+    dash.mode = "deviation"
+    dash.mode = "count"
+    np.testing.assert_array_equal(dash.z, 0)
+    _json.loads(dash.heatmap.widget.spec)  # NaN travels as binary, the spec stays valid JSON
+    v = TokenRoutingView(p)
+    assert v.n_pages == 1 and v.html == ""
+
+
+def test_views_accept_an_open_dataset(tiny):
+    import workbench as wb
+
+    p, d = tiny
+    ds = wb.open_trace(p, tokens=True)
+    v = TokenRoutingView(ds, page_size=8)
+    assert "&lt;script&gt;" in v.html
+    dash = ExpertLoadDashboard(wb.open_trace(p), mode="count")
+    np.testing.assert_array_equal(dash.z, hand_counts(d))
+
+
+def test_plot_widget_sends_one_message_per_batch_and_assets_once():
+    import json as _json
+
+    from workbench.widgets._plot import Plot
+
+    plot = Plot(title=dict(text="t"))
+    assert plot.pushes == 0  # nothing sent while the view is being built
+    plot.add_heatmap(z=np.arange(6.0).reshape(2, 3))
+    assert plot.pushes == 0
+    plot.push()
+    with plot.batch_update():
+        plot.data[0].z = np.full((2, 3), np.nan)
+        plot.layout.title.text = "<b>&</b>"
+    assert plot.pushes == 2 and plot.widget.revision == 2
+    spec = _json.loads(plot.widget.spec)
+    assert spec["layout"]["title"]["text"] == "<b>&</b>"
+    assert "bdata" in spec["data"][0]["z"]  # numpy -> base64 typed array (NaN allowed)
+    ref = plot.asset("big", "x" * 100_000)
+    assert ref == "__workbench_asset__:big" and len(plot.widget.spec) < 10_000
+    assert plot.widget.library is Plot(title="other").widget.library  # plotly.js shared by all plots
+
+
+def test_bad_arguments_are_named(tiny, tmp_path):
+    p, _ = tiny
+    with pytest.raises(ValueError, match="layer must be a MoE layer position in \\[0, 3\\)"):
+        ExpertLoadDashboard(p, layer=3)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        ExpertLoadDashboard(p, mode="ratio")
+    with pytest.raises(ValueError, match="b must be a MoE layer position"):
+        RoutingFlow(p, b=5)
+    with pytest.raises(ValueError, match="page_size"):
+        TokenRoutingView(p, page_size=0)
+    with pytest.raises(TypeError, match="trace path or an xarray.Dataset"):
+        TokenRoutingView(42)
+    q = tmp_path / "other_layers.zarr"
+    make_trace(q, layers=[0, 2, 4], hostile_first=False)
+    with pytest.raises(ValueError, match="different MoE layers"):
+        TraceComparison(p, q)

@@ -227,6 +227,6 @@ class ViewBase:
 
 def figure_widget(**layout):
     """A :class:`~workbench.widgets._plot.Plot` (plotly figure + light widget) with the common style."""
-    base = dict(template="plotly_white", margin=dict(l=60, r=20, t=50, b=50))
+    base = dict(margin=dict(l=60, r=20, t=50, b=50))
     base.update(layout)
     return Plot(**base)

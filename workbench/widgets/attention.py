@@ -222,7 +222,8 @@ class CrossModalAttentionView(W.ViewBase):
             w.observe(lambda ch: self._draw(), "value")
         self.w_mean.observe(lambda ch: setattr(self.w_head, "disabled", bool(ch["new"])), "value")
         self.w_opacity.observe(lambda ch: self._set_opacity(float(ch["new"])), "value")
-        self.widget = ipw.VBox([ipw.HBox([self.w_query, self.w_part]), ipw.HBox([self.w_layer, self.w_head, self.w_mean]),
+        self.widget = ipw.VBox([ipw.HBox([self.w_query, self.w_part]),
+                                ipw.HBox([self.w_layer, self.w_head, self.w_mean]),
                                 self.w_opacity, self.fig.widget])
         self.widget.add_class("wb-attention-view")
 
@@ -261,12 +262,14 @@ class CrossModalAttentionView(W.ViewBase):
             hm.x, hm.y, hm.z = xs, ys, z
             hm.zmax = float(np.nanmax(z)) if np.isfinite(z).any() and np.nanmax(z) > 0 else 1.0
             self.fig.layout.title.text = (f"Sequence {self.sequence}, image {self.image_index}: attention of "
-                                          f"{html.escape(self.query_labels[q])} — L{self.layer_values[int(self.w_layer.value)]}, {head}")
+                                          f"{html.escape(self.query_labels[q])} — "
+                                          f"L{self.layer_values[int(self.w_layer.value)]}, {head}")
 
 
 def _has_global(image_info: Any, n_tiles: int) -> bool:
     if image_info is not None:
-        v = image_info.get("has_global_tile") if isinstance(image_info, dict) else getattr(image_info, "has_global_tile", None)
+        v = (image_info.get("has_global_tile") if isinstance(image_info, dict)
+             else getattr(image_info, "has_global_tile", None))
         if v is not None:
             return bool(v)
     return n_tiles > 1

@@ -42,7 +42,8 @@ class TraceComparison(W.ViewBase):
         self.n_experts = self.loads_a.n_experts
         self.w_mode = ipw.ToggleButtons(options=[(v, k) for k, v in _MODES.items()], value=mode, description="Show",
                                         style={"button_width": "180px"})
-        self.w_modality = ipw.Dropdown(options=list(W.MODALITY_OPTIONS), value=-1 if modality is None else int(modality), description="Tokens")
+        self.w_modality = ipw.Dropdown(options=list(W.MODALITY_OPTIONS), description="Tokens",
+                                       value=-1 if modality is None else int(modality))
         self.w_status = ipw.HTML()
         E, L = self.n_experts, len(la)
         h = max(320, min(900, 14 * L + 140))
@@ -50,7 +51,7 @@ class TraceComparison(W.ViewBase):
         for name in (*self.labels, f"{self.labels[1]} \u2212 {self.labels[0]}"):
             f = W.figure_widget(title=dict(text=name, x=0.01), height=h, width=375,
                                 xaxis=dict(title="expert"), yaxis=dict(title="MoE layer", autorange="reversed"))
-            f.add_heatmap(z=np.zeros((L, E)), x=list(range(E)), y=la, colorscale=SEQUENTIAL, hoverongaps=False, zsmooth="fast",
+            f.add_heatmap(z=np.zeros((L, E)), x=list(range(E)), y=la, colorscale=SEQUENTIAL, hoverongaps=False,
                           colorbar=dict(title=dict(text="")))
             f.layout.meta = {"view": f"TraceComparison.{name}"}
             self.figs.append(f)
@@ -61,8 +62,8 @@ class TraceComparison(W.ViewBase):
         self._draw()
         self.w_mode.observe(lambda ch: self._draw(), "value")
         self.w_modality.observe(lambda ch: self._draw(), "value")
-        self.widget = ipw.VBox([ipw.HBox([self.w_mode, self.w_modality]), self.w_status, ipw.HBox([f.widget for f in self.figs]),
-                                self.cv.widget])
+        self.widget = ipw.VBox([ipw.HBox([self.w_mode, self.w_modality]), self.w_status,
+                                ipw.HBox([f.widget for f in self.figs]), self.cv.widget])
         self.widget.add_class("wb-trace-comparison")
 
     def values(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

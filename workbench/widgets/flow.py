@@ -65,7 +65,8 @@ class RoutingFlow(W.ViewBase):
         opts = [(lab, i) for i, lab in enumerate(self.layers)]
         self.w_a = ipw.Dropdown(options=opts, value=int(a), description="From layer")
         self.w_b = ipw.Dropdown(options=opts, value=int(b), description="To layer")
-        self.w_modality = ipw.Dropdown(options=list(W.MODALITY_OPTIONS), value=-1 if modality is None else int(modality), description="Tokens")
+        self.w_modality = ipw.Dropdown(options=list(W.MODALITY_OPTIONS), description="Tokens",
+                                       value=-1 if modality is None else int(modality))
         self.w_co = ipw.ToggleButtons(options=[("P(j | i)", "probability"), ("pair counts", "count")],
                                       value=coactivation_mode, description="Co-activation",
                                       disabled=self.k == 1)

@@ -77,8 +77,8 @@ class ExpertLoadDashboard(W.ViewBase):
         # ---- controls
         self.w_mode = ipw.ToggleButtons(options=[(v, k) for k, v in _MODES.items()], value=mode,
                                         description="Show", style={"button_width": "180px"})
-        self.w_modality = ipw.Dropdown(options=list(W.MODALITY_OPTIONS), value=-1 if modality is None else int(modality),
-                                       description="Tokens", disabled=self.live)
+        self.w_modality = ipw.Dropdown(options=list(W.MODALITY_OPTIONS), description="Tokens", disabled=self.live,
+                                       value=-1 if modality is None else int(modality))
         self.w_seq = ipw.IntRangeSlider(value=tuple(seq_range) if seq_range is not None else (seq_lo, seq_hi),
                                         min=seq_lo, max=max(seq_hi, seq_lo), description="Sequences",
                                         continuous_update=False, disabled=self.live or seq_hi == seq_lo,
@@ -94,7 +94,6 @@ class ExpertLoadDashboard(W.ViewBase):
             xaxis=dict(title="expert", constrain="domain"), yaxis=dict(title="MoE layer (decoder index)",
                                                                        autorange="reversed"))
         self.heatmap.add_heatmap(z=np.zeros((L, E)), x=list(range(E)), y=self.layers, colorscale=SEQUENTIAL,
-                                 zsmooth="fast",  # one pixel per cell, scaled: several times cheaper to draw
                                  colorbar=dict(title=dict(text="share")), hoverongaps=False, name="load")
         self.heatmap.layout.meta = {"view": "ExpertLoadDashboard.heatmap"}
         self.heatmap.layout.shapes = [dict(type="rect", xref="paper", x0=0, x1=1, yref="y", y0=layer - 0.5,
@@ -106,13 +105,13 @@ class ExpertLoadDashboard(W.ViewBase):
         self.bars.layout.meta = {"view": "ExpertLoadDashboard.bars"}
         from plotly.subplots import make_subplots
 
-        from ._plot import Plot
+        from ._plot import Plot, new_figure
 
         sp = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.11,
                            subplot_titles=("CV = std f / mean f", "max / mean = E max f",
-                                           "load entropy / log E"))
+                                           "load entropy / log E"), figure=new_figure())
         self.metrics = Plot(sp)
-        self.metrics.update_layout(template="plotly_white", height=max(420, min(900, 14 * L + 140)), width=330,
+        self.metrics.update_layout(height=max(420, min(900, 14 * L + 140)), width=330,
                                    title=dict(text="Imbalance per layer", x=0.01), showlegend=False,
                                    margin=dict(l=50, r=10, t=70, b=40))
         for row, name in enumerate(("cv", "max_over_mean", "load_entropy"), start=1):
@@ -196,12 +195,11 @@ class ExpertLoadDashboard(W.ViewBase):
         li = int(self.w_layer.value)
         title = {"count": "top-k slots", "share": "share", "deviation": "E·f − 1"}[mode]
         hover = {"count": "%{z:,}", "share": "%{z:.2%}", "deviation": "%{z:+.1%} vs uniform"}[mode]
-        with self._update_lock:
+        def draw_heatmap():
             with self.heatmap.batch_update():
                 hm = self.heatmap.data[0]
                 if heatmap:
                     hm.z = z
-                    self._z = z
                     if mode == "deviation":
                         lim = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0
                         hm.update(zmid=0, zmin=-max(lim, 1e-9), zmax=max(lim, 1e-9), zauto=False)
@@ -216,13 +214,23 @@ class ExpertLoadDashboard(W.ViewBase):
                     self.heatmap.layout.title.text = f"Expert load ({_MODES[mode]}) — {self.n_selected:,} tokens"
                 if layer:
                     self.heatmap.layout.shapes[0].update(y0=li - 0.5, y1=li + 0.5)
-            if layer or heatmap:
-                with self.bars.batch_update():
-                    self.bars.data[0].y = np.asarray(z[li], np.float64)
-                    self.bars.data[0].hovertemplate = ("expert %{x}: " + hover.replace("%{z", "%{y")
-                                                       + "<extra></extra>")
-                    self.bars.layout.yaxis.title.text = title
-                    self.bars.layout.title.text = f"Layer {self.layers[li]}: {_MODES[mode]} per expert"
+
+        def draw_bars():
+            with self.bars.batch_update():
+                self.bars.data[0].y = np.asarray(z[li], np.float64)
+                self.bars.data[0].hovertemplate = ("expert %{x}: " + hover.replace("%{z", "%{y")
+                                                   + "<extra></extra>")
+                self.bars.layout.yaxis.title.text = title
+                self.bars.layout.title.text = f"Layer {self.layers[li]}: {_MODES[mode]} per expert"
+
+        with self._update_lock:
+            # the figure the control is about goes first (messages are drawn in order)
+            if heatmap:
+                draw_heatmap()
+                draw_bars()
+            elif layer:
+                draw_bars()
+                draw_heatmap()
             if metrics:
                 m = self.metrics_values()
                 with self.metrics.batch_update():

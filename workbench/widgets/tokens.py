@@ -173,8 +173,8 @@ class TokenRoutingView(W.ViewBase):
 
         legend = ipw.HTML("<small>Background = top-1 expert at the layer (one fixed colorblind-safe color "
                           "per expert, as in every workbench view). \u25a6 = image patch token; "
-                          "<i>italic</i> = special token. Hover for the top-k experts and weights; click a token to pin "
-                          "it and plot its path through all MoE layers.</small>")
+                          "<i>italic</i> = special token. Hover for the top-k experts and weights; click a "
+                          "token to pin it and plot its path through all MoE layers.</small>")
         self.widget = ipw.VBox([ipw.HBox([self.w_layer, self.w_prev, self.w_page, self.w_next]), self.w_info,
                                 legend, self.strip, self.w_path, self.w_path_box])
         self.widget.add_class("wb-token-view")
