@@ -224,7 +224,8 @@ class Recorder:
                  logits_dtype: str = "float16", overwrite: bool = False, resume: bool = False,
                  processor=None, provenance: dict | None = None, queue_size: int = 4,
                  adapter: RoutingAdapter | None = None, attention_layers: Sequence[int] | None = None,
-                 attention_heads: str | Sequence[int] = "all", attention_dtype: str = "float16") -> None:
+                 attention_heads: str | Sequence[int] = "all", attention_dtype: str = "float16",
+                 commit_every_tokens: int = 0) -> None:
         capture = tuple(capture)
         unknown = [c for c in capture if c not in CAPTURE_CHOICES]
         if unknown:
@@ -240,6 +241,10 @@ class Recorder:
             self.attention = AttentionCapture(self, layers=attention_layers, heads=attention_heads,
                                               dtype=attention_dtype)
         self.store_path = Path(store)
+        # 0: every forward pass is committed before the next is written (a kill loses nothing
+        # recorded). N: batches are staged until N tokens, then committed in one write: fewer
+        # chunk rewrites (about 3x cheaper per token), and a kill loses at most N tokens.
+        self._commit_every = int(commit_every_tokens)
         self.processor = processor
         if processor is not None:
             self.spec.special_ids |= _special_ids(processor) - {self.spec.image_token_id}
@@ -262,7 +267,7 @@ class Recorder:
         from workbench.store import TraceWriter
 
         if resume:
-            w = TraceWriter.resume(self.store_path)
+            w = TraceWriter.resume(self.store_path, min_commit_tokens=self._commit_every)
             if list(w.moe_layers) != self.spec.moe_layers or w.n_experts != self.spec.n_experts:
                 w.close(complete=False)
                 raise RecorderError(f"{self.store_path} was recorded from another model layout "
@@ -276,7 +281,8 @@ class Recorder:
         vocab = _vocab(self.processor) if self.processor is not None else None
         return TraceWriter.create(self.store_path, moe_layers=self.spec.moe_layers, n_experts=self.spec.n_experts,
                                   top_k=self.spec.top_k, capture_logits=self._logits, logits_dtype=logits_dtype,
-                                  attrs=prov, vocab=vocab, overwrite=overwrite)
+                                  attrs=prov, vocab=vocab, overwrite=overwrite,
+                                  min_commit_tokens=self._commit_every)
 
     def _sequences_in_store(self) -> int:
         n = self._writer.n_tokens
@@ -407,9 +413,11 @@ class Recorder:
 
     # -- views ---------------------------------------------------------------------------------
     def flush(self) -> None:
-        """Wait until every recorded forward pass is in the store."""
+        """Wait until every recorded forward pass is committed to the store."""
         self._queue.join()
         self._raise_pending_error()
+        if self._commit_every and not self._closed:
+            self._writer.commit()
 
     def loads(self):
         """Running expert-load totals of what is committed: xarray (moe_layer, expert) int64.

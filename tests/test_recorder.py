@@ -153,3 +153,20 @@ def test_store_error_surfaces_in_the_callers_thread(text_ckpt, tmp_path):
     with pytest.raises(RecorderError, match="No space left"):
         rec.flush()
     rec.close(complete=False)
+
+
+def test_commit_every_tokens_stages_then_commits(text_ckpt, tmp_path):
+    d, _ = text_ckpt
+    model = wb.load_model(d, progress=False)
+    ids = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(5))
+    with wb.record(model, tmp_path / "t.zarr", commit_every_tokens=50) as rec:
+        model(input_ids=ids)
+        rec._queue.join()
+        assert rec.n_tokens == 0  # 20 tokens staged, below 50: nothing committed yet
+        model(input_ids=ids)
+        model(input_ids=ids)
+        rec.flush()  # flush commits what is staged
+        assert rec.n_tokens == 60
+        model(input_ids=ids)
+    ds = wb.open_trace(tmp_path / "t.zarr")
+    assert ds.attrs["complete"] and ds.sizes["token"] == 80  # close committed the rest
