@@ -22,9 +22,11 @@ Starts JupyterLab (127.0.0.1, random port and token, temporary config) and drive
 4. *Live overhead*: in the kernel, the same recorded run (the random checkpoint, ``--forward``
    passes of 4 x 256 tokens) with no dashboard ('off'), with a live ExpertLoadDashboard at 2 Hz
    whose updates are sent but which is not displayed ('hidden': the kernel-side cost), and with
-   it displayed in the page ('shown': the browser renders on the same 2 cores). ``--pairs`` rounds
-   after a warm-up run, the order rotated each round; reported: the median over rounds of each
-   round's wall-time ratio to its 'off' run, and the refresh thread's CPU time / wall time.
+   it displayed in the page ('shown': the browser renders on the same 2 cores), at ``--hz``.
+   Each run pauses 3 s after creating (and displaying) the dashboard so that its first drawing is
+   not timed. ``--pairs`` rounds after a warm-up run, the order rotated each round; reported: the
+   median over rounds of each round's wall-time ratio to its 'off' run, the same for the kernel
+   process's CPU time (all threads), and the refresh thread's CPU time / wall time.
 
 Writes ``benchmarks/out/widgets_browser.json`` and prints a markdown table (the numbers in
 ``benchmarks/RESULTS.md``, "Widgets").
@@ -117,7 +119,7 @@ CELLS = [
     "_t = time.perf_counter()\ndash = ExpertLoadDashboard('big.zarr')\nOPEN_KERNEL_S = time.perf_counter() - _t\n"
     "dash",
     # 3: live overhead
-    """import statistics, torch, workbench as wb
+    """import resource, statistics, torch, workbench as wb
 from IPython.display import display
 torch.manual_seed(0)
 model = wb.load_model('ckpt', progress=False)
@@ -127,18 +129,22 @@ batches = [torch.randint(3, 300, (4, 256), generator=g) for _ in range(N_FORWARD
 def one_run(variant, i):
     # 'off': no dashboard; 'hidden': live dashboard, updates sent, not displayed; 'shown': displayed
     with torch.no_grad(), wb.record(model, f'live_{i}.zarr', overwrite=True) as rec:
-        d = ExpertLoadDashboard(rec, refresh_hz=2.0) if variant != 'off' else None
+        d = ExpertLoadDashboard(rec, refresh_hz=REFRESH_HZ) if variant != 'off' else None
         if variant == 'shown':
             display(d)
+        time.sleep(3.0)  # every variant: let the page draw the new dashboard before the timed run
+        ru = resource.getrusage(resource.RUSAGE_SELF)
         t = time.perf_counter()
         for b in batches:
             model(input_ids=b)
         rec.flush()
         dt = time.perf_counter() - t
+        ru2 = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = (ru2.ru_utime - ru.ru_utime) + (ru2.ru_stime - ru.ru_stime)  # the kernel process, all threads
     if d is None:
-        return dt, 0, 0.0
+        return dt, 0, 0.0, cpu
     d.stop()
-    return dt, d.n_refreshes, d.refresh_cpu_seconds
+    return dt, d.n_refreshes, d.refresh_cpu_seconds, cpu
 
 one_run('off', 'warm')
 order = ['off', 'hidden', 'shown']
@@ -147,15 +153,18 @@ for i in range(N_PAIRS):
     for v in order[i % 3:] + order[:i % 3]:  # rotate the order every round
         runs[v].append(one_run(v, i))
 wall = {v: [r[0] for r in runs[v]] for v in order}
+cpu = {v: [r[3] for r in runs[v]] for v in order}
 med = statistics.median
 res = dict(imports_s=IMPORT_S, open_kernel_s=OPEN_KERNEL_S, open_kernel_cold_s=OPEN_KERNEL_COLD_S,
            token_view_kernel_s=TOK_KERNEL_S,
-           run_s=wall, refreshes={v: [r[1] for r in runs[v]] for v in order[1:]},
+           run_s=wall, process_cpu_s=cpu, refreshes={v: [r[1] for r in runs[v]] for v in order[1:]},
            refresh_cpu_s={v: [r[2] for r in runs[v]] for v in order[1:]},
            # paired: each round's run over the same round's 'off' run (robust to load drifting on a shared box)
            ratio_hidden=med([h / o for h, o in zip(wall['hidden'], wall['off'])]),
            ratio_shown=med([h / o for h, o in zip(wall['shown'], wall['off'])]),
            ratio_hidden_of_medians=med(wall['hidden']) / med(wall['off']),
+           cpu_ratio_hidden=med([h / o for h, o in zip(cpu['hidden'], cpu['off'])]),
+           cpu_ratio_shown=med([h / o for h, o in zip(cpu['shown'], cpu['off'])]),
            ratio_shown_of_medians=med(wall['shown']) / med(wall['off']),
            cpu_fraction=sum(r[2] for v in order[1:] for r in runs[v]) / sum(wall['hidden'] + wall['shown']),
            threads=torch.get_num_threads())
@@ -169,15 +178,17 @@ DASH_DRAWN = ("(n) => { const d = document.querySelectorAll('.wb-load-dashboard'
               " d.querySelectorAll('.js-plotly-plot .scatterlayer .trace').length >= 3; }")
 
 
-JS_FIND = """const find = (view) => [...document.querySelectorAll('.js-plotly-plot')]
-  .find(g => g.layout && g.layout.meta && g.layout.meta.view === view);"""
-
 # Arm a timer on `el`: t0 at the user's event (capture phase), done at the first plotly_afterplot of
-# figure `view` whose title differs from now, plus one animation frame (the paint).
-JS_ARM = JS_FIND + """
+# figure `view` OF THE SAME VIEW as `el` whose title differs from now, plus one animation frame (the
+# paint). Rejects after 20 s.
+JS_ARM = """
 return new Promise((armed) => {
-  const gd = find(view); const before = gd.layout.title.text; let t0 = null;
-  window.__wbTimer = new Promise((resolve) => {
+  const root = el.closest('.wb-load-dashboard, .wb-token-view, .wb-routing-flow, .wb-trace-comparison,'
+                          + ' .wb-attention-view');
+  const gd = [...root.querySelectorAll('.js-plotly-plot')]
+    .find(g => g.layout && g.layout.meta && g.layout.meta.view === view);
+  const before = gd.layout.title.text; let t0 = null;
+  window.__wbTimer = new Promise((resolve, reject) => {
     const start = () => { if (t0 === null) t0 = performance.now(); };
     el.addEventListener(evt, start, {capture: true, once: true});
     const done = () => {
@@ -186,6 +197,7 @@ return new Promise((armed) => {
       requestAnimationFrame(() => resolve(performance.now() - t0));
     };
     gd.on('plotly_afterplot', done);
+    setTimeout(() => reject(new Error('no redraw of ' + view + ' within 20 s')), 20000);
   });
   armed(true);
 });"""
@@ -237,21 +249,24 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=None, help="keep traces here (reused on the next run)")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--pairs", type=int, default=8, help="rounds (off, hidden, shown) of the live-overhead run")
-    ap.add_argument("--forward", type=int, default=30, help="forward passes per live-overhead run")
+    ap.add_argument("--hz", type=float, default=2.0, help="refresh rate of the live dashboard")
+    ap.add_argument("--forward", type=int, default=40, help="forward passes per live-overhead run")
     a = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` etc.: still stop JupyterLab
     if not Path(CHROMIUM).exists():
         sys.exit(f"{CHROMIUM} is missing: apt-get install -y chromium")
     root = a.root or Path(tempfile.mkdtemp(prefix="wb-widgets-bench-"))
     root.mkdir(parents=True, exist_ok=True)
-    res: dict = {"date": "2026-11-26", "versions": versions(), "tokens": a.tokens}
+    res: dict = {"date": "2026-11-26", "versions": versions(), "tokens": a.tokens, "hz": a.hz,
+                 "forward": a.forward, "rounds": a.pairs}
     print(f"traces in {root}", flush=True)
     res["write_big_s"] = write_trace(root / "big.zarr", a.tokens, seed=0)
     vocab = [f"w{i}" for i in range(5000)]
     vocab[:4] = ["<|begin_of_text|>", "<script>alert(1)</script>", " the", "\n"]
     res["write_10k_s"] = write_trace(root / "tok10k.zarr", 10_000, vocab=vocab, seed=1)
     make_model(root / "ckpt")
-    cells = [c.replace("N_FORWARD", str(a.forward)).replace("N_PAIRS", str(a.pairs)) for c in CELLS]
+    cells = [c.replace("N_FORWARD", str(a.forward)).replace("N_PAIRS", str(a.pairs))
+             .replace("REFRESH_HZ", repr(float(a.hz))) for c in CELLS]
     write_notebook(root / "bench.ipynb", cells)
     (root / "kernel_results.json").unlink(missing_ok=True)
 
@@ -344,11 +359,13 @@ def _report(root, a, res) -> None:
     print(f"| TokenRoutingView of 10,000 tokens (first view of the page): Shift+Enter to the first 512 "
           f"tokens drawn | "
           f"{res['token_view_first_page_s']:.2f} s (kernel part {res['token_view_kernel_s']:.2f} s) | < 1 s |")
-    print(f"| live dashboard (2 Hz) on a recorded run, kernel side only (updates sent, not displayed): "
+    print(f"| live dashboard ({a.hz:g} Hz) on a recorded run, kernel side only (updates sent, not displayed): "
           f"wall time / no dashboard (median over {a.pairs} rounds of the per-round ratio) | "
           f"{res['ratio_hidden']:.3f} (ratio of medians {res['ratio_hidden_of_medians']:.3f}) | <= 1.02 |")
     print(f"| same, dashboard displayed in the page (browser on the same 2 cores) | {res['ratio_shown']:.3f} "
           f"(ratio of medians {res['ratio_shown_of_medians']:.3f}) | - |")
+    print(f"| kernel process CPU time (all threads), live dashboard hidden / none; shown / none (median of "
+          f"per-round ratios) | {res['cpu_ratio_hidden']:.3f}; {res['cpu_ratio_shown']:.3f} | - |")
     print(f"| refresh thread CPU time / run wall time | {100 * res['cpu_fraction']:.2f} % | - |")
     print(f"\nrun wall times {json.dumps({k: [round(x, 2) for x in v] for k, v in res['run_s'].items()})}; "
           f"refreshes {res['refreshes']}; cell errors: {res['cell_errors']}")

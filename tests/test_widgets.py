@@ -659,3 +659,26 @@ def test_bad_arguments_are_named(tiny, tmp_path):
     make_trace(q, layers=[0, 2, 4], hostile_first=False)
     with pytest.raises(ValueError, match="different MoE layers"):
         TraceComparison(p, q)
+
+
+def test_attention_view_finds_image_and_geometry_in_provenance(mm_trace, tmp_path):
+    """Recorders may store image paths / geometry in provenance: {"images": {"<seq>": [path]},
+    "image_info": {"<seq>": [ImageInfo fields]}}; the view then needs no arguments."""
+    import json as _json
+    import shutil
+
+    from PIL import Image
+
+    p = tmp_path / "prov.zarr"
+    shutil.copytree(mm_trace, p)
+    Image.fromarray(np.full((56, 56, 3), 120, np.uint8)).save(tmp_path / "img0.png")
+    zj = p / "zarr.json"
+    meta = _json.loads(zj.read_text())
+    prov = meta["attributes"].setdefault("provenance", {})
+    prov["images"] = {"0": ["img0.png"]}  # relative to the trace's folder
+    prov["image_info"] = {"0": [{"original_size": [56, 56], "grid": [1, 1], "resized_size": [56, 56],
+                                 "tile_size": 56, "token_grid": [2, 2], "has_global_tile": False}]}
+    zj.write_text(_json.dumps(meta))
+    v = CrossModalAttentionView(p, 0)
+    assert v.size == (56, 56) and v.rgb[0, 0].tolist() == [120, 120, 120]
+    np.testing.assert_array_equal(v.fig.data[-1].x, [0, 28, 56])

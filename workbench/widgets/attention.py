@@ -83,9 +83,10 @@ class CrossModalAttentionView(W.ViewBase):
     ``capture=("router", "attention")``; ``sequence``: the trace sequence number.
 
     The picture: ``image=`` (PIL image, array or file path); else the trace's provenance entry
-    ``provenance["images"][str(sequence)][image_index]`` (a file path) when present. Pixel placement
-    uses :func:`workbench.geometry.patch_boxes`: pass ``image_info=`` (the processor's
-    ``ImageInfo`` for this image, ``batch.images[i]``, or a mapping with its fields) when the image
+    ``provenance["images"][str(sequence)][image_index]`` (a file path; relative paths are taken next
+    to the trace) when present. Pixel placement uses :func:`workbench.geometry.patch_boxes`: pass
+    ``image_info=`` (the processor's ``ImageInfo`` for this image, ``batch.images[i]``, or a mapping
+    with its fields; else ``provenance["image_info"][str(sequence)][image_index]``) when the image
     was not processed with the default Llama 4 settings; without it the tiling is recomputed from the
     image size and the token grid of the stored maps (``config=`` an ``ImageProcessorConfig``).
 
@@ -117,11 +118,17 @@ class CrossModalAttentionView(W.ViewBase):
         self.patch_idx = np.flatnonzero(images == self.image_index)
 
         # ---- the picture and its size
+        prov = ds.attrs.get("provenance") or {}
+        prov = prov if isinstance(prov, dict) else {}
         if image is None:
-            prov = ds.attrs.get("provenance") or {}
-            paths = (prov.get("images") or {}).get(str(self.sequence)) if isinstance(prov, dict) else None
+            paths = (prov.get("images") or {}).get(str(self.sequence))
             if paths and len(paths) > self.image_index:
-                image = paths[self.image_index]
+                p = Path(paths[self.image_index])
+                image = p if p.is_absolute() else self.path.parent / p  # relative: next to the trace
+        if image_info is None:
+            infos = (prov.get("image_info") or {}).get(str(self.sequence))
+            if infos and len(infos) > self.image_index:
+                image_info = infos[self.image_index]
         self.rgb = _as_rgb_array(image) if image is not None else None
         info_size = None
         if image_info is not None:
