@@ -24,6 +24,9 @@ that image's patches in ``open_attention(...)`` (``att.sel(patch=att.image == i)
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from typing import Any, Mapping
 
 import numpy as np
@@ -122,3 +125,26 @@ def patch_boxes(info: Any = None, *, original_size=None, grid=None, resized_size
         masks.append(np.ones(gr * gc, bool))
     boxes = np.concatenate(parts)
     return (boxes, np.concatenate(masks)) if return_mask else boxes
+
+
+def as_rgb_array(image: Any) -> np.ndarray:
+    """(H, W, 3) uint8 from a PIL image, an array (H, W[, 3|4], uint8 or float in [0, 1]) or a path."""
+    from PIL import Image
+
+    if isinstance(image, (str, os.PathLike)):
+        p = Path(image)
+        if not p.is_file():
+            raise FileNotFoundError(f"image file {p} does not exist")
+        with Image.open(p) as im:
+            return np.asarray(im.convert("RGB"))
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    a = np.asarray(image)
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=2)
+    if a.ndim != 3 or a.shape[2] not in (3, 4):
+        raise ValueError(f"image array must be (H, W), (H, W, 3) or (H, W, 4), got shape {a.shape}")
+    a = a[..., :3]
+    if a.dtype.kind == "f":
+        a = np.clip(a * 255.0 if a.max(initial=0) <= 1.0 else a, 0, 255)
+    return a.astype(np.uint8)

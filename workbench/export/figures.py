@@ -461,25 +461,12 @@ def plot_coactivation(ds: xr.Dataset, layer: int | None = None):
 
 # --------------------------------------------------------------------------------- attention
 def _rgb(image: Any) -> np.ndarray:
-    from PIL import Image
+    from workbench.geometry import as_rgb_array
 
-    if isinstance(image, (str, Path)):
-        p = Path(image)
-        if not p.is_file():
-            raise FileNotFoundError(f"image file {p} does not exist")
-        with Image.open(p) as im:
-            return np.asarray(im.convert("RGB"))
-    if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
-    a = np.asarray(image)
-    if a.ndim == 2:
-        a = np.repeat(a[..., None], 3, axis=2)
-    if a.ndim != 3 or a.shape[2] not in (3, 4):
-        raise ExportError(f"image array must be (H, W), (H, W, 3) or (H, W, 4), got shape {a.shape}")
-    a = a[..., :3]
-    if a.dtype.kind == "f":
-        a = np.clip(a * 255.0 if a.max(initial=0) <= 1.0 else a, 0, 255)
-    return a.astype(np.uint8)
+    try:
+        return as_rgb_array(image)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
 
 
 def attention_values(store: Path, ds: xr.Dataset, sequence: int | None = None, layer: int | None = None,

@@ -1,6 +1,8 @@
 """CrossModalAttentionView: a text token's attention over the image patches, on the image's pixels."""
 from __future__ import annotations
 
+from workbench.geometry import as_rgb_array
+
 import base64
 import html
 import io
@@ -18,27 +20,7 @@ __all__ = ["CrossModalAttentionView", "overlay_grid"]
 _MAX_IMAGE_SIDE = 1024  # the picture is sent downscaled to at most this many pixels per side
 
 
-def _as_rgb_array(image: Any) -> np.ndarray:
-    """(H, W, 3) uint8 from a PIL image, an array (H, W[, 3|4], uint8 or float in [0, 1]) or a path."""
-    from PIL import Image
-
-    if isinstance(image, (str, os.PathLike)):
-        p = Path(image)
-        if not p.is_file():
-            raise FileNotFoundError(f"image file {p} does not exist")
-        with Image.open(p) as im:
-            return np.asarray(im.convert("RGB"))
-    if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
-    a = np.asarray(image)
-    if a.ndim == 2:
-        a = np.repeat(a[..., None], 3, axis=2)
-    if a.ndim != 3 or a.shape[2] not in (3, 4):
-        raise ValueError(f"image array must be (H, W), (H, W, 3) or (H, W, 4), got shape {a.shape}")
-    a = a[..., :3]
-    if a.dtype.kind == "f":
-        a = np.clip(a * 255.0 if a.max(initial=0) <= 1.0 else a, 0, 255)
-    return a.astype(np.uint8)
+_as_rgb_array = as_rgb_array  # shared with the paper export
 
 
 def _data_uri(rgb: np.ndarray) -> tuple[str, int, int]:
