@@ -1,4 +1,4 @@
-"""Interactive JupyterLab views of traces (ipywidgets + plotly FigureWidget + anywidget).
+"""Interactive JupyterLab views of traces (ipywidgets + anywidget + plotly.js; see ``_plot`` for why not FigureWidget).
 
     from workbench.widgets import ExpertLoadDashboard, TokenRoutingView, CrossModalAttentionView, \
         RoutingFlow, TraceComparison
