@@ -427,20 +427,6 @@ def attention_sequences(store: str | os.PathLike) -> list[int]:
     return _scan(p)[0]
 
 
-def _ranges(xs: list[int]) -> str:
-    if not xs:
-        return "none"
-    parts, start, prev = [], xs[0], xs[0]
-    for x in xs[1:] + [None]:
-        if x is not None and x == prev + 1:
-            prev = x
-            continue
-        parts.append(str(start) if start == prev else f"{start}-{prev}")
-        if x is not None:
-            start = prev = x
-    return ", ".join(parts)
-
-
 def open_attention(store: str | os.PathLike, sequence: int):
     """Attention maps of one sequence: ``xarray.DataArray`` (layer, head, query, patch), lazy.
 
@@ -451,6 +437,8 @@ def open_attention(store: str | os.PathLike, sequence: int):
     that is not a trace, :class:`AttentionNotFoundError` when the trace has no attention maps or
     none for ``sequence`` (the message lists the sequences that have them).
     """
+    from workbench.cli import _ranges  # "0-3, 7" formatting, shared with `workbench info`
+
     import xarray as xr
 
     from workbench.store import _HAVE_DASK, _quiet, _read_root
