@@ -2,15 +2,23 @@
 
 Recording (``wb.record(model, path, capture=("attention",), attention_layers=..., attention_heads=...,
 attention_dtype=...)``) attaches :class:`AttentionCapture` to each chosen decoder layer's
-``hook_attn`` tap of workbench's Llama 4. For every sequence of a forward pass that holds image
-patch tokens it stores
+``hook_attn_lse`` tap of workbench's Llama 4. For every sequence of a forward pass that holds
+image patch tokens it stores
 
     p[layer, head, i, j] = softmax over all keys of (q_i . k * scale), at key = patch token j
 
 exactly as the layer computes it (the query after RoPE, QK norm and NoPE temperature; the
-layer's mask: causal, padding, chunks of ``attention_chunk_size`` on RoPE layers; GQA), computed
-by :func:`workbench.kernels.attention_map.cross_attention_probs` (blockwise log-sum-exp, never
-the T x T matrix). The layer's own output is untouched (it still comes from SDPA).
+layer's mask: causal, padding, chunks of ``attention_chunk_size`` on RoPE layers; GQA), never
+building the T x T matrix. ``p = exp(q_i . k_j * scale - lse_i)`` needs each query row's
+log-sum-exp over all its allowed keys:
+
+* on CPU the layer's own attention call returns it (the tap makes the layer run
+  ``F.scaled_dot_product_attention`` through the aten kernel it dispatches to, fused CPU flash
+  attention, which also returns the log-sum-exp; the layer output is the same bit for bit), so
+  the capture computes only the patch columns
+  (:func:`workbench.kernels.attention_map.cross_attention_probs_from_lse`);
+* otherwise (CUDA, or a backend without it) the capture computes it blockwise itself
+  (:func:`workbench.kernels.attention_map.cross_attention_probs`: Triton on CUDA).
 
 Which tokens
 ------------
@@ -53,8 +61,9 @@ of ``L_sel x H' x Q x P`` values of the storage dtype (H' = heads or 1 for the m
 queries, P patch keys): proportional to text x patch tokens per layer, never T x T. The kernel
 adds bounded working blocks (torch backend: each ~128 MiB, see
 ``workbench.kernels.attention_map.torch_block_sizes``) or ``H x Q`` float32 log-sum-exps (Triton).
-Up to ``queue_size`` passes can wait for the writer thread. Work per layer: O(Q x chunk) dot
-products on chunked layers, O(Q x T / 2) on global layers, plus O(Q x P) for the columns.
+Up to ``queue_size`` passes can wait for the writer thread. Work per layer: O(Q x P) for the
+columns, plus, when the layer gives no log-sum-exp, O(Q x chunk) dot products on chunked layers
+and O(Q x T / 2) on global layers.
 
 Host synchronization: the text/patch index selection is computed once per forward pass, in the
 inputs tap, from the token ids on the host. On CUDA that is one ``ids.cpu()`` sync per forward
@@ -161,7 +170,9 @@ class AttentionCapture:
     layers: decoder layer indices to record (default all). heads: ``"all"``, ``"mean"`` (mean over
     query heads of the probabilities) or a list of query head indices. dtype: storage dtype,
     ``"float16"`` (default) or ``"float32"``. backend: kernel backend (None = Triton on CUDA when
-    available, torch otherwise).
+    available, torch otherwise). ``use_layer_lse`` (attribute, default True): use the layer's own
+    log-sum-exp when it comes with the tap (False: the kernel computes it, as on CUDA; for
+    benchmarks and checks).
     """
 
     def __init__(self, recorder, layers: Sequence[int] | None = None, heads="all", dtype: str = "float16",
@@ -206,6 +217,7 @@ class AttentionCapture:
         self.layers = layers
         self.dtype = dtype
         self.backend = backend
+        self.use_layer_lse = True
         self._modules = attn
         self._text_model = text_models[0]
         self.chunk_size = {i: (self._text_model.config.attention_chunk_size if attn[i].use_rope else None)
@@ -234,7 +246,7 @@ class AttentionCapture:
         self._inputs_tap, self._prev_inputs_fn, self._wrapper = tap, prev, wrapper
         tap.fn = wrapper
         for pos, layer in enumerate(self.layers):
-            t = self._modules[layer].hook_attn
+            t = self._modules[layer].hook_attn_lse
             t.fn = (lambda pos, layer: lambda tap, **kw: self._on_attn(pos, layer, **kw))(pos, layer)
             self._taps.append(t)
 
@@ -279,19 +291,27 @@ class AttentionCapture:
                              dev=torch.empty(shape[1:], dtype=tdtype, device=dev) if cuda else None))
         self._state = _PassState(seqs=seqs)
 
-    def _on_attn(self, pos: int, layer: int, query, key, scale, allowed, position_ids, attention_mask) -> None:
-        from workbench.kernels.attention_map import cross_attention_probs
+    def _on_attn(self, pos: int, layer: int, query, key, scale, lse, position_ids, attention_mask) -> None:
+        from workbench.kernels.attention_map import cross_attention_probs, cross_attention_probs_from_lse
 
         st = self._state
         if st is None:
             raise _recorder_error("attention tap fired before the inputs tap (no token ids for this pass)")
+        use_lse = lse is not None and self.use_layer_lse and self.backend in (None, "torch")
         for s in st.seqs:
             out = s.dev if s.dev is not None else s.host[pos]
             with torch.no_grad():
-                cross_attention_probs(query[s.b], key[s.b], scale, query_index=s.q_dev, key_index=s.p_dev,
-                                      positions=position_ids[s.b], valid=s.valid_dev,
-                                      chunk_size=self.chunk_size[layer], heads=self.heads, out=out,
-                                      backend=self.backend, check_indices=False)
+                if use_lse:  # the layer's own softmax gave the rows' log-sum-exp: only the patch columns
+                    cross_attention_probs_from_lse(query[s.b], key[s.b], scale, lse[s.b],
+                                                   query_index=s.q_dev, key_index=s.p_dev,
+                                                   positions=position_ids[s.b], valid=s.valid_dev,
+                                                   chunk_size=self.chunk_size[layer], heads=self.heads,
+                                                   out=out, check_indices=False)
+                else:
+                    cross_attention_probs(query[s.b], key[s.b], scale, query_index=s.q_dev, key_index=s.p_dev,
+                                          positions=position_ids[s.b], valid=s.valid_dev,
+                                          chunk_size=self.chunk_size[layer], heads=self.heads, out=out,
+                                          backend=self.backend, check_indices=False)
             if s.dev is not None:
                 s.host[pos].copy_(s.dev, non_blocking=True)
         st.done.add(layer)

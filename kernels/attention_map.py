@@ -36,6 +36,11 @@ Backends: ``"torch"`` (any device; CPU default) and ``"triton"`` (CUDA tensors, 
 its key ranges on the host from the positions (a device sync if they live on a GPU); the Triton
 backend computes ranges and masks on the device (no host sync, asynchronous).
 
+When the layer's own attention already produced the row log-sum-exp -- :func:`sdpa_with_lse`
+runs ``F.scaled_dot_product_attention`` through the same aten kernel it dispatches to, aten's
+fused CPU flash attention, which returns it -- :func:`cross_attention_probs_from_lse` does only
+step 2 (the capture's CPU path: the log-sum-exp pass was most of its cost).
+
 :func:`cross_attention_probs_reference` is the dense float64 reference (T x T; tests only).
 """
 from __future__ import annotations
@@ -45,9 +50,10 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-__all__ = ["cross_attention_probs", "cross_attention_probs_torch", "cross_attention_probs_reference",
-           "allowed_mask", "resolve_heads", "torch_block_sizes"]
+__all__ = ["cross_attention_probs", "cross_attention_probs_from_lse", "cross_attention_probs_torch",
+           "cross_attention_probs_reference", "sdpa_with_lse", "allowed_mask", "resolve_heads", "torch_block_sizes"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Working memory of the torch backend: each block of scores / keys / masks stays near this size
@@ -204,6 +210,70 @@ def cross_attention_probs(query: torch.Tensor, key: torch.Tensor, scale: float, 
                                        key_index, head_idx, mean, out=out, out_dtype=out_dtype, **backend_options)
 
 
+def cross_attention_probs_from_lse(query: torch.Tensor, key: torch.Tensor, scale: float, lse: torch.Tensor, *,
+                                   query_index: torch.Tensor, key_index: torch.Tensor,
+                                   positions: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+                                   chunk_size: int | None = None, heads: str | Sequence[int] = "all",
+                                   out: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
+                                   check_indices: bool = True, block_bytes: int = _BLOCK_BYTES) -> torch.Tensor:
+    """:func:`cross_attention_probs` given the rows' log-sum-exp: only the patch columns are computed.
+
+    ``lse`` (Hq, T) float: ``lse[h, t] = log sum_{k allowed} exp(q_t . k_k * scale)`` over every key
+    the layer's mask allows for token t (natural log, after ``scale``), e.g. the log-sum-exp that
+    :func:`sdpa_with_lse` returns with the layer's attention output. The other arguments and the
+    result are those of :func:`cross_attention_probs` (torch ops on query's device).
+    ``p = exp(scale * q . k - lse)``, computed in float32: one GEMM of ``[scale * q, -lse]`` with
+    ``[k, 1]`` per block of queries, ``exp`` written into the output dtype, 0 where the mask forbids
+    the key; query blocks that cannot see any selected key are zero-filled without work.
+    """
+    positions, valid, head_idx, mean, _ = _validate(query, key, scale, positions, valid, chunk_size,
+                                                    query_index, key_index, out, out_dtype, heads)
+    Hq, T, _ = query.shape
+    if not isinstance(lse, torch.Tensor) or lse.shape != (Hq, T) or not lse.dtype.is_floating_point:
+        desc = f"{tuple(lse.shape)} {lse.dtype}" if isinstance(lse, torch.Tensor) else type(lse).__name__
+        raise ValueError(f"lse must be a floating (Hq, T) = ({Hq}, {T}) tensor, got {desc}")
+    if lse.device != query.device:
+        raise ValueError(f"lse is on {lse.device} but query is on {query.device}")
+    if check_indices and not (query.is_cuda and torch.cuda.is_current_stream_capturing()):
+        _check_index_range(query_index, key_index, T)
+    return cross_attention_probs_torch(query, key, float(scale), positions, valid, chunk_size, query_index,
+                                       key_index, head_idx, mean, out=out, out_dtype=out_dtype, lse=lse,
+                                       block_bytes=block_bytes)
+
+
+_FLASH_CHOICE = 1  # sdp::SDPBackend::flash_attention, as torch._fused_sdp_choice numbers it
+
+
+def sdpa_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
+                  scale: float, enable_gqa: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, scale=scale,
+    enable_gqa=enable_gqa)`` and, when it comes for free, the rows' log-sum-exp.
+
+    When torch's own backend choice for these inputs (``torch._fused_sdp_choice``, what
+    ``F.scaled_dot_product_attention`` dispatches on) is the fused CPU flash kernel, this calls
+    that kernel directly, as ``F.scaled_dot_product_attention`` does (a boolean mask converted to
+    the additive 0 / -inf mask of the query dtype first), so the output is the same tensor bit for
+    bit, and returns its log-sum-exp too: (B, Hq, T) float32 (float64 for float64 inputs),
+    ``log sum_k exp(q . k * scale + mask)``. Any other backend (CUDA, math): the plain call and
+    None. Dropout and ``is_causal`` are not supported (the model uses neither).
+    """
+    op = _flash_lse_op()
+    if op is not None and query.device.type == "cpu":
+        try:
+            choice = int(torch._fused_sdp_choice(query, key, value, attn_mask, 0.0, False, scale=scale,
+                                                 enable_gqa=enable_gqa))
+        except Exception:  # an older/newer signature: take the plain path
+            choice = -1
+        if choice == _FLASH_CHOICE:
+            mask = attn_mask
+            if mask is not None and mask.dtype == torch.bool:
+                mask = torch.where(mask, 0.0, torch.tensor(float("-inf"), dtype=query.dtype))
+            out, lse = op(query, key, value, 0.0, False, attn_mask=mask, scale=scale)
+            return out, lse
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, scale=scale,
+                                          enable_gqa=enable_gqa), None
+
+
 _TRITON: bool | None = None
 
 
@@ -308,7 +378,7 @@ def torch_block_sizes(n_heads: int, head_dim: int, n_keys: int, fused: bool, blo
 def cross_attention_probs_torch(query, key, scale, positions, valid, chunk_size, query_index, key_index,
                                 head_idx, mean, *, out=None, out_dtype=torch.float32, block_q: int | None = None,
                                 block_k: int | None = None, fused: bool | None = None,
-                                block_bytes: int = _BLOCK_BYTES) -> torch.Tensor:
+                                block_bytes: int = _BLOCK_BYTES, lse: torch.Tensor | None = None) -> torch.Tensor:
     """torch backend of :func:`cross_attention_probs` (arguments already validated).
 
     Per block of ``block_q`` selected queries: skip it (zeros) when no patch column can be
@@ -317,7 +387,8 @@ def cross_attention_probs_torch(query, key, scale, positions, valid, chunk_size,
     no mask for blocks that are fully allowed, ``is_causal`` for the aligned diagonal block, an
     additive block mask otherwise), elsewhere (``fused=False``) an online softmax in plain torch
     ops -- then ``p = exp(scale * q . k - lse)`` for the patch columns: one GEMM of ``[scale * q, -lse]``
-    with ``[k, 1]`` and one ``exp`` written straight into the output dtype.
+    with ``[k, 1]`` and one ``exp`` written straight into the output dtype. With ``lse`` (Hq, T),
+    the rows' log-sum-exp given (:func:`cross_attention_probs_from_lse`), only the column pass runs.
     """
     Hq, T, D = query.shape
     G = Hq // key.shape[0]
@@ -343,7 +414,8 @@ def cross_attention_probs_torch(query, key, scale, positions, valid, chunk_size,
     k_aug_t = torch.cat([k_cols, k_cols.new_ones(k_cols.shape[:-1] + (1,))], -1).transpose(1, 2)  # (Hs, D+1, P)
     all_heads = list(head_idx) == list(range(Hq))
     pos_d, val_d = positions.to(dev), valid.to(dev)
-    zeros_v = torch.zeros((1, Hs, min(block_k, T), D), device=dev) if fused else None
+    lse_rows = None if lse is None else (lse if all_heads else lse[heads_t])  # (Hs, T)
+    zeros_v = torch.zeros((1, Hs, min(block_k, T), D), device=dev) if (fused and lse is None) else None
 
     for b0 in range(0, Q, block_q):
         b1 = min(Q, b0 + block_q)
@@ -355,12 +427,14 @@ def cross_attention_probs_torch(query, key, scale, positions, valid, chunk_size,
         qb = query.transpose(0, 1)[qi].transpose(0, 1)  # (Hq, Qb, D): a row gather in the model's layout
         qb = (qb if all_heads else qb[heads_t]).float().contiguous()  # (Hs, Qb, D)
         lo, hi = int(plan.lo[b0:b1].min()), int(qi_np.max()) + 1
-        if fused:
-            lse = _lse_fused(qb, key, kv, scale, plan, qi, qi_np, lo, hi, block_k, mask_k, pos_d, val_d, zeros_v)
+        if lse_rows is not None:
+            lse_b = lse_rows.index_select(1, qi).float()  # (Hs, Qb)
+        elif fused:
+            lse_b = _lse_fused(qb, key, kv, scale, plan, qi, qi_np, lo, hi, block_k, mask_k, pos_d, val_d, zeros_v)
         else:
-            lse = _lse_online(qb, key, kv, scale, plan, qi, qi_np, lo, hi, block_k, pos_d, val_d)
+            lse_b = _lse_online(qb, key, kv, scale, plan, qi, qi_np, lo, hi, block_k, pos_d, val_d)
         # every selected query row has its diagonal: lse is finite
-        s = torch.bmm(torch.cat([qb * scale, -lse[..., None]], -1), k_aug_t)  # (Hs, Qb, P) = scale q.k - lse
+        s = torch.bmm(torch.cat([qb * scale, -lse_b[..., None]], -1), k_aug_t)  # (Hs, Qb, P) = scale q.k - lse
         dead = None if plan.all_allowed(qi_np, plan.kidx) else ~allowed_mask(qi, kidx, pos_d, val_d, chunk_size)
         if mean:
             s.exp_()

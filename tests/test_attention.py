@@ -19,8 +19,8 @@ import workbench as wb
 from tests.hf_reference import IMAGE_TOKEN, TOKENS_PER_TILE, hf_multimodal_model, hf_text_model
 from workbench.hooks import RecorderError, iter_taps
 from workbench.hooks.attention import AttentionNotFoundError, attention_sequences
-from workbench.kernels.attention_map import (allowed_mask, cross_attention_probs,
-                                             cross_attention_probs_reference)
+from workbench.kernels.attention_map import (allowed_mask, cross_attention_probs, cross_attention_probs_from_lse,
+                                             cross_attention_probs_reference, sdpa_with_lse)
 from workbench.model import attention_masks
 
 
@@ -158,15 +158,15 @@ def test_float16_mean_heads_and_layer_subset(mm, tmp_path):
     hf, model = mm
     px = pixels(sum(TILES0), 1)
     ids = torch.tensor([P0])
-    # the query/key the layers use, read through the taps (float32 kernel output for the round trip)
+    # the query/key/log-sum-exp the layers use, read through the taps (float32 kernel output for the round trip)
     qk = {}
-    for _, tap in iter_taps(model, "hook_attn"):
-        tap.fn = lambda tap, query, key, scale, allowed, position_ids, attention_mask: qk.setdefault(
-            tap.tap_name, (query.clone(), key.clone(), scale, position_ids[0].clone()))
+    for _, tap in iter_taps(model, "hook_attn_lse"):
+        tap.fn = lambda tap, query, key, scale, lse, position_ids, attention_mask: qk.setdefault(
+            tap.tap_name, (query.clone(), key.clone(), scale, lse.clone(), position_ids[0].clone()))
     try:
         model(input_ids=ids, pixel_values=px)
     finally:
-        for _, tap in iter_taps(model, "hook_attn"):
+        for _, tap in iter_taps(model, "hook_attn_lse"):
             tap.fn = None
     with wb.record(model, tmp_path / "m.zarr", capture=("attention",), attention_heads="mean",
                    attention_layers=[3, 1]):
@@ -181,10 +181,12 @@ def test_float16_mean_heads_and_layer_subset(mm, tmp_path):
     np.testing.assert_array_equal(att["head"].values, [-1])
     q, p = torch.from_numpy(expected_queries(P0)), torch.from_numpy(np.flatnonzero(np.asarray(P0) == IMAGE_TOKEN))
     for i, layer in enumerate([1, 3]):
-        query, key, scale, pos = qk[f"language_model.model.layers.{layer}.self_attn.hook_attn"]
-        k32 = cross_attention_probs(query[0], key[0], scale, query_index=q, key_index=p, positions=pos,
-                                    chunk_size=8 if layer < 3 else None, heads="mean")
+        query, key, scale, lse, pos = qk[f"language_model.model.layers.{layer}.self_attn.hook_attn_lse"]
+        kw = dict(query_index=q, key_index=p, positions=pos, chunk_size=8 if layer < 3 else None, heads="mean")
+        k32 = cross_attention_probs_from_lse(query[0], key[0], scale, lse[0], **kw)
         np.testing.assert_array_equal(att.values[i], k32.half().numpy())  # float16 round trip, exact
+        # the layer's log-sum-exp and the kernel's own (blockwise) one give the same probabilities
+        assert rel_err(cross_attention_probs(query[0], key[0], scale, **kw), k32) <= 1e-6
     ref = hf_attentions(hf, P0, px)[:, :, q][:, :, :, p]
     np.testing.assert_allclose(att.values.astype(np.float64), ref[[1, 3]].mean(1, keepdim=True).numpy(),
                                rtol=1e-3, atol=1e-6)
@@ -269,6 +271,50 @@ def test_torch_kernel_matches_dense_float64_reference(dtype, chunk, pad, heads):
     half = cross_attention_probs(q, k, 0.25, query_index=qi, key_index=ki, positions=pos, valid=mask.bool(),
                                  chunk_size=chunk, heads=heads, out_dtype=torch.float16)
     assert half.dtype == torch.float16 and rel_err(half, ref) <= 1e-3
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sdpa_with_lse_is_the_layers_attention_bit_for_bit(dtype):
+    """sdpa_with_lse = F.scaled_dot_product_attention exactly (GQA, padding, chunks), plus the rows' lse."""
+    g = torch.Generator().manual_seed(3)
+    B, Hq, Hkv, T, D = 2, 4, 2, 70, 16
+    dt = getattr(torch, dtype)
+    q, k, v = (torch.randn(B, h, T, D, generator=g).mul(4).to(dt) for h in (Hq, Hkv, Hkv))
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, :9] = 0
+    pos = (mask.cumsum(1) - 1).clamp(min=0) * mask
+    for allowed in attention_masks(mask, pos, 16):
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=0.25,
+                                                               enable_gqa=True)
+        out, lse = sdpa_with_lse(q, k, v, allowed, 0.25, enable_gqa=True)
+        assert torch.equal(out, ref)
+        assert lse is not None and lse.shape == (B, Hq, T)
+        s = q.double() @ k.double().repeat_interleave(Hq // Hkv, 1).transpose(-1, -2) * 0.25
+        want = s.masked_fill(~allowed, float("-inf")).logsumexp(-1)
+        tol = 1e-5 if dtype == "float32" else 1e-2  # bf16 inputs: the kernel's own bf16 products
+        assert (lse.double() - want).abs().max() <= tol * want.abs().max()
+
+
+@pytest.mark.parametrize("chunk,pad,heads", [(8, 5, "all"), (None, 0, "mean"), (None, 5, [3, 0])])
+def test_probs_from_the_layers_lse_match_dense_reference(chunk, pad, heads):
+    g = torch.Generator().manual_seed(4)
+    T, Hq, Hkv, D = 45, 4, 2, 16
+    q, k, v = (torch.randn(1, h, T, D, generator=g) * 6 for h in (Hq, Hkv, Hkv))
+    mask = torch.ones(1, T, dtype=torch.long)
+    mask[0, :pad] = 0
+    pos = (mask.cumsum(1) - 1).clamp(min=0) * mask
+    full, chunked = attention_masks(mask, pos, chunk)
+    _, lse = sdpa_with_lse(q, k, v, chunked if chunk else full, 0.25, enable_gqa=True)
+    qi = torch.tensor([i for i in range(pad, T) if i % 3])
+    ki = torch.tensor([i for i in range(pad, T) if i % 3 == 0])
+    kw = dict(query_index=qi, key_index=ki, positions=pos[0], valid=mask[0].bool(), chunk_size=chunk, heads=heads)
+    ref = cross_attention_probs_reference(q[0], k[0], 0.25, **kw)
+    for nbytes in (None, 2048):  # one block, many small query blocks
+        got = cross_attention_probs_from_lse(q[0], k[0], 0.25, lse[0], **kw,
+                                             **({"block_bytes": nbytes} if nbytes else {}))
+        assert got.dtype == torch.float32 and rel_err(got, ref) <= 1e-5
+    with pytest.raises(ValueError, match=r"lse must be a floating \(Hq, T\)"):
+        cross_attention_probs_from_lse(q[0], k[0], 0.25, lse[0, :, 1:], **kw)
 
 
 _TRITON_SCRIPT = r"""

@@ -3,7 +3,8 @@
 Module and parameter names equal the HF checkpoint keys (``language_model.model.layers.N.
 feed_forward.experts.gate_up_proj`` ...), so a state dict loads without renaming. The forward
 pass knows nothing of stores or widgets: it exposes :class:`~workbench.hooks.taps.Tap` points
-(``hook_inputs``, ``hook_router``, ``hook_attn``) that do nothing unless a recorder attaches.
+(``hook_inputs``, ``hook_router``, ``hook_attn``, ``hook_attn_lse``) that do nothing unless a
+recorder attaches.
 
 Semantics reproduce transformers' ``Llama4ForConditionalGeneration`` / ``Llama4ForCausalLM``:
 - router: logits = x W^T; top-k on logits; score = sigmoid(logit) multiplies the expert INPUT;
@@ -28,6 +29,7 @@ from torch import nn
 from workbench.config import ModelConfig, TextConfig, llama3_inv_freq
 from workbench.hooks.taps import Tap
 from workbench.kernels import moe_experts
+from workbench.kernels.attention_map import sdpa_with_lse
 from workbench.vision import MultiModalProjector, VisionModel
 
 __all__ = [
@@ -149,6 +151,13 @@ class Llama4TextAttention(nn.Module):
     ``hook_attn`` sees the exact query/key the softmax uses: ``query`` (B, Hq, T, D) already scaled
     by the NoPE temperature, ``key`` (B, Hkv, T, D), ``scale`` (float), ``allowed`` (B, 1, T, T)
     bool mask, ``position_ids`` (B, T), ``attention_mask`` (B, T).
+
+    ``hook_attn_lse`` fires after the attention with ``query``, ``key``, ``scale``, ``position_ids``,
+    ``attention_mask`` and ``lse``: the (B, Hq, T) row log-sum-exp of the layer's softmax, or None.
+    While it is attached the attention runs through
+    :func:`workbench.kernels.attention_map.sdpa_with_lse`: the same kernel that
+    ``F.scaled_dot_product_attention`` dispatches to (the same output, bit for bit), which on CPU
+    (aten's fused flash attention) also returns the log-sum-exp; on other backends ``lse`` is None.
     """
 
     def __init__(self, config: TextConfig, layer_idx: int) -> None:
@@ -170,6 +179,7 @@ class Llama4TextAttention(nn.Module):
         self.v_proj = nn.Linear(H, self.num_kv_heads * D, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * D, H, bias=bias)
         self.hook_attn = Tap()
+        self.hook_attn_lse = Tap()
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, position_ids: torch.Tensor,
                 allowed: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -189,8 +199,13 @@ class Llama4TextAttention(nn.Module):
         if self.hook_attn.active:
             self.hook_attn(query=q, key=k, scale=self.scale, allowed=allowed,
                            position_ids=position_ids, attention_mask=attention_mask)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.scale,
-                                             enable_gqa=self.num_kv_heads != self.num_heads)
+        gqa = self.num_kv_heads != self.num_heads
+        if self.hook_attn_lse.active:
+            out, lse = sdpa_with_lse(q, k, v, allowed, self.scale, enable_gqa=gqa)
+            self.hook_attn_lse(query=q, key=k, scale=self.scale, lse=lse, position_ids=position_ids,
+                               attention_mask=attention_mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.scale, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
