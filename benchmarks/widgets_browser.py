@@ -118,7 +118,10 @@ CELLS = [
     # 3: open it again (plotly.js loaded in the page)
     "_t = time.perf_counter()\ndash = ExpertLoadDashboard('big.zarr')\nOPEN_KERNEL_S = time.perf_counter() - _t\n"
     "dash",
-    # 3: live overhead
+    # 4: kernel-side timings of the cells above
+    "json.dump(dict(imports_s=IMPORT_S, open_kernel_s=OPEN_KERNEL_S, open_kernel_cold_s=OPEN_KERNEL_COLD_S,\n"
+    "               token_view_kernel_s=TOK_KERNEL_S), open('kernel_results.json', 'w'))",
+    # 5: live overhead
     """import resource, statistics, torch, workbench as wb
 from IPython.display import display
 torch.manual_seed(0)
@@ -155,9 +158,8 @@ for i in range(N_PAIRS):
 wall = {v: [r[0] for r in runs[v]] for v in order}
 cpu = {v: [r[3] for r in runs[v]] for v in order}
 med = statistics.median
-res = dict(imports_s=IMPORT_S, open_kernel_s=OPEN_KERNEL_S, open_kernel_cold_s=OPEN_KERNEL_COLD_S,
-           token_view_kernel_s=TOK_KERNEL_S,
-           run_s=wall, process_cpu_s=cpu, refreshes={v: [r[1] for r in runs[v]] for v in order[1:]},
+res = json.load(open('kernel_results.json'))
+res.update(run_s=wall, process_cpu_s=cpu, refreshes={v: [r[1] for r in runs[v]] for v in order[1:]},
            refresh_cpu_s={v: [r[2] for r in runs[v]] for v in order[1:]},
            # paired: each round's run over the same round's 'off' run (robust to load drifting on a shared box)
            ratio_hidden=med([h / o for h, o in zip(wall['hidden'], wall['off'])]),
@@ -194,7 +196,15 @@ return new Promise((armed) => {
     const done = () => {
       if (t0 === null || gd.layout.title.text === before) return;
       gd.removeListener('plotly_afterplot', done);
-      requestAnimationFrame(() => resolve(performance.now() - t0));
+      requestAnimationFrame(() => {
+        const t1 = performance.now();
+        // where the time went: the plot's draw log (workbench.widgets._plot), first draw of `view` after t0
+        const log = ((globalThis.__workbenchDraws || {}).log || []).filter(
+          (d) => d.view === view && d.received !== null && d.received >= t0);
+        const d = log[0];
+        resolve(d ? {total: t1 - t0, kernel: d.received - t0, queue: d.start - d.received,
+                     draw: d.end - d.start, paint: t1 - d.end, kind: d.kind} : {total: t1 - t0});
+      });
     };
     gd.on('plotly_afterplot', done);
     setTimeout(() => reject(new Error('no redraw of ' + view + ' within 20 s')), 20000);
@@ -203,10 +213,16 @@ return new Promise((armed) => {
 });"""
 
 
-def timed_change(page, locator, view: str, evt: str, action) -> float:
+def timed_change(page, locator, view: str, evt: str, action, parts: list | None = None) -> float:
+    """ms from the control event to the figure painted; appends the breakdown to ``parts``: kernel (event
+    to the figure's message received: the kernel's handler and the websocket both ways), queue (waiting
+    for other plots' draws), draw (Plotly call), paint (draw done to the next frame), kind (patch/full)."""
     locator.evaluate("(el, [view, evt]) => { " + JS_ARM + " }", [view, evt])
     action()
-    return float(page.evaluate("() => window.__wbTimer"))
+    r = page.evaluate("() => window.__wbTimer")
+    if parts is not None:
+        parts.append(r)
+    return float(r["total"])
 
 
 def run_cell(page, i: int, done_js: str, timeout=120_000, arg=None) -> float:
@@ -251,6 +267,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=8, help="rounds (off, hidden, shown) of the live-overhead run")
     ap.add_argument("--hz", type=float, default=2.0, help="refresh rate of the live dashboard")
     ap.add_argument("--forward", type=int, default=40, help="forward passes per live-overhead run")
+    ap.add_argument("--no-live", action="store_true", help="skip the live-overhead part (see benchmarks/live_overhead.py)")
     a = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` etc.: still stop JupyterLab
     if not Path(CHROMIUM).exists():
@@ -270,12 +287,14 @@ def main() -> None:
     write_notebook(root / "bench.ipynb", cells)
     (root / "kernel_results.json").unlink(missing_ok=True)
 
+    res["load_average_before"] = __import__("os").getloadavg()
     with jupyter_lab(root) as (base, token), browser() as page:
         try:
             _measure(page, base, token, a, res)
         except Exception:
             page.screenshot(path=str(OUT / "widgets_bench_failure.png"))
             raise
+    res["load_average_after"] = __import__("os").getloadavg()
     _report(root, a, res)
 
 
@@ -304,18 +323,20 @@ def _measure(page, base, token, a, res) -> None:
     _log(f"open 1M (plotly.js loaded): {res['open_1m_warm_s']:.2f} s")
     page.wait_for_timeout(500)
     dash = page.locator(".wb-load-dashboard").nth(1)
-    mode_t, layer_t = [], []
+    mode_t, layer_t, mode_parts, layer_parts = [], [], [], []
     labels = ["share", "count", "deviation from uniform"]  # starts on share: the first click is count
     for r in range(a.reps):
         btn = dash.locator(".widget-toggle-button", has_text=labels[(r + 1) % 3]).first
-        mode_t.append(timed_change(page, btn, "ExpertLoadDashboard.heatmap", "click", btn.click))
+        mode_t.append(timed_change(page, btn, "ExpertLoadDashboard.heatmap", "click", btn.click, mode_parts))
         handle = dash.locator(".widget-slider:has(.widget-label:text-is('Layer')) .noUi-handle").first
         handle.focus()
         key = "ArrowRight" if r % 2 == 0 else "ArrowLeft"
         layer_t.append(timed_change(page, handle, "ExpertLoadDashboard.bars", "keydown",
-                                    lambda: handle.press(key)))
+                                    lambda: handle.press(key), layer_parts))
     res["mode_change_ms"] = mode_t
     res["layer_change_ms"] = layer_t
+    res["mode_change_parts"] = mode_parts
+    res["layer_change_parts"] = layer_parts
     sel = dash.locator(".widget-dropdown:has(.widget-label:text-is('Tokens')) select").first
     filt = []
     for label in ("text", "image patches", "text", "all tokens", "image patches", "text"):
@@ -324,16 +345,21 @@ def _measure(page, base, token, a, res) -> None:
     res["filter_change_ms"] = filt  # first: one pass over all tokens (all modalities cached after)
     _log("controls done")
     dash.screenshot(path=str(OUT / "widgets_bench_dashboard_1m.png"))
-    # live overhead
     run_cell(page, 4, "() => true")
     wait_cell_done(page, 4)
-    _log("live done")
+    # live overhead
+    if not a.no_live:
+        run_cell(page, 5, "() => true")
+        wait_cell_done(page, 5)
+        _log("live done")
     res["cell_errors"] = cell_errors(page)
 
 
 def _report(root, a, res) -> None:
     mode_t, layer_t, filt = res["mode_change_ms"], res["layer_change_ms"], res["filter_change_ms"]
-    res.update(json.loads((root / "kernel_results.json").read_text()))
+    kr = root / "kernel_results.json"
+    if kr.exists():
+        res.update(json.loads(kr.read_text()))
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "widgets_browser.json").write_text(json.dumps(res, indent=1))
     if a.root is None:
@@ -350,25 +376,40 @@ def _report(root, a, res) -> None:
           f"(kernel part {res['open_kernel_cold_s']:.2f} s) | < 3 s |")
     print(f"| same, plotly.js already loaded in the page | {res['open_1m_warm_s']:.2f} s "
           f"(kernel part {res['open_kernel_s']:.2f} s) | < 3 s |")
-    print(f"| heatmap 48 x 128 after the Show toggle, event to painted (median / max of {a.reps}) | "
-          f"{med(mode_t):.0f} / {max(mode_t):.0f} ms | <= 100 ms |")
-    print(f"| layer slider key to bars painted (median / max) | {med(layer_t):.0f} / {max(layer_t):.0f} ms | "
-          "<= 100 ms |")
+    def q90(v):  # 90th percentile, nearest rank
+        s = sorted(v)
+        return s[max(0, -(-9 * len(s) // 10) - 1)]
+
+    def parts(key):
+        ps = [p for p in res.get(key, []) if "kernel" in p]
+        if not ps:
+            return ""
+        kinds = sorted({p["kind"] for p in ps})
+        return (" (median parts: kernel + messages {:.0f}, waiting {:.0f}, Plotly {:.0f}, to paint {:.0f} ms; "
+                "{})".format(*(med([p[k] for p in ps]) for k in ("kernel", "queue", "draw", "paint")), "/".join(kinds)))
+
+    print(f"| heatmap 48 x 128 after the Show toggle, event to painted (median / 90th pct / max of {a.reps}) | "
+          f"{med(mode_t):.0f} / {q90(mode_t):.0f} / {max(mode_t):.0f} ms{parts('mode_change_parts')} | <= 100 ms |")
+    print(f"| layer slider key to bars painted (median / 90th pct / max) | {med(layer_t):.0f} / {q90(layer_t):.0f} / "
+          f"{max(layer_t):.0f} ms{parts('layer_change_parts')} | <= 100 ms |")
     print(f"| token filter, first (one pass over {a.tokens:,} tokens) / cached (median of the rest) | "
           f"{filt[0]:.0f} / {med(filt[1:]):.0f} ms | - |")
     print(f"| TokenRoutingView of 10,000 tokens (first view of the page): Shift+Enter to the first 512 "
           f"tokens drawn | "
           f"{res['token_view_first_page_s']:.2f} s (kernel part {res['token_view_kernel_s']:.2f} s) | < 1 s |")
-    print(f"| live dashboard ({a.hz:g} Hz) on a recorded run, kernel side only (updates sent, not displayed): "
-          f"wall time / no dashboard (median over {a.pairs} rounds of the per-round ratio) | "
-          f"{res['ratio_hidden']:.3f} (ratio of medians {res['ratio_hidden_of_medians']:.3f}) | <= 1.02 |")
-    print(f"| same, dashboard displayed in the page (browser on the same 2 cores) | {res['ratio_shown']:.3f} "
-          f"(ratio of medians {res['ratio_shown_of_medians']:.3f}) | - |")
-    print(f"| kernel process CPU time (all threads), live dashboard hidden / none; shown / none (median of "
-          f"per-round ratios) | {res['cpu_ratio_hidden']:.3f}; {res['cpu_ratio_shown']:.3f} | - |")
-    print(f"| refresh thread CPU time / run wall time | {100 * res['cpu_fraction']:.2f} % | - |")
-    print(f"\nrun wall times {json.dumps({k: [round(x, 2) for x in v] for k, v in res['run_s'].items()})}; "
-          f"refreshes {res['refreshes']}; cell errors: {res['cell_errors']}")
+    if "run_s" in res:
+        print(f"| live dashboard ({a.hz:g} Hz) on a recorded run, kernel side only (updates sent, not displayed): "
+              f"wall time / no dashboard (median over {a.pairs} rounds of the per-round ratio) | "
+              f"{res['ratio_hidden']:.3f} (ratio of medians {res['ratio_hidden_of_medians']:.3f}) | <= 1.02 |")
+        print(f"| same, dashboard displayed in the page (browser on the same 2 cores) | {res['ratio_shown']:.3f} "
+              f"(ratio of medians {res['ratio_shown_of_medians']:.3f}) | - |")
+        print(f"| kernel process CPU time (all threads), live dashboard hidden / none; shown / none (median of "
+              f"per-round ratios) | {res['cpu_ratio_hidden']:.3f}; {res['cpu_ratio_shown']:.3f} | - |")
+        print(f"| refresh thread CPU time / run wall time | {100 * res['cpu_fraction']:.2f} % | - |")
+        print(f"\nrun wall times {json.dumps({k: [round(x, 2) for x in v] for k, v in res['run_s'].items()})}; "
+              f"refreshes {res['refreshes']}; cell errors: {res['cell_errors']}")
+    print(f"cell errors: {res['cell_errors']}; load average before {res['load_average_before']}, "
+          f"after {res['load_average_after']}")
     print(json.dumps(res["versions"]))
 
 

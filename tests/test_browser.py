@@ -278,6 +278,8 @@ def test_views_render_and_react_in_jupyterlab(tmp_path):
         page.locator(".wb-load-dashboard .widget-toggle-button", has_text="count").click()
         hm1 = wait_fig_change(page, "ExpertLoadDashboard.heatmap", hm0)
         assert "count" in hm1["title"]
+        kinds = page.eval_on_selector_all(".wb-load-dashboard .wb-plot", "els => els.map(e => e.dataset.drawKind)")
+        assert kinds.count("patch") >= 2, kinds  # heatmap and bars: data-only updates (Plotly.update)
         page.locator(".wb-load-dashboard").screenshot(path=str(shots / "load_dashboard.png"))
 
         # ---- token view: hostile text stays text; layer slider recolors; click pins
@@ -333,3 +335,72 @@ def test_views_render_and_react_in_jupyterlab(tmp_path):
     for f in shots.glob("*.png"):
         shutil.copy(f, OUT / f"widgets_{f.name}")
     print(f"browser test: {time.monotonic() - t_start:.1f} s; screenshots in {shots} and {OUT}")
+
+
+# the real PlotView module on stand-in models: a view that follows the patches shows what a view
+# drawing each whole figure shows
+JS_PATCH_VS_FULL = r"""
+async ([esm, states]) => {
+  globalThis.__workbenchPlotly = Promise.resolve(window.Plotly);
+  const mod = await import(URL.createObjectURL(new Blob([esm], {type: 'text/javascript'})));
+  const model = (state) => { const h = {};
+    const m = {state, get: (k) => (k === 'assets' ? {} : m.state[k]), on: (e, cb) => { h[e] = cb; },
+               fire: (e) => h[e] && h[e]()};
+    return m; };
+  const pick = (gd) => { const t = gd._fullData[0], L = gd._fullLayout;
+    const arr = (v) => v == null ? v : Array.from(v, (r) => (r && r.length !== undefined ? Array.from(r) : r));
+    return JSON.stringify({z: arr(t.z), y: arr(t.y), zmin: t.zmin, zmax: t.zmax, zauto: t.zauto, zmid: t.zmid,
+      cs: t.colorscale, cb: t.colorbar && t.colorbar.title.text, ht: t.hovertemplate, title: L.title.text,
+      ytitle: L.yaxis.title.text, shapes: (L.shapes || []).map((s) => [s.y0, s.y1]), range: L.yaxis.range}); };
+  const A = document.createElement('div'); document.body.appendChild(A);
+  const ma = model(Object.assign({}, states[0]));
+  await mod.default.render({model: ma, el: A});
+  const out = [];
+  for (let i = 1; i < states.length; i++) {
+    ma.state = Object.assign({}, states[i]); ma.fire('change:revision');
+    await globalThis.__workbenchDraws.tail;
+    const B = document.createElement('div'); document.body.appendChild(B);
+    await mod.default.render({model: model(Object.assign({}, states[i], {patch: ''})), el: B});
+    await globalThis.__workbenchDraws.tail;
+    const a = A.querySelector('.wb-plot'), b = B.querySelector('.wb-plot');
+    out.push({kind: a.dataset.drawKind, other: b.dataset.drawKind, a: pick(a), b: pick(b)});
+    B.remove();
+  }
+  return out;
+}"""
+
+
+def test_patched_figure_equals_a_full_redraw(tmp_path):
+    require_browser()
+    import plotly
+
+    from tests.test_widgets import make_trace
+    from workbench.widgets import ExpertLoadDashboard
+    from workbench.widgets._plot import _ESM
+
+    make_trace(tmp_path / "t.zarr", layers=[1, 3, 5, 7], n_experts=8, k=2,
+               batches=[[(s, 30 + 5 * s)] for s in range(6)], seed=2)
+    dash = ExpertLoadDashboard(tmp_path / "t.zarr", mode="share")
+    states = {"heatmap": [], "bars": []}
+
+    def snap():
+        for name, plot in (("heatmap", dash.heatmap), ("bars", dash.bars)):
+            states[name].append({"spec": plot.widget.spec, "patch": plot.widget.patch,
+                                 "revision": plot.widget.revision})
+
+    snap()
+    for mode, layer in [("count", 1), ("deviation", 1), ("share", 3), ("deviation", 0), ("count", 2), ("share", 2)]:
+        dash.mode = mode
+        snap()
+        dash.w_layer.value = layer
+        snap()
+    dash.w_modality.value = 1  # a filter: new counts everywhere
+    snap()
+    lib = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+    with browser() as page:
+        page.set_content("<html><body></body></html>")
+        page.add_script_tag(path=str(lib))
+        for name, seq in states.items():
+            for i, r in enumerate(page.evaluate(JS_PATCH_VS_FULL, [_ESM, seq]), start=1):
+                assert r["kind"] == "patch" and r["other"] == "full", (name, i, r["kind"], r["other"])
+                assert r["a"] == r["b"], (name, i, r["a"][:400], r["b"][:400])

@@ -682,3 +682,109 @@ def test_attention_view_finds_image_and_geometry_in_provenance(mm_trace, tmp_pat
     v = CrossModalAttentionView(p, 0)
     assert v.size == (56, 56) and v.rgb[0, 0].tolist() == [120, 120, 120]
     np.testing.assert_array_equal(v.fig.data[-1].x, [0, 28, 56])
+
+
+# --------------------------------------------------------------------------------- data-only updates
+def _decode(v):
+    """A plotly typed-array spec ({"dtype", "bdata", "shape"}) or a list -> numpy array."""
+    import base64
+
+    if isinstance(v, dict):
+        a = np.frombuffer(base64.b64decode(v["bdata"]), np.dtype(v["dtype"]))
+        return a.reshape([int(x) for x in v["shape"].split(",")]) if "shape" in v else a
+    return np.asarray(v)
+
+
+def _patch(plot):
+    import json as _json
+
+    p = _json.loads(plot.widget.patch)
+    assert p["to"] == plot.widget.revision and p["from"] == plot.widget.revision - 1
+    return p
+
+
+def test_mode_toggle_sends_a_data_only_patch_with_the_new_values(tiny):
+    import json as _json
+
+    p, d = tiny
+    dash = ExpertLoadDashboard(p, mode="count")
+    n = hand_counts(d)
+    T = d["token_id"].shape[0]
+    dash.mode = "share"
+    pt = _patch(dash.heatmap)
+    assert pt["traces"] == [0]
+    z = _decode(pt["data"]["z"][0])
+    np.testing.assert_allclose(z, n / (K * T), rtol=1e-6)  # share f = N / (k T), counted by hand
+    assert pt["data"]["colorbar.title.text"] == ["share"]
+    assert "x" not in pt["data"] and "y" not in pt["data"]  # unchanged arrays are not re-sent
+    assert set(pt["layout"]) == {"title.text"}  # no layout recomputation besides the title
+    dash.mode = "deviation"
+    pt = _patch(dash.heatmap)
+    np.testing.assert_allclose(_decode(pt["data"]["z"][0]), E * n / (K * T) - 1, rtol=1e-6, atol=1e-12)
+    lim = np.abs(E * n / (K * T) - 1).max()
+    assert pt["data"]["zmid"] == [0] and pt["data"]["zmin"][0] == pytest.approx(-lim)
+    dash.mode = "count"  # back to the sequential scale: the deviation-only attributes are reset (None)
+    pt = _patch(dash.heatmap)
+    np.testing.assert_array_equal(_decode(pt["data"]["z"][0]), n)
+    assert pt["data"]["zmid"] == [None] and pt["data"]["zmin"] == [None] and pt["data"]["zauto"] == [True]
+    # the whole figure travels too (a view opened later draws it): same values
+    spec = _json.loads(dash.heatmap.widget.spec)
+    np.testing.assert_array_equal(_decode(spec["data"][0]["z"]), n)
+
+
+def test_layer_slider_patches_the_bars_data_and_only_the_highlight_of_the_heatmap(tiny):
+    p, d = tiny
+    dash = ExpertLoadDashboard(p, mode="count", layer=0)
+    n = hand_counts(d)
+    dash.w_layer.value = 2
+    hp = _patch(dash.heatmap)
+    assert hp["traces"] == [] and hp["data"] == {}
+    assert hp["layout"] == {"shapes[0].y0": 1.5, "shapes[0].y1": 2.5}
+    bp = _patch(dash.bars)
+    assert bp["traces"] == [0]
+    np.testing.assert_array_equal(_decode(bp["data"]["y"][0]), n[2])
+    assert "marker.color" not in bp["data"]  # the 128 colors are not re-sent
+    assert set(bp["layout"]) == {"title.text"}
+
+
+def test_figure_patch_structure_changes_and_removals():
+    from workbench.widgets._plot import Plot, figure_patch
+
+    plot = Plot(title=dict(text="t"), shapes=[dict(type="line", x0=0, x1=1, y0=0, y1=1)])
+    plot.add_scatter(x=[0, 1], y=[1, 2], name="a")
+    plot.push()
+    assert plot.widget.patch == ""  # nothing drawn before: the whole figure only
+    plot.add_scatter(x=[0], y=[3])  # a new trace: no patch, the browser redraws all
+    assert plot.widget.patch == ""
+    with plot.batch_update():
+        plot.data[0].name = None
+        plot.data[1].y = [4]
+        plot.layout.shapes = [dict(type="line", x0=0, x1=1, y0=0, y1=1), dict(type="rect", x0=0, x1=1, y0=0, y1=1)]
+    pt = _patch(plot)
+    assert pt["traces"] == [0, 1]
+    assert pt["data"]["name"] == [None, None]  # removed from trace 0 (reset to default); absent in trace 1
+    np.testing.assert_array_equal(_decode(pt["data"]["y"][1]), [4])
+    assert len(pt["layout"]["shapes"]) == 2 and not any("[" in k for k in pt["layout"])  # count changed: whole list
+    a = {"data": [{"type": "bar", "y": [1]}], "layout": {"datarevision": 1}}
+    b = {"data": [{"type": "scatter", "y": [1]}], "layout": {"datarevision": 2}}
+    assert figure_patch(a, b) is None  # another trace type
+    assert figure_patch(a, {"data": [{"type": "bar", "y": [1]}], "layout": {"datarevision": 2}}) == ([], {}, {})
+
+
+def test_large_float64_arrays_travel_as_float32():
+    import json as _json
+
+    from workbench.widgets._plot import Plot, compact_arrays
+
+    z = np.random.default_rng(0).random((48, 128))
+    plot = Plot()
+    plot.add_heatmap(z=z)
+    plot.add_scatter(y=np.arange(5) / 3)  # small: stays float64
+    plot.push()
+    spec = _json.loads(plot.widget.spec)
+    assert spec["data"][0]["z"]["dtype"] == "f4" and spec["data"][1]["y"]["dtype"] == "f8"
+    np.testing.assert_array_equal(_decode(spec["data"][0]["z"]), z.astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(plot.data[0].z), z)  # the Python figure keeps float64
+    big = {"z": {"dtype": "f8", "bdata": __import__("base64").b64encode(np.full(600, 1e300).tobytes()).decode()}}
+    compact_arrays(big)
+    assert big["z"]["dtype"] == "f8"  # would overflow float32: kept

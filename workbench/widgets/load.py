@@ -89,8 +89,11 @@ class ExpertLoadDashboard(W.ViewBase):
 
         # ---- figures
         E, L = self.n_experts, self.n_layers
+        # fixed margins (no autoexpand): a control change that alters the colorbar's or the axes' label widths
+        # then redraws once, instead of a second time with margins pushed to fit (also the first draw)
         self.heatmap = W.figure_widget(
             title=dict(text="Expert load", x=0.01), height=max(320, min(900, 14 * L + 140)), width=600,
+            margin=dict(l=60, r=100, t=50, b=50, autoexpand=False),
             xaxis=dict(title="expert", constrain="domain"), yaxis=dict(title="MoE layer (decoder index)",
                                                                        autorange="reversed"))
         self.heatmap.add_heatmap(z=np.zeros((L, E)), x=list(range(E)), y=self.layers, colorscale=SEQUENTIAL,
@@ -100,6 +103,7 @@ class ExpertLoadDashboard(W.ViewBase):
                                            y1=layer + 0.5, line=dict(color="#D55E00", width=2))]
         self._scale = SEQUENTIAL
         self.bars = W.figure_widget(title=dict(text="", x=0.01), height=300, width=760,
+                                    margin=dict(l=75, r=20, t=50, b=50, autoexpand=False),
                                     xaxis=dict(title="expert"), yaxis=dict(title="share"), showlegend=False)
         self.bars.add_bar(x=list(range(E)), y=np.zeros(E), marker=dict(color=expert_colors(E)), name="experts")
         self.bars.layout.meta = {"view": "ExpertLoadDashboard.bars"}
