@@ -11,14 +11,17 @@ Reports
   * memory: theoretical capture bytes (L x H' x Q x P x 2 for float16, plus the kernel's score
     block) next to T x T, and the measured peak RSS of a capturing forward minus that of a plain
     forward (each in its own subprocess, ``ru_maxrss``);
-  * time: plain forward vs capturing forward, alternated in one process (ABBA order), medians,
-    ratios, and the time spent inside the capture's taps (the store write runs in the recorder's
-    writer thread after the forward pass; its flush time is reported apart);
+  * time: plain forward vs capturing forward (and, with ``--variants``, the capture with the
+    kernel's own log-sum-exp, the earlier path), in one process, rounds in alternating order
+    (ABBA), medians, per-round ratios with their spread, the load average per round, and the time
+    spent inside the capture's taps (the store write runs in the recorder's writer thread after
+    the forward pass; its flush time is reported apart);
   * GPU (only when CUDA is available): the Triton kernel vs a naive "softmax of the full masked
     score rows, then gather the patch columns" on the same inputs.
 
-    python benchmarks/attention_capture.py [--seq 32768] [--heads all|mean] [--repeats 3]
-        [--layers rope+nope|rope+rope] [--threads N] [--skip-memory] [--skip-timing]
+    python benchmarks/attention_capture.py [--seq 32768] [--heads all|mean] [--repeats 6]
+        [--layers rope+nope|rope+rope] [--variants plain,capture,capture-kernel-lse] [--threads N]
+        [--skip-memory] [--skip-timing]
 """
 from __future__ import annotations
 
@@ -144,49 +147,79 @@ def theory(seq: int, heads: str) -> dict:
             "TxT_float32_per_head_bytes": seq * seq * 4}
 
 
-def timing(seq: int, heads: str, repeats: int, pattern: str) -> dict:
+VARIANTS = {
+    "plain": "plain forward, no recorder",
+    "capture": "capturing forward; the row log-sum-exp comes from the layer's own attention (default)",
+    "capture-kernel-lse": "capturing forward; the kernel computes the row log-sum-exp itself "
+                          "(use_layer_lse=False: the path before 2026-11-26, still the CUDA path)",
+    "capture-1thread": "as capture, the column pass always with one torch thread (column_threads=1)",
+    "capture-torch-threads": "as capture, the column pass always with torch's threads (column_threads=None)",
+}
+
+
+def timing(seq: int, heads: str, repeats: int, pattern: str, variants=("plain", "capture")) -> dict:
+    """Each round runs every variant once, in forward then reverse order on alternate rounds
+    (ABBA / ABCCBA: a load drifting within a round does not favour either side); per round the
+    ratio of each capturing variant to that round's plain forward, plus the load average."""
     import workbench as wb
 
     torch.set_grad_enabled(False)
     model = build_model(pattern)
     ids, px = build_inputs(seq)
     model(input_ids=ids, pixel_values=px)  # warm-up
-    plain, cap, flush, hooks = [], [], [], []
-    def run_plain():
-        t0 = time.perf_counter()
-        model(input_ids=ids, pixel_values=px)
-        plain.append(time.perf_counter() - t0)
+    res = {v: {"forward_s": [], "tap_s": [], "flush_s": []} for v in variants}
 
-    def run_capture(path):
+    def run(v, path):
+        r = res[v]
+        if v == "plain":
+            t0 = time.perf_counter()
+            model(input_ids=ids, pixel_values=px)
+            r["forward_s"].append(time.perf_counter() - t0)
+            return
         with wb.record(model, path, capture=("attention",), attention_heads=heads) as rec:
             spent = [0.0]
             att = rec.attention
+            att.use_layer_lse = v != "capture-kernel-lse"
+            att.column_threads = {"capture-1thread": 1, "capture-torch-threads": None}.get(v, "auto")
             for name in ("_on_inputs", "_on_attn"):  # time spent inside the capture's taps
                 setattr(att, name, _timed(getattr(att, name), spent))
             t0 = time.perf_counter()
             model(input_ids=ids, pixel_values=px)
-            cap.append(time.perf_counter() - t0)
-            hooks.append(spent[0])
+            r["forward_s"].append(time.perf_counter() - t0)
+            r["tap_s"].append(spent[0])
             t1 = time.perf_counter()
             rec.flush()
-            flush.append(time.perf_counter() - t1)
+            r["flush_s"].append(time.perf_counter() - t1)
 
+    loads = []
     with tempfile.TemporaryDirectory() as d:
-        for r in range(repeats):  # ABBA order: a drifting machine load does not favour either side
-            if r % 2 == 0:
-                run_plain()
-                run_capture(Path(d) / f"a{r}.zarr")
-            else:
-                run_capture(Path(d) / f"a{r}.zarr")
-                run_plain()
-    mp, mc = statistics.median(plain), statistics.median(cap)
-    pairs = [c / p for p, c in zip(plain, cap)]
-    # the capture's own share of each capturing forward: a load-robust estimate of the slowdown
-    hook_est = [c / (c - h) for c, h in zip(cap, hooks)]
-    return {"plain_s": plain, "capture_s": cap, "flush_s": flush, "hook_s": hooks, "hook_estimate": hook_est,
-            "median_hook_estimate": statistics.median(hook_est), "plain_median_s": mp,
-            "capture_median_s": mc, "ratio": mc / mp, "ratio_of_minima": min(cap) / min(plain),
-            "pair_ratios": pairs, "median_pair_ratio": statistics.median(pairs)}
+        for i in range(repeats):
+            order = list(variants) if i % 2 == 0 else list(variants)[::-1]
+            load0 = os.getloadavg()[0]
+            for v in order:
+                run(v, Path(d) / f"{v}{i}.zarr")
+            loads.append((load0, os.getloadavg()[0]))
+            print(f"  round {i + 1}/{repeats} ({' '.join(order)}): "
+                  + ", ".join(f"{v} {res[v]['forward_s'][-1]:.2f} s" for v in variants)
+                  + f"; load average {load0:.2f} -> {loads[-1][1]:.2f}", flush=True)
+    out = {"variants": {v: VARIANTS[v] for v in variants}, "load_avg_1min": loads}
+    plain = res["plain"]["forward_s"] if "plain" in res else None
+    for v in variants:
+        r = res[v]
+        r["median_s"] = statistics.median(r["forward_s"])
+        if v != "plain" and plain is not None:
+            pr = [c / p for p, c in zip(plain, r["forward_s"])]
+            r["pair_ratios"] = pr
+            r["median_pair_ratio"] = statistics.median(pr)
+            r["pair_ratio_range"] = (min(pr), max(pr))
+            r["ratio_of_medians"] = r["median_s"] / statistics.median(plain)
+            r["ratio_of_minima"] = min(r["forward_s"]) / min(plain)
+            # the capture's own share of each capturing forward: less exposed to load changes
+            est = [c / (c - h) for c, h in zip(r["forward_s"], r["tap_s"])]
+            r["tap_estimate"] = est
+            r["median_tap_estimate"] = statistics.median(est)
+        out[v] = r
+    return out
 
 
 def _timed(fn, acc):
@@ -248,11 +281,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq", type=int, default=32768)
     ap.add_argument("--heads", default="all", choices=["all", "mean"])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=6, help="rounds (each runs every variant once)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--layers", default="rope+nope", choices=["rope+nope", "rope+rope"],
                     help="layer 0 is chunked RoPE; layer 1 global NoPE (default) or chunked RoPE too "
                          "(Llama 4's default pattern for a 2-layer model: every 4th layer is NoPE)")
+    ap.add_argument("--variants", default="plain,capture",
+                    help="comma-separated, timed in alternating order per round: " + "; ".join(
+                        f"{k}: {v}" for k, v in VARIANTS.items()))
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -288,16 +324,25 @@ def main() -> None:
               f"= {extra / th['capture_bytes']:.2f} x the theoretical buffer")
         result["memory"] = {"plain": plain, "capture": cap, "extra_bytes": extra}
     if not args.skip_timing:
-        t = timing(args.seq, args.heads, args.repeats, args.layers)
-        print(f"plain forward   median {t['plain_median_s']:.2f} s  {['%.2f' % x for x in t['plain_s']]}")
-        print(f"capture forward median {t['capture_median_s']:.2f} s  {['%.2f' % x for x in t['capture_s']]} "
-              f"(+ store flush {statistics.median(t['flush_s']):.2f} s in the writer thread)")
-        print(f"slowdown capture / plain: {t['ratio']:.3f}x (ratio of medians); {t['ratio_of_minima']:.3f}x (ratio "
-              f"of minima); per adjacent pair {['%.2f' % x for x in t['pair_ratios']]}")
-        print(f"time inside the capture taps {['%.2f' % x for x in t['hook_s']]} s -> capturing forward / "
-              f"(capturing forward - taps) = {['%.3f' % x for x in t['hook_estimate']]}, median "
-              f"{t['median_hook_estimate']:.3f}x")
-        print(f"load average during the run: {os.getloadavg()}")
+        variants = tuple(args.variants.split(","))
+        bad = [v for v in variants if v not in VARIANTS]
+        if bad or "plain" not in variants:
+            raise SystemExit(f"--variants: need 'plain' and names from {sorted(VARIANTS)}, got {args.variants}")
+        print(f"timing {args.repeats} rounds, load average at start {os.getloadavg()}", flush=True)
+        t = timing(args.seq, args.heads, args.repeats, args.layers, variants)
+        f = lambda xs: " ".join("%.2f" % x for x in xs)  # noqa: E731
+        for v in variants:
+            r = t[v]
+            print(f"{v:>20}: forward median {r['median_s']:.2f} s  [{f(r['forward_s'])}]")
+            if v != "plain":
+                print(f"{'':>20}  per-round ratio to plain: median {r['median_pair_ratio']:.3f}x, "
+                      f"range {r['pair_ratio_range'][0]:.3f}-{r['pair_ratio_range'][1]:.3f}  [{f(r['pair_ratios'])}]; "
+                      f"ratio of medians {r['ratio_of_medians']:.3f}x, of minima {r['ratio_of_minima']:.3f}x")
+                print(f"{'':>20}  time in the capture taps [{f(r['tap_s'])}] s -> forward / (forward - taps) "
+                      f"median {r['median_tap_estimate']:.3f}x [{f(r['tap_estimate'])}]; store flush "
+                      f"(writer thread) median {statistics.median(r['flush_s']):.2f} s")
+        print(f"load average (1 min) before/after each round: "
+              f"{' '.join('%.2f/%.2f' % x for x in t['load_avg_1min'])}; now {os.getloadavg()}")
         result["timing"] = t
     gpu = gpu_kernel_vs_naive(args.seq)
     if gpu is None:

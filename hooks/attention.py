@@ -161,6 +161,24 @@ class _PassState:
     event: Any = None
 
 
+def _column_threads(setting) -> int | None:
+    """Intra-op threads for the CPU column pass (None: torch's setting).
+
+    ``"auto"``: one thread when the 1-minute load average exceeds the number of CPUs (other jobs
+    compete for the cores), else torch's setting. The column pass is many short memory-bound ops
+    (one GEMM and one ``exp`` per cache-sized block); on an oversubscribed CPU every multi-threaded
+    op waits at its barrier for a descheduled worker, and one thread measured 3-4x faster
+    (benchmarks/RESULTS.md, 2-core machine at load 3-6).
+    """
+    if setting != "auto":
+        return setting
+    try:
+        busy = os.getloadavg()[0] > (os.cpu_count() or 1)
+    except OSError:  # no load average on this platform
+        busy = False
+    return 1 if busy else None
+
+
 # ---------------------------------------------------------------------------------------------
 # Capture
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +190,9 @@ class AttentionCapture:
     ``"float16"`` (default) or ``"float32"``. backend: kernel backend (None = Triton on CUDA when
     available, torch otherwise). ``use_layer_lse`` (attribute, default True): use the layer's own
     log-sum-exp when it comes with the tap (False: the kernel computes it, as on CUDA; for
-    benchmarks and checks).
+    benchmarks and checks). ``column_threads`` (attribute): torch threads for the CPU column pass:
+    ``"auto"`` (default: one thread while the CPU is oversubscribed, see :func:`_column_threads`),
+    None (torch's setting) or an int.
     """
 
     def __init__(self, recorder, layers: Sequence[int] | None = None, heads="all", dtype: str = "float16",
@@ -218,6 +238,7 @@ class AttentionCapture:
         self.dtype = dtype
         self.backend = backend
         self.use_layer_lse = True
+        self.column_threads: int | str | None = "auto"
         self._modules = attn
         self._text_model = text_models[0]
         self.chunk_size = {i: (self._text_model.config.attention_chunk_size if attn[i].use_rope else None)
@@ -298,6 +319,7 @@ class AttentionCapture:
         if st is None:
             raise _recorder_error("attention tap fired before the inputs tap (no token ids for this pass)")
         use_lse = lse is not None and self.use_layer_lse and self.backend in (None, "torch")
+        threads = _column_threads(self.column_threads) if use_lse else None
         for s in st.seqs:
             out = s.dev if s.dev is not None else s.host[pos]
             with torch.no_grad():
@@ -306,7 +328,7 @@ class AttentionCapture:
                                                    query_index=s.q_dev, key_index=s.p_dev,
                                                    positions=position_ids[s.b], valid=s.valid_dev,
                                                    chunk_size=self.chunk_size[layer], heads=self.heads,
-                                                   out=out, check_indices=False)
+                                                   out=out, check_indices=False, num_threads=threads)
                 else:
                     cross_attention_probs(query[s.b], key[s.b], scale, query_index=s.q_dev, key_index=s.p_dev,
                                           positions=position_ids[s.b], valid=s.valid_dev,

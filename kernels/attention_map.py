@@ -59,6 +59,8 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Working memory of the torch backend: each block of scores / keys / masks stays near this size
 # (large blocks: few, big tensor ops, which matters on a busy CPU).
 _BLOCK_BYTES = 128 << 20
+# The column pass alone (log-sum-exp given): cache-sized score blocks.
+_COL_BLOCK_BYTES = 8 << 20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,7 +217,8 @@ def cross_attention_probs_from_lse(query: torch.Tensor, key: torch.Tensor, scale
                                    positions: torch.Tensor | None = None, valid: torch.Tensor | None = None,
                                    chunk_size: int | None = None, heads: str | Sequence[int] = "all",
                                    out: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
-                                   check_indices: bool = True, block_bytes: int = _BLOCK_BYTES) -> torch.Tensor:
+                                   check_indices: bool = True, block_bytes: int = _COL_BLOCK_BYTES,
+                                   num_threads: int | None = None) -> torch.Tensor:
     """:func:`cross_attention_probs` given the rows' log-sum-exp: only the patch columns are computed.
 
     ``lse`` (Hq, T) float: ``lse[h, t] = log sum_{k allowed} exp(q_t . k_k * scale)`` over every key
@@ -225,6 +228,11 @@ def cross_attention_probs_from_lse(query: torch.Tensor, key: torch.Tensor, scale
     ``p = exp(scale * q . k - lse)``, computed in float32: one GEMM of ``[scale * q, -lse]`` with
     ``[k, 1]`` per block of queries, ``exp`` written into the output dtype, 0 where the mask forbids
     the key; query blocks that cannot see any selected key are zero-filled without work.
+
+    ``block_bytes``: size of the float32 score block (default 8 MiB: cache-sized blocks, measured
+    faster than 128 MiB ones on CPU). ``num_threads``: torch intra-op threads for this call (None:
+    leave torch's setting; set back afterwards) -- on a CPU shared with other jobs one thread can be
+    faster than several for these short, memory-bound ops.
     """
     positions, valid, head_idx, mean, _ = _validate(query, key, scale, positions, valid, chunk_size,
                                                     query_index, key_index, out, out_dtype, heads)
@@ -236,9 +244,16 @@ def cross_attention_probs_from_lse(query: torch.Tensor, key: torch.Tensor, scale
         raise ValueError(f"lse is on {lse.device} but query is on {query.device}")
     if check_indices and not (query.is_cuda and torch.cuda.is_current_stream_capturing()):
         _check_index_range(query_index, key_index, T)
-    return cross_attention_probs_torch(query, key, float(scale), positions, valid, chunk_size, query_index,
-                                       key_index, head_idx, mean, out=out, out_dtype=out_dtype, lse=lse,
-                                       block_bytes=block_bytes)
+    prev = torch.get_num_threads()
+    if num_threads is not None and num_threads != prev:
+        torch.set_num_threads(int(num_threads))
+    try:
+        return cross_attention_probs_torch(query, key, float(scale), positions, valid, chunk_size, query_index,
+                                           key_index, head_idx, mean, out=out, out_dtype=out_dtype, lse=lse,
+                                           block_bytes=block_bytes)
+    finally:
+        if torch.get_num_threads() != prev:
+            torch.set_num_threads(prev)
 
 
 _FLASH_CHOICE = 1  # sdp::SDPBackend::flash_attention, as torch._fused_sdp_choice numbers it
@@ -324,6 +339,30 @@ class _Plan:
         self.cid = self.pos // chunk_size if chunk_size is not None else np.zeros_like(self.pos)
         self.invalid_prefix = np.concatenate([[0], np.cumsum(~self.val)])
         self.lo = _key_lower_bounds(self.pos, self.val, chunk_size, self.qidx)
+
+    def column_ranges(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Per query, the selected keys it may attend as one range ``[a, b)`` of key_index positions,
+        or None when that does not hold in general.
+
+        It holds when key_index is strictly increasing, every selected key is valid and (chunked
+        layers) the keys' chunk ids do not decrease (positions increase with the token index, as in
+        the model's inputs): then query q may attend exactly the selected keys at or before q in
+        q's chunk, a contiguous run (the diagonal rule adds nothing: q's own key is among them).
+        """
+        k = self.kidx
+        if k.size == 0 or (k.size > 1 and not (np.diff(k) > 0).all()) or not self.val[k].all():
+            return None
+        b = np.searchsorted(k, self.qidx, side="right")
+        if self.chunk is None:
+            return np.zeros_like(b), b
+        ck = self.cid[k]
+        if ck.size > 1 and not (np.diff(ck) >= 0).all():
+            return None
+        cq = self.cid[self.qidx]
+        a = np.searchsorted(ck, cq, side="left")
+        b = np.minimum(b, np.searchsorted(ck, cq, side="right"))
+        empty = b <= a
+        return np.where(empty, 0, a), np.where(empty, 0, b)
 
     def all_allowed(self, qi: np.ndarray, keys: np.ndarray | None, k0: int = 0, k1: int = 0) -> bool:
         """True when every (query, key) pair is allowed (keys: an index array, or the range [k0, k1))."""
@@ -417,10 +456,10 @@ def cross_attention_probs_torch(query, key, scale, positions, valid, chunk_size,
     lse_rows = None if lse is None else (lse if all_heads else lse[heads_t])  # (Hs, T)
     zeros_v = torch.zeros((1, Hs, min(block_k, T), D), device=dev) if (fused and lse is None) else None
 
-    for b0 in range(0, Q, block_q):
-        b1 = min(Q, b0 + block_q)
+    for b0, b1, c0, c1 in _query_blocks(plan, Q, P, block_q):
         qi_np = plan.qidx[b0:b1]
-        if plan.none_allowed(qi_np, plan.kidx):  # e.g. queries in a later chunk than every patch
+        nothing = (c0 == c1) if c0 is not None else plan.none_allowed(qi_np, plan.kidx)
+        if nothing:  # e.g. queries in a later chunk than every patch: zeros, no work
             out[:, b0:b1] = 0
             continue
         qi = qidx[b0:b1]
@@ -434,19 +473,56 @@ def cross_attention_probs_torch(query, key, scale, positions, valid, chunk_size,
         else:
             lse_b = _lse_online(qb, key, kv, scale, plan, qi, qi_np, lo, hi, block_k, pos_d, val_d)
         # every selected query row has its diagonal: lse is finite
-        s = torch.bmm(torch.cat([qb * scale, -lse_b[..., None]], -1), k_aug_t)  # (Hs, Qb, P) = scale q.k - lse
-        dead = None if plan.all_allowed(qi_np, plan.kidx) else ~allowed_mask(qi, kidx, pos_d, val_d, chunk_size)
+        if c0 is None:  # general block: all columns, then the mask
+            c0, c1 = 0, P
+            dead = None if plan.all_allowed(qi_np, plan.kidx) else ~allowed_mask(qi, kidx, pos_d, val_d, chunk_size)
+        else:  # every row of the block may attend exactly the columns [c0, c1): zeros elsewhere, no mask
+            dead = None
+            if c0 > 0:
+                out[:, b0:b1, :c0] = 0
+            if c1 < P:
+                out[:, b0:b1, c1:] = 0
+        k_t = k_aug_t if (c0, c1) == (0, P) else k_aug_t[:, :, c0:c1]
+        s = torch.bmm(torch.cat([qb * scale, -lse_b[..., None]], -1), k_t)  # (Hs, Qb, C) = scale q.k - lse
         if mean:
             s.exp_()
             if dead is not None:
                 s.masked_fill_(dead[None], 0.0)
-            torch.mean(s, 0, out=out[0, b0:b1])
+            torch.mean(s, 0, out=out[0, b0:b1, c0:c1])
         else:
-            dst = out[:, b0:b1]
+            dst = out[:, b0:b1, c0:c1]
             torch.exp(s, out=dst)  # exp, then the cast into the output dtype
             if dead is not None:
                 dst.masked_fill_(dead[None], 0.0)
     return out
+
+
+def _query_blocks(plan: _Plan, Q: int, P: int, block_q: int):
+    """(b0, b1, c0, c1): blocks of consecutive selected queries. When the allowed columns of each
+    query are one range (:meth:`_Plan.column_ranges`) and the range changes at most
+    ``max(64, Q / 32)`` times along the queries, a block never straddles a change and carries its
+    range as ``[c0, c1)`` (rows sized to keep ``rows x (c1 - c0)`` near ``block_q x P``); otherwise
+    blocks of ``block_q`` rows with ``c0 = c1 = None`` (the caller masks)."""
+    rng = plan.column_ranges()
+    change = None
+    if rng is not None:
+        a, b = rng
+        change = np.flatnonzero((a[1:] != a[:-1]) | (b[1:] != b[:-1])) + 1
+    if change is None or change.size > max(64, Q // 32):  # no ranges, or too many tiny runs of rows
+        for b0 in range(0, Q, block_q):
+            yield b0, min(Q, b0 + block_q), None, None
+        return
+    starts = np.concatenate([[0], change])
+    ends = np.concatenate([change, [Q]])
+    for r0, r1 in zip(starts.tolist(), ends.tolist()):
+        c0, c1 = int(a[r0]), int(b[r0])
+        if c0 == c1:  # nothing allowed: one zero fill for the whole run
+            yield r0, r1, c0, c1
+            continue
+        # block rows so that the (heads, rows, c1 - c0) block stays near the budget of block_q x P
+        rows = max(1, block_q * P // (c1 - c0))
+        for b0 in range(r0, r1, rows):
+            yield b0, min(r1, b0 + rows), c0, c1
 
 
 def _per_head(k: torch.Tensor, kv) -> torch.Tensor:

@@ -256,8 +256,17 @@ def test_torch_kernel_matches_dense_float64_reference(dtype, chunk, pad, heads):
     idx = torch.arange(T)
     full, chunked = attention_masks(mask[None], pos[None], chunk)
     assert torch.equal(allowed_mask(idx, idx, pos, mask.bool(), chunk), (chunked if chunk else full)[0, 0])
-    qi = torch.tensor([i for i in range(pad, T) if i % 3])
-    ki = torch.tensor([i for i in range(pad, T) if i % 3 == 0])
+    # key layouts: interleaved with the queries; contiguous runs (image-like: the columns of each
+    # row form one range, blocks carry it); unsorted and with padding keys (the general masked path)
+    layouts = [([i for i in range(pad, T) if i % 3], [i for i in range(pad, T) if i % 3 == 0]),
+               ([i for i in range(pad, T) if not 10 <= i < 20 and not 30 <= i < 36],
+                [i for i in range(pad, T) if 10 <= i < 20 or 30 <= i < 36]),
+               ([i for i in range(pad, T) if i % 3], [0, 44, 3, 9, 1, 27, 30, 6][: 8 if pad else 6])]
+    for qi, ki in layouts:
+        _check_torch_kernel(q, k, torch.tensor(qi), torch.tensor(ki), pos, mask, chunk, heads)
+
+
+def _check_torch_kernel(q, k, qi, ki, pos, mask, chunk, heads):
     ref = cross_attention_probs_reference(q, k, 0.25, query_index=qi, key_index=ki, positions=pos,
                                           valid=mask.bool(), chunk_size=chunk, heads=heads)
     # fused: aten's CPU flash attention gives the row log-sum-exp; else the plain-torch online softmax
@@ -313,6 +322,9 @@ def test_probs_from_the_layers_lse_match_dense_reference(chunk, pad, heads):
         got = cross_attention_probs_from_lse(q[0], k[0], 0.25, lse[0], **kw,
                                              **({"block_bytes": nbytes} if nbytes else {}))
         assert got.dtype == torch.float32 and rel_err(got, ref) <= 1e-5
+    n = torch.get_num_threads()
+    one = cross_attention_probs_from_lse(q[0], k[0], 0.25, lse[0], **kw, num_threads=1)
+    assert rel_err(one, got) <= 1e-6 and torch.get_num_threads() == n  # the thread setting is restored
     with pytest.raises(ValueError, match=r"lse must be a floating \(Hq, T\)"):
         cross_attention_probs_from_lse(q[0], k[0], 0.25, lse[0, :, 1:], **kw)
 
