@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import queue
 import sys
 import threading
@@ -477,6 +478,7 @@ class Recorder:
                     if any(it["images"] for it in chunk):
                         kw["images"] = [it["images"] for it in chunk]
                     batch = processor(**kw)
+                    self._note_images(chunk, getattr(batch, "images", None))
                     tensors = {k: v.to(device) for k, v in batch.items()
                                if k in ("input_ids", "attention_mask", "pixel_values") and v is not None}
                     self._sequence_ids = np.array([it["index"] for it in chunk], dtype=np.int64)
@@ -491,6 +493,26 @@ class Recorder:
         return {"prompts": len(items), "resumed_after": done, "skipped_empty": skipped,
                 "tokens": self.n_tokens - n0,
                 "seconds": dt, "tokens_per_s": (self.n_tokens - n0) / max(dt, 1e-9)}
+
+    def _note_images(self, chunk: list[dict], infos) -> None:
+        """Provenance for the views (``CrossModalAttentionView(trace, sequence)`` needs no image arguments):
+        ``images[str(sequence)]``: each image's file path (absolute; None for in-memory images) and
+        ``image_info[str(sequence)]``: its processing geometry (the processor's ``ImageInfo`` fields)."""
+        import dataclasses
+
+        if not infos:
+            return
+        paths: dict[str, list] = {}
+        geo: dict[str, list] = {}
+        for info in infos:
+            item = chunk[int(info.sample)]
+            key = str(item["index"])
+            src = item["images"][int(info.index_in_sample)] if int(info.index_in_sample) < len(item["images"]) else None
+            paths.setdefault(key, []).append(
+                str(Path(src).resolve()) if isinstance(src, (str, os.PathLike)) else None)
+            d = dataclasses.asdict(info) if dataclasses.is_dataclass(info) else dict(vars(info))
+            geo.setdefault(key, []).append({k: v for k, v in d.items() if k not in ("sample",)})
+        self._writer.update_provenance({"images": paths, "image_info": geo})
 
 
 def record(model: nn.Module, store: str | Path, capture: Sequence[str] = ("router",), **kwargs) -> Recorder:

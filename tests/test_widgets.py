@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from html.parser import HTMLParser
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -788,3 +789,37 @@ def test_large_float64_arrays_travel_as_float32():
     big = {"z": {"dtype": "f8", "bdata": __import__("base64").b64encode(np.full(600, 1e300).tobytes()).decode()}}
     compact_arrays(big)
     assert big["z"]["dtype"] == "f8"  # would overflow float32: kept
+
+
+def test_attention_view_needs_no_image_arguments_for_a_run_from_image_files(tmp_path):
+    """Recorder.run stores each image's path and processing geometry in the provenance."""
+    pytest.importorskip("torch")
+    import torch
+
+    import workbench as wb
+    from workbench.embedded import default_model_dir, demo_prompts
+    from workbench.geometry import as_rgb_array
+    from workbench.hooks import Recorder
+
+    items = [p for p in demo_prompts() if p["images"]]
+    if not items:
+        pytest.skip("the embedded multimodal model and its digit prompts are not available")
+    model_dir = default_model_dir(tmp_path / "random-tiny")
+    model, proc = wb.load_model(model_dir, progress=False), wb.load_processor(model_dir)
+    store = tmp_path / "att.zarr"
+    prompts = [{"text": items[0]["text"], "images": [str(items[0]["images"][0])]}, "just text"]
+    rec = Recorder(model, store, ("router", "attention"), processor=proc)
+    with torch.no_grad():
+        rec.run(model, proc, prompts, batch_size=2, progress=False)
+    rec.close()
+    prov = wb.open_trace(store).attrs["provenance"]
+    assert list(prov["images"]) == ["0"] and prov["images"]["0"] == [str(Path(items[0]["images"][0]).resolve())]
+    batch = proc(text=[items[0]["text"]], images=[[items[0]["images"][0]]])
+    info = batch.images[0]
+    stored = prov["image_info"]["0"][0]
+    assert tuple(stored["original_size"]) == tuple(info.original_size) and tuple(stored["grid"]) == tuple(info.grid)
+    v = CrossModalAttentionView(store, 0)  # no image=, no image_info=
+    ref = CrossModalAttentionView(store, 0, image=items[0]["images"][0], image_info=info)
+    np.testing.assert_array_equal(v.rgb, as_rgb_array(items[0]["images"][0]))
+    np.testing.assert_array_equal(v.boxes, ref.boxes)
+    np.testing.assert_array_equal(np.asarray(v.fig.data[-1].z, float), np.asarray(ref.fig.data[-1].z, float))

@@ -923,6 +923,17 @@ class TraceWriter:
             self._commit_locked()
             return self._n_tokens
 
+    def update_provenance(self, entries: dict) -> None:
+        """Merge ``entries`` (JSON types) into the ``provenance`` attribute, written with the next commit
+        (and at close). A dict value is merged into an existing dict entry (``{"images": {"3": [...]}}``
+        adds sequence 3); anything else replaces the entry."""
+        entries = _jsonable(dict(entries), "provenance")
+        with self._mutex:
+            self._check_open()
+            for k, v in entries.items():
+                old = self._provenance.get(k)
+                self._provenance[k] = {**old, **v} if isinstance(v, dict) and isinstance(old, dict) else v
+
     def loads(self) -> xr.DataArray:
         """Expert load counts of the committed tokens: (moe_layer, expert) int64, coord ``layer``."""
         with self._mutex:

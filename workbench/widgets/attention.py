@@ -66,7 +66,9 @@ class CrossModalAttentionView(W.ViewBase):
 
     The picture: ``image=`` (PIL image, array or file path); else the trace's provenance entry
     ``provenance["images"][str(sequence)][image_index]`` (a file path; relative paths are taken next
-    to the trace) when present. Pixel placement uses :func:`workbench.geometry.patch_boxes`: pass
+    to the trace) when present. ``Recorder.run`` (and so ``workbench trace``) stores the paths of
+    image files and their ``image_info``, so that for such traces ``CrossModalAttentionView(trace,
+    sequence)`` needs nothing else. Pixel placement uses :func:`workbench.geometry.patch_boxes`: pass
     ``image_info=`` (the processor's ``ImageInfo`` for this image, ``batch.images[i]``, or a mapping
     with its fields; else ``provenance["image_info"][str(sequence)][image_index]``) when the image
     was not processed with the default Llama 4 settings; without it the tiling is recomputed from the
@@ -104,7 +106,7 @@ class CrossModalAttentionView(W.ViewBase):
         prov = prov if isinstance(prov, dict) else {}
         if image is None:
             paths = (prov.get("images") or {}).get(str(self.sequence))
-            if paths and len(paths) > self.image_index:
+            if paths and len(paths) > self.image_index and paths[self.image_index]:  # None: an in-memory image
                 p = Path(paths[self.image_index])
                 image = p if p.is_absolute() else self.path.parent / p  # relative: next to the trace
         if image_info is None:
