@@ -32,10 +32,12 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["moe_experts_triton", "align_block_size", "get_config", "config_file_name",
+__all__ = ["moe_experts_triton", "align_block_size", "launch_gate_up", "launch_down", "get_config", "config_file_name",
            "default_config", "device_name"]
 
 CONFIG_DIR = Path(__file__).with_name("configs")
+#: where scale="input" applies the router weight in the gate_up kernel (see moe_experts_triton)
+DEFAULT_INPUT_SCALE = "operand"
 _KERNEL_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
 
 
@@ -197,7 +199,7 @@ def _tile_ids(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "num_pid_m"])  # one compile per tile config, any T
 def _gate_up_kernel(
     x_ptr, w_ptr, inter_ptr, topk_w_ptr,
     sorted_ids_ptr, block_expert_ptr, block_shift_ptr, ntpp_ptr,
@@ -206,6 +208,9 @@ def _gate_up_kernel(
     SCALE_INPUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    # SCALE_INPUT: 0 none, 1 scale the A tile in the K loop (w*x rounded to x's dtype, exactly
+    # transformers' numerics), 2 scale the fp32 accumulators in the epilogue ((w*x)@W = w*(x@W):
+    # the same function without the bf16 rounding of w*x, and no per-tile work in the K loop)
     num_pid_n = tl.cdiv(I, BLOCK_N)
     pid_m, pid_n = _tile_ids(num_pid_m, num_pid_n, GROUP_M)
     ntpp = tl.load(ntpp_ptr)
@@ -224,8 +229,8 @@ def _gate_up_kernel(
     a_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :] * stride_xh
     g_ptrs = w_ptr + e * stride_we + offs_k[:, None] * stride_wh + offs_n[None, :].to(tl.int64) * stride_wn
     u_ptrs = g_ptrs + I * stride_wn
-    if SCALE_INPUT:
-        # router weight rounded to x's dtype, product rounded to x's dtype (transformers numerics)
+    if SCALE_INPUT != 0:
+        # router weight rounded to x's dtype, as the model applies it
         rw = tl.load(topk_w_ptr + aid, mask=valid, other=0.0)
         rw = rw.to(x_ptr.dtype.element_ty).to(tl.float32)
 
@@ -234,7 +239,7 @@ def _gate_up_kernel(
     for kk in range(0, tl.cdiv(H, BLOCK_K)):
         k_left = H - kk * BLOCK_K
         a = tl.load(a_ptrs, mask=valid[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        if SCALE_INPUT:
+        if SCALE_INPUT == 1:
             a = (a.to(tl.float32) * rw[:, None]).to(x_ptr.dtype.element_ty)
         bmask = (offs_k[:, None] < k_left) & mask_n[None, :]
         bg = tl.load(g_ptrs, mask=bmask, other=0.0)
@@ -249,13 +254,16 @@ def _gate_up_kernel(
         g_ptrs += BLOCK_K * stride_wh
         u_ptrs += BLOCK_K * stride_wh
 
+    if SCALE_INPUT == 2:
+        acc_g = acc_g * rw[:, None]
+        acc_u = acc_u * rw[:, None]
     h = acc_g * tl.sigmoid(acc_g) * acc_u
     rank = (offs_slot - shift).to(tl.int64)
     i_ptrs = inter_ptr + rank[:, None] * stride_im + offs_n[None, :] * stride_in
     tl.store(i_ptrs, h.to(inter_ptr.dtype.element_ty), mask=valid[:, None] & mask_n[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "num_pid_m"])
 def _down_kernel(
     inter_ptr, w_ptr, c_ptr, topk_w_ptr,
     sorted_ids_ptr, block_expert_ptr, block_shift_ptr, ntpp_ptr,
@@ -311,14 +319,96 @@ def _precision(dtype: torch.dtype, upcast: bool) -> str | None:
     return None
 
 
+def _shared_memory_limit(device) -> int:
+    if device.type != "cuda":
+        return 1 << 30  # interpreter: no limit
+    return _smem_optin(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_optin(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024)
+
+
+def fit_shared_memory(cfg: dict, block_m: int, itemsize: int, n_b: int, limit: int) -> dict:
+    """``cfg`` with num_stages, then BLOCK_K, then BLOCK_N lowered until the pipelined tiles
+    (stages x (A tile + n_b B tiles)) fit in ``limit`` bytes of shared memory: tuned bf16 tiles
+    reused for float32, or a config from another GPU, run instead of failing to launch."""
+    c = dict(cfg)
+
+    def need(c):
+        return c["num_stages"] * (block_m * c["BLOCK_K"] + n_b * c["BLOCK_K"] * c["BLOCK_N"]) * itemsize
+
+    while need(c) > limit:
+        if c["num_stages"] > 2:
+            c["num_stages"] -= 1
+        elif c["BLOCK_K"] > 16:
+            c["BLOCK_K"] //= 2
+        elif c["BLOCK_N"] > 16:
+            c["BLOCK_N"] //= 2
+        else:
+            break
+    return c
+
+
+def launch_gate_up(x, gate_up_proj, inter, tw, alignment, k, block_m, cfg, scale_mode=2,
+                   upcast=False, precision=None):
+    """Launch the gate_up kernel: inter[rank] = silu(g) * u for every assignment (see module doc).
+
+    x (T, H); gate_up_proj (E, H, 2I); inter (T*k, I) written in sorted-rank order; tw (T*k,)
+    router weights; alignment = :func:`align_block_size`'s result for ``block_m``; cfg = the
+    config's ``gate_up`` section; scale_mode 0 none / 1 operand / 2 epilogue."""
+    sorted_ids, block_expert, block_shift, ntpp = alignment
+    num_pid_m = block_expert.numel()
+    I = inter.shape[1]
+    cfg = fit_shared_memory(cfg, block_m, x.element_size(), 2, _shared_memory_limit(x.device))
+    grid = (num_pid_m * triton.cdiv(I, cfg["BLOCK_N"]),)
+    _gate_up_kernel[grid](
+        x, gate_up_proj, inter, tw, sorted_ids, block_expert, block_shift, ntpp,
+        inter.shape[0], x.shape[1], I, num_pid_m, k,
+        x.stride(0), x.stride(1), gate_up_proj.stride(0), gate_up_proj.stride(1), gate_up_proj.stride(2),
+        inter.stride(0), inter.stride(1),
+        SCALE_INPUT=scale_mode, UPCAST=upcast, PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+
+def launch_down(inter, down_proj, c, tw, alignment, block_m, cfg, scale_output=False, upcast=False,
+                precision=None):
+    """Launch the down kernel: c[assignment] = inter[rank] @ down_proj[e] (times w if scale_output).
+
+    inter (N, I) in sorted-rank order; down_proj (E, I, H); c (N, H): the output for k == 1,
+    a float32 per-slot buffer otherwise; cfg = the config's ``down`` section."""
+    sorted_ids, block_expert, block_shift, ntpp = alignment
+    num_pid_m = block_expert.numel()
+    H = c.shape[1]
+    cfg = fit_shared_memory(cfg, block_m, inter.element_size(), 1, _shared_memory_limit(inter.device))
+    grid = (num_pid_m * triton.cdiv(H, cfg["BLOCK_N"]),)
+    _down_kernel[grid](
+        inter, down_proj, c, tw, sorted_ids, block_expert, block_shift, ntpp,
+        inter.shape[0], inter.shape[1], H, num_pid_m,
+        inter.stride(0), inter.stride(1), down_proj.stride(0), down_proj.stride(1), down_proj.stride(2),
+        c.stride(0), c.stride(1),
+        SCALE_OUTPUT=scale_output, UPCAST=upcast, PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+
 def moe_experts_triton(x, topk_ids, topk_weights, gate_up_proj, down_proj, *, scale: str = "input",
                        out: torch.Tensor | None = None, config: dict | None = None,
-                       upcast_bf16: bool | None = None) -> torch.Tensor:
+                       upcast_bf16: bool | None = None, input_scale: str | None = None) -> torch.Tensor:
     """Triton implementation of :func:`workbench.kernels.moe_experts` (inputs already validated).
 
     ``config``: a tile config dict (see :func:`get_config`); default: looked up from ``configs/``.
     ``upcast_bf16``: convert tiles to fp32 before ``tl.dot`` (default: on under TRITON_INTERPRET,
     where bf16 ``tl.dot`` is wrong; the interpreter upcasts fp16 too, harmlessly).
+    ``input_scale`` (scale="input" only): ``"operand"`` scales each x tile by the router weight
+    inside the K loop, rounding w*x to x's dtype exactly as transformers does; ``"epilogue"``
+    scales the fp32 gate/up accumulators instead (the same function, since (w*x) @ W = w*(x @ W),
+    without that rounding step). Default: :data:`DEFAULT_INPUT_SCALE`.
     """
     T, H = x.shape
     k = topk_ids.shape[1]
@@ -337,39 +427,24 @@ def moe_experts_triton(x, topk_ids, topk_weights, gate_up_proj, down_proj, *, sc
     if upcast_bf16 is None:
         upcast_bf16 = os.environ.get("TRITON_INTERPRET") == "1" and dtype == torch.bfloat16
     precision = _precision(dtype, upcast_bf16)
+    if input_scale is None:
+        input_scale = DEFAULT_INPUT_SCALE
+    if input_scale not in ("operand", "epilogue"):
+        raise ValueError(f"input_scale must be 'operand' or 'epilogue', got {input_scale!r}")
+    scale_mode = 0 if scale != "input" else (1 if input_scale == "operand" else 2)
     bm = config["BLOCK_M"]
     gu, dn = config["gate_up"], config["down"]
 
-    sorted_ids, block_expert, block_shift, ntpp = align_block_size(topk_ids, E, bm)
-    num_pid_m = block_expert.numel()
+    alignment = align_block_size(topk_ids, E, bm)
     tw = topk_weights.reshape(-1)
     if not tw.is_contiguous():
         tw = tw.contiguous()
 
     inter = torch.empty(N, I, dtype=dtype, device=x.device)
-    grid1 = (num_pid_m * triton.cdiv(I, gu["BLOCK_N"]),)
-    _gate_up_kernel[grid1](
-        x, gate_up_proj, inter, tw, sorted_ids, block_expert, block_shift, ntpp,
-        N, H, I, num_pid_m, k,
-        x.stride(0), x.stride(1), gate_up_proj.stride(0), gate_up_proj.stride(1), gate_up_proj.stride(2),
-        inter.stride(0), inter.stride(1),
-        SCALE_INPUT=(scale == "input"), UPCAST=upcast_bf16, PRECISION=precision,
-        BLOCK_M=bm, BLOCK_N=gu["BLOCK_N"], BLOCK_K=gu["BLOCK_K"], GROUP_M=gu["GROUP_M"],
-        num_warps=gu["num_warps"], num_stages=gu["num_stages"],
-    )
-
+    launch_gate_up(x, gate_up_proj, inter, tw, alignment, k, bm, gu, scale_mode, upcast_bf16, precision)
     c = out if k == 1 else torch.empty(T, k, H, dtype=torch.float32, device=x.device)
     c2 = c.view(N, H) if k > 1 else c
-    grid2 = (num_pid_m * triton.cdiv(H, dn["BLOCK_N"]),)
-    _down_kernel[grid2](
-        inter, down_proj, c2, tw, sorted_ids, block_expert, block_shift, ntpp,
-        N, I, H, num_pid_m,
-        inter.stride(0), inter.stride(1), down_proj.stride(0), down_proj.stride(1), down_proj.stride(2),
-        c2.stride(0), c2.stride(1),
-        SCALE_OUTPUT=(scale == "output"), UPCAST=upcast_bf16, PRECISION=precision,
-        BLOCK_M=bm, BLOCK_N=dn["BLOCK_N"], BLOCK_K=dn["BLOCK_K"], GROUP_M=dn["GROUP_M"],
-        num_warps=dn["num_warps"], num_stages=dn["num_stages"],
-    )
+    launch_down(inter, down_proj, c2, tw, alignment, bm, dn, scale == "output", upcast_bf16, precision)
     if k > 1:
         out.copy_(c.sum(dim=1))  # fp32 sum over the k slots, one rounding to x's dtype
     return out

@@ -288,13 +288,15 @@ for cid, T, H, I, E, k, dt, kind, cfg in cases:
     if kind == "noncontig":
         gu = gu.transpose(1, 2).contiguous().transpose(1, 2)
         dp = dp.transpose(1, 2).contiguous().transpose(1, 2)
-    for scale in ("input", "output"):
+    for variant in ("input", "output", "input-epilogue"):
+        scale = variant.split("-")[0]
+        opts = {{"input_scale": "epilogue"}} if variant.endswith("epilogue") else {{}}
         out = torch.full((T, 2 * H), float("nan"), dtype=dtype)[:, :H] if kind == "noncontig" \
             else torch.full((T, H), float("nan"), dtype=dtype)
         y = moe_experts(x, ids, w, gu, dp, scale=scale, backend="triton", out=out, config=cfg,
-                        upcast_bf16=(dtype == torch.bfloat16))
+                        upcast_bf16=(dtype == torch.bfloat16), **opts)
         ref = _ref64(x, ids, w, gu, dp, scale)
-        res[cid + "/" + scale] = dict(rel=_rel(y, ref), finite=bool(torch.isfinite(y).all()),
+        res[cid + "/" + variant] = dict(rel=_rel(y, ref), finite=bool(torch.isfinite(y).all()),
                                       same=y.data_ptr() == out.data_ptr(), dtype=str(y.dtype))
 # alignment invariants
 align = []
@@ -367,7 +369,7 @@ def triton_results():
 TRITON_TOL = dict(TOL, bfloat16=5e-2, float32=1e-5, float16=4e-3)
 
 
-@pytest.mark.parametrize("scale", ["input", "output"])
+@pytest.mark.parametrize("scale", ["input", "output", "input-epilogue"])
 @pytest.mark.parametrize("case", TRITON_CASES, ids=[c[0] for c in TRITON_CASES])
 def test_triton_interpreter_matches_reference(triton_results, case, scale):
     r = triton_results[case[0] + "/" + scale]
@@ -382,10 +384,24 @@ def test_triton_configs(triton_results):
     assert all(v is True for v in triton_results["_configs"].values()), triton_results["_configs"]
     assert {"default.json", "E=16,H=5120,I=8192,device_name=NVIDIA_H100_80GB_HBM3,dtype=bf16.json",
             "E=128,H=5120,I=8192,device_name=NVIDIA_H100_80GB_HBM3,dtype=bf16.json"} <= set(triton_results["_configs"])
-    # Scout buckets 1, 2048, 8192, 32768 and Maverick 2048, 8192 (nearest on a log scale)
-    assert triton_results["_buckets"] == [16, 64, 128, 128, 16, 64]
+    # H100-tuned files: Scout T=1 -> bucket 256, 3000 -> 2048, 8192, 1e6 -> 32768;
+    # Maverick 2048, 9000 -> 8192 (nearest on a log scale)
+    assert triton_results["_buckets"] == [16, 128, 128, 128, 32, 64]
     assert triton_results["_unknown_gpu"] == 128  # default.json: 512 tokens per expert -> BLOCK_M 128
     assert "BLOCK_M must be a power of two" in triton_results["_bad_config"]
+
+
+def test_fit_shared_memory():
+    from workbench.kernels.moe_triton import fit_shared_memory
+    tile = {"BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 4, "num_warps": 4, "num_stages": 3}
+    limit = 232448  # H100 opt-in shared memory per block
+    # bf16: 3 x (16*128 + 2*128*128) x 2 B = 208,896 B fits: unchanged
+    assert fit_shared_memory(tile, 16, 2, 2, limit) == tile
+    # float32 needs twice that: stages drop to 2 (278,528 B, still too much), then BLOCK_K halves
+    fitted = fit_shared_memory(tile, 16, 4, 2, limit)
+    assert fitted == dict(tile, num_stages=2, BLOCK_K=64)
+    assert 2 * (16 * 64 + 2 * 64 * 128) * 4 <= limit
+    assert tile["num_stages"] == 3  # the caller's dict is not modified
 
 
 def test_triton_align_block_size_invariants(triton_results):
