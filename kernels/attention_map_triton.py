@@ -58,7 +58,7 @@ def _lse_kernel(Q_ptr, K_ptr, QIDX, POS, VALID, HEADS, LSE,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
     o = tl.program_id(1)
-    h = tl.load(HEADS + o)
+    h = tl.load(HEADS + o).to(tl.int64)
     kvh = h // G
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     q_ok = offs_m < n_q
@@ -66,7 +66,7 @@ def _lse_kernel(Q_ptr, K_ptr, QIDX, POS, VALID, HEADS, LSE,
     qpos = tl.load(POS + qi, mask=q_ok, other=0)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q = tl.load(Q_ptr + h * s_qh + qi[:, None] * s_qt + offs_d[None, :] * s_qd,
+    q = tl.load(Q_ptr + h * s_qh + qi.to(tl.int64)[:, None] * s_qt + offs_d[None, :] * s_qd,
                 mask=q_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -80,7 +80,7 @@ def _lse_kernel(Q_ptr, K_ptr, QIDX, POS, VALID, HEADS, LSE,
         kval = tl.load(VALID + kj, mask=k_ok, other=0)
         allowed = _mask(qi, qpos, q_ok, kj, kpos, kval, k_ok, chunk, HAS_CHUNK)
         if tl.max(tl.max(allowed.to(tl.int32), axis=1), axis=0) > 0:
-            k = tl.load(K_ptr + kvh * s_kh + kj[:, None] * s_kt + offs_d[None, :] * s_kd,
+            k = tl.load(K_ptr + kvh * s_kh + kj.to(tl.int64)[:, None] * s_kt + offs_d[None, :] * s_kd,
                         mask=k_ok[:, None] & d_ok[None, :], other=0.0)
             if UPCAST:
                 k = k.to(tl.float32)
@@ -124,11 +124,11 @@ def _probs_kernel(Q_ptr, K_ptr, QIDX, KIDX, POS, VALID, HEADS, LSE, OUT,
         o_lo = o
         o_hi = o + 1
     for oo in range(o_lo, o_hi):
-        h = tl.load(HEADS + oo)
+        h = tl.load(HEADS + oo).to(tl.int64)
         kvh = h // G
-        q = tl.load(Q_ptr + h * s_qh + qi[:, None] * s_qt + offs_d[None, :] * s_qd,
+        q = tl.load(Q_ptr + h * s_qh + qi.to(tl.int64)[:, None] * s_qt + offs_d[None, :] * s_qd,
                     mask=q_ok[:, None] & d_ok[None, :], other=0.0)
-        k = tl.load(K_ptr + kvh * s_kh + kj[:, None] * s_kt + offs_d[None, :] * s_kd,
+        k = tl.load(K_ptr + kvh * s_kh + kj.to(tl.int64)[:, None] * s_kt + offs_d[None, :] * s_kd,
                     mask=p_ok[:, None] & d_ok[None, :], other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
@@ -138,7 +138,8 @@ def _probs_kernel(Q_ptr, K_ptr, QIDX, KIDX, POS, VALID, HEADS, LSE, OUT,
         acc += tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
     if MEAN:
         acc = acc / n_heads
-    tl.store(OUT + o * s_oh + offs_m[:, None] * s_oq + offs_p[None, :] * s_op,
+    # 64-bit: an all-heads output passes 2^31 elements (40 heads x 30k queries x 2448 patches)
+    tl.store(OUT + o.to(tl.int64) * s_oh + offs_m.to(tl.int64)[:, None] * s_oq + offs_p[None, :] * s_op,
              acc.to(OUT.dtype.element_ty), mask=q_ok[:, None] & p_ok[None, :])
 
 
@@ -182,10 +183,11 @@ def cross_attention_probs_triton(query, key, scale, positions, valid, chunk_size
     BLOCK_D = max(16, triton.next_power_of_2(D))
     if BLOCK_M is None:
         BLOCK_M = 16 if interp else 64
+    # H100, 32k tokens x 2448 patches, 40/8 heads x 128 (RESULTS.md): N=P=128 beat 64 by 1.16-1.24x
     if BLOCK_N is None:
-        BLOCK_N = 16 if interp else 64
+        BLOCK_N = 16 if interp else 128
     if BLOCK_P is None:
-        BLOCK_P = 16 if interp else 64
+        BLOCK_P = 16 if interp else 128
     heads_t = _heads_tensor(head_idx, dev)
     qidx = query_index.to(device=dev, dtype=torch.int32).contiguous()
     kidx = key_index.to(device=dev, dtype=torch.int32).contiguous()
