@@ -133,18 +133,23 @@ def subprocess_run(mode: str, seq: int, heads: str, threads: int | None, pattern
 
 # ------------------------------------------------------------------------------------------- main
 def theory(seq: int, heads: str) -> dict:
-    from workbench.kernels.attention_map import torch_block_sizes
+    from workbench.kernels.attention_map import _COL_BLOCK_BYTES, torch_block_sizes
 
     ids, _ = build_inputs(seq)
     Q, P = counts(ids)
     L, Hq, D = 2, 4, 16
     Hout = 1 if heads == "mean" else Hq
     store = L * Hout * Q * P * 2
+    # default CPU path (the layer's log-sum-exp): the (Hq, rows, P) float32 score block, the
+    # [scale q, -lse] rows and the (Hq, D+1, P) patch keys; the layer's lse (Hq, T) float32
+    bq, _, _ = torch_block_sizes(Hq, D, P, fused=True, block_bytes=_COL_BLOCK_BYTES)
+    columns = 4 * (Hq * bq * P + Hq * bq * (D + 1) + Hq * (D + 1) * P + Hq * seq)
+    # the kernel's own log-sum-exp (CUDA path, or use_layer_lse=False): column block (Hq, bq, P)
+    # + K, V and the zero-V blocks (Hq, bk, D) + one mask block (bq, mk), float32
     bq, bk, mk = torch_block_sizes(Hq, D, P, fused=True)
-    # column block (Hq, bq, P) + K, V and the zero-V blocks (Hq, bk, D) + one mask block (bq, mk), float32
     kernel = 4 * (Hq * bq * P + 3 * Hq * min(bk, seq) * D + bq * mk)
-    return {"T": seq, "Q": Q, "P": P, "capture_bytes": store, "kernel_block_bytes": kernel,
-            "TxT_float32_per_head_bytes": seq * seq * 4}
+    return {"T": seq, "Q": Q, "P": P, "capture_bytes": store, "column_block_bytes": columns,
+            "kernel_block_bytes": kernel, "TxT_float32_per_head_bytes": seq * seq * 4}
 
 
 VARIANTS = {
@@ -311,7 +316,8 @@ def main() -> None:
     print(f"T={th['T']} Q={th['Q']} text queries, P={th['P']} patch keys, 2 layers ({args.layers}), "
           f"heads={args.heads}")
     print(f"theoretical capture buffer (float16): {th['capture_bytes'] / gib:.3f} GiB "
-          f"(+ kernel block {th['kernel_block_bytes'] / 2**20:.0f} MiB); one T x T float32 matrix per head "
+          f"(+ working blocks {th['column_block_bytes'] / 2**20:.0f} MiB with the layer's log-sum-exp, "
+          f"{th['kernel_block_bytes'] / 2**20:.0f} MiB computing it); one T x T float32 matrix per head "
           f"would be {th['TxT_float32_per_head_bytes'] / gib:.2f} GiB")
     result = {"theory": th}
     if not args.skip_memory:
