@@ -18,13 +18,16 @@ Starts JupyterLab (127.0.0.1, random port and token, temporary config) and drive
    control to the ``plotly_afterplot`` event of the figure it changes, plus one animation frame:
    the "Show" toggle (count / share / deviation: a new 48 x 128 z), the layer slider (bars +
    highlight), the token filter (first time: one pass over the 1M tokens for all three
-   modalities; then cached). Median and max over ``--reps`` changes.
+   modalities; then cached). Median, 90th percentile and max over ``--reps`` changes, and where the
+   time went (the plot module's draw log): event to the figure's message (kernel round trip),
+   waiting for other plots' draws, the Plotly call, and to the next frame.
 4. *Live overhead*: in the kernel, the same recorded run (the random checkpoint, ``--forward``
    passes of 4 x 256 tokens) with no dashboard ('off'), with a live ExpertLoadDashboard at 2 Hz
    whose updates are sent but which is not displayed ('hidden': the kernel-side cost), and with
    it displayed in the page ('shown': the browser renders on the same 2 cores), at ``--hz``.
    Each run pauses 3 s after creating (and displaying) the dashboard so that its first drawing is
-   not timed. ``--pairs`` rounds after a warm-up run, the order rotated each round; reported: the
+   not timed (``--no-live`` skips this part; ``benchmarks/live_overhead.py`` measures the
+   kernel-side cost in ABBA rounds with a confidence interval). ``--pairs`` rounds after a warm-up run, the order rotated each round; reported: the
    median over rounds of each round's wall-time ratio to its 'off' run, the same for the kernel
    process's CPU time (all threads), and the refresh thread's CPU time / wall time.
 
