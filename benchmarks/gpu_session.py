@@ -155,8 +155,19 @@ def section_correct(dev, dry):
                   ("E128-k2-fp32", 300, H, I, 128, 2, torch.float32, None),
                   ("noncontig-k2", 150, H, I, 16, 2, torch.bfloat16, "noncontig"),
                   ("big-H5120-I1024", 640, 5120, 1024, 16, 1, torch.bfloat16, None)]
+        big = {"BLOCK_M": 64, "gate_up": _c(128, 64, 8, 8, 4, True), "down": _c(256, 64, 8, 8, 4, True)}
+        small = {"BLOCK_M": 16, "gate_up": _c(128, 128, 4, 4, 3, True), "down": _c(128, 128, 4, 4, 4, True)}
+        cases += [("tma-bf16-k1", 300, H, I, 16, 1, torch.bfloat16, None, big),
+                  ("tma-fp16-k2", 300, H, I, 16, 2, torch.float16, None, small),
+                  ("tma-fp32-k1", 300, H, I, 16, 1, torch.float32, None, big),
+                  ("tma-one-expert", 517, H, I, 16, 1, torch.bfloat16, "one", big),
+                  ("tma-E128-k2", 300, H, I, 128, 2, torch.bfloat16, None, small),
+                  ("tma-I1000-k1", 200, H, 1000, 16, 1, torch.bfloat16, None, big),
+                  ("tma-noncontig-k2", 150, H, I, 16, 2, torch.bfloat16, "noncontig", big),
+                  ("tma-big-H5120", 640, 5120, 1024, 16, 1, torch.bfloat16, None, big)]
     rows, ok = [], True
-    for name, T, H_, I_, E, k, dt, kind in cases:
+    for name, T, H_, I_, E, k, dt, kind, *cfg in cases:
+        cfg = cfg[0] if cfg else None
         g = torch.Generator(device=dev).manual_seed(int.from_bytes(os.urandom(4), "little"))
         x = torch.randn(T, H_, device=dev, generator=g).to(dt)
         gu = (torch.randn(E, H_, 2 * I_, device=dev, generator=g) / H_ ** 0.5).to(dt)
@@ -177,6 +188,8 @@ def section_correct(dev, dry):
         for scale, mode in (("input", "operand"), ("input", "epilogue"), ("output", None)):
             out = torch.full((T, H_), float("nan"), device=dev, dtype=dt)
             opts = {"input_scale": mode} if mode else {}
+            if cfg is not None:
+                opts["config"] = cfg
             y = moe_experts(x, ids, w, gu, dp, scale=scale, backend="triton", out=out, check_ids=False, **opts)
             r = ref64(x, ids, w, gu, dp, scale)
             e_ = rel(y, r)
@@ -239,22 +252,31 @@ def section_ceilings(dev, dry, t):
 
 # ----------------------------------------------------------------------------------- 3. tune
 
-def _c(bn, bk, gm, w, s):
-    return {"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm, "num_warps": w, "num_stages": s}
+def _c(bn, bk, gm, w, s, tma=False):
+    c = {"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm, "num_warps": w, "num_stages": s}
+    if tma:
+        c["TMA"] = True
+    return c
 
 
 # candidates per regime (average assignments per expert <= 64: weight-bandwidth bound)
 SMALL = {"BLOCK_M": [16, 32, 64],
          "gate_up": [_c(64, 128, 1, 4, 4), _c(64, 128, 4, 4, 4), _c(128, 128, 4, 4, 3), _c(64, 256, 4, 4, 3),
-                     _c(32, 256, 4, 4, 4), _c(128, 64, 4, 4, 5)],
+                     _c(32, 256, 4, 4, 4), _c(128, 64, 4, 4, 5),
+                     _c(128, 128, 4, 4, 3, True), _c(128, 64, 4, 4, 5, True), _c(64, 128, 4, 4, 4, True)],
          "down": [_c(64, 128, 1, 4, 4), _c(128, 128, 4, 4, 4), _c(64, 256, 4, 4, 3), _c(128, 64, 4, 4, 5),
-                  _c(256, 64, 4, 8, 4), _c(32, 256, 4, 4, 4)]}
+                  _c(256, 64, 4, 8, 4), _c(32, 256, 4, 4, 4),
+                  _c(128, 128, 4, 4, 4, True), _c(256, 64, 4, 8, 4, True), _c(128, 64, 4, 4, 5, True)]}
 LARGE = {"BLOCK_M": [64, 128],
          "gate_up": [_c(64, 64, 8, 4, 4), _c(128, 64, 8, 8, 3), _c(128, 64, 8, 8, 4), _c(64, 64, 8, 8, 5),
-                     _c(64, 128, 8, 4, 3), _c(128, 128, 8, 8, 2), _c(128, 64, 16, 8, 4), _c(128, 64, 4, 8, 4)],
+                     _c(64, 128, 8, 4, 3), _c(128, 128, 8, 8, 2), _c(128, 64, 16, 8, 4), _c(128, 64, 4, 8, 4),
+                     _c(128, 64, 8, 8, 4, True), _c(128, 64, 8, 8, 3, True), _c(64, 64, 8, 4, 4, True),
+                     _c(128, 128, 8, 8, 2, True)],
          "down": [_c(128, 64, 8, 4, 4), _c(256, 64, 8, 8, 3), _c(256, 64, 8, 8, 4), _c(128, 64, 8, 8, 4),
-                  _c(128, 128, 8, 8, 3), _c(256, 128, 8, 8, 2), _c(256, 64, 16, 8, 4), _c(128, 64, 8, 4, 5)]}
-DRY = {"BLOCK_M": [16, 32], "gate_up": [_c(16, 16, 1, 4, 1), _c(32, 32, 2, 4, 1)],
+                  _c(128, 128, 8, 8, 3), _c(256, 128, 8, 8, 2), _c(256, 64, 16, 8, 4), _c(128, 64, 8, 4, 5),
+                  _c(256, 64, 8, 8, 4, True), _c(256, 64, 8, 8, 3, True), _c(128, 64, 8, 4, 4, True),
+                  _c(128, 128, 8, 8, 3, True)]}
+DRY = {"BLOCK_M": [16, 32], "gate_up": [_c(16, 16, 1, 4, 1), _c(32, 32, 2, 4, 1), _c(16, 16, 1, 4, 1, True)],
        "down": [_c(16, 16, 1, 4, 1), _c(32, 32, 2, 4, 1)]}
 
 
@@ -329,16 +351,31 @@ def tune_shape(E, T, k, x, top_i, scores, gu_w, dn_w, dry, t):
         inter = torch.empty(N, I, device=x.device, dtype=x.dtype)
         c = torch.empty(N, H, device=x.device, dtype=x.dtype)
         gts, dts = [], []
+        ref_i = ref_c = None
         for cfg in r["gate_up"]:
             try:
-                gts.append((t(lambda: mt.launch_gate_up(x, gu_w, inter, tw, al, k, bm, cfg, 2)), cfg))
+                inter.fill_(float("nan"))
+                ms = t(lambda: mt.launch_gate_up(x, gu_w, inter, tw, al, k, bm, cfg, 2))
+                if ref_i is None:
+                    ref_i = inter.float().clone()
+                err = ((inter.float() - ref_i).norm() / ref_i.norm()).item()
+                if not err < 1e-2:  # NaN (rows not written) or wrong: never pick it
+                    log("  gate_up WRONG", bm, cfg, err); ms = float("inf")
+                gts.append((ms, cfg))
             except Exception as e:
                 gts.append((float("inf"), cfg)); log("  gate_up", bm, cfg, type(e).__name__)
         g_ms, g_cfg = min(gts, key=lambda z: z[0])
         mt.launch_gate_up(x, gu_w, inter, tw, al, k, bm, g_cfg, 2)
         for cfg in r["down"]:
             try:
-                dts.append((t(lambda: mt.launch_down(inter, dn_w, c, tw, al, bm, cfg)), cfg))
+                c.fill_(float("nan"))
+                ms = t(lambda: mt.launch_down(inter, dn_w, c, tw, al, bm, cfg))
+                if ref_c is None:
+                    ref_c = c.float().clone()
+                err = ((c.float() - ref_c).norm() / ref_c.norm()).item()
+                if not err < 1e-2:
+                    log("  down WRONG", bm, cfg, err); ms = float("inf")
+                dts.append((ms, cfg))
             except Exception as e:
                 dts.append((float("inf"), cfg)); log("  down", bm, cfg, type(e).__name__)
         d_ms, d_cfg = min(dts, key=lambda z: z[0])
@@ -347,7 +384,7 @@ def tune_shape(E, T, k, x, top_i, scores, gu_w, dn_w, dry, t):
                              "down": [[m, c_] for m, c_ in dts], "total_ms": tot}
         if best is None or tot < best[0]:
             best = (tot, {"BLOCK_M": bm, "gate_up": g_cfg, "down": d_cfg})
-        del inter, c
+        del inter, c, ref_i, ref_c
     out["best_ms"], out["best"] = best
     return out
 

@@ -201,13 +201,16 @@ def _tile_ids(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 @triton.jit(do_not_specialize=["N", "num_pid_m"])  # one compile per tile config, any T
 def _gate_up_kernel(
-    x_ptr, w_ptr, inter_ptr, topk_w_ptr,
+    x_ptr, w_ptr, w_desc, inter_ptr, topk_w_ptr,
     sorted_ids_ptr, block_expert_ptr, block_shift_ptr, ntpp_ptr,
     N, H, I, num_pid_m, K_TOP,
     stride_xm, stride_xh, stride_we, stride_wh, stride_wn, stride_im, stride_in,
     SCALE_INPUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    TMA: tl.constexpr,
 ):
+    # TMA: weight tiles come through a tensor descriptor over gate_up_proj viewed as (E*H, 2I)
+    # (the copy engine on Hopper; H % BLOCK_K == 0 so a tile never crosses into the next expert)
     # SCALE_INPUT: 0 none, 1 scale the A tile in the K loop (w*x rounded to x's dtype, exactly
     # transformers' numerics), 2 scale the fp32 accumulators in the epilogue ((w*x)@W = w*(x@W):
     # the same function without the bf16 rounding of w*x, and no per-tile work in the K loop)
@@ -241,9 +244,14 @@ def _gate_up_kernel(
         a = tl.load(a_ptrs, mask=valid[:, None] & (offs_k[None, :] < k_left), other=0.0)
         if SCALE_INPUT == 1:
             a = (a.to(tl.float32) * rw[:, None]).to(x_ptr.dtype.element_ty)
-        bmask = (offs_k[:, None] < k_left) & mask_n[None, :]
-        bg = tl.load(g_ptrs, mask=bmask, other=0.0)
-        bu = tl.load(u_ptrs, mask=bmask, other=0.0)
+        if TMA:
+            k_row = (e * H + kk * BLOCK_K).to(tl.int32)
+            bg = w_desc.load([k_row, pid_n * BLOCK_N])
+            bu = w_desc.load([k_row, I + pid_n * BLOCK_N])  # columns past 2I read as zeros
+        else:
+            bmask = (offs_k[:, None] < k_left) & mask_n[None, :]
+            bg = tl.load(g_ptrs, mask=bmask, other=0.0)
+            bu = tl.load(u_ptrs, mask=bmask, other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             bg = bg.to(tl.float32)
@@ -265,12 +273,13 @@ def _gate_up_kernel(
 
 @triton.jit(do_not_specialize=["N", "num_pid_m"])
 def _down_kernel(
-    inter_ptr, w_ptr, c_ptr, topk_w_ptr,
+    inter_ptr, w_ptr, w_desc, c_ptr, topk_w_ptr,
     sorted_ids_ptr, block_expert_ptr, block_shift_ptr, ntpp_ptr,
     N, I, H, num_pid_m,
     stride_im, stride_in, stride_we, stride_wi, stride_wh, stride_cm, stride_ch,
     SCALE_OUTPUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     num_pid_n = tl.cdiv(H, BLOCK_N)
     pid_m, pid_n = _tile_ids(num_pid_m, num_pid_n, GROUP_M)
@@ -293,7 +302,10 @@ def _down_kernel(
     for kk in range(0, tl.cdiv(I, BLOCK_K)):
         k_left = I - kk * BLOCK_K
         a = tl.load(a_ptrs, mask=valid[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
+        if TMA:  # down_proj viewed as (E*I, H); I % BLOCK_K == 0
+            b = w_desc.load([(e * I + kk * BLOCK_K).to(tl.int32), pid_n * BLOCK_N])
+        else:
+            b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -331,6 +343,21 @@ def _smem_optin(index: int) -> int:
     return int(getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024)
 
 
+def _weight_descriptor(w: torch.Tensor, cfg: dict):
+    """Tensor descriptor over a contiguous (E, K, N) weight viewed as (E*K, N) with
+    (BLOCK_K, BLOCK_N) tiles, or None where the pointer path must be used: non-contiguous weights,
+    K % BLOCK_K != 0 (a tile would cross into the next expert), unaligned rows, or no descriptor
+    support in this triton."""
+    E, K, N = w.shape
+    if not w.is_contiguous() or K % cfg["BLOCK_K"] or (N * w.element_size()) % 16 or w.data_ptr() % 16:
+        return None
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return None
+    return TensorDescriptor.from_tensor(w.view(E * K, N), [cfg["BLOCK_K"], cfg["BLOCK_N"]])
+
+
 def fit_shared_memory(cfg: dict, block_m: int, itemsize: int, n_b: int, limit: int) -> dict:
     """``cfg`` with num_stages, then BLOCK_K, then BLOCK_N lowered until the pipelined tiles
     (stages x (A tile + n_b B tiles)) fit in ``limit`` bytes of shared memory: tuned bf16 tiles
@@ -363,15 +390,16 @@ def launch_gate_up(x, gate_up_proj, inter, tw, alignment, k, block_m, cfg, scale
     num_pid_m = block_expert.numel()
     I = inter.shape[1]
     cfg = fit_shared_memory(cfg, block_m, x.element_size(), 2, _shared_memory_limit(x.device))
+    desc = _weight_descriptor(gate_up_proj, cfg) if cfg.get("TMA") else None
     grid = (num_pid_m * triton.cdiv(I, cfg["BLOCK_N"]),)
     _gate_up_kernel[grid](
-        x, gate_up_proj, inter, tw, sorted_ids, block_expert, block_shift, ntpp,
+        x, gate_up_proj, desc, inter, tw, sorted_ids, block_expert, block_shift, ntpp,
         inter.shape[0], x.shape[1], I, num_pid_m, k,
         x.stride(0), x.stride(1), gate_up_proj.stride(0), gate_up_proj.stride(1), gate_up_proj.stride(2),
         inter.stride(0), inter.stride(1),
         SCALE_INPUT=scale_mode, UPCAST=upcast, PRECISION=precision,
         BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        TMA=desc is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
 
@@ -385,15 +413,16 @@ def launch_down(inter, down_proj, c, tw, alignment, block_m, cfg, scale_output=F
     num_pid_m = block_expert.numel()
     H = c.shape[1]
     cfg = fit_shared_memory(cfg, block_m, inter.element_size(), 1, _shared_memory_limit(inter.device))
+    desc = _weight_descriptor(down_proj, cfg) if cfg.get("TMA") else None
     grid = (num_pid_m * triton.cdiv(H, cfg["BLOCK_N"]),)
     _down_kernel[grid](
-        inter, down_proj, c, tw, sorted_ids, block_expert, block_shift, ntpp,
+        inter, down_proj, desc, c, tw, sorted_ids, block_expert, block_shift, ntpp,
         inter.shape[0], inter.shape[1], H, num_pid_m,
         inter.stride(0), inter.stride(1), down_proj.stride(0), down_proj.stride(1), down_proj.stride(2),
         c.stride(0), c.stride(1),
         SCALE_OUTPUT=scale_output, UPCAST=upcast, PRECISION=precision,
         BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        TMA=desc is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
 

@@ -246,6 +246,9 @@ def test_triton_on_cpu_without_interpreter_is_refused():
 # (id, T, H, I, E, k, dtype, ids-kind, config or None (CPU default: BLOCK_M 16, BN=BK=32))
 _SMALL_CFG = {"BLOCK_M": 32, "gate_up": {"BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2, "num_warps": 4, "num_stages": 1},
               "down": {"BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 3, "num_warps": 4, "num_stages": 1}}
+# the same tiles with weight tiles loaded through tensor descriptors (TMA on Hopper)
+_TMA_CFG = {"BLOCK_M": 16, "gate_up": {"BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2, "num_warps": 4, "num_stages": 1, "TMA": True},
+            "down": {"BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 1, "num_warps": 4, "num_stages": 1, "TMA": True}}
 TRITON_CASES = []
 for _dt in ("float32", "float16", "bfloat16"):
     for _k in (1, 2):
@@ -260,6 +263,12 @@ TRITON_CASES += [
     ("E128-k1-bf16", 9, 32, 32, 128, 1, "bfloat16", None, None),
     ("grouped-tiles-T40", 40, 48, 40, 3, 2, "float32", None, _SMALL_CFG),
     ("noncontig", 10, 32, 32, 4, 2, "float16", "noncontig", None),
+    # I=40 is not a multiple of BLOCK_N (gate tiles read into the up columns, masked) nor of
+    # BLOCK_K (down falls back to pointer loads); T=33 ragged; all tokens on one expert
+    ("tma-T40-k2", 40, 48, 40, 3, 2, "float32", None, _TMA_CFG),
+    ("tma-T33-k1-fp16", 33, 64, 32, 4, 1, "float16", None, _TMA_CFG),
+    ("tma-one-expert-bf16", 20, 32, 32, 4, 1, "bfloat16", "one", _TMA_CFG),
+    ("tma-noncontig", 10, 32, 32, 4, 2, "float16", "noncontig", _TMA_CFG),
 ]
 
 _TRITON_SCRIPT = r'''
@@ -386,7 +395,7 @@ def test_triton_configs(triton_results):
             "E=128,H=5120,I=8192,device_name=NVIDIA_H100_80GB_HBM3,dtype=bf16.json"} <= set(triton_results["_configs"])
     # H100-tuned files: Scout T=1 -> bucket 256, 3000 -> 2048, 8192, 1e6 -> 32768;
     # Maverick 2048, 9000 -> 8192 (nearest on a log scale)
-    assert triton_results["_buckets"] == [16, 128, 128, 128, 32, 64]
+    assert triton_results["_buckets"] == [32, 128, 128, 128, 32, 64]
     assert triton_results["_unknown_gpu"] == 128  # default.json: 512 tokens per expert -> BLOCK_M 128
     assert "BLOCK_M must be a power of two" in triton_results["_bad_config"]
 
