@@ -123,8 +123,10 @@ def moe_experts(x, topk_ids, topk_weights, gate_up_proj, down_proj, *, scale: st
             is written).
         check_ids: verify ids lie in [0, E) (a host sync on CUDA; skipped automatically while a
             CUDA graph is being captured). Pass False on latency-critical GPU paths.
-        **backend_options: forwarded to the backend (torch: ``method``; triton: ``config``,
-            ``upcast_bf16``).
+        **backend_options: forwarded to the backend (torch: ``method``; triton: ``config`` (tile
+            config dict, see ``moe_triton.get_config``; a section may set ``"TMA": true`` for
+            tensor-descriptor weight loads), ``upcast_bf16``, ``input_scale`` ("operand" or
+            "epilogue")).
 
     Returns:
         (T, H) tensor in x.dtype (``out`` when given). For k > 1 the sum over slots is
