@@ -17,7 +17,11 @@ Pipeline for N = T*k (token, slot) assignments, all on the device and with fixed
    (T, H) output (``scale="output"`` multiplies here); for k > 1 each (token, slot) row is stored
    in a float32 (T, k, H) buffer and summed over k afterwards (deterministic, fp32 accumulation).
 
-Tile configurations come from JSON files in ``configs/`` (:func:`get_config`).
+Tile configurations come from JSON files in ``configs/`` (:func:`get_config`); a kernel section
+with ``"TMA": true`` loads the weight tiles through a tensor descriptor (Hopper's copy engine) where
+the weight is contiguous and K is a multiple of BLOCK_K, else through pointers. The launchers lower
+``num_stages`` / ``BLOCK_K`` when a config would not fit the GPU's shared memory (e.g. bf16 tiles
+used for float32). ``benchmarks/gpu_session.py`` sweeps and writes these files.
 """
 from __future__ import annotations
 
