@@ -164,17 +164,15 @@ class _PassState:
 def _column_threads(setting) -> int | None:
     """Intra-op threads for the CPU column pass (None: torch's setting).
 
-    ``"auto"``: one thread when torch runs at most 2 threads, or when the 1-minute load average
-    exceeds the number of CPUs (other jobs compete for the cores); else torch's setting. The column
-    pass is many short memory-bound ops (one GEMM and one ``exp`` per cache-sized block); each
-    multi-threaded op ends at a barrier that waits for a descheduled worker when the cores are
-    shared. Measured on the 2-core machine at load 2-6 (benchmarks/RESULTS.md): the column pass
-    took 3-6x less time with one thread than with two. Not measured on larger machines.
+    ``"auto"``: one thread when the 1-minute load average exceeds the number of CPUs (other jobs
+    compete for the cores), else torch's setting. The column pass is many short memory-bound ops
+    (one GEMM and one ``exp`` per cache-sized block); on a shared CPU each multi-threaded op ends
+    at a barrier that waits for a descheduled worker. Measured on the 2-core machine
+    (benchmarks/RESULTS.md): at load 2-6 the column pass took 3-6x less time with one thread than
+    with two; at load below 2 two threads took about 0.55x the time of one.
     """
     if setting != "auto":
         return setting
-    if torch.get_num_threads() <= 2:
-        return 1
     try:
         busy = os.getloadavg()[0] > (os.cpu_count() or 1)
     except OSError:  # no load average on this platform
@@ -194,7 +192,7 @@ class AttentionCapture:
     available, torch otherwise). ``use_layer_lse`` (attribute, default True): use the layer's own
     log-sum-exp when it comes with the tap (False: the kernel computes it, as on CUDA; for
     benchmarks and checks). ``column_threads`` (attribute): torch threads for the CPU column pass:
-    ``"auto"`` (default: one thread on small or oversubscribed CPUs, see :func:`_column_threads`),
+    ``"auto"`` (default: one thread while the CPU is oversubscribed, see :func:`_column_threads`),
     None (torch's setting) or an int.
     """
 
