@@ -275,11 +275,23 @@ def test_views_render_and_react_in_jupyterlab(tmp_path):
         assert after["title"].startswith("Layer L3"), after["title"]
         # the mode toggle changes the heatmap
         hm0 = fig_state(page, "ExpertLoadDashboard.heatmap")
+        revs = page.eval_on_selector_all(".wb-load-dashboard .wb-plot", "els => els.map(e => Number(e.dataset.revision))")
         page.locator(".wb-load-dashboard .widget-toggle-button", has_text="count").click()
         hm1 = wait_fig_change(page, "ExpertLoadDashboard.heatmap", hm0)
         assert "count" in hm1["title"]
+        # heatmap and bars: switched in the page (no kernel round trip, drawKind 'local'); the kernel's figures
+        # follow (their revision passes the one before the click) and its push is not drawn again (still
+        # 'local'); the kernel's mode is "count": the next layer change comes from it as a patch, in count
+        page.wait_for_function(
+            "(revs) => [...document.querySelectorAll('.wb-load-dashboard .wb-plot')].filter((e, i) =>"
+            " e.dataset.drawKind === 'local' && e.dataset.variant === 'count' && Number(e.dataset.revision) > revs[i])"
+            ".length === 2", arg=revs)
+        before = fig_state(page, "ExpertLoadDashboard.bars")
+        h.press("ArrowRight")
+        after = wait_fig_change(page, "ExpertLoadDashboard.bars", before)
+        assert after["title"] == "Layer L5: count per expert", after["title"]
         kinds = page.eval_on_selector_all(".wb-load-dashboard .wb-plot", "els => els.map(e => e.dataset.drawKind)")
-        assert kinds.count("patch") >= 2, kinds  # heatmap and bars: data-only updates (Plotly.update)
+        assert kinds.count("patch") >= 2, kinds  # heatmap (highlight) and bars: data-only updates (Plotly.update)
         page.locator(".wb-load-dashboard").screenshot(path=str(shots / "load_dashboard.png"))
 
         # ---- token view: hostile text stays text; layer slider recolors; click pins
@@ -404,3 +416,151 @@ def test_patched_figure_equals_a_full_redraw(tmp_path):
             for i, r in enumerate(page.evaluate(JS_PATCH_VS_FULL, [_ESM, seq]), start=1):
                 assert r["kind"] == "patch" and r["other"] == "full", (name, i, r["kind"], r["other"])
                 assert r["a"] == r["b"], (name, i, r["a"][:400], r["b"][:400])
+
+
+# the real PlotView module on stand-in models with a stand-in "Show" control: the browser switches the
+# dashboard's mode itself (client-side variants); the kernel's pushes that follow are not drawn again
+JS_CLIENT_VARIANTS = r"""
+async ([esm, states, steps, mode0]) => {
+  globalThis.__workbenchPlotly = Promise.resolve(window.Plotly);
+  const mod = await import(URL.createObjectURL(new Blob([esm], {type: 'text/javascript'})));
+  // like an ipywidgets 8 ToggleButtons model: only the option's index is synced
+  const options = ['count', 'share', 'deviation'];
+  const control = { index: options.indexOf(mode0), h: [], get(k) { return k === 'index' ? this.index : undefined; },
+                    on(e, cb) { if (e.split(' ').includes('change:index')) this.h.push(cb); },
+                    set(v) { const i = options.indexOf(v);
+                             if (i !== this.index) { this.index = i; this.h.forEach((cb) => cb()); } } };
+  const model = (state) => { const h = {};
+    const m = {state, widget_manager: {get_model: async (id) => { if (id !== 'ctl') throw new Error(id); return control; }},
+               get: (k) => (k === 'assets' ? {} : k === 'control' ? 'IPY_MODEL_ctl' : m.state[k]),
+               on: (e, cb) => { h[e] = cb; }, fire: (e) => h[e] && h[e]()};
+    return m; };
+  const arr = (v) => v == null ? v : Array.from(v, (r) => (r && r.length !== undefined ? Array.from(r) : r));
+  const pick = (gd) => { const t = gd._fullData[0], L = gd._fullLayout;
+    return {values: arr(t.z !== undefined ? t.z : t.y), rest: JSON.stringify({zmin: t.zmin, zmax: t.zmax,
+      zauto: t.zauto, zmid: t.zmid, cs: t.colorscale, cb: t.colorbar && t.colorbar.title.text, ht: t.hovertemplate,
+      title: L.title.text, ytitle: L.yaxis.title.text, shapes: (L.shapes || []).map((s) => [s.y0, s.y1]),
+      range: L.yaxis.range, x: arr(t.x)})}; };
+  const views = {};
+  const models = {};
+  for (const name of ['heatmap', 'bars']) {
+    const el = document.createElement('div'); document.body.appendChild(el);
+    models[name] = model(Object.assign({}, states[name][0]));
+    await mod.default.render({model: models[name], el});
+    views[name] = el.querySelector('.wb-plot');
+  }
+  await globalThis.__workbenchDraws.tail;
+  const log = globalThis.__workbenchDraws.log;
+  const out = [];
+  for (const step of steps) {
+    const n0 = log.length;
+    if (step.click !== undefined) for (const v of [].concat(step.click)) control.set(v);
+    if (step.kernel !== undefined) {
+      for (const name of ['heatmap', 'bars']) {
+        models[name].state = Object.assign({}, states[name][step.kernel]); models[name].fire('change:revision');
+      }
+    }
+    await globalThis.__workbenchDraws.tail;
+    const rec = {step, draws: log.slice(n0).map((d) => [d.view, d.kind])};
+    for (const name of ['heatmap', 'bars']) {
+      const gd = views[name];
+      // a view opened now: draws the kernel's current figure (and the control's variant, if another)
+      const el = document.createElement('div'); document.body.appendChild(el);
+      const cleanup = await mod.default.render({model: model(Object.assign({}, models[name].state)), el});
+      await globalThis.__workbenchDraws.tail;
+      const fresh = el.querySelector('.wb-plot');
+      rec[name] = {kind: gd.dataset.drawKind, revision: Number(gd.dataset.revision), variant: gd.dataset.variant,
+                   shown: pick(gd), fresh: pick(fresh), freshKind: fresh.dataset.drawKind};
+      cleanup();  // as anywidget does when a view goes away: it stops following the control
+      el.remove();
+    }
+    out.push(rec);
+  }
+  return out;
+}"""
+
+
+def test_client_side_mode_switch_equals_the_python_values(tmp_path):
+    require_browser()
+    import numpy as np
+    import plotly
+
+    from tests.test_widgets import make_trace
+    from workbench.widgets import ExpertLoadDashboard
+    from workbench.widgets import _common as W
+    from workbench.widgets._plot import _ESM
+
+    make_trace(tmp_path / "t.zarr", layers=[1, 3, 5, 7], n_experts=8, k=2,
+               batches=[[(s, 30 + 5 * s)] for s in range(6)], seed=2)
+    dash = ExpertLoadDashboard(tmp_path / "t.zarr", mode="share")
+    states = {"heatmap": [], "bars": []}
+    expect = []  # per kernel state: the Python values of every mode (heatmap, and the bars' layer)
+
+    def snap():
+        for name, plot in (("heatmap", dash.heatmap), ("bars", dash.bars)):
+            w = plot.widget
+            states[name].append({"spec": w.spec, "patch": w.patch, "revision": w.revision, "variants": w.variants,
+                                 "variant": w.variant})
+        li = int(dash.w_layer.value)
+        expect.append({m: (W.derive(dash.counts, dash.n_selected, dash.k, m).astype(float),
+                           W.derive(dash.counts, dash.n_selected, dash.k, m)[li].astype(float))
+                       for m in ("count", "share", "deviation")})
+        return len(states["heatmap"]) - 1
+
+    def kernel(**change):
+        for k, v in change.items():
+            if k == "mode":
+                dash.mode = v
+            elif k == "layer":
+                dash.w_layer.value = v
+            else:
+                dash.w_modality.value = v
+        return snap()
+
+    snap()
+    steps = [  # (step, mode the page shows after it, kernel state whose values it shows)
+        ({"click": "count"}, "count", 0),                     # client-side, before the kernel knows
+        ({"kernel": kernel(mode="count")}, "count", 1),       # the kernel's push: not drawn again
+        ({"click": "deviation"}, "deviation", 1),
+        ({"kernel": kernel(mode="deviation")}, "deviation", 2),
+        ({"click": "share"}, "share", 2),
+        ({"kernel": kernel(mode="share")}, "share", 3),
+        ({"kernel": kernel(layer=3)}, "share", 4),            # a kernel change: patch as before
+        ({"click": "count"}, "count", 4),                     # new bars base (layer 3)
+        ({"kernel": kernel(mode="count")}, "count", 5),
+        ({"kernel": kernel(modality=1)}, "count", 6),         # a filter: new counts from the kernel
+        ({"click": "deviation"}, "deviation", 6),             # derived from the filtered counts
+        ({"kernel": kernel(mode="deviation")}, "deviation", 7),
+        ({"click": ["count", "share"]}, "share", 7),          # two clicks before the kernel answers
+        ({"kernel": kernel(mode="count")}, "share", 8),       # the kernel lags: the page keeps the newer mode
+        ({"kernel": kernel(mode="share")}, "share", 9),
+        ({"click": "deviation"}, "deviation", 9),
+        ({"kernel": kernel(layer=1)}, "deviation", 10),       # a kernel patch (old mode) over a local mode
+        ({"kernel": kernel(mode="deviation")}, "deviation", 11),
+    ]
+    lib = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+    with browser() as page:
+        page.set_content("<html><body></body></html>")
+        page.add_script_tag(path=str(lib))
+        out = page.evaluate(JS_CLIENT_VARIANTS, [_ESM, states, [s for s, _, _ in steps], "share"])
+    for i, ((step, mode, ks), r) in enumerate(zip(steps, out)):
+        where = (i, step, mode)
+        for name, j in (("heatmap", 0), ("bars", 1)):
+            shown = np.array(r[name]["shown"]["values"], float)
+            # exactly the Python computation (float64, bit for bit; NaN nowhere in this trace)
+            assert np.array_equal(shown, expect[ks][mode][j]), (where, name, shown, expect[ks][mode][j])
+            assert r[name]["variant"] == mode, (where, name, r[name]["variant"])
+            assert r[name]["revision"] == states[name][ks]["revision"], (where, name)
+            # a view opened now shows the same figure (after the kernel caught up: from the kernel's figure alone)
+            assert r[name]["fresh"] == r[name]["shown"], (where, name, r[name]["fresh"]["rest"][:300],
+                                                          r[name]["shown"]["rest"][:300])
+            assert r[name]["freshKind"] == ("full" if mode == states[name][ks]["variant"] else "local"), where
+        if "click" in step:  # drawn in the page, heatmap first, with no kernel message
+            assert r["draws"] == [["ExpertLoadDashboard.heatmap", "local"], ["ExpertLoadDashboard.bars", "local"]], \
+                (where, r["draws"])
+    # the kernel's mode-only pushes were not drawn again
+    for i in (1, 3, 5, 8, 11, 13, 14):
+        assert out[i]["draws"] == [], (i, out[i]["draws"])
+    assert [k for _, k in out[6]["draws"]] == ["patch", "patch"]  # layer: both figures patched
+    assert "local" in [k for _, k in out[16]["draws"]]  # the kernel's patch, then the page's mode on top
+    assert out[17]["draws"] == []

@@ -823,3 +823,76 @@ def test_attention_view_needs_no_image_arguments_for_a_run_from_image_files(tmp_
     np.testing.assert_array_equal(v.rgb, as_rgb_array(items[0]["images"][0]))
     np.testing.assert_array_equal(v.boxes, ref.boxes)
     np.testing.assert_array_equal(np.asarray(v.fig.data[-1].z, float), np.asarray(ref.fig.data[-1].z, float))
+
+
+# --------------------------------------------------------------------------------- client-side mode switch
+def test_mode_variants_match_the_python_figure_and_mode_only_pushes_are_marked(tiny):
+    """The "Show" toggle switches in the browser (tests/test_browser.py checks the values there): the
+    variants the dashboard sends must be what the Python figure holds in each mode, the base counts
+    those of the dashboard, and a push is ``variant_only`` exactly when only the mode changed."""
+    import json as _json
+
+    from plotly.io.json import to_json_plotly
+
+    p, d = tiny
+    dash = ExpertLoadDashboard(p, mode="count", layer=0)
+    n = hand_counts(d)
+    T = d["token_id"].shape[0]
+    for plot, attr, base in ((dash.heatmap, "z", n), (dash.bars, "y", n[0])):
+        v = _json.loads(plot.widget.variants)
+        assert plot.widget.control is dash.w_mode and plot.widget.variant == "count"
+        assert v["options"] == ["count", "share", "deviation"]  # the toggle's option order (the browser has its index)
+        assert v["derive"]["attr"] == attr and v["derive"]["den"] == K * T and v["derive"]["n_experts"] == E
+        np.testing.assert_array_equal(_decode(v["derive"]["base"]), base)
+    assert _json.loads(dash.heatmap.widget.variants)["order"] < _json.loads(dash.bars.widget.variants)["order"]
+
+    def as_json(x):
+        return _json.loads(to_json_plotly(x))
+
+    for mode in ("share", "deviation", "count", "deviation", "share"):
+        dash.mode = mode
+        for plot in (dash.heatmap, dash.bars):
+            assert _patch(plot)["variant_only"] is True, (mode, plot)
+            assert plot.widget.variant == mode
+            v = _json.loads(plot.widget.variants)["modes"][mode]
+            for path, val in v["data"].items():  # the Python figure holds exactly the variant's values
+                assert as_json(plot.data[0][path]) == val, (mode, path)
+            for path, val in v["layout"].items():
+                assert as_json(plot.layout[path]) == val, (mode, path)
+        np.testing.assert_allclose(dash.z, dash.values(mode))
+    dev = _json.loads(dash.heatmap.widget.variants)["modes"]["deviation"]["data"]
+    lim = np.abs(E * n / (K * T) - 1).max()
+    assert dev["zmin"] == -lim and dev["zmax"] == lim and dev["zmid"] == 0 and dev["zauto"] is False
+
+    dash.w_layer.value = 2  # not a mode change: the bars get new base counts, the heatmap a new highlight
+    assert _patch(dash.heatmap)["variant_only"] is False and _patch(dash.bars)["variant_only"] is False
+    np.testing.assert_array_equal(_decode(_json.loads(dash.bars.widget.variants)["derive"]["base"]), n[2])
+    dash.w_modality.value = 0  # a filter: new counts (from the kernel, as before)
+    assert _patch(dash.heatmap)["variant_only"] is False
+    keep = d["modality"] == 0
+    np.testing.assert_array_equal(_decode(_json.loads(dash.heatmap.widget.variants)["derive"]["base"]),
+                                  hand_counts(d, keep))
+    assert _json.loads(dash.heatmap.widget.variants)["derive"]["den"] == K * int(keep.sum())
+
+
+def test_plot_variants_must_list_the_same_paths():
+    import ipywidgets as ipw
+
+    from workbench.widgets._plot import Plot
+
+    plot = Plot()
+    plot.add_bar(y=[1, 2])
+    w = ipw.ToggleButtons(options=["a", "b"])
+    with pytest.raises(ValueError, match="same trace and layout paths"):
+        plot.set_variants(w, "a", {"a": ({"name": "x"}, {}), "b": ({}, {})})
+    with pytest.raises(ValueError, match="current variant"):
+        plot.set_variants(w, "c", {"a": ({"name": "x"}, {}), "b": ({"name": "y"}, {})})
+    plot.set_variants(w, "a", {"a": ({"name": "x"}, {}), "b": ({"name": "y"}, {})})
+    plot.push()
+    plot.data[0].name = "y"
+    plot.set_variants(w, "b", {"a": ({"name": "x"}, {}), "b": ({"name": "y"}, {})})
+    plot.push()
+    assert _patch(plot)["variant_only"] is True
+    plot.data[0].y = [3, 4]  # a change outside the variants' paths
+    plot.push()
+    assert _patch(plot)["variant_only"] is False

@@ -66,6 +66,10 @@ def derive(counts: np.ndarray, n_tokens: int, k: int, mode: str) -> np.ndarray:
     ``"count"``: N_i; ``"share"``: the load share f_i = N_i / (k T) of
     :func:`workbench.analysis.expert_load`; ``"deviation"``: E f_i - 1, the relative deviation from
     the uniform share 1/E (0 = uniform, +1 = twice the uniform share, -1 = unused). NaN when T = 0.
+
+    The browser repeats this arithmetic for the dashboard's client-side mode switch (``deriveValues``
+    in :mod:`workbench.widgets._plot`: float64, the same operations, identical values; checked by
+    ``tests/test_browser.py::test_client_side_mode_switch_equals_the_python_values``).
     """
     counts = np.asarray(counts)
     if mode == "count":

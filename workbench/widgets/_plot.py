@@ -16,6 +16,11 @@ test (2-core machine). Here:
   the whole figure (``spec``) with ``Plotly.react``. Nothing comes back to the kernel;
 * the draws of all plots of a page run one at a time, and each is painted before the next starts,
   so the figure a control is about (pushed first) appears without waiting for the others.
+* client-side variants (:meth:`Plot.set_variants`): a figure can carry a few attribute sets picked by a
+  control (e.g. the load dashboard's "Show" toggle) plus base data to derive the one array that differs
+  (counts -> count / share / deviation). The browser switches on the control's change itself, with no
+  kernel round trip; the kernel still updates its figure and pushes it (exports, views opened later),
+  marked ``variant_only``, which a view that already switched does not draw again.
 
 :class:`Plot` wraps a ``go.Figure`` with the FigureWidget-like bits the views use (``data``,
 ``layout``, ``batch_update()``), so view code mutates a validated plotly figure and the browser
@@ -105,6 +110,67 @@ function schedule(fn) {
   return DRAWS.tail;
 }
 
+// ---- client-side variants (Plot.set_variants): a control (a widget model with a `value`, e.g. a
+// ToggleButtons) picks one of a few precomputed attribute sets of the figure, and the browser
+// switches to it itself, with no round trip to the kernel. `variants` (JSON) = {order, trace, options,
+// derive, modes: {value: {data: {path: value}, layout: {path: value}}}}; `derive` gives the array
+// that differs per mode as a function of base data the page already has (see deriveValues).
+const DTYPES = { i1: Int8Array, u1: Uint8Array, i2: Int16Array, u2: Uint16Array, i4: Int32Array,
+                 u4: Uint32Array, f4: Float32Array, f8: Float64Array };
+
+function decodeArray(spec) {  // {dtype, bdata (base64, little-endian), shape?} -> {flat, shape}
+  const bin = atob(spec.bdata);
+  const bytes = new Uint8Array(bin.length);
+  for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
+  const flat = new DTYPES[spec.dtype](bytes.buffer);
+  const shape = spec.shape ? String(spec.shape).split(",").map(Number) : [flat.length];
+  return { flat, shape };
+}
+
+// The same arithmetic as workbench.widgets._common.derive, in float64 (so the values are identical):
+// "count": N; "share": f = N / (k T) (NaN when k T = 0); "deviation": E f - 1.
+function deriveValues(d, base, mode) {
+  const N = base.flat, out = new Float64Array(N.length), den = d.den, E = d.n_experts;
+  for (let i = 0; i < N.length; i++) {
+    if (mode === "count") { out[i] = N[i]; continue; }
+    const f = den === 0 ? NaN : N[i] / den;
+    out[i] = mode === "share" ? f : E * f - 1.0;
+  }
+  if (base.shape.length !== 2) return out;
+  const rows = [], w = base.shape[1];
+  for (let r = 0; r < base.shape[0]; r++) rows.push(out.subarray(r * w, (r + 1) * w));
+  return rows;
+}
+
+// The control's value: its `value`, or for a selection widget (ToggleButtons, Dropdown: ipywidgets 8 syncs
+// only the option's `index`) the option at `index` of `options` (the option values, from the kernel).
+function controlValue(control, V) {
+  if (V.options) {
+    const i = control.get("index");
+    return i === null || i === undefined ? null : V.options[i];
+  }
+  const v = control.get("value");
+  return v === undefined ? null : v;
+}
+
+// one listener per control model: the views following it draw in their `order` (the figure the
+// control is about first), each through the page's draw queue
+const CONTROLS = (globalThis.__workbenchControls = globalThis.__workbenchControls || new WeakMap());
+
+function follow(control, view) {
+  let views = CONTROLS.get(control);
+  if (!views) {
+    views = new Set();
+    CONTROLS.set(control, views);
+    control.on("change:value change:index", () => {
+      const t = performance.now();
+      [...views].sort((a, b) => a.order() - b.order()).forEach((v) => v.changed(t));
+    });
+  }
+  views.add(view);
+  return () => views.delete(view);
+}
+
 async function render({ model, el }) {
   const div = document.createElement("div");
   div.className = "wb-plot";
@@ -120,30 +186,80 @@ async function render({ model, el }) {
   let full = true;        // next draw must be a whole-figure draw (first draw, new assets)
   let received = null;    // when the first change not yet drawn arrived
   let queued = false;
+  let kernelVariant = null;  // the variant of revision `drawn` (what the kernel's figure shows)
+  const MIXED = {};          // shown after a kernel patch on top of a variant applied here
+  let shown = null;          // the variant this view shows: kernelVariant, one applied here, or MIXED
+  let localDraws = 0;        // client-side draws since the last whole-figure draw
+  let control = null;        // the widget model that picks the variant (resolved below)
+  let vCache = { raw: null, v: null, base: null };
+  const variants = () => {
+    const raw = model.get("variants") || "";
+    if (raw !== vCache.raw) {
+      const v = raw ? JSON.parse(raw) : null;
+      vCache = { raw, v, base: v && v.derive ? decodeArray(v.derive.base) : null };
+    }
+    return vCache;
+  };
   const drawNow = async () => {
     queued = false;
     const rev = model.get("revision");
-    if (rev === drawn && !full) return;
+    const { v: V, base } = variants();
+    const want = V && control ? controlValue(control, V) : null;
+    const local = want !== null && want !== undefined && V.modes && V.modes[want] !== undefined;
+    const needRev = rev !== drawn || full;
+    if (!needRev && !(local && want !== shown)) return;
     const start = performance.now(), recv = received;
     received = null;
-    const raw = model.get("patch");
-    const patch = !full && raw ? JSON.parse(raw) : null;
-    let kind;
-    if (patch && patch.from === drawn && patch.to === rev) {
-      const assets = model.get("assets");
-      const data = withAssets(patch.data, assets), layout = withAssets(patch.layout, assets);
-      const hasData = Object.keys(data).length > 0, hasLayout = Object.keys(layout).length > 0;
-      if (hasData && hasLayout) await Plotly.update(div, data, layout, patch.traces);
-      else if (hasData) await Plotly.restyle(div, data, patch.traces);
-      else if (hasLayout) await Plotly.relayout(div, layout);
-      kind = "patch";
-    } else {
-      const fig = withAssets(JSON.parse(model.get("spec")), model.get("assets"));
-      await Plotly.react(div, fig.data || [], fig.layout || {}, { displaylogo: false, responsive: false });
-      kind = "full";
+    let kind = null;
+    if (needRev) {
+      const raw = model.get("patch");
+      const patch = !full && raw ? JSON.parse(raw) : null;
+      const next = model.get("variant") || null;
+      if (patch && patch.from === drawn && patch.to === rev && patch.variant_only && local && shown !== MIXED) {
+        // the kernel's figure changed only by switching variants (same base data, same variants): this view
+        // already shows that base with variant `shown` - nothing to draw
+      } else if (patch && patch.from === drawn && patch.to === rev) {
+        const assets = model.get("assets");
+        const data = withAssets(patch.data, assets), layout = withAssets(patch.layout, assets);
+        const hasData = Object.keys(data).length > 0, hasLayout = Object.keys(layout).length > 0;
+        if (hasData && hasLayout) await Plotly.update(div, data, layout, patch.traces);
+        else if (hasData) await Plotly.restyle(div, data, patch.traces);
+        else if (hasLayout) await Plotly.relayout(div, layout);
+        // a patch is relative to the kernel's previous figure: on top of a variant applied here, the
+        // variant's attributes are now mixed (re-applied below, or a whole draw when none can be)
+        shown = shown === kernelVariant ? next : MIXED;
+        kind = "patch";
+      } else {
+        const fig = withAssets(JSON.parse(model.get("spec")), model.get("assets"));
+        const layout = fig.layout || {};
+        // after client-side draws, the arrays on screen are not the spec's: make react recompute them
+        if (localDraws > 0) layout.datarevision = `${layout.datarevision}:${rev}:${localDraws}`;
+        await Plotly.react(div, fig.data || [], layout, { displaylogo: false, responsive: false });
+        localDraws = 0;
+        shown = next;
+        kind = "full";
+      }
+      kernelVariant = next;
+      drawn = rev;
+      full = false;
+      if (shown === MIXED && !local) {  // mixed and no variant to re-apply (the control went away): draw it all
+        full = true;
+        queued = true;
+        schedule(drawNow);
+      }
     }
-    drawn = rev;
-    full = false;
+    if (local && want !== shown) {
+      const m = V.modes[want], data = {};
+      for (const k of Object.keys(m.data || {})) data[k] = [m.data[k]];
+      if (V.derive) data[V.derive.attr] = [deriveValues(V.derive, base, want)];
+      await Plotly.update(div, data, m.layout || {}, [V.trace]);
+      shown = want;
+      localDraws += 1;
+      kind = "local";
+    }
+    div.dataset.revision = String(rev);
+    div.dataset.variant = shown === null || shown === MIXED ? "" : String(shown);
+    if (kind === null) return;  // nothing drawn
     // the figure's box is fixed: the page's layout stops at it (plotly measures text after each DOM change,
     // which otherwise lays out the whole notebook again)
     const fl = div._fullLayout;
@@ -152,22 +268,34 @@ async function render({ model, el }) {
       div.style.height = fl.height + "px";
       div.style.contain = "strict";
     }
-    div.dataset.revision = String(rev);
     div.dataset.drawKind = kind;
     const meta = div.layout && div.layout.meta;
     DRAWS.log.push({ view: meta && meta.view, revision: rev, kind, received: recv, start, end: performance.now() });
     if (DRAWS.log.length > 200) DRAWS.log.splice(0, DRAWS.log.length - 200);
   };
-  const draw = () => {
-    if (received === null) received = performance.now();
+  const draw = (t) => {
+    if (received === null) received = t === undefined ? performance.now() : t;
     if (queued) return DRAWS.tail;  // not started yet: it will draw the latest state
     queued = true;
     return schedule(drawNow);
   };
-  model.on("change:revision", draw);
+  model.on("change:revision", () => draw());
   model.on("change:assets", () => { full = true; draw(); });
+  let unfollow = null;
+  const ref = model.get("control");
+  if (typeof ref === "string" && ref.startsWith(LIB_PREFIX) && model.widget_manager) {
+    try {
+      control = await model.widget_manager.get_model(ref.slice(LIB_PREFIX.length));
+      unfollow = follow(control, { order: () => ((variants().v || {}).order || 0), changed: (t) => draw(t) });
+    } catch (e) {
+      control = null;  // no client-side variants: the kernel's redraws still arrive
+    }
+  }
   await draw();
-  return () => { try { Plotly.purge(div); } catch (e) {} };
+  return () => {
+    if (unfollow) unfollow();
+    try { Plotly.purge(div); } catch (e) {}
+  };
 }
 export default { render };
 """
@@ -194,6 +322,13 @@ class PlotView(anywidget.AnyWidget):
     patch = t.Unicode("").tag(sync=True)
     assets = t.Dict().tag(sync=True)
     revision = t.Int(0).tag(sync=True)
+    #: client-side variants (see :meth:`Plot.set_variants`): JSON ``{"order", "trace", "derive", "modes"}``
+    #: or "" (none); resent only when it changes
+    variants = t.Unicode("").tag(sync=True)
+    #: the variant the figure of ``revision`` shows (a value of ``control``)
+    variant = t.Unicode("").tag(sync=True)
+    #: the widget whose ``value`` picks the variant in the browser (e.g. a ToggleButtons), or None
+    control = t.Instance(ipywidgets.Widget, allow_none=True).tag(sync=True, **ipywidgets.widget_serialization)
 
 
 #: A small light template (the look of "plotly_white" with the Okabe-Ito colorway). Passed when a
@@ -247,6 +382,10 @@ class Plot:
         self._sent: dict | None = None  # the figure dict of the last push (what ``patch`` is relative to)
         #: send ``patch`` (a data-only / layout-only difference) along with the whole figure
         self.patches = True
+        self._variants: dict | None = None
+        self._variant = ""
+        self._variants_json = ""
+        self._sent_variants: str | None = None
 
     # FigureWidget-like access
     @property
@@ -295,6 +434,56 @@ class Plot:
             self.widget.assets = {**self.widget.assets, key: value}
         return _ASSET + key
 
+    def set_variants(self, control, current: str, modes: dict, *, trace: int = 0, derive: dict | None = None,
+                     order: int = 0) -> None:
+        """Let the browser switch this figure between variants itself when ``control.value`` changes.
+
+        ``modes``: ``{value: (trace attributes, layout attributes)}``, each a ``{plotly path: value}``
+        dict (``"colorbar.title.text"``, ``"title.text"``; JSON-ready values; None resets), for trace
+        ``trace``. Every variant must list the same paths, and the Python figure must hold exactly
+        those values for the ``current`` variant (the view code applies them with :meth:`apply_variant`).
+        ``derive``: one array that differs per variant, computed in the browser from base data:
+        ``{"kind": "load", "attr": "z", "base": counts, "den": k * T, "n_experts": E}`` gives
+        :func:`workbench.widgets._common.derive` of the counts (``base``: an integer ndarray).
+
+        Takes effect with the next :meth:`push` (in the same message as the figure). A push whose only
+        change is the variant (same base data, same variants, changed paths among the variants' ones)
+        is marked ``variant_only``: a view that already switched in the browser does not redraw."""
+        data_keys = {frozenset(a) for a, _ in modes.values()}
+        layout_keys = {frozenset(b) for _, b in modes.values()}
+        if len(data_keys) != 1 or len(layout_keys) != 1:
+            raise ValueError("every variant must set the same trace and layout paths")
+        if current not in modes:
+            raise ValueError(f"current variant {current!r} is not one of {list(modes)}")
+        v = {"order": int(order), "trace": int(trace),
+             "modes": {str(k): {"data": a, "layout": b} for k, (a, b) in modes.items()}}
+        if isinstance(control, ipywidgets.widgets.widget_selection._Selection):  # the browser has only `index`
+            v["options"] = [str(x) for x in control._options_values]
+        if derive is not None:
+            v["derive"] = {**{k: x for k, x in derive.items() if k != "base"}, "base": _int_array_spec(derive["base"])}
+        self._variants = v
+        self._variant = str(current)
+        if self.widget.control is not control:
+            self.widget.control = control
+
+    def apply_variant(self, attrs: dict, layout: dict, trace: int = 0) -> None:
+        """Set ``{path: value}`` attributes on trace ``trace`` and on the layout (None removes one)."""
+        tr = self.figure.data[trace]
+        for k, v in attrs.items():
+            tr[k] = v
+        for k, v in layout.items():
+            self.figure.layout[k] = v
+
+    def _variant_only(self, diff) -> bool:
+        """Whether the figure changed since the last push only in the variants' paths (same variants)."""
+        v = self._variants
+        if v is None or diff is None or self._sent_variants is None or self._sent_variants != self._variants_json:
+            return False
+        traces, tdata, tlayout = diff
+        first = next(iter(v["modes"].values()))
+        dkeys = set(first["data"]) | ({v["derive"]["attr"]} if "derive" in v else set())
+        return set(traces) <= {v["trace"]} and set(tdata) <= dkeys and set(tlayout) <= set(first["layout"])
+
     def push(self) -> None:
         """Send the figure to the browser: the whole figure (``spec``) and, when the traces are the same
         ones as at the previous push, the difference to it (``patch``, see :func:`figure_patch`), which
@@ -316,18 +505,23 @@ class Plot:
         layout = fd.get("layout", {})
         layout["datarevision"] = self._datarevision
         spec = '{"data": ' + data_json + ', "layout": ' + to_json_plotly(layout) + "}"
+        self._variants_json = to_json_plotly(self._variants) if self._variants is not None else ""
         patch = ""
         if self.patches and self._sent is not None:
             diff = figure_patch(self._sent, fd)
             if diff is not None:
                 traces, tdata, tlayout = diff
                 patch = to_json_plotly({"from": self.widget.revision, "to": self.widget.revision + 1,
-                                        "traces": traces, "data": tdata, "layout": tlayout})
-        with self.widget.hold_sync():  # one message: spec, patch and revision together
+                                        "traces": traces, "data": tdata, "layout": tlayout,
+                                        "variant_only": self._variant_only(diff)})
+        with self.widget.hold_sync():  # one message: spec, patch, variants and revision together
             self.widget.spec = spec
             self.widget.patch = patch
+            self.widget.variants = self._variants_json
+            self.widget.variant = self._variant if self._variants is not None else ""
             self.widget.revision += 1
         self._sent = fd
+        self._sent_variants = self._variants_json
         self.pushes += 1
         self._live = True
 
@@ -338,6 +532,21 @@ class Plot:
 # ------------------------------------------------------------------------------------- patches
 _F32_MIN_BYTES = 2048  # float64 arrays at least this large travel as float32 (hover shows <= 7 digits anyway)
 _SKIP_LAYOUT = ("datarevision",)  # relayout of datarevision would recompute the traces
+
+
+def _int_array_spec(a) -> dict:
+    """An integer ndarray as a base64 typed-array spec: int32 when it fits, else float64 (exact to 2**53)."""
+    import base64
+
+    import numpy as np
+
+    a = np.ascontiguousarray(a)
+    if a.size == 0 or (a.min() >= -2**31 and a.max() < 2**31):
+        b, dt = a.astype("<i4"), "i4"
+    else:
+        b, dt = a.astype("<f8"), "f8"
+    return {"dtype": dt, "bdata": base64.b64encode(b.tobytes()).decode("ascii"),
+            "shape": ", ".join(str(x) for x in a.shape)}
 
 
 def compact_arrays(obj) -> None:

@@ -13,6 +13,18 @@ from ._palette import DIVERGING, SEQUENTIAL, expert_colors
 __all__ = ["ExpertLoadDashboard"]
 
 _MODES = {"count": "count", "share": "share", "deviation": "deviation from uniform"}
+_AXIS_TITLE = {"count": "top-k slots", "share": "share", "deviation": "E·f − 1"}
+_HOVER = {"count": "%{z:,}", "share": "%{z:.2%}", "deviation": "%{z:+.1%} vs uniform"}
+_SCALES: dict[str, list] = {}
+
+
+def _colorscale(name: str) -> list:
+    """A named colorscale as plotly validates it ([[position, color], ...]; plotly.js lacks e.g. "RdBu_r")."""
+    if name not in _SCALES:
+        import plotly.graph_objects as go
+
+        _SCALES[name] = [list(x) for x in go.Heatmap(colorscale=name).to_plotly_json()["colorscale"]]
+    return _SCALES[name]
 _MAX_HZ = 2.0
 
 
@@ -194,40 +206,61 @@ class ExpertLoadDashboard(W.ViewBase):
         return (f"{self.n_selected:,} of {self.loads.n_tokens:,} tokens selected ({mod}, sequences "
                 f"{self.w_seq.value[0]}-{self.w_seq.value[1]}) &middot; top-{self.k} of {self.n_experts} experts")
 
+    def _variant_attrs(self, lim: float, li: int) -> tuple[dict, dict]:
+        """Per mode, the attributes that differ between the modes, as ``{mode: (trace attrs, layout attrs)}``
+        for the heatmap and for the bars (besides the values themselves: z, y). The Python figures get
+        exactly these (:meth:`Plot.apply_variant`) and the browser switches between them itself
+        (:meth:`Plot.set_variants`), deriving the values from the counts as :func:`_common.derive` does."""
+        hm, bars = {}, {}
+        for mode, label in _MODES.items():
+            dev = mode == "deviation"
+            title, hover = _AXIS_TITLE[mode], _HOVER[mode]
+            hm[mode] = ({"colorscale": _colorscale(DIVERGING if dev else SEQUENTIAL),
+                         "zmid": 0 if dev else None, "zmin": -lim if dev else None, "zmax": lim if dev else None,
+                         "zauto": not dev, "colorbar.title.text": title,
+                         "hovertemplate": "layer %{y}, expert %{x}: " + hover + "<extra></extra>"},
+                        {"title.text": f"Expert load ({label}) — {self.n_selected:,} tokens"})
+            bars[mode] = ({"hovertemplate": "expert %{x}: " + hover.replace("%{z", "%{y") + "<extra></extra>"},
+                          {"yaxis.title.text": title, "title.text": f"Layer {self.layers[li]}: {label} per expert"})
+        return hm, bars
+
     def _redraw(self, heatmap: bool = True, layer: bool = True, metrics: bool = True) -> None:
-        """Push the current state to the figures (only the parts a control change affects)."""
+        """Push the current state to the figures (only the parts a control change affects).
+
+        The heatmap and the bars also carry their three modes as client-side variants: the "Show"
+        toggle switches them in the browser with no kernel round trip; the push that follows here
+        (the Python figures, for exports and views opened later) is then not drawn again."""
         mode = self.mode
         z = self.values(mode)
         li = int(self.w_layer.value)
-        title = {"count": "top-k slots", "share": "share", "deviation": "E·f − 1"}[mode]
-        hover = {"count": "%{z:,}", "share": "%{z:.2%}", "deviation": "%{z:+.1%} vs uniform"}[mode]
+        dev = self.values("deviation")
+        lim = float(np.nanmax(np.abs(dev))) if np.isfinite(dev).any() else 1.0
+        lim = max(lim, 1e-9)
+        hm_modes, bar_modes = self._variant_attrs(lim, li)
+        derive = {"kind": "load", "den": int(self.k) * int(self.n_selected), "n_experts": int(self.n_experts)}
+
         def draw_heatmap():
             with self.heatmap.batch_update():
                 hm = self.heatmap.data[0]
                 if heatmap:
                     hm.z = z
-                    if mode == "deviation":
-                        lim = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0
-                        hm.update(zmid=0, zmin=-max(lim, 1e-9), zmax=max(lim, 1e-9), zauto=False)
+                    attrs, lay = hm_modes[mode]
                     scale = DIVERGING if mode == "deviation" else SEQUENTIAL
-                    if self._scale != scale:  # colorscale validation is the slow part: only on a change
-                        hm.colorscale = scale
-                        if scale == SEQUENTIAL:
-                            hm.update(zmid=None, zmin=None, zmax=None, zauto=True)
-                        self._scale = scale
-                    hm.colorbar.title.text = title
-                    hm.hovertemplate = "layer %{y}, expert %{x}: " + hover + "<extra></extra>"
-                    self.heatmap.layout.title.text = f"Expert load ({_MODES[mode]}) — {self.n_selected:,} tokens"
+                    if self._scale == scale:  # colorscale validation is the slow part: only on a change
+                        attrs = {k: v for k, v in attrs.items() if k != "colorscale"}
+                    self.heatmap.apply_variant(attrs, lay)
+                    self._scale = scale
+                    self.heatmap.set_variants(self.w_mode, mode, hm_modes, derive={**derive, "attr": "z",
+                                                                                   "base": self.counts}, order=0)
                 if layer:
                     self.heatmap.layout.shapes[0].update(y0=li - 0.5, y1=li + 0.5)
 
         def draw_bars():
             with self.bars.batch_update():
                 self.bars.data[0].y = np.asarray(z[li], np.float64)
-                self.bars.data[0].hovertemplate = ("expert %{x}: " + hover.replace("%{z", "%{y")
-                                                   + "<extra></extra>")
-                self.bars.layout.yaxis.title.text = title
-                self.bars.layout.title.text = f"Layer {self.layers[li]}: {_MODES[mode]} per expert"
+                self.bars.apply_variant(*bar_modes[mode])
+                self.bars.set_variants(self.w_mode, mode, bar_modes, derive={**derive, "attr": "y",
+                                                                             "base": self.counts[li]}, order=1)
 
         with self._update_lock:
             # the figure the control is about goes first (messages are drawn in order)
