@@ -26,6 +26,16 @@ def _colorscale(name: str) -> list:
         _SCALES[name] = [list(x) for x in go.Heatmap(colorscale=name).to_plotly_json()["colorscale"]]
     return _SCALES[name]
 _MAX_HZ = 2.0
+# A live redraw may take at most this share of wall time: on a CPU-bound run the refresh thread
+# competes with the model for the cores (benchmarks/live_overhead.py measured a 3.8% median
+# slowdown at 2 Hz with 1.6% of the run's time spent refreshing, on 2 cores).
+_MAX_DUTY = 0.005
+
+
+def next_refresh_wait(period: float, cost: float, max_duty: float = _MAX_DUTY) -> float:
+    """Seconds to wait before the next live refresh: the period, or longer after a costly redraw,
+    so that ``cost / (cost + wait) <= max_duty`` (refreshes take at most that share of wall time)."""
+    return max(period, cost / max_duty - cost)
 
 
 class ExpertLoadDashboard(W.ViewBase):
@@ -45,7 +55,8 @@ class ExpertLoadDashboard(W.ViewBase):
 
     Live mode polls ``recorder.loads()`` (a copy of the writer's running totals) in a daemon thread
     at ``refresh_hz`` (capped at 2 Hz) and redraws only when the committed token count changed;
-    it stops when the recorder is closed or on :meth:`stop`.
+    a redraw that took c seconds delays the next by at least c / 0.005, so refreshing never takes
+    more than 0.5% of the run's wall time. It stops when the recorder is closed or on :meth:`stop`.
     """
 
     def __init__(self, source: Any, *, mode: str = "share", modality: int | None = None,
@@ -348,14 +359,16 @@ class ExpertLoadDashboard(W.ViewBase):
 
     def _loop(self) -> None:
         period = 1.0 / self.refresh_hz
-        while not self._stop.wait(period):
-            c0 = time.thread_time()
+        wait = period
+        while not self._stop.wait(wait):
+            c0, t0 = time.thread_time(), time.perf_counter()
             try:
                 self.refresh()
             except Exception as e:  # shown, never raised into the recording thread
                 self.w_status.value = f"<span style='color:#D55E00'>refresh failed: {type(e).__name__}: {e}</span>"
             finally:
                 self.refresh_cpu_seconds += time.thread_time() - c0
+            wait = next_refresh_wait(period, time.perf_counter() - t0)
             if getattr(self.recorder, "_closed", False):
                 self.refresh()
                 break
