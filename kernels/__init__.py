@@ -9,6 +9,8 @@ Public entry point: :func:`moe_experts`. It dispatches to
 """
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 
 import torch
@@ -18,19 +20,21 @@ from .moe_torch import moe_experts_torch
 __all__ = ["moe_experts", "triton_available"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_triton_ok: bool | None = None
+
+
+@functools.lru_cache(maxsize=None)
+def _module_imports(name: str) -> bool:
+    """True when this package's module ``name`` (a Triton one) imports; checked once."""
+    try:
+        importlib.import_module(f"{__name__}.{name}")
+        return True
+    except Exception:  # ImportError, or triton failing to find a backend
+        return False
 
 
 def triton_available() -> bool:
-    """True when ``triton`` (and this package's Triton kernels) import."""
-    global _triton_ok
-    if _triton_ok is None:
-        try:
-            from . import moe_triton  # noqa: F401
-            _triton_ok = True
-        except Exception:  # ImportError, or triton failing to find a backend
-            _triton_ok = False
-    return _triton_ok
+    """True when ``triton`` (and this package's Triton MoE kernels) import."""
+    return _module_imports("moe_triton")
 
 
 def _shape(t) -> str:

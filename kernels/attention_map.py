@@ -289,18 +289,10 @@ def sdpa_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, a
                                           enable_gqa=enable_gqa), None
 
 
-_TRITON: bool | None = None
-
-
 def _triton_ok() -> bool:
-    global _TRITON
-    if _TRITON is None:
-        try:
-            from . import attention_map_triton  # noqa: F401
-            _TRITON = True
-        except Exception:
-            _TRITON = False
-    return _TRITON
+    from . import _module_imports
+
+    return _module_imports("attention_map_triton")
 
 
 # ---------------------------------------------------------------------------------------------
