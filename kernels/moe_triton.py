@@ -203,6 +203,17 @@ def _tile_ids(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
+@triton.jit
+def _block_rows(pid_m, sorted_ids_ptr, block_expert_ptr, block_shift_ptr, N, BLOCK_M: tl.constexpr):
+    """The rows of M-block pid_m: its expert (int64), the flat assignment id t*k+j of each row,
+    which rows are real (padding slots hold N) and each row's rank in sorted order (int64)."""
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    offs_slot = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    aid = tl.load(sorted_ids_ptr + offs_slot)
+    rank = (offs_slot - tl.load(block_shift_ptr + pid_m)).to(tl.int64)
+    return e, aid, aid < N, rank
+
+
 @triton.jit(do_not_specialize=["N", "num_pid_m"])  # one compile per tile config, any T
 def _gate_up_kernel(
     x_ptr, w_ptr, w_desc, inter_ptr, topk_w_ptr,
@@ -218,16 +229,10 @@ def _gate_up_kernel(
     # SCALE_INPUT: 0 none, 1 scale the A tile in the K loop (w*x rounded to x's dtype, exactly
     # transformers' numerics), 2 scale the fp32 accumulators in the epilogue ((w*x)@W = w*(x@W):
     # the same function without the bf16 rounding of w*x, and no per-tile work in the K loop)
-    num_pid_n = tl.cdiv(I, BLOCK_N)
-    pid_m, pid_n = _tile_ids(num_pid_m, num_pid_n, GROUP_M)
-    ntpp = tl.load(ntpp_ptr)
-    if pid_m * BLOCK_M >= ntpp:
+    pid_m, pid_n = _tile_ids(num_pid_m, tl.cdiv(I, BLOCK_N), GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(ntpp_ptr):  # past the padded length: nothing to do
         return
-    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    shift = tl.load(block_shift_ptr + pid_m)
-    offs_slot = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    aid = tl.load(sorted_ids_ptr + offs_slot)
-    valid = aid < N
+    e, aid, valid, rank = _block_rows(pid_m, sorted_ids_ptr, block_expert_ptr, block_shift_ptr, N, BLOCK_M)
     tok = (aid // K_TOP).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < I
@@ -270,7 +275,6 @@ def _gate_up_kernel(
         acc_g = acc_g * rw[:, None]
         acc_u = acc_u * rw[:, None]
     h = acc_g * tl.sigmoid(acc_g) * acc_u
-    rank = (offs_slot - shift).to(tl.int64)
     i_ptrs = inter_ptr + rank[:, None] * stride_im + offs_n[None, :] * stride_in
     tl.store(i_ptrs, h.to(inter_ptr.dtype.element_ty), mask=valid[:, None] & mask_n[None, :])
 
@@ -285,17 +289,10 @@ def _down_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     TMA: tl.constexpr,
 ):
-    num_pid_n = tl.cdiv(H, BLOCK_N)
-    pid_m, pid_n = _tile_ids(num_pid_m, num_pid_n, GROUP_M)
-    ntpp = tl.load(ntpp_ptr)
-    if pid_m * BLOCK_M >= ntpp:
+    pid_m, pid_n = _tile_ids(num_pid_m, tl.cdiv(H, BLOCK_N), GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(ntpp_ptr):
         return
-    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    shift = tl.load(block_shift_ptr + pid_m)
-    offs_slot = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    aid = tl.load(sorted_ids_ptr + offs_slot)
-    valid = aid < N
-    rank = (offs_slot - shift).to(tl.int64)
+    e, aid, valid, rank = _block_rows(pid_m, sorted_ids_ptr, block_expert_ptr, block_shift_ptr, N, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < H
     offs_k = tl.arange(0, BLOCK_K)
