@@ -163,6 +163,16 @@ def load_model(path: str | os.PathLike, dtype=None, device=None, *, progress: bo
     return model
 
 
+def fresh_tensor(name: str, shape, gen: torch.Generator, std: float) -> torch.Tensor:
+    """Initial float32 value of checkpoint tensor ``name``: ones for norm weights, zeros for
+    biases, else N(0, std) drawn from ``gen``."""
+    if name.endswith(("norm.weight", "layernorm.weight", "layernorm_pre.weight", "layernorm_post.weight")):
+        return torch.ones(shape)
+    if name.endswith(".bias"):
+        return torch.zeros(shape)
+    return torch.randn(shape, generator=gen) * std
+
+
 def random_model(config: ModelConfig, dtype=torch.float32, device=None, seed: int = 0,
                  std: float = 0.02) -> nn.Module:
     """A model with random N(0, std) weights and unit norms: for shapes, speed and tests."""
@@ -170,12 +180,7 @@ def random_model(config: ModelConfig, dtype=torch.float32, device=None, seed: in
     with torch.device("meta"):
         model = build_model(config)
     for name, p in _expected_tensors(model).items():
-        if name.endswith(("norm.weight", "layernorm.weight", "layernorm_pre.weight", "layernorm_post.weight")):
-            t = torch.ones(p.shape)
-        elif name.endswith(".bias"):
-            t = torch.zeros(p.shape)
-        else:
-            t = torch.randn(p.shape, generator=gen) * std
+        t = fresh_tensor(name, p.shape, gen, std)
         _set_param(model, name, t.to(device=device, dtype=_as_dtype(dtype)))
     _retie(model, config)
     return model.eval()

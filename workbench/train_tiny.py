@@ -485,27 +485,21 @@ def greedy_captions(model: nn.Module, proc, grids: list[Grid], max_new_tokens: i
 # ---------------------------------------------------------------------------------------------
 def init_weights(model: nn.Module, config: ModelConfig, seed: int) -> None:
     """Fresh trainable float32 weights: N(0, 0.02), output projections scaled by 1/sqrt(2L), norms 1."""
-    from workbench.checkpoint import _expected_tensors, _set_param
+    from workbench.checkpoint import _expected_tensors, _set_param, fresh_tensor
 
     gen = torch.Generator().manual_seed(seed)
     L = config.text.num_hidden_layers
     for name, p in _expected_tensors(model).items():
-        if name.endswith(("norm.weight", "layernorm.weight", "layernorm_pre.weight", "layernorm_post.weight")):
-            t = torch.ones(p.shape)
-        elif name.endswith(".bias"):
-            t = torch.zeros(p.shape)
-        else:
-            std = 0.02
-            if name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")) and "language_model" in name:
-                std = 0.02 / math.sqrt(2 * L)
-            if name.endswith(("class_embedding", "positional_embedding_vlm")):
-                std = config.vision.hidden_size ** -0.5
-            if "vision_adapter" in name:
-                # unit gain through the adapter's two GELU layers: image features reach the language
-                # model at about the text embeddings' scale instead of vanishing (0.02^3 x ...)
-                std = p.shape[-1] ** -0.5
-            t = torch.randn(p.shape, generator=gen) * std
-        _set_param(model, name, t)
+        std = 0.02
+        if name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")) and "language_model" in name:
+            std = 0.02 / math.sqrt(2 * L)
+        if name.endswith(("class_embedding", "positional_embedding_vlm")):
+            std = config.vision.hidden_size ** -0.5
+        if "vision_adapter" in name:
+            # unit gain through the adapter's two GELU layers: image features reach the language
+            # model at about the text embeddings' scale instead of vanishing (0.02^3 x ...)
+            std = p.shape[-1] ** -0.5
+        _set_param(model, name, fresh_tensor(name, p.shape, gen, std))
     for p in model.parameters():
         p.requires_grad_(True)
 
