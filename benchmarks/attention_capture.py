@@ -45,8 +45,8 @@ TPT = 144
 
 def build_model(pattern: str = "rope+nope"):
     from workbench.checkpoint import random_model
-    from workbench.config import ModelConfig, TextConfig
-    from workbench.vision import VisionConfig
+    from workbench.models.llama4.config import ModelConfig, TextConfig
+    from workbench.models.llama4.vision import VisionConfig
 
     text = TextConfig(vocab_size=320, hidden_size=64, intermediate_size=64, intermediate_size_mlp=128,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,

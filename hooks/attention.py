@@ -199,7 +199,7 @@ class AttentionCapture:
     def __init__(self, recorder, layers: Sequence[int] | None = None, heads="all", dtype: str = "float16",
                  backend: str | None = None) -> None:
         from workbench.kernels.attention_map import resolve_heads
-        from workbench.model import Llama4TextAttention, Llama4TextModel
+        from workbench.models.llama4.model import Llama4TextAttention, Llama4TextModel
 
         self.recorder = recorder
         model = recorder.model

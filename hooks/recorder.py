@@ -84,7 +84,7 @@ class WorkbenchAdapter(RoutingAdapter):
     """workbench's own Llama 4: ``hook_inputs`` and each MoE layer's ``hook_router`` tap."""
 
     def spec(self) -> RoutingSpec:
-        from workbench.config import ModelConfig
+        from workbench.models.llama4.config import ModelConfig
 
         cfg = self.model.config
         if not isinstance(cfg, ModelConfig):  # text-only model: its config is the TextConfig

@@ -14,7 +14,7 @@ entries of the (T, T) attention matrix the layer's softmax produces, without eve
    and 0 where the mask forbids the key.
 
 The mask is computed blockwise from positions, validity and chunk size, with the model's rule
-(``workbench.model.attention_masks``)::
+(``workbench.models.llama4.model.attention_masks``)::
 
     allowed(q, k) = (k <= q  and  valid[k]  and  (chunk_size is None or
                      positions[q] // chunk_size == positions[k] // chunk_size))  or  k == q

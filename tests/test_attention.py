@@ -21,7 +21,7 @@ from workbench.hooks import RecorderError, iter_taps
 from workbench.hooks.attention import AttentionNotFoundError, attention_sequences
 from workbench.kernels.attention_map import (allowed_mask, cross_attention_probs, cross_attention_probs_from_lse,
                                              cross_attention_probs_reference, sdpa_with_lse)
-from workbench.model import attention_masks
+from workbench.models.llama4.model import attention_masks
 
 
 

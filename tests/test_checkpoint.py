@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import workbench as wb
 from workbench.checkpoint import CheckpointError, save_model
-from workbench.config import ConfigError, ModelConfig, preset
+from workbench.models.llama4.config import ConfigError, ModelConfig, preset
 from tests.hf_reference import hf_multimodal_model, hf_text_model
 
 
@@ -205,7 +205,7 @@ def test_peak_host_memory_is_about_one_copy(tmp_path):
     # VmHWM (this process's own high-water mark); ru_maxrss would include the forking parent's.
     code = f"""
 import torch, psutil, workbench as wb
-import workbench.model, workbench.checkpoint  # import cost outside the measurement
+import workbench.models.llama4.model, workbench.checkpoint  # import cost outside the measurement
 hwm = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
 base = psutil.Process().memory_info().rss
 m = wb.load_model({str(tmp_path)!r}, progress=False)

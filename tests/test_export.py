@@ -79,7 +79,7 @@ def recorded(tmp_path_factory):
 
     from tests.hf_reference import IMAGE_TOKEN, TEXT, VISION
     from workbench.checkpoint import random_model, save_model
-    from workbench.config import ModelConfig
+    from workbench.models.llama4.config import ModelConfig
 
     d = tmp_path_factory.mktemp("rec")
     cfg = ModelConfig.from_dict({"architectures": ["Llama4ForConditionalGeneration"], "model_type": "llama4",

@@ -8,7 +8,7 @@ from PIL import Image
 from tests.tokenizer_factory import make_llama4_tokenizer
 from workbench.geometry import patch_boxes
 from workbench.hooks.attention import patch_layout
-from workbench.processor import ImageProcessorConfig, load_processor
+from workbench.models.llama4.processor import ImageProcessorConfig, load_processor
 
 SIZES = [(336, 336), (1000, 300), (300, 1000), (800, 600), (2000, 2000), (100, 50)]  # (width, height)
 

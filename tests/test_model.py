@@ -173,7 +173,7 @@ def test_bfloat16_load_stays_close_to_float32(tmp_path):
 
 def test_moe_runs_only_selected_experts(tmp_path, monkeypatch):
     """The expert computation goes through workbench.kernels.moe_experts with the router's choice."""
-    import workbench.model as wm
+    import workbench.models.llama4.model as wm
 
     hf = hf_text_model(seed=11)
     hf.save_pretrained(tmp_path)

@@ -1,4 +1,4 @@
-"""Tests for workbench.processor (the Llama 4 processor).
+"""Tests for workbench.models.llama4.processor (the Llama 4 processor).
 
 Parity with transformers 5.23's Llama4Processor comes in three layers:
 
@@ -35,7 +35,7 @@ from tests.tokenizer_factory import (
     make_llama4_tokenizer,
     save_transformers_llama4_processor,
 )
-from workbench.processor import (
+from workbench.models.llama4.processor import (
     DEFAULT_CHAT_TEMPLATE,
     ProcessorError,
     load_processor,

@@ -1,4 +1,4 @@
-"""workbench.vision against transformers' Llama 4 vision tower and projector (tiny random configs)."""
+"""workbench.models.llama4.vision against transformers' Llama 4 vision tower and projector (tiny random configs)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from workbench.vision import MultiModalProjector, VisionConfig, VisionModel, image_features
+from workbench.models.llama4.vision import MultiModalProjector, VisionConfig, VisionModel, image_features
 
 llama4_cfg = pytest.importorskip("transformers.models.llama4.configuration_llama4")
 llama4_mod = pytest.importorskip("transformers.models.llama4.modeling_llama4")

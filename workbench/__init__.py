@@ -20,18 +20,18 @@ _LAZY = {
     "random_model": "workbench.checkpoint",
     "save_model": "workbench.checkpoint",
     "CheckpointError": "workbench.checkpoint",
-    "ModelConfig": "workbench.config",
-    "TextConfig": "workbench.config",
-    "ConfigError": "workbench.config",
-    "preset": "workbench.config",
-    "load_processor": "workbench.processor",
-    "ProcessorError": "workbench.processor",
+    "ModelConfig": "workbench.models.llama4.config",
+    "TextConfig": "workbench.models.llama4.config",
+    "ConfigError": "workbench.models.llama4.config",
+    "preset": "workbench.models.llama4.config",
+    "load_processor": "workbench.models.llama4.processor",
+    "ProcessorError": "workbench.models.llama4.processor",
     "open_trace": "workbench.store",
     "record": "workbench.hooks",
     "Recorder": "workbench.hooks",
     "open_attention": "workbench.hooks.attention",
 }
-_SUBMODULES = {"kernels", "hooks", "analysis", "model", "config", "checkpoint", "processor", "store", "vision", "geometry", "export", "widgets", "embedded"}
+_SUBMODULES = {"kernels", "hooks", "analysis", "models", "checkpoint", "store", "geometry", "export", "widgets", "embedded"}
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES)
 

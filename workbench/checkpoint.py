@@ -16,8 +16,8 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
-from workbench.config import ConfigError, ModelConfig, preset
-from workbench.model import build_model
+from workbench.models.llama4.config import ConfigError, ModelConfig, preset
+from workbench.models.llama4.model import build_model
 
 __all__ = ["CheckpointError", "load_model", "random_model", "save_model", "checkpoint_fingerprint"]
 

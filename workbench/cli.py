@@ -35,7 +35,7 @@ def _b(n: int) -> str:
 
 
 def describe_model(config, source: str = "") -> str:
-    """Human-readable architecture summary of a :class:`~workbench.config.ModelConfig`."""
+    """Human-readable architecture summary of a :class:`~workbench.models.llama4.config.ModelConfig`."""
     t = config.text
     L = t.num_hidden_layers
     moe = t.moe_layers
@@ -80,7 +80,7 @@ def cmd_info(args) -> int:
     if _is_trace(path):
         print(describe_trace(path))
         return 0
-    from workbench.config import PRESETS, ModelConfig, preset
+    from workbench.models.llama4.config import PRESETS, ModelConfig, preset
 
     if not path.exists() and args.path in PRESETS:
         print(describe_model(preset(args.path), source=f"preset {args.path}"))
@@ -191,7 +191,7 @@ def cmd_trace(args) -> int:
 
     from workbench.checkpoint import load_model
     from workbench.hooks import Recorder
-    from workbench.processor import load_processor
+    from workbench.models.llama4.processor import load_processor
 
     prompts_path = Path(args.prompts)
     prompts = read_prompts(prompts_path, Path(args.images) if args.images else None)
@@ -231,7 +231,7 @@ def cmd_demo(args) -> int:
     from workbench.analysis import domain_specialization
     from workbench.checkpoint import load_model
     from workbench.hooks import Recorder
-    from workbench.processor import load_processor
+    from workbench.models.llama4.processor import load_processor
     from workbench.store import open_trace
 
     from workbench.embedded import EMBEDDED_MODEL, default_model_dir, demo_prompts, is_trained_default
@@ -373,9 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from workbench.checkpoint import CheckpointError
-    from workbench.config import ConfigError
+    from workbench.models.llama4.config import ConfigError
     from workbench.hooks.recorder import RecorderError
-    from workbench.processor import ProcessorError
+    from workbench.models.llama4.processor import ProcessorError
     from workbench.store import TraceError
 
     args = build_parser().parse_args(argv)

@@ -33,7 +33,7 @@ def _random_model_dir(folder: Path) -> Path:
     import torch
 
     from workbench.checkpoint import random_model, save_model
-    from workbench.config import ModelConfig
+    from workbench.models.llama4.config import ModelConfig
     from workbench.tiny_tokenizer import make_llama4_tokenizer
 
     if (folder / "model.safetensors").is_file():

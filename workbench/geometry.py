@@ -1,6 +1,6 @@
 """Where each image patch token sits on the ORIGINAL image (``workbench.geometry``).
 
-The Llama 4 processor (:mod:`workbench.processor`) turns an image of ``original_size`` (h, w) into
+The Llama 4 processor (:mod:`workbench.models.llama4.processor`) turns an image of ``original_size`` (h, w) into
 patch tokens in four steps; :func:`patch_boxes` inverts them:
 
 1. resize without distortion to ``resized_size`` (h', w') inside a best-fit canvas of
@@ -56,7 +56,7 @@ def patch_boxes(info: Any = None, *, original_size=None, grid=None, resized_size
     """Pixel rectangle of each patch token of one image, in original-image pixels.
 
     Args:
-        info: the processor's :class:`~workbench.processor.ImageInfo` for the image (or a mapping
+        info: the processor's :class:`~workbench.models.llama4.processor.ImageInfo` for the image (or a mapping
             with the same field names). Keyword arguments override its fields.
         original_size: (height, width) of the input image.
         grid: (rows, cols) of tiles (the processor's ``aspect_ratios`` row).
@@ -64,7 +64,7 @@ def patch_boxes(info: Any = None, *, original_size=None, grid=None, resized_size
             recomputed with the processor's own ``plan_image`` (and checked against ``grid``).
         has_global_tile: default: more than one tile.
         tile_size, token_grid: default from ``config`` (``ImageProcessorConfig()``: 336, (12, 12)).
-        config: an :class:`~workbench.processor.ImageProcessorConfig` (tile size, max tiles,
+        config: an :class:`~workbench.models.llama4.processor.ImageProcessorConfig` (tile size, max tiles,
             resize policy) used for the defaults and the recomputation.
         return_mask: also return a bool (n,) mask, True where the token covers image pixels.
 
@@ -73,7 +73,7 @@ def patch_boxes(info: Any = None, *, original_size=None, grid=None, resized_size
         x1/y1 exclusive), clipped to the image; NaN rows for tokens that lie entirely in the
         canvas padding. n_patch_tokens = (rows * cols + global) * token_rows * token_cols.
     """
-    from workbench.processor import ImageProcessorConfig, plan_image
+    from workbench.models.llama4.processor import ImageProcessorConfig, plan_image
 
     cfg = config if config is not None else ImageProcessorConfig()
     original_size = original_size if original_size is not None else _field(info, "original_size")

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workbench.config import ModelConfig
+from workbench.models.llama4.config import ModelConfig
 
 __all__ = [
     "QUADRANTS", "TOKENS_PER_TILE", "tiny_config", "render_grid", "caption", "grid_prompt", "digit_split",
@@ -505,7 +505,7 @@ def init_weights(model: nn.Module, config: ModelConfig, seed: int) -> None:
 
 
 def new_model(config: ModelConfig, seed: int, device="cpu") -> nn.Module:
-    from workbench.model import build_model
+    from workbench.models.llama4.model import build_model
 
     with torch.device("meta"):
         model = build_model(config)
@@ -667,7 +667,7 @@ def train(out: str | os.PathLike, seed: int = 0, settings: TrainSettings | None 
     from tqdm.auto import tqdm
 
     from workbench.checkpoint import save_model
-    from workbench.processor import load_processor
+    from workbench.models.llama4.processor import load_processor
     from workbench.tiny_tokenizer import make_llama4_tokenizer
 
     s = settings or TrainSettings()

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from workbench.vision import VisionConfig
+from workbench.models.llama4.vision import VisionConfig
 
 __all__ = ["ConfigError", "TextConfig", "ModelConfig", "PRESETS", "preset"]
 
@@ -261,7 +261,7 @@ def _vision_parameter_count(cfg: VisionConfig, text_hidden_size: int) -> int:
     """Vision tower + projector parameters, counted on the meta device (no memory)."""
     import torch
 
-    from workbench.vision import MultiModalProjector, VisionModel
+    from workbench.models.llama4.vision import MultiModalProjector, VisionModel
 
     with torch.device("meta"):
         n = sum(p.numel() for p in VisionModel(cfg).parameters())

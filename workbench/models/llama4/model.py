@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workbench.config import ModelConfig, TextConfig, llama3_inv_freq
+from workbench.models.llama4.config import ModelConfig, TextConfig, llama3_inv_freq
 from workbench.hooks.taps import Tap
 from workbench.kernels import moe_experts
 from workbench.kernels.attention_map import sdpa_with_lse
-from workbench.vision import MultiModalProjector, VisionModel
+from workbench.models.llama4.vision import MultiModalProjector, VisionModel
 
 __all__ = [
     "Llama4ForCausalLM", "Llama4ForConditionalGeneration", "Llama4TextModel", "ModelOutput",
