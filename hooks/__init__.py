@@ -1,7 +1,7 @@
-"""Instrumentation (``workbench.hooks``): tap points in the model and the recorder that reads them."""
+"""Instrumentation (``workbench.hooks``): hook points in the model, interventions, and the recorder."""
+from workbench.hooks.points import Handle, HookError, HookPoint, hook_points
 from workbench.hooks.recorder import (CAPTURE_CHOICES, Recorder, RecorderError, RoutingAdapter,
                                       TransformersLlama4Adapter, WorkbenchAdapter, record)
-from workbench.hooks.taps import Tap, iter_taps
 
-__all__ = ["Tap", "iter_taps", "Recorder", "RecorderError", "record", "RoutingAdapter", "WorkbenchAdapter",
-           "TransformersLlama4Adapter", "CAPTURE_CHOICES"]
+__all__ = ["HookPoint", "Handle", "HookError", "hook_points", "Recorder", "RecorderError", "record",
+           "RoutingAdapter", "WorkbenchAdapter", "TransformersLlama4Adapter", "CAPTURE_CHOICES"]

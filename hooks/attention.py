@@ -248,37 +248,22 @@ class AttentionCapture:
         self.boi_token = getattr(cfg, "boi_token_index", None)
         self.tokens_per_tile = int(vision.tokens_per_tile)
         self.side = int(vision.shuffled_side)
-        self._taps: list = []
-        self._inputs_tap = None
-        self._prev_inputs_fn = None
-        self._wrapper = None
+        self._handles: list = []
         self._state: _PassState | None = None
         self._wrote_root = False
 
     # -- attach / detach -----------------------------------------------------------------------
     def attach(self) -> None:
-        tap = self._text_model.hook_inputs
-        prev = tap.fn
-
-        def wrapper(t, input_ids, attention_mask, position_ids):
-            if prev is not None:
-                prev(t, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-            self._on_inputs(input_ids, attention_mask, position_ids)
-
-        self._inputs_tap, self._prev_inputs_fn, self._wrapper = tap, prev, wrapper
-        tap.fn = wrapper
+        self._handles = [self._text_model.hook_inputs.add(
+            lambda p, input_ids, batch: self._on_inputs(input_ids, batch.valid, batch.positions))]
         for pos, layer in enumerate(self.layers):
-            t = self._modules[layer].hook_attn_lse
-            t.fn = (lambda pos, layer: lambda tap, **kw: self._on_attn(pos, layer, **kw))(pos, layer)
-            self._taps.append(t)
+            self._handles.append(self._modules[layer].hook_attn_lse.add(
+                (lambda pos, layer: lambda p, **kw: self._on_attn(pos, layer, **kw))(pos, layer)))
 
     def detach(self) -> None:
-        for t in self._taps:
-            t.fn = None
-        self._taps = []
-        if self._inputs_tap is not None and self._inputs_tap.fn is self._wrapper:
-            self._inputs_tap.fn = self._prev_inputs_fn
-        self._inputs_tap = self._prev_inputs_fn = self._wrapper = None
+        for h in self._handles:
+            h.remove()
+        self._handles = []
         self._state = None
 
     # -- forward-pass side ---------------------------------------------------------------------
@@ -313,7 +298,7 @@ class AttentionCapture:
                              dev=torch.empty(shape[1:], dtype=tdtype, device=dev) if cuda else None))
         self._state = _PassState(seqs=seqs)
 
-    def _on_attn(self, pos: int, layer: int, query, key, scale, lse, position_ids, attention_mask) -> None:
+    def _on_attn(self, pos: int, layer: int, query, key, scale, lse, batch) -> None:
         from workbench.kernels.attention_map import cross_attention_probs, cross_attention_probs_from_lse
 
         st = self._state
@@ -327,12 +312,12 @@ class AttentionCapture:
                 if use_lse:  # the layer's own softmax gave the rows' log-sum-exp: only the patch columns
                     cross_attention_probs_from_lse(query[s.b], key[s.b], scale, lse[s.b],
                                                    query_index=s.q_dev, key_index=s.p_dev,
-                                                   positions=position_ids[s.b], valid=s.valid_dev,
+                                                   positions=batch.positions[s.b], valid=s.valid_dev,
                                                    chunk_size=self.chunk_size[layer], heads=self.heads,
                                                    out=out, check_indices=False, num_threads=threads)
                 else:
                     cross_attention_probs(query[s.b], key[s.b], scale, query_index=s.q_dev, key_index=s.p_dev,
-                                          positions=position_ids[s.b], valid=s.valid_dev,
+                                          positions=batch.positions[s.b], valid=s.valid_dev,
                                           chunk_size=self.chunk_size[layer], heads=self.heads, out=out,
                                           backend=self.backend, check_indices=False)
             if s.dev is not None:

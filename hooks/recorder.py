@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from workbench.hooks.taps import iter_taps
+from workbench.hooks.points import hook_points
 
 __all__ = ["Recorder", "record", "RoutingAdapter", "WorkbenchAdapter", "TransformersLlama4Adapter",
            "RecorderError", "CAPTURE_CHOICES"]
@@ -101,22 +101,20 @@ class WorkbenchAdapter(RoutingAdapter):
                            special_ids=special, config=cfg.to_hf_dict())
 
     def attach(self, on_inputs, on_router) -> None:
-        self._taps = []
-        inputs = list(iter_taps(self.model, "hook_inputs"))
+        self._handles = []
+        inputs = list(hook_points(self.model, "hook_inputs"))
         if len(inputs) != 1:
-            raise RecorderError(f"expected one hook_inputs tap in the model, found {len(inputs)}")
-        inputs[0][1].fn = lambda tap, input_ids, attention_mask, position_ids: on_inputs(
-            input_ids, attention_mask, position_ids)
-        self._taps.append(inputs[0][1])
-        for i, (_, tap) in enumerate(iter_taps(self.model, "hook_router")):
-            tap.fn = (lambda i: lambda tap, router_logits, topk_ids, topk_weights: on_router(
-                i, router_logits, topk_ids, topk_weights))(i)
-            self._taps.append(tap)
+            raise RecorderError(f"expected one hook_inputs point in the model, found {len(inputs)}")
+        self._handles.append(inputs[0][1].add(lambda p, input_ids, batch: on_inputs(
+            input_ids, batch.valid, batch.positions)))
+        for i, (_, point) in enumerate(hook_points(self.model, "hook_router")):
+            self._handles.append(point.add((lambda i: lambda p, router_logits, topk_ids, topk_weights: on_router(
+                i, router_logits, topk_ids, topk_weights))(i)))
 
     def detach(self) -> None:
-        for tap in getattr(self, "_taps", []):
-            tap.fn = None
-        self._taps = []
+        for h in getattr(self, "_handles", []):
+            h.remove()
+        self._handles = []
 
 
 class TransformersLlama4Adapter(RoutingAdapter):
@@ -173,7 +171,7 @@ class TransformersLlama4Adapter(RoutingAdapter):
 
 def adapter_for(model: nn.Module) -> RoutingAdapter:
     """Pick the adapter for a model tree."""
-    if any(True for _ in iter_taps(model, "hook_router")):
+    if any(True for _ in hook_points(model, "hook_router")):
         return WorkbenchAdapter(model)
     if any(type(m).__name__ == "Llama4Router" for m in model.modules()):
         return TransformersLlama4Adapter(model)

@@ -13,13 +13,12 @@ entries of the (T, T) attention matrix the layer's softmax produces, without eve
 2. **selected columns** -- ``p[h, i, j] = exp(q_i . k_{key_index[j]} * scale - lse[h, i])``,
    and 0 where the mask forbids the key.
 
-The mask is computed blockwise from positions, validity and chunk size, with the model's rule
-(``workbench.models.llama4.model.attention_masks``)::
+Which key each query may see is the model's rule, :mod:`workbench.runtime.masks` (causal on the
+token index, valid keys only, chunks of ``chunk_size`` positions on chunked layers, every query
+keeps itself); the mask is computed blockwise with it and its consequences
+(:func:`~workbench.runtime.masks.key_lower_bounds`, :func:`~workbench.runtime.masks.column_ranges`)
+bound the work. Token index = stream index here (one sequence from its start).
 
-    allowed(q, k) = (k <= q  and  valid[k]  and  (chunk_size is None or
-                     positions[q] // chunk_size == positions[k] // chunk_size))  or  k == q
-
-(causality on the buffer index, chunks on the position; the diagonal is always allowed).
 Scores are computed in float32 from the query/key as given (bf16/fp16 inputs are upcast). The
 log-sum-exp applies ``scale`` after the dot product (as transformers' eager attention does); the
 column pass multiplies the query by ``scale`` first (one GEMM of ``[scale * q, -lse]`` with
@@ -52,8 +51,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from workbench.runtime import masks
+
 __all__ = ["cross_attention_probs", "cross_attention_probs_from_lse", "cross_attention_probs_torch",
-           "cross_attention_probs_reference", "sdpa_with_lse", "allowed_mask", "resolve_heads", "torch_block_sizes"]
+           "cross_attention_probs_reference", "sdpa_with_lse", "resolve_heads", "torch_block_sizes"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Working memory of the torch backend: each block of scores / keys / masks stays near this size
@@ -66,19 +67,6 @@ _COL_BLOCK_BYTES = 8 << 20
 # ---------------------------------------------------------------------------------------------
 # Shared helpers
 # ---------------------------------------------------------------------------------------------
-def allowed_mask(q_idx: torch.Tensor, k_idx: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
-                 chunk_size: int | None) -> torch.Tensor:
-    """(len(q_idx), len(k_idx)) bool: may query token ``q_idx[i]`` attend key token ``k_idx[j]``.
-
-    The model's rule (see the module docstring); ``positions`` (T,) integer, ``valid`` (T,) bool.
-    """
-    q_idx, k_idx = q_idx.long(), k_idx.long()
-    m = (k_idx[None, :] <= q_idx[:, None]) & valid[k_idx][None, :]
-    if chunk_size is not None:
-        m &= (positions[q_idx] // chunk_size)[:, None] == (positions[k_idx] // chunk_size)[None, :]
-    return m | (k_idx[None, :] == q_idx[:, None])
-
-
 def resolve_heads(heads, n_heads: int) -> tuple[list[int], bool]:
     """``heads`` ("all", "mean", or a sequence of head indices) -> (head indices, mean?)."""
     if isinstance(heads, str):
@@ -298,22 +286,6 @@ def _triton_ok() -> bool:
 # ---------------------------------------------------------------------------------------------
 # torch backend
 # ---------------------------------------------------------------------------------------------
-def _key_lower_bounds(pos: np.ndarray, valid: np.ndarray, chunk_size: int | None, qidx: np.ndarray) -> np.ndarray:
-    """Per query, a key index below which no key can be allowed (host side planning)."""
-    vidx = np.flatnonzero(valid)
-    if vidx.size == 0:
-        return qidx.copy()
-    if chunk_size is None:
-        return np.minimum(qidx, vidx[0])
-    cid = pos // chunk_size
-    uniq, first = np.unique(cid[vidx], return_index=True)  # first valid token of each chunk id
-    j = np.searchsorted(uniq, cid[qidx])
-    j_c = np.minimum(j, len(uniq) - 1)
-    found = (j < len(uniq)) & (uniq[j_c] == cid[qidx])
-    lo = np.where(found, vidx[first[j_c]], qidx)
-    return np.minimum(lo, qidx)
-
-
 def _flash_lse_op():
     """aten's fused CPU flash attention, which also returns the rows' log-sum-exp (or None)."""
     return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -330,31 +302,12 @@ class _Plan:
         self.chunk = chunk_size
         self.cid = self.pos // chunk_size if chunk_size is not None else np.zeros_like(self.pos)
         self.invalid_prefix = np.concatenate([[0], np.cumsum(~self.val)])
-        self.lo = _key_lower_bounds(self.pos, self.val, chunk_size, self.qidx)
+        self.lo = masks.key_lower_bounds(self.pos, self.val, chunk_size, self.qidx)
 
     def column_ranges(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """Per query, the selected keys it may attend as one range ``[a, b)`` of key_index positions,
-        or None when that does not hold in general.
-
-        It holds when key_index is strictly increasing, every selected key is valid and (chunked
-        layers) the keys' chunk ids do not decrease (positions increase with the token index, as in
-        the model's inputs): then query q may attend exactly the selected keys at or before q in
-        q's chunk, a contiguous run (the diagonal rule adds nothing: q's own key is among them).
-        """
-        k = self.kidx
-        if k.size == 0 or (k.size > 1 and not (np.diff(k) > 0).all()) or not self.val[k].all():
-            return None
-        b = np.searchsorted(k, self.qidx, side="right")
-        if self.chunk is None:
-            return np.zeros_like(b), b
-        ck = self.cid[k]
-        if ck.size > 1 and not (np.diff(ck) >= 0).all():
-            return None
-        cq = self.cid[self.qidx]
-        a = np.searchsorted(ck, cq, side="left")
-        b = np.minimum(b, np.searchsorted(ck, cq, side="right"))
-        empty = b <= a
-        return np.where(empty, 0, a), np.where(empty, 0, b)
+        """Per query, its allowed selected keys as one range of key_index positions, or None
+        (:func:`workbench.runtime.masks.column_ranges`)."""
+        return masks.column_ranges(self.pos, self.val, self.chunk, self.qidx, self.kidx)
 
     def all_allowed(self, qi: np.ndarray, keys: np.ndarray | None, k0: int = 0, k1: int = 0) -> bool:
         """True when every (query, key) pair is allowed (keys: an index array, or the range [k0, k1))."""
@@ -467,7 +420,7 @@ def cross_attention_probs_torch(query, key, scale, positions, valid, chunk_size,
         # every selected query row has its diagonal: lse is finite
         if c0 is None:  # general block: all columns, then the mask
             c0, c1 = 0, P
-            dead = None if plan.all_allowed(qi_np, plan.kidx) else ~allowed_mask(qi, kidx, pos_d, val_d, chunk_size)
+            dead = None if plan.all_allowed(qi_np, plan.kidx) else ~masks.allowed(qi, kidx, pos_d, val_d, chunk_size)
         else:  # every row of the block may attend exactly the columns [c0, c1): zeros elsewhere, no mask
             dead = None
             if c0 > 0:
@@ -553,7 +506,7 @@ def _lse_fused(qb, key, kv, scale, plan, qi, qi_np, lo, hi, block_k, mask_k, pos
         else:  # general block: an additive mask, in sub-blocks of mask_k keys
             for j0 in range(k0, k1, mask_k):
                 j1 = min(k1, j0 + mask_k)
-                m = allowed_mask(qi, torch.arange(j0, j1, device=qb.device), pos_d, val_d, plan.chunk)
+                m = masks.allowed(qi, torch.arange(j0, j1, device=qb.device), pos_d, val_d, plan.chunk)
                 dead = ~m.any(1)
                 bias = torch.zeros(m.shape, device=qb.device).masked_fill_(~m, float("-inf"))
                 _, l = op(q4, kb[:, :, j0 - k0:j1 - k0], v[:, :, :j1 - j0], 0.0, False, attn_mask=bias[None, None],
@@ -580,7 +533,7 @@ def _lse_online(qb, key, kv, scale, plan, qi, qi_np, lo, hi, block_k, pos_d, val
         else:
             kk = torch.arange(k0, k1, device=qb.device)
             bias = torch.zeros((Qb, k1 - k0), device=qb.device).masked_fill_(
-                ~allowed_mask(qi, kk, pos_d, val_d, plan.chunk), neg_inf)
+                ~masks.allowed(qi, kk, pos_d, val_d, plan.chunk), neg_inf)
             s = torch.baddbmm(bias[None], qb, kb.transpose(1, 2), alpha=scale)
         m_new = torch.maximum(m, s.amax(-1))
         m_safe = m_new.masked_fill(m_new == neg_inf, 0.0)
@@ -604,7 +557,7 @@ def cross_attention_probs_reference(query, key, scale, *, query_index, key_index
     k = key.detach().cpu().double().repeat_interleave(G, dim=0)
     s = q @ k.transpose(1, 2) * scale
     idx = torch.arange(T)
-    s = s.masked_fill(~allowed_mask(idx, idx, positions, valid, chunk_size)[None], float("-inf"))
+    s = s.masked_fill(~masks.allowed(idx, idx, positions, valid, chunk_size)[None], float("-inf"))
     p = torch.softmax(s, -1)[:, query_index.cpu().long()][:, :, key_index.cpu().long()]
     head_idx, mean = resolve_heads(heads, Hq)
     p = p[head_idx]

@@ -1,16 +1,17 @@
 """Triton backend of :func:`workbench.kernels.attention_map.cross_attention_probs` (the GPU path).
 
 Two kernels, both asynchronous and free of host synchronization (sizes come from tensor shapes,
-masks and key ranges are computed on the device from positions, validity and chunk size):
+masks and key ranges are computed on the device from positions, validity and chunk size). The
+mask is :func:`workbench.runtime.masks.allowed_rule`, the model's own rule function compiled with
+``triton.jit``.
 
 ``_lse_kernel``  grid (cdiv(Q, BLOCK_M), H_sel): one program owns BLOCK_M selected query rows of
     one query head. It loops over key blocks ``[0, max query index]`` (causality bounds the
-    loop); for each block it loads the keys' positions and validity, computes the mask
-    ``(k <= q & valid[k] & same chunk) | k == q`` and skips the block when no (query, key) pair
-    is allowed (on chunked layers that skips every block outside the queries' chunks, so the
-    work is O(Q * chunk) dot products plus O(Q * T / BLOCK_N) position loads); otherwise
-    ``s = q . k^T * scale``, masked to -inf, and the online-softmax update of the running max
-    ``m`` and sum ``l``. Writes ``lse = m + log l`` (H_sel, Q) float32.
+    loop); for each block it loads the keys' positions and validity, computes the mask (the
+    rule) and skips the block when no (query, key) pair is allowed (on chunked layers that
+    skips every block outside the queries' chunks, so the work is O(Q * chunk) dot products
+    plus O(Q * T / BLOCK_N) position loads); otherwise ``s = q . k^T * scale``, masked to -inf,
+    and the online-softmax update of the running max ``m`` and sum ``l``. Writes ``lse = m + log l`` (H_sel, Q) float32.
 ``_probs_kernel`` grid (cdiv(Q, BLOCK_M), cdiv(P, BLOCK_P), H_out): gathers the BLOCK_P selected
     key rows (``key_index``), ``p = exp(q . k^T * scale - lse)``, 0 where masked, and stores
     them cast to the output dtype. With ``MEAN`` one program loops over all selected heads and
@@ -25,20 +26,26 @@ tensor-core dot. ``upcast=True`` converts bf16/fp16 tiles to float32 before the 
 from __future__ import annotations
 
 import os
+import types
 
 import torch
 import triton
 import triton.language as tl
 
+from workbench.runtime import masks
+
 __all__ = ["cross_attention_probs_triton"]
+
+
+# The model's attention rule (workbench.runtime.masks), compiled from the same Python function;
+# its globals gain triton.language, which the interpreter (TRITON_INTERPRET=1) looks for there.
+_rule = masks.allowed_rule
+_allowed = triton.jit(types.FunctionType(_rule.__code__, {**_rule.__globals__, "tl": tl}, _rule.__name__))
 
 
 @triton.jit
 def _mask(qi, qpos, q_ok, kj, kpos, kval, k_ok, chunk, HAS_CHUNK: tl.constexpr):
-    allowed = (kj[None, :] <= qi[:, None]) & (kval[None, :] != 0)
-    if HAS_CHUNK:
-        allowed = allowed & ((kpos[None, :] // chunk) == (qpos[:, None] // chunk))
-    allowed = allowed | (kj[None, :] == qi[:, None])
+    allowed = _allowed(qi[:, None], qpos[:, None], kj[None, :], kpos[None, :], kval[None, :] != 0, chunk, HAS_CHUNK)
     return allowed & q_ok[:, None] & k_ok[None, :]
 
 

@@ -43,12 +43,9 @@ def test_ablation_matches_transformers_with_the_same_intervention(tmp_path):
     ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
     layer = 2
     used = set()
-    for name, t in wb.hooks.iter_taps(model, "hook_router"):
-        if f"layers.{layer}." in name:
-            t.fn = lambda tap, router_logits, topk_ids, topk_weights: used.update(topk_ids.reshape(-1).tolist())
-    ours_before = model(input_ids=ids).logits
-    for _, t in wb.hooks.iter_taps(model):
-        t.fn = None
+    point = model.model.layers[layer].feed_forward.hook_router
+    with point.add(lambda p, router_logits, topk_ids, topk_weights: used.update(topk_ids.reshape(-1).tolist())):
+        ours_before = model(input_ids=ids).logits
     unused = sorted(set(range(8)) - used)
     experts = sorted(used)[:2] + unused[:1]
     res = expert_ablation(model, {"input_ids": ids}, layer, experts)

@@ -17,11 +17,11 @@ import torch
 
 import workbench as wb
 from tests.hf_reference import IMAGE_TOKEN, TOKENS_PER_TILE, hf_multimodal_model, hf_text_model
-from workbench.hooks import RecorderError, iter_taps
+from workbench.hooks import RecorderError, hook_points
 from workbench.hooks.attention import AttentionNotFoundError, attention_sequences
-from workbench.kernels.attention_map import (allowed_mask, cross_attention_probs, cross_attention_probs_from_lse,
+from workbench.kernels.attention_map import (cross_attention_probs, cross_attention_probs_from_lse,
                                              cross_attention_probs_reference, sdpa_with_lse)
-from workbench.models.llama4.model import attention_masks
+from workbench.runtime import ForwardBatch
 
 
 
@@ -160,14 +160,14 @@ def test_float16_mean_heads_and_layer_subset(mm, tmp_path):
     ids = torch.tensor([P0])
     # the query/key/log-sum-exp the layers use, read through the taps (float32 kernel output for the round trip)
     qk = {}
-    for _, tap in iter_taps(model, "hook_attn_lse"):
-        tap.fn = lambda tap, query, key, scale, lse, position_ids, attention_mask: qk.setdefault(
-            tap.tap_name, (query.clone(), key.clone(), scale, lse.clone(), position_ids[0].clone()))
+    handles = [p.add(lambda p, query, key, scale, lse, batch: qk.setdefault(
+        p.name, (query.clone(), key.clone(), scale, lse.clone(), batch.positions[0].clone())))
+        for _, p in hook_points(model, "hook_attn_lse")]
     try:
         model(input_ids=ids, pixel_values=px)
     finally:
-        for _, tap in iter_taps(model, "hook_attn_lse"):
-            tap.fn = None
+        for h in handles:
+            h.remove()
     with wb.record(model, tmp_path / "m.zarr", capture=("attention",), attention_heads="mean",
                    attention_layers=[3, 1]):
         model(input_ids=ids, pixel_values=px)
@@ -253,9 +253,6 @@ def test_torch_kernel_matches_dense_float64_reference(dtype, chunk, pad, heads):
     mask = torch.ones(T, dtype=torch.long)
     mask[:pad] = 0
     pos = (mask.cumsum(0) - 1).clamp(min=0) * mask
-    idx = torch.arange(T)
-    full, chunked = attention_masks(mask[None], pos[None], chunk)
-    assert torch.equal(allowed_mask(idx, idx, pos, mask.bool(), chunk), (chunked if chunk else full)[0, 0])
     # key layouts: interleaved with the queries; contiguous runs (image-like: the columns of each
     # row form one range, blocks carry it); unsorted and with padding keys (the general masked path)
     layouts = [([i for i in range(pad, T) if i % 3], [i for i in range(pad, T) if i % 3 == 0]),
@@ -291,8 +288,8 @@ def test_sdpa_with_lse_is_the_layers_attention_bit_for_bit(dtype):
     q, k, v = (torch.randn(B, h, T, D, generator=g).mul(4).to(dt) for h in (Hq, Hkv, Hkv))
     mask = torch.ones(B, T, dtype=torch.long)
     mask[1, :9] = 0
-    pos = (mask.cumsum(1) - 1).clamp(min=0) * mask
-    for allowed in attention_masks(mask, pos, 16):
+    batch = ForwardBatch.build((B, T), "cpu", mask)
+    for allowed in (batch.mask(None), batch.mask(16)):
         ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=0.25,
                                                                enable_gqa=True)
         out, lse = sdpa_with_lse(q, k, v, allowed, 0.25, enable_gqa=True)
@@ -311,9 +308,9 @@ def test_probs_from_the_layers_lse_match_dense_reference(chunk, pad, heads):
     q, k, v = (torch.randn(1, h, T, D, generator=g) * 6 for h in (Hq, Hkv, Hkv))
     mask = torch.ones(1, T, dtype=torch.long)
     mask[0, :pad] = 0
-    pos = (mask.cumsum(1) - 1).clamp(min=0) * mask
-    full, chunked = attention_masks(mask, pos, chunk)
-    _, lse = sdpa_with_lse(q, k, v, chunked if chunk else full, 0.25, enable_gqa=True)
+    batch = ForwardBatch.build((1, T), "cpu", mask)
+    pos = batch.positions
+    _, lse = sdpa_with_lse(q, k, v, batch.mask(chunk), 0.25, enable_gqa=True)
     qi = torch.tensor([i for i in range(pad, T) if i % 3])
     ki = torch.tensor([i for i in range(pad, T) if i % 3 == 0])
     kw = dict(query_index=qi, key_index=ki, positions=pos[0], valid=mask[0].bool(), chunk_size=chunk, heads=heads)

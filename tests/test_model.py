@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import workbench as wb
-from workbench.hooks import iter_taps
+from workbench.hooks import hook_points
 from tests.hf_reference import IMAGE_TOKEN, TOKENS_PER_TILE, hf_multimodal_model, hf_router_topk, hf_text_model
 
 
@@ -23,16 +23,17 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def capture_topk(model):
-    """Attach to every router tap; returns the list that fills with (N, k) top-k ids per MoE layer."""
+    """Listen at every router hook point; returns (list that fills with (N, k) top-k ids per MoE
+    layer, handles)."""
     got = []
-    for _, tap in iter_taps(model, "hook_router"):
-        tap.fn = lambda tap, router_logits, topk_ids, topk_weights: got.append(topk_ids.clone())
-    return got
+    handles = [p.add(lambda p, router_logits, topk_ids, topk_weights: got.append(topk_ids.clone()))
+               for _, p in hook_points(model, "hook_router")]
+    return got, handles
 
 
-def detach_taps(model):
-    for _, tap in iter_taps(model):
-        tap.fn = None
+def detach(handles):
+    for h in handles:
+        h.remove()
 
 
 TEXT_VARIANTS = {
@@ -58,8 +59,9 @@ def test_causal_lm_matches_transformers(tmp_path, variant, sharded):
     # 20 tokens: longer than the 8-token attention chunk, and past floor_scale=4 for NoPE layers.
     ids = torch.randint(3, 300, (2, 20), generator=torch.Generator().manual_seed(2))
     ref_logits, ref_topk = hf_router_topk(hf, ids, k)
-    got_topk = capture_topk(model)
+    got_topk, handles = capture_topk(model)
     out = model(input_ids=ids)
+    detach(handles)
     assert rel_err(out.logits, ref_logits) <= 1e-5
     assert len(got_topk) == len(hf.config.moe_layers) == len(ref_topk)
     for mine, ref in zip(got_topk, ref_topk):
@@ -130,8 +132,9 @@ def test_conditional_generation_matches_transformers(tmp_path, tiles):
     embeds = hf.get_input_embeddings()(ids)
     embeds = embeds.masked_scatter((ids == IMAGE_TOKEN)[..., None], proj)
     ref_logits, ref_topk = hf_router_topk(hf.language_model, None, 1, inputs_embeds=embeds)
-    got_topk = capture_topk(model)
+    got_topk, handles = capture_topk(model)
     out = model(input_ids=ids, pixel_values=pixels)
+    detach(handles)
     assert rel_err(out.logits, ref_logits) <= 1e-5
     for mine, ref in zip(got_topk, ref_topk, strict=True):
         assert torch.equal(mine, ref)

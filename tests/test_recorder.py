@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import workbench as wb
-from workbench.hooks import RecorderError, iter_taps
+from workbench.hooks import RecorderError, hook_points
 from tests.hf_reference import IMAGE_TOKEN, TOKENS_PER_TILE, hf_multimodal_model, hf_text_model
 
 
@@ -29,15 +29,14 @@ def text_ckpt(tmp_path_factory):
 def router_outputs(model, **inputs):
     """The model's own router outputs, read through its taps (no recorder involved)."""
     got = []
-    taps = [t for _, t in iter_taps(model, "hook_router")]
-    for t in taps:
-        t.fn = lambda tap, router_logits, topk_ids, topk_weights: got.append(
-            (router_logits.clone(), topk_ids.clone(), topk_weights.clone()))
+    handles = [p.add(lambda p, router_logits, topk_ids, topk_weights: got.append(
+        (router_logits.clone(), topk_ids.clone(), topk_weights.clone())))
+        for _, p in hook_points(model, "hook_router")]
     try:
         model(**inputs)
     finally:
-        for t in taps:
-            t.fn = None
+        for h in handles:
+            h.remove()
     return got
 
 
@@ -63,8 +62,8 @@ def test_round_trip_equals_the_models_router_outputs(text_ckpt, tmp_path):
         np.testing.assert_allclose(ds["topk_weight"].values[:, l], 1 / (1 + np.exp(-chosen)), rtol=1e-6)
     counts = np.stack([np.bincount(t.reshape(-1).numpy(), minlength=8) for _, t, _ in ref])
     np.testing.assert_array_equal(rec.loads().values, counts)
-    # Taps are detached again: a later forward pass records nothing.
-    assert all(not t.active for _, t in iter_taps(model))
+    # The recorder's listeners are removed again: a later forward pass records nothing.
+    assert all(not p.active for _, p in hook_points(model))
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -170,3 +169,53 @@ def test_commit_every_tokens_stages_then_commits(text_ckpt, tmp_path):
         model(input_ids=ids)
     ds = wb.open_trace(tmp_path / "t.zarr")
     assert ds.attrs["complete"] and ds.sizes["token"] == 80  # close committed the rest
+
+
+def _hf_topk_with_blocked(hf, ids, k, layer, expert):
+    """transformers' top-k ids per MoE layer when `expert` may not be chosen at decoder `layer`."""
+    got, handles = [], []
+    for i, dec in enumerate(hf.model.layers):
+        if not getattr(dec, "is_moe_layer", False):
+            continue
+
+        def hook(module, args, out, i=i):
+            logits = out[1]
+            if i == layer:
+                logits = logits.masked_fill(torch.arange(logits.shape[-1]) == expert, float("-inf"))
+            got.append(logits.topk(k, dim=-1).indices)
+        handles.append(dec.feed_forward.router.register_forward_hook(hook))
+    try:
+        hf(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.stack(got, 1)  # (N, L, k)
+
+
+def test_two_recorders_and_an_ablation_at_once(text_ckpt, tmp_path):
+    """Both stores get every token of their passes, both see the ablated routing, and closing the
+    inner recorder or removing the ablation detaches nothing else."""
+    from workbench.hooks.interventions import block_experts
+
+    d, hf = text_ckpt
+    model = wb.load_model(d, progress=False)
+    ids = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(7))
+    plain = _hf_topk_with_blocked(hf, ids, 2, layer=None, expert=None)
+    expert = int(plain[:, 1].reshape(-1).mode().values)  # an expert layer 3 really uses
+    blocked = _hf_topk_with_blocked(hf, ids, 2, layer=3, expert=expert)
+    assert not torch.equal(blocked, plain)
+    with wb.record(model, tmp_path / "outer.zarr") as outer:
+        with wb.record(model, tmp_path / "inner.zarr", capture=("router", "logits")):
+            with block_experts(model, {3: [expert]}):
+                model(input_ids=ids)
+                model(input_ids=ids)
+        model(input_ids=ids)  # inner closed, ablation removed: the outer recorder still records
+    out, inner = wb.open_trace(tmp_path / "outer.zarr").load(), wb.open_trace(tmp_path / "inner.zarr").load()
+    assert out.attrs["complete"] and inner.attrs["complete"]
+    assert out.sizes["token"] == 54 and inner.sizes["token"] == 36
+    for got in (out["topk_expert"].values[:36], inner["topk_expert"].values):
+        for rows in (got[:18], got[18:]):
+            np.testing.assert_array_equal(np.sort(rows, -1), np.sort(blocked.numpy(), -1))
+    np.testing.assert_array_equal(np.sort(out["topk_expert"].values[36:], -1), np.sort(plain.numpy(), -1))
+    assert (inner["router_logits"].values[:, 1, expert] == -np.inf).all()  # the logits top-k saw
+    assert all(not p.active for _, p in hook_points(model))

@@ -151,14 +151,13 @@ def caption_run(model, proc, grids):
             probs[i] = _probs(query, key, scale, allowed)
         return fn
 
-    for i, layer in enumerate(layers):
-        layer.self_attn.hook_attn.fn = tap(i)
+    handles = [layer.self_attn.hook_attn.add(tap(i)) for i, layer in enumerate(layers)]
     try:
         with torch.no_grad():
             logits = model(**batch.model_inputs()).logits
     finally:
-        for layer in layers:
-            layer.self_attn.hook_attn.fn = None
+        for h in handles:
+            h.remove()
     ids = batch["input_ids"]
     digit_ids = [proc.tokenizer.token_to_id(str(d)) for d in range(10)]
     end = (ids == proc.token_ids["<|image_end|>"]).nonzero()[:, 1]

@@ -27,7 +27,7 @@ The run ends at ``--steps`` or ``--minutes``, whichever comes first (the learnin
 follows whichever is further along); on one CPU thread a step-bound run is deterministic.
 
 The helpers here (grid rendering, held-out grids, attention probabilities from the ``hook_attn``
-tap, caption evaluation) are also what tests/test_tiny_model.py uses.
+hook point, caption evaluation) are also what tests/test_tiny_model.py uses.
 """
 from __future__ import annotations
 
@@ -291,7 +291,7 @@ def build_corpora(tokenizer, special_ids: dict[str, int], seed: int,
 
 
 # ---------------------------------------------------------------------------------------------
-# Attention probabilities from the hook_attn tap, routing loads
+# Attention probabilities from the hook_attn hook point, routing loads
 # ---------------------------------------------------------------------------------------------
 def attention_probs(query: torch.Tensor, key: torch.Tensor, scale: float, allowed: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T * scale) over allowed keys: (B, Hq, T, T) float32.
@@ -318,14 +318,12 @@ def capture_attention(model: nn.Module) -> Iterator[list[torch.Tensor]]:
     def fn(tap, *, query, key, scale, allowed, **_):
         out.append(attention_probs(query.detach(), key.detach(), scale, allowed))
 
-    taps = [layer.self_attn.hook_attn for layer in layers]
-    for t in taps:
-        t.fn = fn
+    handles = [layer.self_attn.hook_attn.add(fn) for layer in layers]
     try:
         yield out
     finally:
-        for t in taps:
-            t.fn = None
+        for h in handles:
+            h.remove()
 
 
 @contextlib.contextmanager
@@ -337,13 +335,12 @@ def capture_router(model: nn.Module, keep_graph: bool = False) -> Iterator[list[
     def fn(tap, *, router_logits, topk_ids, **_):
         out.append((router_logits if keep_graph else router_logits.detach(), topk_ids.detach()))
 
-    for m in moes:
-        m.hook_router.fn = fn
+    handles = [m.hook_router.add(fn) for m in moes]
     try:
         yield out
     finally:
-        for m in moes:
-            m.hook_router.fn = None
+        for h in handles:
+            h.remove()
 
 
 def _text_model(model: nn.Module):
@@ -894,7 +891,7 @@ def write_model_card(out: Path, config: ModelConfig, m: dict, info: dict) -> Non
           if "greedy_exact_match" in cap else []),
         "",
         "Attention localization: at the position that predicts each digit, the attention probabilities "
-        "(softmax(q k^T * scale) over the allowed keys, from the `hook_attn` tap; GQA head h reads KV head "
+        "(softmax(q k^T * scale) over the allowed keys, from the `hook_attn` hook point; GQA head h reads KV head "
         f"h // {t.num_attention_heads // t.num_key_value_heads}) averaged over all heads of layers "
         f"{cap['localization_layers']} (the last half), summed over each quadrant's 4 `<|patch|>` tokens; the digit "
         "counts as localized when its own quadrant gets the most.",

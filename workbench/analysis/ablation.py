@@ -8,16 +8,9 @@ import torch
 import torch.nn.functional as F
 import xarray as xr
 
+from workbench.hooks.interventions import block_experts, moe_layers
+
 __all__ = ["expert_ablation"]
-
-
-def _moe_module(model, layer: int):
-    lm = model.language_model if hasattr(model, "language_model") else model
-    layers = lm.model.layers
-    if not 0 <= layer < len(layers) or not layers[layer].is_moe_layer:
-        moe = [i for i, l in enumerate(layers) if l.is_moe_layer]
-        raise ValueError(f"expert_ablation: layer {layer} is not a MoE layer; MoE layers: {moe}")
-    return layers[layer].feed_forward
 
 
 def _next_token_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -39,9 +32,14 @@ def expert_ablation(model, inputs: Mapping[str, torch.Tensor], layer: int, exper
     - ``top1_agreement`` = fraction of real tokens whose argmax prediction is unchanged;
     - ``rerouted`` = fraction of real tokens that had the expert in their top-k set at ``layer``
       (those whose routing the ablation changes).
-    Returns an xarray.Dataset with dim ``expert``; ``attrs['baseline_loss']``.
+    Returns an xarray.Dataset with dim ``expert``; ``attrs['baseline_loss']``. The ablation is an
+    edit on the router's hook point (:func:`workbench.hooks.interventions.block_experts`), so
+    recorders attached to the model keep recording (the rerouted decisions).
     """
-    moe = _moe_module(model, layer)
+    moes = moe_layers(model)
+    if layer not in moes:
+        raise ValueError(f"expert_ablation: layer {layer} is not a MoE layer; MoE layers: {list(moes)}")
+    moe = moes[layer]
     E = moe.num_experts
     experts = [int(e) for e in experts]
     bad = [e for e in experts if not 0 <= e < E]
@@ -52,32 +50,23 @@ def expert_ablation(model, inputs: Mapping[str, torch.Tensor], layer: int, exper
     mask = torch.ones_like(ids) if mask is None else mask
     fwd = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "pixel_values")}
     chosen = []
-    moe.hook_router.fn = lambda tap, router_logits, topk_ids, topk_weights: chosen.append(topk_ids)
-    try:
+    with moe.hook_router.add(lambda point, topk_ids, **_: chosen.append(topk_ids)):
         base = model(**fwd).logits
-    finally:
-        moe.hook_router.fn = None
     valid = mask.reshape(-1).bool()
     topk = chosen[0][valid]
     base_lp = F.log_softmax(base.double(), -1)
     base_loss = _next_token_loss(base, ids, mask)
     real = mask.bool()
     out = {k: [] for k in ("delta_loss", "kl", "top1_agreement", "rerouted")}
-    prev = moe.expert_mask
-    try:
-        for e in experts:
-            m = torch.zeros(E, dtype=torch.bool)
-            m[e] = True
-            moe.expert_mask = m
+    for e in experts:
+        with block_experts(model, {layer: [e]}):
             logits = model(**fwd).logits
-            lp = F.log_softmax(logits.double(), -1)
-            kl = (base_lp.exp() * (base_lp - lp)).sum(-1)[real].mean()
-            out["delta_loss"].append(float(_next_token_loss(logits, ids, mask) - base_loss))
-            out["kl"].append(float(kl))
-            out["top1_agreement"].append(float((logits.argmax(-1) == base.argmax(-1))[real].float().mean()))
-            out["rerouted"].append(float((topk == e).any(-1).float().mean()))
-    finally:
-        moe.expert_mask = prev
+        lp = F.log_softmax(logits.double(), -1)
+        kl = (base_lp.exp() * (base_lp - lp)).sum(-1)[real].mean()
+        out["delta_loss"].append(float(_next_token_loss(logits, ids, mask) - base_loss))
+        out["kl"].append(float(kl))
+        out["top1_agreement"].append(float((logits.argmax(-1) == base.argmax(-1))[real].float().mean()))
+        out["rerouted"].append(float((topk == e).any(-1).float().mean()))
     ds = xr.Dataset({k: ("expert", np.array(v)) for k, v in out.items()}, coords={"expert": experts})
     ds.attrs.update(layer=layer, baseline_loss=float(base_loss), n_tokens=int(real.sum()),
                     method="router logit of the ablated expert set to -inf before top-k")

@@ -2,9 +2,12 @@
 
 Module and parameter names equal the HF checkpoint keys (``language_model.model.layers.N.
 feed_forward.experts.gate_up_proj`` ...), so a state dict loads without renaming. The forward
-pass knows nothing of stores or widgets: it exposes :class:`~workbench.hooks.taps.Tap` points
-(``hook_inputs``, ``hook_router``, ``hook_attn``, ``hook_attn_lse``) that do nothing unless a
-recorder attaches.
+pass knows nothing of stores or widgets: it exposes hook points
+(:class:`~workbench.hooks.points.HookPoint`: ``hook_inputs``, ``hook_router_logits``,
+``hook_router``, ``hook_attn``, ``hook_attn_lse``) that cost nothing unless a listener is
+attached. Each call builds one :class:`~workbench.runtime.ForwardBatch` (positions, validity,
+stream indices) and every layer takes ``(x, batch, cache)``; which key a query may see is decided
+by :mod:`workbench.runtime.masks` alone.
 
 Semantics reproduce transformers' ``Llama4ForConditionalGeneration`` / ``Llama4ForCausalLM``:
 - router: logits = x W^T; top-k on logits; score = sigmoid(logit) multiplies the expert INPUT;
@@ -26,15 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workbench.models.llama4.config import ModelConfig, TextConfig, llama3_inv_freq
-from workbench.hooks.taps import Tap
+from workbench.hooks.points import HookPoint
 from workbench.kernels import moe_experts
 from workbench.kernels.attention_map import sdpa_with_lse
+from workbench.models.llama4.config import ModelConfig, TextConfig, llama3_inv_freq
 from workbench.models.llama4.vision import MultiModalProjector, VisionModel
+from workbench.runtime import ForwardBatch
 
 __all__ = [
-    "Llama4ForCausalLM", "Llama4ForConditionalGeneration", "Llama4TextModel", "ModelOutput",
-    "build_model", "position_ids_from_mask",
+    "Llama4ForCausalLM", "Llama4ForConditionalGeneration", "Llama4TextModel", "ModelOutput", "build_model",
 ]
 
 
@@ -81,11 +84,6 @@ def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(xc * freqs_cis[:, :, None, :]).flatten(3).type_as(x)
 
 
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions 0, 1, ... of the real tokens of each row; padding gets 0. (B, T) long."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0) * attention_mask.long()
-
-
 class Llama4TextMLP(nn.Module):
     """SwiGLU MLP: dense layers and the shared expert."""
 
@@ -112,8 +110,13 @@ class Llama4TextExperts(nn.Module):
 class Llama4TextMoe(nn.Module):
     """Top-k sigmoid router + routed experts + shared expert.
 
-    ``hook_router`` sees, per flattened token (N = B*T): ``router_logits`` (N, E) model dtype,
-    ``topk_ids`` (N, k) int64, ``topk_weights`` (N, k) the scores as applied (model dtype).
+    Hook points, per flattened token (N = B*T):
+
+    * ``hook_router_logits``: ``router_logits`` (N, E) in the model dtype before top-k; editable,
+      so an edit changes the choice (blocking experts: their logits set to -inf).
+    * ``hook_router``: the decision: ``router_logits`` (N, E) as top-k saw them, ``topk_ids``
+      (N, k) int64 and ``topk_weights`` (N, k) the scores as applied (model dtype); ids and
+      weights are editable (forcing an expert, scaling a weight).
     """
 
     def __init__(self, config: TextConfig, layer_idx: int) -> None:
@@ -124,24 +127,25 @@ class Llama4TextMoe(nn.Module):
         self.router = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)
         self.experts = Llama4TextExperts(config)
         self.shared_expert = Llama4TextMLP(config.hidden_size, config.intermediate_size)
-        self.hook_router = Tap()
-        # Intervention point for ablations: a bool (E,) tensor; masked experts are never chosen
-        # (their logits become -inf before top-k, so the router picks among the others).
-        self.expert_mask: torch.Tensor | None = None
+        self.hook_router_logits = HookPoint(editable=("router_logits",))
+        self.hook_router = HookPoint(editable=("topk_ids", "topk_weights"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         router_logits = self.router(x)
-        if self.expert_mask is not None:
-            router_logits = router_logits.masked_fill(self.expert_mask.to(router_logits.device), float("-inf"))
+        if self.hook_router_logits.active:
+            router_logits = self.hook_router_logits(router_logits=router_logits)["router_logits"]
         top_logits, topk_ids = torch.topk(router_logits, self.top_k, dim=-1)
         topk_weights = torch.sigmoid(top_logits.float()).to(x.dtype)
+        # Ids from topk over E logits are in range, so the range check (a host sync on GPU) runs
+        # only when a listener may have replaced them.
+        check_ids = self.hook_router.editing
         if self.hook_router.active:
-            self.hook_router(router_logits=router_logits, topk_ids=topk_ids, topk_weights=topk_weights)
-        # Ids come from topk over E logits, so they are in range: skip the check (a host sync on GPU).
+            out = self.hook_router(router_logits=router_logits, topk_ids=topk_ids, topk_weights=topk_weights)
+            topk_ids, topk_weights = out["topk_ids"], out["topk_weights"]
         routed = moe_experts(x, topk_ids, topk_weights, self.experts.gate_up_proj, self.experts.down_proj,
-                             scale="input", check_ids=False)
+                             scale="input", check_ids=check_ids)
         return (self.shared_expert(x) + routed).view(shape)
 
 
@@ -150,14 +154,14 @@ class Llama4TextAttention(nn.Module):
 
     ``hook_attn`` sees the exact query/key the softmax uses: ``query`` (B, Hq, T, D) already scaled
     by the NoPE temperature, ``key`` (B, Hkv, T, D), ``scale`` (float), ``allowed`` (B, 1, T, T)
-    bool mask, ``position_ids`` (B, T), ``attention_mask`` (B, T).
+    bool mask and ``batch`` (the call's :class:`~workbench.runtime.ForwardBatch`).
 
-    ``hook_attn_lse`` fires after the attention with ``query``, ``key``, ``scale``, ``position_ids``,
-    ``attention_mask`` and ``lse``: the (B, Hq, T) row log-sum-exp of the layer's softmax, or None.
-    While it is attached the attention runs through
-    :func:`workbench.kernels.attention_map.sdpa_with_lse`: the same kernel that
-    ``F.scaled_dot_product_attention`` dispatches to (the same output, bit for bit), which on CPU
-    (aten's fused flash attention) also returns the log-sum-exp; on other backends ``lse`` is None.
+    ``hook_attn_lse`` fires after the attention with ``query``, ``key``, ``scale``, ``batch`` and
+    ``lse``: the (B, Hq, T) row log-sum-exp of the layer's softmax, or None. While it has listeners
+    the attention runs through :func:`workbench.kernels.attention_map.sdpa_with_lse`: the same
+    kernel that ``F.scaled_dot_product_attention`` dispatches to (the same output, bit for bit),
+    which on CPU (aten's fused flash attention) also returns the log-sum-exp; on other backends
+    ``lse`` is None.
     """
 
     def __init__(self, config: TextConfig, layer_idx: int) -> None:
@@ -168,6 +172,8 @@ class Llama4TextAttention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.scale = self.head_dim ** -0.5
         self.use_rope = config.uses_rope[layer_idx]
+        # RoPE layers attend inside their chunk, NoPE layers globally (workbench.runtime.masks)
+        self.chunk_size = config.attention_chunk_size if self.use_rope else None
         self.use_qk_norm = config.use_qk_norm and self.use_rope
         self.qk_norm_eps = config.rms_norm_eps
         self.temperature_tuning = config.attn_temperature_tuning and not self.use_rope
@@ -178,35 +184,42 @@ class Llama4TextAttention(nn.Module):
         self.k_proj = nn.Linear(H, self.num_kv_heads * D, bias=bias)
         self.v_proj = nn.Linear(H, self.num_kv_heads * D, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * D, H, bias=bias)
-        self.hook_attn = Tap()
-        self.hook_attn_lse = Tap()
+        self.hook_attn = HookPoint()
+        self.hook_attn_lse = HookPoint()
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, position_ids: torch.Tensor,
-                allowed: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache=None) -> torch.Tensor:
+        """x (B, T, H) -> (B, T, H). ``cache``: a KV cache (arrives with generation); None: the
+        keys are the call's own tokens."""
+        if cache is not None:
+            raise TypeError("Llama4TextAttention: KV caches are not implemented yet; call with cache=None")
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         if self.use_rope:
+            freqs_cis = batch.derived("rope", _rope_missing)
             q, k = apply_rope(q, freqs_cis), apply_rope(k, freqs_cis)
         if self.use_qk_norm:
             q, k = l2_norm(q, self.qk_norm_eps), l2_norm(k, self.qk_norm_eps)
         if self.temperature_tuning:
-            pos = position_ids.float()
+            pos = batch.positions.float()
             temp = torch.log1p(torch.floor((pos + 1.0) / self.floor_scale)) * self.attn_scale + 1.0
             q = (q * temp[:, :, None, None]).to(q.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        allowed = batch.mask(self.chunk_size)
         if self.hook_attn.active:
-            self.hook_attn(query=q, key=k, scale=self.scale, allowed=allowed,
-                           position_ids=position_ids, attention_mask=attention_mask)
+            self.hook_attn(query=q, key=k, scale=self.scale, allowed=allowed, batch=batch)
         gqa = self.num_kv_heads != self.num_heads
         if self.hook_attn_lse.active:
             out, lse = sdpa_with_lse(q, k, v, allowed, self.scale, enable_gqa=gqa)
-            self.hook_attn_lse(query=q, key=k, scale=self.scale, lse=lse, position_ids=position_ids,
-                               attention_mask=attention_mask)
+            self.hook_attn_lse(query=q, key=k, scale=self.scale, lse=lse, batch=batch)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.scale, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def _rope_missing():
+    raise RuntimeError("the forward batch carries no RoPE rotations: Llama4TextModel.forward puts them there")
 
 
 class Llama4TextDecoderLayer(nn.Module):
@@ -220,35 +233,17 @@ class Llama4TextDecoderLayer(nn.Module):
         self.input_layernorm = Llama4TextRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = Llama4TextRMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, freqs_cis, position_ids, allowed, attention_mask):
-        x = x + self.self_attn(self.input_layernorm(x), freqs_cis, position_ids, allowed, attention_mask)
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), batch, cache)
         return x + self.feed_forward(self.post_attention_layernorm(x))
 
 
-def attention_masks(attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                    chunk_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Boolean "query may attend key" masks, (B, 1, T, T) each: (global causal, chunked causal).
-
-    Keys must be real tokens at or before the query; chunked layers also need the key in the
-    query's chunk of ``chunk_size`` positions. Every row keeps its diagonal so that padding
-    queries stay finite (their outputs are never read).
-    """
-    B, T = attention_mask.shape
-    idx = torch.arange(T, device=attention_mask.device)
-    causal = idx[None, :, None] >= idx[None, None, :]
-    valid_key = attention_mask.bool()[:, None, :]
-    diag = torch.eye(T, dtype=torch.bool, device=attention_mask.device)[None]
-    full = (causal & valid_key) | diag
-    if chunk_size is None:
-        chunked = full
-    else:
-        block = position_ids // chunk_size
-        chunked = (full & (block[:, :, None] == block[:, None, :])) | diag
-    return full[:, None], chunked[:, None]
-
-
 class Llama4TextModel(nn.Module):
-    """Embedding, decoder layers, final norm. ``hook_inputs`` sees input_ids/attention_mask/position_ids."""
+    """Embedding, decoder layers, final norm.
+
+    ``hook_inputs`` fires once per call, before the first layer, with ``input_ids`` (B, T) long
+    (or None) and ``batch`` (the call's :class:`~workbench.runtime.ForwardBatch`).
+    """
 
     def __init__(self, config: TextConfig) -> None:
         super().__init__()
@@ -256,7 +251,7 @@ class Llama4TextModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Llama4TextDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = Llama4TextRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.hook_inputs = Tap()
+        self.hook_inputs = HookPoint()
 
     def rope_freqs(self, position_ids: torch.Tensor) -> torch.Tensor:
         """(B, T, head_dim/2) complex64 rotations for the given positions."""
@@ -270,26 +265,20 @@ class Llama4TextModel(nn.Module):
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) long and/or inputs_embeds (B, T, H) -> hidden states (B, T, H).
 
-        With both, the embeddings are used and the ids only describe the tokens to ``hook_inputs``
-        (the multimodal model passes fused embeddings this way).
+        attention_mask (B, T): 1 for real tokens, 0 for padding (default all real); position_ids
+        (B, T): default counted from the mask. With both ids and embeddings, the embeddings are
+        used and the ids only describe the tokens to ``hook_inputs`` (the multimodal model passes
+        fused embeddings this way).
         """
         if input_ids is None and inputs_embeds is None:
             raise ValueError("pass input_ids or inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        B, T, _ = x.shape
-        if attention_mask is None:
-            attention_mask = torch.ones(B, T, dtype=torch.long, device=x.device)
-        elif attention_mask.shape != (B, T):
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, inputs have (B, T)={(B, T)}")
-        if position_ids is None:
-            position_ids = position_ids_from_mask(attention_mask)
+        batch = ForwardBatch.build(tuple(x.shape[:2]), x.device, attention_mask, position_ids)
+        batch.derived("rope", lambda: self.rope_freqs(batch.positions))
         if self.hook_inputs.active:
-            self.hook_inputs(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        full, chunked = attention_masks(attention_mask, position_ids, self.config.attention_chunk_size)
-        freqs_cis = self.rope_freqs(position_ids)
+            self.hook_inputs(input_ids=input_ids, batch=batch)
         for layer in self.layers:
-            allowed = chunked if layer.self_attn.use_rope else full
-            x = layer(x, freqs_cis, position_ids, allowed, attention_mask)
+            x = layer(x, batch)
         return self.norm(x)
 
 

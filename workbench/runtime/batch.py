@@ -1,0 +1,108 @@
+"""The forward contract: what one forward call is about, built once and handed to every layer.
+
+A :class:`ForwardBatch` says, for the B x T tokens of one call, where each sits in its row's
+stream (``index``: ``start + t``), its position in its sequence (``positions``) and whether it is
+a real token (``valid``). Layers take ``(x, batch, cache)`` and ask the batch for what they need
+(``batch.mask(chunk)``: the attention rule of :mod:`workbench.runtime.masks` as a dense mask;
+``batch.derived(key, make)``: tensors computed once per call and shared by the layers, such as
+RoPE rotations).
+
+The same object describes a whole-sequence pass (``start=0``), a block of a long prefill, and a
+decode step (``T = 1``, ``start`` = tokens already processed, keys coming from a cache as a
+:class:`Keys`); the cache and the O(T) paths that use the latter two arrive with generation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from workbench.runtime.masks import dense_mask
+
+__all__ = ["ForwardBatch", "Keys"]
+
+
+@dataclass(eq=False)
+class Keys:
+    """The keys a call's queries attend, when they are not just the call's own tokens (a cache).
+
+    index (Tk,) or (B, Tk) int64 stream indices, positions (B, Tk) int64, valid (B, Tk) bool.
+    """
+
+    index: torch.Tensor
+    positions: torch.Tensor
+    valid: torch.Tensor
+
+
+@dataclass(eq=False)
+class ForwardBatch:
+    """Per-token metadata of one forward call.
+
+    positions: (B, T) int64, the position of each token in its sequence (padding: 0).
+    valid: (B, T) bool, False for padding.
+    start: stream index of the call's first token in every row (tokens already processed before
+        this call, e.g. held in a KV cache); 0 for a pass over whole sequences.
+    """
+
+    positions: torch.Tensor
+    valid: torch.Tensor
+    start: int = 0
+    _shared: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def build(cls, shape: tuple[int, int], device, attention_mask: torch.Tensor | None = None,
+              position_ids: torch.Tensor | None = None, *, start: int = 0,
+              past_valid: torch.Tensor | None = None) -> "ForwardBatch":
+        """Metadata for inputs of ``shape`` (B, T).
+
+        attention_mask: (B, T), 1/True for real tokens (default: all real). position_ids: (B, T)
+        (default: the count of real tokens before each token in its row, plus ``past_valid`` (B,)
+        real tokens seen by earlier calls; padding gets 0). Raises ValueError on mismatched shapes.
+        """
+        B, T = shape
+        if attention_mask is None:
+            valid = torch.ones(B, T, dtype=torch.bool, device=device)
+        elif tuple(attention_mask.shape) != (B, T):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, inputs have (B, T)={(B, T)}")
+        else:
+            valid = attention_mask.bool()
+        if position_ids is None:
+            count = valid.long().cumsum(-1) - 1
+            if past_valid is not None:
+                count = count + past_valid.to(count.device).long()[:, None]
+            position_ids = count.clamp(min=0) * valid
+        elif tuple(position_ids.shape) != (B, T):
+            raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, inputs have (B, T)={(B, T)}")
+        return cls(positions=position_ids.long(), valid=valid, start=int(start))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.positions.shape)
+
+    @property
+    def index(self) -> torch.Tensor:
+        """(T,) int64 stream index of each of the call's tokens (the same in every row)."""
+        return self.derived("index", lambda: torch.arange(self.start, self.start + self.shape[1],
+                                                          device=self.positions.device))
+
+    def keys(self) -> Keys:
+        """The call's own tokens as keys (a pass without a cache)."""
+        return Keys(self.index, self.positions, self.valid)
+
+    def mask(self, chunk_size: int | None, keys: Keys | None = None) -> torch.Tensor:
+        """(B, 1, T, Tk) bool: may each query attend each key (:mod:`workbench.runtime.masks`).
+
+        keys: default the call's own tokens (the result is then built once per chunk size and
+        call); chunk_size: the layer's ``attention_chunk_size`` on chunked layers, None on global.
+        """
+        if keys is not None:
+            return dense_mask(self.index, self.positions, keys.index, keys.positions, keys.valid, chunk_size)
+        return self.derived(("mask", chunk_size), lambda: dense_mask(
+            self.index, self.positions, self.index, self.positions, self.valid, chunk_size))
+
+    def derived(self, key: Any, make: Callable[[], Any]) -> Any:
+        """``make()`` once per call and key: tensors the layers share (masks, RoPE rotations)."""
+        if key not in self._shared:
+            self._shared[key] = make()
+        return self._shared[key]
