@@ -112,7 +112,7 @@ def run_one(mode: str, seq: int, heads: str, pattern: str) -> dict:
         fwd, flush = time.perf_counter() - t0, 0.0
     else:
         with tempfile.TemporaryDirectory() as d:
-            with wb.record(model, Path(d) / "a.zarr", capture=("attention",), attention_heads=heads) as rec:
+            with wb.record(model, Path(d) / "a.zarr", capture={"attention": {"heads": heads}}) as rec:
                 model(input_ids=ids, pixel_values=px)
                 fwd = time.perf_counter() - t0
                 rec.flush()
@@ -181,12 +181,12 @@ def timing(seq: int, heads: str, repeats: int, pattern: str, variants=("plain", 
             model(input_ids=ids, pixel_values=px)
             r["forward_s"].append(time.perf_counter() - t0)
             return
-        with wb.record(model, path, capture=("attention",), attention_heads=heads) as rec:
+        with wb.record(model, path, capture={"attention": {"heads": heads}}) as rec:
             spent = [0.0]
-            att = rec.attention
+            att = rec.captures[-1]
             att.use_layer_lse = v != "capture-kernel-lse"
             att.column_threads = {"capture-1thread": 1, "capture-torch-threads": None}.get(v, "auto")
-            for name in ("_on_inputs", "_on_attn"):  # time spent inside the capture's taps
+            for name in ("_on_inputs", "_on_attn"):  # time spent inside the capture's listeners
                 setattr(att, name, _timed(getattr(att, name), spent))
             t0 = time.perf_counter()
             model(input_ids=ids, pixel_values=px)

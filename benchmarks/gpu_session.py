@@ -646,7 +646,7 @@ def section_model(dev, dry):
     try:
         _register("workbench.hooks", ROOT / "hooks")
         import workbench as wb
-        from workbench.store import open_trace
+        from workbench.trace import open_trace
         with tempfile.TemporaryDirectory() as d:
             traces = {}
             for name, model in (("cpu", cpu), ("dev", load_model(path, dtype=torch.float32, device=dev))):

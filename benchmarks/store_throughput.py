@@ -38,8 +38,9 @@ import zarr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workbench.store import TraceWriter, expert_loads, open_trace  # noqa: E402
-from workbench import store as _store  # noqa: E402
+from workbench.trace import TraceWriter, expert_loads, open_trace  # noqa: E402
+from workbench.trace import writer as _writer  # noqa: E402
+from workbench.trace.schema import routing_layout  # noqa: E402
 
 L, E, K = 48, 16, 1
 MOE_LAYERS = list(range(48))
@@ -83,7 +84,7 @@ def run_writer(path: Path, tokens: int, batch: int, logits: bool, min_commit_tok
     proc = psutil.Process()
     c0 = sum(proc.cpu_times()[:2])
     t0 = time.perf_counter()
-    w = TraceWriter.create(path, moe_layers=MOE_LAYERS, n_experts=E, top_k=K, capture_logits=logits,
+    w = TraceWriter.create(path, **routing_layout(MOE_LAYERS, E, K, logits_dtype="float16" if logits else None),
                            attrs={"benchmark": "store_throughput"}, overwrite=True,
                            min_commit_tokens=min_commit_tokens)
     n = i = 0
@@ -124,12 +125,13 @@ def run_naive(path: Path, tokens: int, batch: int, logits: bool, shard_chunks: i
     arrs = {}
     for name, row in rows.items():
         dt = pool[0][name].dtype
-        ch = _store._chunk_rows(int(np.prod(row, dtype=np.int64)) * dt.itemsize, 1 << 20)
+        ch = _writer._chunk_rows(int(np.prod(row, dtype=np.int64)) * dt.itemsize, 1 << 20)
         kw = {}
         if shard_chunks:
             kw["shards"] = (ch * shard_chunks,) + row
         arrs[name] = g.create_array(name, shape=(0,) + row, chunks=(ch,) + row, dtype=dt,
-                                    compressors=_store._codec(name), fill_value=_store._fill(dt), **kw)
+                                    compressors=_writer.codec("float" if dt.kind == "f" else "sequential" if name == "position" else "int"),
+                                    fill_value=_writer.fill_value(dt), **kw)
     n = i = 0
     while n < tokens:
         b = pool[i % len(pool)]

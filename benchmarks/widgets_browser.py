@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/widgets_browser.py [--tokens 1000000] [--root DIR] [--reps 15]
 
-Builds (or reuses, with ``--root``) two synthetic traces with :class:`workbench.store.TraceWriter`
+Builds (or reuses, with ``--root``) two synthetic traces with :class:`workbench.trace.TraceWriter`
 - ``big.zarr``: 1,000,000 tokens, 48 MoE layers x 128 experts, top-1, batches of 8192 tokens
   (8 sequences of 1024), and ``tok10k.zarr``: 10,000 tokens, same shape, a 5,000-entry vocabulary -
 and a small random Llama 4 checkpoint (4 MoE layers, 16 experts, top-1) for the live run.
@@ -67,7 +67,8 @@ L, E = 48, 128
 
 # ------------------------------------------------------------------------------------------- data
 def write_trace(path: Path, n_tokens: int, *, vocab=None, seed=0, batch=8192, seq_len=1024) -> float:
-    from workbench.store import TraceWriter
+    from workbench.trace import TraceWriter
+    from workbench.trace.schema import routing_layout
 
     if (path / "zarr.json").exists():
         return 0.0
@@ -77,7 +78,7 @@ def write_trace(path: Path, n_tokens: int, *, vocab=None, seed=0, batch=8192, se
     pop = rng.dirichlet(np.full(E, 0.6), size=L)
     cum = np.cumsum(pop, axis=1)
     V = len(vocab) if vocab else 50_000
-    with TraceWriter.create(path, moe_layers=list(range(1, 2 * L, 2)), n_experts=E, top_k=1, vocab=vocab,
+    with TraceWriter.create(path, **routing_layout(list(range(1, 2 * L, 2)), E, 1), vocab=vocab,
                             overwrite=True) as w:
         done = 0
         while done < n_tokens:

@@ -11,21 +11,9 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-__all__ = ["moe_layers", "block_experts", "Handles"]
+from workbench.hooks.points import Handles
 
-
-class Handles(list):
-    """Handles of one intervention; ``remove()`` (or leaving the ``with`` block) undoes all of them."""
-
-    def remove(self) -> None:
-        for h in self:
-            h.remove()
-
-    def __enter__(self) -> "Handles":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
+__all__ = ["moe_layers", "block_experts"]
 
 
 def moe_layers(model: nn.Module) -> dict[int, nn.Module]:

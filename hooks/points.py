@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-__all__ = ["HookPoint", "Handle", "HookError", "hook_points"]
+__all__ = ["HookPoint", "Handle", "Handles", "HookError", "hook_points"]
 
 
 class HookError(RuntimeError):
@@ -47,6 +47,21 @@ class Handle:
             self._point = None
 
     def __enter__(self) -> "Handle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+class Handles(list):
+    """Several handles undone together: ``remove()``, or leaving the ``with`` block."""
+
+    def remove(self) -> None:
+        for h in self:
+            h.remove()
+        self.clear()
+
+    def __enter__(self) -> "Handles":
         return self
 
     def __exit__(self, *exc) -> None:

@@ -635,9 +635,9 @@ def test_chunked_equals_unchunked(case):
 
 
 # --------------------------------------------------------------------------- store integration
-def test_batch_loads_fast_path():
+def test_commit_loads_fast_path():
     ds = trace_a()
-    # per-batch counts as workbench.store writes them: batch 0 = t0..t2, batch 1 = t3..t5
+    # per-commit counts as the trace writer writes them: commit 0 = t0..t2, commit 1 = t3..t5
     e = ds["topk_expert"].values.astype(int)
     per_batch = np.zeros((2, 2, 4), np.int32)
     for b, rows in enumerate([range(0, 3), range(3, 6)]):
@@ -645,31 +645,34 @@ def test_batch_loads_fast_path():
             for l in range(2):
                 for x in e[t, l]:
                     per_batch[b, l, x] += 1
-    fast = ds.assign(expert_load=(("batch", "moe_layer", "expert"), per_batch),
-                     batch_end=("batch", np.array([3, 6])))
+    fast = ds.assign(expert_load=(("commit", "moe_layer", "expert"), per_batch),
+                     commit_end=("commit", np.array([3, 6])))
     assert A.expert_load(fast, normalize=False).values.tolist() == [[5, 4, 3, 0], [3, 2, 3, 4]]
-    # deliberately wrong batch counts are used as is (that is the fast path) ...
+    # deliberately wrong commit counts are used as is (that is the fast path) ...
     wrong = fast.assign(expert_load=fast["expert_load"][:, :, [1, 0, 2, 3]])
     assert A.expert_load(wrong, normalize=False).values.tolist()[0] == [4, 5, 3, 0]
-    # ... unless disabled, or when the rows do not match the batches (a token subset)
-    assert A.expert_load(wrong, normalize=False, use_batch_loads=False).values.tolist()[0] == [5, 4, 3, 0]
+    # ... unless disabled, or when the rows do not match the commits (a token subset)
+    assert A.expert_load(wrong, normalize=False, use_commit_loads=False).values.tolist()[0] == [5, 4, 3, 0]
     sub = wrong.isel(token=slice(0, 3))  # t0..t2 at layer 1: e0 3, e1 2, e2 1
     assert A.expert_load(sub, normalize=False).values.tolist()[0] == [3, 2, 1, 0]
 
 
 def test_on_workbench_store(tmp_path):
-    """The analyses on a trace written by workbench.store and read back with open_trace."""
-    store = pytest.importorskip("workbench.store")
+    """The analyses on a trace written by the trace writer and read back with open_trace."""
+    from workbench.trace import MoELayerRouting, TraceWriter, open_trace
+    from workbench.trace.schema import routing_variables
+
     ds = trace_a()
-    w = store.TraceWriter.create(tmp_path / "a.zarr", moe_layers=[1, 3], n_experts=4, top_k=2)
+    w = TraceWriter.create(tmp_path / "a.zarr", routing=[MoELayerRouting(1, 4, 2), MoELayerRouting(3, 4, 2)],
+                           variables=routing_variables(2, 4, 2))
     for rows in (slice(0, 4), slice(4, 6)):
         part = ds.isel(token=rows)
-        w.append(*(part[v].values for v in ("token_id", "sequence", "position", "modality",
-                                            "topk_expert", "topk_weight")))
+        w.append({v: part[v].values for v in ("token_id", "sequence", "position", "modality",
+                                              "topk_expert", "topk_weight")})
     w.close()
-    got = store.open_trace(tmp_path / "a.zarr")
+    got = open_trace(tmp_path / "a.zarr")
     close(A.expert_load(got), A.expert_load(ds))
-    close(A.expert_load(got, use_batch_loads=False), A.expert_load(ds))
+    close(A.expert_load(got, use_commit_loads=False), A.expert_load(ds))
     close(A.load_imbalance(got, by_modality=True)["cv"], A.load_imbalance(ds, by_modality=True)["cv"])
     check_repetition(A.repetition_rate(got), repetition_expected_a(), 3)
     close(A.coactivation(got, 1), A.coactivation(ds, 1))

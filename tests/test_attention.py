@@ -18,7 +18,8 @@ import torch
 import workbench as wb
 from tests.hf_reference import IMAGE_TOKEN, TOKENS_PER_TILE, hf_multimodal_model, hf_text_model
 from workbench.hooks import RecorderError, hook_points
-from workbench.hooks.attention import AttentionNotFoundError, attention_sequences
+from workbench.hooks import AttentionCapture
+from workbench.trace import AttentionNotFoundError, attention_sequences
 from workbench.kernels.attention_map import (cross_attention_probs, cross_attention_probs_from_lse,
                                              cross_attention_probs_reference, sdpa_with_lse)
 from workbench.runtime import ForwardBatch
@@ -93,7 +94,7 @@ def test_recorded_maps_equal_transformers(mm, tmp_path):
     px = pixels(sum(TILES0), 1)
     ids = torch.tensor([P0])
     plain = model(input_ids=ids, pixel_values=px).logits
-    with wb.record(model, tmp_path / "t.zarr", capture=("attention",), attention_dtype="float32"):
+    with wb.record(model, tmp_path / "t.zarr", capture=[AttentionCapture(dtype="float32")]):
         recorded = model(input_ids=ids, pixel_values=px).logits
     assert torch.equal(plain, recorded)  # the layer output is untouched by the capture
     att = wb.open_attention(tmp_path / "t.zarr", sequence=0)
@@ -134,7 +135,7 @@ def test_padded_batch_equals_each_sequence_alone(mm, tmp_path):
     for i, s in enumerate(seqs):  # left padding
         ids[i, T - len(s):], mask[i, T - len(s):] = torch.tensor(s), 1
     px1, px0 = pixels(sum(TILES1), 2), pixels(sum(TILES0), 1)
-    with wb.record(model, tmp_path / "pad.zarr", capture=("router", "attention"), attention_dtype="float32"):
+    with wb.record(model, tmp_path / "pad.zarr", capture={"router": {}, "attention": {"dtype": "float32"}}):
         model(input_ids=ids, attention_mask=mask, pixel_values=torch.cat([px1, px0]))
     path = tmp_path / "pad.zarr"
     assert attention_sequences(path) == [0, 2]  # the text-only sequence has no group
@@ -168,11 +169,9 @@ def test_float16_mean_heads_and_layer_subset(mm, tmp_path):
     finally:
         for h in handles:
             h.remove()
-    with wb.record(model, tmp_path / "m.zarr", capture=("attention",), attention_heads="mean",
-                   attention_layers=[3, 1]):
+    with wb.record(model, tmp_path / "m.zarr", capture=[AttentionCapture(heads="mean", layers=[3, 1])]):
         model(input_ids=ids, pixel_values=px)
-    with wb.record(model, tmp_path / "h.zarr", capture=("attention",), attention_heads=[3, 1],
-                   attention_dtype="float32"):
+    with wb.record(model, tmp_path / "h.zarr", capture=[AttentionCapture(heads=[3, 1], dtype="float32")]):
         model(input_ids=ids, pixel_values=px)
     att = wb.open_attention(tmp_path / "m.zarr", sequence=0)
     assert att.dtype == np.float16 and att.shape[:2] == (2, 1) and att.attrs["head_mean"] is True
@@ -220,12 +219,13 @@ def test_interrupted_write_is_ignored_and_errors_are_clear(mm, tmp_path):
     with pytest.raises(FileNotFoundError):
         wb.open_attention(tmp_path / "nowhere.zarr", sequence=0)
 
-    for kw, match in [(dict(attention_layers=[7]), r"attention_layers \[7\]"),
-                      (dict(attention_heads="max"), "attention_heads"),
-                      (dict(attention_heads=[4]), "out of range"),
-                      (dict(attention_dtype="bfloat16"), "attention_dtype")]:
+    for kw, match in [(dict(layers=[7]), r"attention layers \[7\]"),
+                      (dict(heads="max"), "attention heads"),
+                      (dict(heads=[4]), "out of range"),
+                      (dict(dtype="bfloat16"), "attention dtype"),
+                      (dict(size=3), r"capture 'attention': .*size.* \(its options: \['layers', 'heads', 'dtype'\]\)")]:
         with pytest.raises(RecorderError, match=match):
-            wb.record(model, tmp_path / "bad.zarr", capture=("attention",), **kw)
+            wb.record(model, tmp_path / "bad.zarr", capture={"attention": kw})
         assert not (tmp_path / "bad.zarr").exists()  # rejected before the store is created
     with pytest.raises(RecorderError, match="needs workbench's Llama 4 model"):
         wb.record(hf, tmp_path / "bad.zarr", capture=("attention",))

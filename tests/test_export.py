@@ -26,7 +26,8 @@ import workbench as wb
 from workbench.analysis import (domain_specialization, load_imbalance, router_entropy, vocab_specialization)
 from workbench.export import (ArtifactSkipped, ExportError, export_all, export_attention, export_entropy,
                               export_vocab_tables, latex_escape, trace_fingerprint)
-from workbench.store import TraceWriter, open_trace
+from workbench.trace import TraceWriter, open_trace
+from workbench.trace.schema import routing_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 NASTY = ["a_b%", "\\x", "</script><script>alert(1)</script>", " the", "$x^2$ & {y}", "line\nbreak", "#~^"]
@@ -39,7 +40,7 @@ LABELS = {0: "code", 1: "prose", 2: "code"}
 
 def make_synthetic(path: Path) -> Path:
     rng = np.random.default_rng(0)
-    w = TraceWriter.create(path, moe_layers=LAYERS, n_experts=E, top_k=K, capture_logits=True,
+    w = TraceWriter.create(path, **routing_layout(LAYERS, E, K, logits_dtype="float16"),
                            attrs={"model_config": {"architectures": ["Llama4ForCausalLM"]}, "inputs_hash": "in0123",
                                   "checkpoint_path": "/ckpt/tiny", "checkpoint_fingerprint": "ck4567",
                                   "tokenizer_hash": "tk89"},
@@ -127,7 +128,7 @@ def test_export_all_writes_every_file(syn, syn_export):
 
 def test_fingerprint_definition(syn):
     attrs = json.loads((syn / "zarr.json").read_text())["attributes"]
-    keys = ("schema", "n_tokens", "n_batches", "moe_layers", "n_experts", "top_k", "capture_logits", "logits_dtype")
+    keys = ("schema", "n_tokens", "n_commits", "moe_layers", "n_experts", "top_k", "routing", "variables", "captures")
     sub = {k: attrs.get(k) for k in keys}
     sub["provenance"] = {k: v for k, v in attrs["provenance"].items() if k != "updated"}
     blob = json.dumps(sub, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
@@ -452,7 +453,7 @@ def test_api_errors_are_clear(syn, tmp_path):
     afile.write_text("x")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         export_all(tmp_path / "nowhere.zarr", tmp_path / "o", progress=False)
-    with pytest.raises(wb.store.NotATraceError, match="not a trace"):
+    with pytest.raises(wb.trace.NotATraceError, match="not a trace"):
         export_all(tmp_path, tmp_path / "o", progress=False)
     with pytest.raises(ExportError, match="exists and is a file"):
         export_all(syn, afile, progress=False)

@@ -45,7 +45,7 @@ def test_round_trip_equals_the_models_router_outputs(text_ckpt, tmp_path):
     model = wb.load_model(d, progress=False)
     ids = torch.randint(3, 300, (3, 11), generator=torch.Generator().manual_seed(0))
     ref = router_outputs(model, input_ids=ids)
-    with wb.record(model, tmp_path / "t.zarr", capture=("router", "logits"), logits_dtype="float32") as rec:
+    with wb.record(model, tmp_path / "t.zarr", capture={"router": {}, "logits": {"dtype": "float32"}}) as rec:
         model(input_ids=ids)
     ds = wb.open_trace(tmp_path / "t.zarr").load()
     assert ds.attrs["complete"] and ds.attrs["n_tokens"] == 33
@@ -204,7 +204,7 @@ def test_two_recorders_and_an_ablation_at_once(text_ckpt, tmp_path):
     expert = int(plain[:, 1].reshape(-1).mode().values)  # an expert layer 3 really uses
     blocked = _hf_topk_with_blocked(hf, ids, 2, layer=3, expert=expert)
     assert not torch.equal(blocked, plain)
-    with wb.record(model, tmp_path / "outer.zarr") as outer:
+    with wb.record(model, tmp_path / "outer.zarr"):
         with wb.record(model, tmp_path / "inner.zarr", capture=("router", "logits")):
             with block_experts(model, {3: [expert]}):
                 model(input_ids=ids)

@@ -1,4 +1,4 @@
-"""Trace store (workbench.store): real zarr v3 stores on disk, no mocks."""
+"""Trace store (workbench.trace): real zarr v3 stores on disk, no mocks."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ import pytest
 import xarray as xr
 import zarr
 
-from workbench.schema import SCHEMA
-from workbench.store import (
+from workbench.trace import (
     LOCK_NAME,
+    SCHEMA,
     NotATraceError,
     TraceError,
     TraceExistsError,
@@ -32,6 +32,8 @@ from workbench.store import (
     open_trace,
     trace_vocab,
 )
+from workbench.trace.reader import open_group
+from workbench.trace.schema import routing_layout
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,8 +62,9 @@ L, E, K = len(LAYERS), 8, 2
 SMALL = 2048  # chunk_bytes for tests: many chunks, commits straddle chunk boundaries
 
 
-def create(path, **kw):
-    args = dict(moe_layers=LAYERS, n_experts=E, top_k=K, attrs={"model": {"name": "tiny"}}, chunk_bytes=SMALL)
+def create(path, logits_dtype=None, layers=LAYERS, top_k=K, **kw):
+    args = dict(routing_layout(layers, E, top_k, logits_dtype=logits_dtype), attrs={"model": {"name": "tiny"}},
+                chunk_bytes=SMALL)
     args.update(kw)
     return TraceWriter.create(path, **args)
 
@@ -107,7 +110,7 @@ def check_dataset(ds, expect, logits_dtype=None):
 def test_round_trip(tmp_path, logits_dtype):
     path = tmp_path / "t.zarr"
     batches = [make_batch(s, L, E, K, logits_dtype) for s in range(12)]
-    with create(path, capture_logits=bool(logits_dtype), logits_dtype=logits_dtype or "float16") as w:
+    with create(path, logits_dtype=logits_dtype) as w:
         for b in batches:
             w.append(**b)
         assert w.n_tokens == sum(len(b["token_id"]) for b in batches)
@@ -118,14 +121,14 @@ def test_round_trip(tmp_path, logits_dtype):
     ds = open_trace(path)
     check_dataset(ds, expect, logits_dtype)
     assert ds.attrs["schema"] == SCHEMA and ds.attrs["complete"] is True
-    assert ds.attrs["n_tokens"] == len(expect["token_id"]) and ds.attrs["n_batches"] == len(batches)
+    assert ds.attrs["n_tokens"] == len(expect["token_id"]) and ds.attrs["n_commits"] == len(batches)
     prov = ds.attrs["provenance"]
     assert prov["model"] == {"name": "tiny"}
     assert prov["versions"]["zarr"] == zarr.__version__ and "numpy" in prov["versions"]
     assert prov["created"] <= prov["updated"]
     assert ds.attrs["moe_layers"] == LAYERS and ds.attrs["n_experts"] == E and ds.attrs["top_k"] == K
     ends = np.cumsum([len(b["token_id"]) for b in batches])
-    np.testing.assert_array_equal(ds["batch_end"].values, ends)
+    np.testing.assert_array_equal(ds["commit_end"].values, ends)
     assert not (path / LOCK_NAME).exists()
 
     # the raw store, through plain xarray: consolidated (default) and not
@@ -138,7 +141,7 @@ def test_round_trip(tmp_path, logits_dtype):
 def test_torch_inputs(tmp_path):
     torch = pytest.importorskip("torch")
     b = make_batch(3, L, E, K, "float32")
-    with create(tmp_path / "t.zarr", capture_logits=True, logits_dtype="float32") as w:
+    with create(tmp_path / "t.zarr", logits_dtype="float32") as w:
         w.append(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in b.items()})
         w.append(**{k: torch.from_numpy(np.ascontiguousarray(v)).to(torch.bfloat16)
                     if v.dtype.kind == "f" else torch.from_numpy(np.ascontiguousarray(v)) for k, v in b.items()})
@@ -167,7 +170,7 @@ def test_loads_match_bincount(tmp_path):
     want = bincount_loads(concat(batches)["topk_expert"], L, E)
     np.testing.assert_array_equal(expert_loads(path).values, want)
     np.testing.assert_array_equal(expert_loads(path, from_topk=True).values, want)
-    np.testing.assert_array_equal(open_trace(path)["expert_load"].sum("batch").values, want)
+    np.testing.assert_array_equal(open_trace(path)["expert_load"].sum("commit").values, want)
     part = open_trace(path).isel(token=slice(0, 100))  # a token subset: counted from topk_expert
     np.testing.assert_array_equal(expert_loads(part).values,
                                   bincount_loads(concat(batches)["topk_expert"][:100], L, E))
@@ -183,10 +186,14 @@ def test_staged_commits(tmp_path):
     w.append(**b1)
     assert w.commit() == 400
     w.append(**b2)
-    w.close()  # commits the staged batch
+    w.close()  # commits the staged append
     ds = open_trace(path)
     check_dataset(ds, concat([b1, b2, b3, b1, b2]))
-    assert ds.sizes["batch"] == 5
+    # one commit_end / expert_load row per commit, not per append
+    np.testing.assert_array_equal(ds["commit_end"].values, [300, 400, 500])
+    te = concat([b1, b2, b3, b1, b2])["topk_expert"]
+    for c, (a, b) in enumerate([(0, 300), (300, 400), (400, 500)]):
+        np.testing.assert_array_equal(ds["expert_load"].values[c], bincount_loads(te[a:b], L, E))
 
 
 def test_fsync_and_vocab_and_child_groups(tmp_path):
@@ -197,16 +204,20 @@ def test_fsync_and_vocab_and_child_groups(tmp_path):
     b["token_id"][:3] = [7, 0, 49_999]
     with create(path, fsync=True, vocab=vocab) as w:
         w.append(**b)
-        g = w.group("attention/seq_0")
-        g.create_array("probs", shape=(2, 3), dtype="float16", dimension_names=["query", "patch"])[:] = 1
-        for bad in ("token_id", "vocab", ".x", ""):
+        w.write_group("attention/seq_0", {"probs": (("query", "patch"), np.ones((2, 3), np.float16), {})},
+                      {"token_end": 3})
+        w.write_group("attention/seq_1", {"probs": (("query", "patch"), np.ones((2, 3), np.float16), {})},
+                      {"token_end": len(b["token_id"]) + 1})  # refers to tokens not committed: not readable
+        for bad in ("token_id", "vocab", ".x", "", "commit_end"):
             with pytest.raises(ValueError):
-                w.group(bad)
+                w.write_group(bad, {}, {})
     ds = open_trace(path, tokens=True)
     assert "probs" not in ds and ds.sizes["token"] == len(b["token_id"])
     assert ds["token_text"].values[:3].tolist() == ["<b>&é", "tok0", "tok49999"]
     assert trace_vocab(path) == vocab
-    assert zarr.open_group(path, mode="r")["attention/seq_0/probs"].shape == (2, 3)
+    assert open_group(path, "attention/seq_0")["probs"].values.tolist() == [[1, 1, 1]] * 2
+    with pytest.raises(TraceError, match="incomplete"):
+        open_group(path, "attention/seq_1")
     with create(tmp_path / "nov.zarr") as w:
         w.append(**b)
     with pytest.warns(UserWarning, match="no vocabulary"):
@@ -227,7 +238,7 @@ def test_empty_trace(tmp_path):
 def test_committed_length_trimming_and_resume(tmp_path):
     path = tmp_path / "t.zarr"
     batches = [make_batch(s, L, E, K, "float16") for s in range(4)]
-    w = create(path, capture_logits=True)
+    w = create(path, logits_dtype="float16")
     for b in batches:
         w.append(**b)
     n = w.n_tokens
@@ -242,10 +253,10 @@ def test_committed_length_trimming_and_resume(tmp_path):
         a[a.shape[0] - extra:] = 1
     ds = open_trace(path)
     check_dataset(ds, concat(batches), "float16")
-    assert ds.sizes["batch"] == 4
+    assert ds.sizes["commit"] == 4
 
     w = TraceWriter.resume(path)
-    assert w.n_tokens == n and w.n_batches == 4
+    assert w.n_tokens == n and w.n_commits == 4
     np.testing.assert_array_equal(w.loads().values, bincount_loads(concat(batches)["topk_expert"], L, E))
     g = zarr.open_group(path, mode="r", use_consolidated=False)
     assert all(g[x].shape[0] == n for x in ("token_id", "topk_expert", "router_logits", "modality"))
@@ -287,10 +298,10 @@ def test_exception_in_with_block_leaves_resumable_trace(tmp_path):
 
 CHILD = BATCH_SRC + '''
 import sys
-from workbench.store import TraceWriter
+from workbench.trace import TraceWriter
+from workbench.trace.schema import routing_layout
 path, L, E, k = sys.argv[1], 4, 8, 2
-w = TraceWriter.create(path, moe_layers=[1, 3, 5, 7], n_experts=E, top_k=k, capture_logits=True,
-                       chunk_bytes=4096)
+w = TraceWriter.create(path, **routing_layout([1, 3, 5, 7], E, k, logits_dtype="float16"), chunk_bytes=4096)
 print("READY", flush=True)
 i = 0
 while True:
@@ -310,7 +321,7 @@ def _verify_prefix(path, seeds):
         assert (ds[name].values >= 0).all(), name  # fill value is -1
     for name in ("topk_weight", "router_logits"):
         assert not np.isnan(ds[name].values).any(), name  # fill value is NaN
-    np.testing.assert_array_equal(ds["batch_end"].values, np.cumsum([len(b["token_id"]) for b in batches]))
+    np.testing.assert_array_equal(ds["commit_end"].values, np.cumsum([len(b["token_id"]) for b in batches]))
     np.testing.assert_array_equal(expert_loads(path).values, bincount_loads(expect["topk_expert"], L, E))
 
 
@@ -454,11 +465,11 @@ def test_open_bad_paths(tmp_path):
     with create(path) as w:
         w.append(**make_batch(0, L, E, K))
     meta = json.loads((path / "zarr.json").read_text())
-    meta["attributes"]["schema"] = "workbench.trace/2"
+    meta["attributes"]["schema"] = "workbench.trace/9"
     (path / "zarr.json").write_text(json.dumps(meta))
-    with pytest.raises(UnknownSchemaError, match=r"workbench\.trace/2"):
+    with pytest.raises(UnknownSchemaError, match=r"workbench\.trace/9"):
         open_trace(path)
-    with pytest.raises(UnknownSchemaError, match=r"workbench\.trace/2"):
+    with pytest.raises(UnknownSchemaError, match=r"workbench\.trace/9"):
         TraceWriter.resume(path)
     meta["attributes"]["schema"] = "acme.dataset/7"
     (path / "zarr.json").write_text(json.dumps(meta))
@@ -496,12 +507,16 @@ def test_create_refuses_existing(tmp_path):
 
 def test_create_bad_arguments(tmp_path):
     p = tmp_path / "t.zarr"
-    with pytest.raises(ValueError, match="moe_layers"):
-        create(p, moe_layers=[])
+    with pytest.raises(ValueError, match="at least one MoE layer"):
+        create(p, layers=[])
+    with pytest.raises(ValueError, match="distinct non-negative"):
+        create(p, layers=[1, 1])
     with pytest.raises(ValueError, match="top_k"):
         create(p, top_k=9)
-    with pytest.raises(ValueError, match="logits_dtype"):
-        create(p, capture_logits=True, logits_dtype="int8")
+    with pytest.raises(ValueError, match="logits dtype"):
+        create(p, logits_dtype="int8")
+    with pytest.raises(ValueError, match="reserved or declared twice"):
+        create(p, variables=routing_layout(LAYERS, E, K)["variables"] * 2)
     with pytest.raises(TypeError, match=r"attrs\.cfg\.f"):
         create(p, attrs={"cfg": {"f": object()}})
     assert not p.exists()
@@ -509,7 +524,7 @@ def test_create_bad_arguments(tmp_path):
 
 def test_append_bad_input(tmp_path):
     path = tmp_path / "t.zarr"
-    w = create(path, capture_logits=True)
+    w = create(path, logits_dtype="float16")
     good = make_batch(0, L, E, K, "float16")
     w.append(**good)
     n = w.n_tokens
@@ -525,20 +540,21 @@ def test_append_bad_input(tmp_path):
         topk_expert=np.zeros((n, L, 3), np.int16))
     bad(r"topk_weight must have shape", topk_weight=np.zeros((n, L), np.float32))
     bad(r"router_logits must have shape .*\(%d, 4, 8\)" % n, router_logits=np.zeros((n, L, 7), np.float16))
-    bad(r"token_id must be 1-D", token_id=np.zeros((n, 1), np.int32))
+    bad(r"token_id must have shape \(token\) = \(%d,\), got \(%d, 1\)" % (n, n), token_id=np.zeros((n, 1), np.int32))
     bad(r"token_id: expected an integer array, got dtype float32", TypeError, token_id=np.zeros(n, np.float32))
     bad(r"topk_weight: expected a floating-point array, got dtype int64", TypeError, topk_weight=np.zeros((n, L, K), np.int64))
     bad(r"topk_expert: values must lie in \[0, 7\]", topk_expert=np.full((n, L, K), 8))
     bad(r"modality: values must lie in \[0, 2\]", modality=np.full(n, 3))
     bad(r"token_id: values must lie", token_id=np.full(n, -1))
     bad(r"position: values must lie", position=np.full(n, 2**31))
-    bad(r"router_logits is required", router_logits=None)
+    bad(r"append: missing router_logits", router_logits=None)
+    bad(r"append: extra_thing given, but .* declares no such token variable", extra_thing=np.zeros(n))
     assert w.n_tokens == n
     w.append(**good)  # the writer is still usable after rejected input
     w.close()
     check_dataset(open_trace(path), concat([good, good]), "float16")
     with create(tmp_path / "nolog.zarr") as w2:
-        with pytest.raises(ValueError, match="capture_logits=False"):
+        with pytest.raises(ValueError, match="router_logits given, but .* declares no such token variable"):
             w2.append(**good)
     with pytest.raises(TraceError, match="closed"):
         w.append(**good)
@@ -571,7 +587,7 @@ def test_disk_full_tmpfs(tmp_path):
         pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()}); covered by test_write_error_file_size_limit")
     try:
         path = mnt / "t.zarr"
-        w = create(path, capture_logits=True, logits_dtype="float32", chunk_bytes=8192)
+        w = create(path, logits_dtype="float32", chunk_bytes=8192)
         committed, _, err = _fill_until_error(w, 0)
         assert "No space left on device" in str(err) and "still holds" in str(err)
         assert len(committed) >= 2
@@ -594,11 +610,11 @@ def test_disk_full_tmpfs(tmp_path):
 FSIZE_CHILD = BATCH_SRC + '''
 import resource, signal, sys, json
 import numpy as np
-from workbench.store import TraceWriter, TraceWriteError
+from workbench.trace import TraceWriter, TraceWriteError
+from workbench.trace.schema import routing_layout
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # get EFBIG instead of being killed
 resource.setrlimit(resource.RLIMIT_FSIZE, (6000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-w = TraceWriter.create(sys.argv[1], moe_layers=[1, 3, 5, 7], n_experts=8, top_k=2, capture_logits=True,
-                       logits_dtype="float32", chunk_bytes=8192)
+w = TraceWriter.create(sys.argv[1], **routing_layout([1, 3, 5, 7], 8, 2, logits_dtype="float32"), chunk_bytes=8192)
 n_ok = 0
 for i in range(1000):
     b = make_batch(i, 4, 8, 2, "float32", n=16)

@@ -14,7 +14,8 @@ pytest.importorskip("ipywidgets")
 pytest.importorskip("plotly")
 pytest.importorskip("anywidget")
 
-from workbench.store import TraceWriter  # noqa: E402
+from workbench.trace import TraceWriter  # noqa: E402
+from workbench.trace.schema import routing_layout  # noqa: E402
 from workbench.widgets import (  # noqa: E402
     CrossModalAttentionView,
     ExpertLoadDashboard,
@@ -48,7 +49,7 @@ def make_trace(path, *, layers=LAYERS, n_experts=E, k=K, batches=BATCHES, seed=0
     rng = np.random.default_rng(seed)
     L = len(layers)
     cols = {n: [] for n in ("token_id", "sequence", "position", "modality", "topk_expert", "topk_weight")}
-    with TraceWriter.create(path, moe_layers=layers, n_experts=n_experts, top_k=k, vocab=vocab) as w:
+    with TraceWriter.create(path, **routing_layout(layers, n_experts, k), vocab=vocab) as w:
         for batch in batches:
             ids, seq, pos, mod = [], [], [], []
             for s, n in batch:
@@ -504,14 +505,14 @@ def mm_trace(tmp_path_factory):
     p0 = [1] + text(3) + [IMAGE_TOKEN] * TOKENS_PER_TILE + text(5) + [2]
     p1 = [1] + text(2) + [IMAGE_TOKEN] * (3 * TOKENS_PER_TILE) + text(4) + [2]
     path = d / "mm.zarr"
-    with torch.no_grad(), wb.record(model, path, capture=("router", "attention"), attention_dtype="float32"):
+    with torch.no_grad(), wb.record(model, path, capture={"router": {}, "attention": {"dtype": "float32"}}):
         model(input_ids=torch.tensor([p0]), pixel_values=torch.randn(1, 3, 56, 56, generator=g))
         model(input_ids=torch.tensor([p1]), pixel_values=torch.randn(3, 3, 56, 56, generator=g))
     return path
 
 
 def test_attention_overlay_on_a_single_tile_image(mm_trace):
-    from workbench.hooks.attention import open_attention
+    from workbench.trace import open_attention
 
     img = np.zeros((56, 56, 3), np.uint8)
     info = {"original_size": (56, 56), "grid": (1, 1), "resized_size": (56, 56), "tile_size": 56,
@@ -540,7 +541,7 @@ def test_attention_overlay_on_a_single_tile_image(mm_trace):
 
 
 def test_attention_overlay_tiled_image_and_global_thumbnail(mm_trace):
-    from workbench.hooks.attention import open_attention
+    from workbench.trace import open_attention
 
     img = np.full((56, 112, 3), 200, np.uint8)
     info = {"original_size": (56, 112), "grid": (1, 2), "resized_size": (56, 112), "tile_size": 56,
@@ -574,7 +575,7 @@ def test_attention_view_errors_are_clear(mm_trace, tmp_path):
         CrossModalAttentionView(mm_trace, 0, image=np.zeros((30, 56, 3), np.uint8),
                                 image_info={"original_size": (56, 56), "grid": (1, 1), "resized_size": (56, 56),
                                             "tile_size": 56, "token_grid": (2, 2)})
-    from workbench.hooks.attention import AttentionNotFoundError
+    from workbench.trace import AttentionNotFoundError
 
     with pytest.raises(AttentionNotFoundError):
         CrossModalAttentionView(mm_trace, 7, image=np.zeros((56, 56, 3), np.uint8))
@@ -610,7 +611,7 @@ def test_empty_trace_views_do_not_crash(tmp_path):
     import json as _json
 
     p = tmp_path / "empty.zarr"
-    TraceWriter.create(p, moe_layers=LAYERS, n_experts=E, top_k=K, vocab=VOCAB).close()
+    TraceWriter.create(p, **routing_layout(LAYERS, E, K), vocab=VOCAB).close()
     dash = ExpertLoadDashboard(p, mode="share")
     assert dash.n_selected == 0 and np.isnan(dash.z).all()
     dash.mode = "deviation"

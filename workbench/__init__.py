@@ -26,12 +26,12 @@ _LAZY = {
     "preset": "workbench.models.llama4.config",
     "load_processor": "workbench.models.llama4.processor",
     "ProcessorError": "workbench.models.llama4.processor",
-    "open_trace": "workbench.store",
+    "open_trace": "workbench.trace",
+    "open_attention": "workbench.trace",
     "record": "workbench.hooks",
     "Recorder": "workbench.hooks",
-    "open_attention": "workbench.hooks.attention",
 }
-_SUBMODULES = {"kernels", "hooks", "analysis", "models", "checkpoint", "store", "geometry", "export", "widgets", "embedded"}
+_SUBMODULES = {"kernels", "hooks", "analysis", "models", "runtime", "trace", "checkpoint", "geometry", "export", "widgets", "embedded"}
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES)
 

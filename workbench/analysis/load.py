@@ -8,33 +8,33 @@ import xarray as xr
 from . import _common as C
 
 
-def _batch_loads(ds, E, k):
-    """The store's per-batch ``expert_load`` (batch, moe_layer, expert) summed over batches, when
-    it provably covers exactly the token rows of ``ds``: ``batch_end[-1]`` equals the number of
+def _commit_loads(ds, E, k):
+    """The store's per-commit ``expert_load`` (commit, moe_layer, expert) summed over commits, when
+    it provably covers exactly the token rows of ``ds``: ``commit_end[-1]`` equals the number of
     tokens and the counts sum to k T (so a token subset of ``ds`` falls back to counting)."""
-    if "expert_load" not in ds.variables or "batch_end" not in ds.variables:
+    if "expert_load" not in ds.variables or "commit_end" not in ds.variables:
         return None
     var = ds["expert_load"]
-    if set(var.dims) != {"batch", "moe_layer", "expert"} or var.sizes["expert"] != E:
+    if set(var.dims) != {"commit", "moe_layer", "expert"} or var.sizes["expert"] != E:
         return None
     T = ds.sizes["token"]
-    ends = np.asarray(ds["batch_end"].values)
+    ends = np.asarray(ds["commit_end"].values)
     if ends.size == 0 or int(ends[-1]) != T:
         return None
-    counts = np.asarray(var.sum("batch").transpose("moe_layer", "expert").values, dtype=np.int64)
+    counts = np.asarray(var.sum("commit").transpose("moe_layer", "expert").values, dtype=np.int64)
     if counts.shape != (ds.sizes["moe_layer"], E) or (counts.sum(axis=1) != k * T).any() or (counts < 0).any():
         return None
     return counts
 
 
-def _load_counts(ds, code, by_modality, n_experts, who, use_batch_loads=True):
+def _load_counts(ds, code, by_modality, n_experts, who, use_commit_loads=True):
     """Counts N[m?, l, i] = #{t : i in S_t^l} and token counts T[m?] over the selected tokens."""
     C.require(ds, "topk_expert", who=who)
     E = C.get_n_experts(ds, n_experts, who)
     L = ds.sizes["moe_layer"]
     k = ds.sizes["k"]
-    if use_batch_loads and code is None and not by_modality:
-        fast = _batch_loads(ds, E, k)
+    if use_commit_loads and code is None and not by_modality:
+        fast = _commit_loads(ds, E, k)
         if fast is not None:
             return fast[None], np.array([ds.sizes["token"]], dtype=np.int64), E, k
     need_mod = by_modality or code is not None
@@ -74,7 +74,7 @@ def _wrap(values, ds, E, by_modality, name, attrs, ntok):
 
 
 def expert_load(ds: xr.Dataset, *, normalize: bool = True, modality=None, by_modality: bool = False,
-                n_experts: int | None = None, use_batch_loads: bool = True) -> xr.DataArray:
+                n_experts: int | None = None, use_commit_loads: bool = True) -> xr.DataArray:
     """Expert load per MoE layer, dims ``(moe_layer, expert)`` (``(modality, moe_layer, expert)`` with
     ``by_modality=True``).
 
@@ -90,13 +90,13 @@ def expert_load(ds: xr.Dataset, *, normalize: bool = True, modality=None, by_mod
     ``by_modality=True`` splits by modality instead (codes 0, 1, 2; coordinate ``n_tokens`` = T
     per modality). ``n_experts`` overrides ``attrs['n_experts']``.
     Out of core: one pass of ``np.bincount`` over token blocks. Without a modality filter/split,
-    a store's per-batch ``expert_load`` counts (an addition of workbench.store) are summed instead
-    when they provably cover exactly the rows of ``ds`` (``batch_end[-1]`` = T and the counts sum
-    to k T); ``use_batch_loads=False`` always counts ``topk_expert``.
+    the trace's per-commit ``expert_load`` counts are summed instead
+    when they provably cover exactly the rows of ``ds`` (``commit_end[-1]`` = T and the counts sum
+    to k T); ``use_commit_loads=False`` always counts ``topk_expert``.
     """
     who = "expert_load"
     code = C.check_filters(modality, by_modality, who)
-    counts, ntok, E, k = _load_counts(ds, code, by_modality, n_experts, who, use_batch_loads)
+    counts, ntok, E, k = _load_counts(ds, code, by_modality, n_experts, who, use_commit_loads)
     attrs = {"k": k, "n_experts": E, "modality_filter": C.modality_attr(code)}
     if normalize:
         values = C.safe_div(counts, (k * ntok)[:, None, None])
@@ -124,7 +124,7 @@ def imbalance_from_shares(f: np.ndarray, E: int) -> dict[str, np.ndarray]:
 
 
 def load_imbalance(ds: xr.Dataset, *, modality=None, by_modality: bool = False,
-                   n_experts: int | None = None, use_batch_loads: bool = True) -> xr.Dataset:
+                   n_experts: int | None = None, use_commit_loads: bool = True) -> xr.Dataset:
     """Load-imbalance metrics per MoE layer (dim ``moe_layer``; plus ``modality`` with
     ``by_modality=True``), from the load shares f_i of :func:`expert_load`:
 
@@ -136,11 +136,11 @@ def load_imbalance(ds: xr.Dataset, *, modality=None, by_modality: bool = False,
       expert i; equals max_over_mean - 1.
     - ``load_entropy`` = -sum_i f_i log f_i / log E, in [0, 1] (1 = balanced). (1 when E = 1.)
 
-    All NaN when no token is selected. Filters and ``use_batch_loads`` as in :func:`expert_load`.
+    All NaN when no token is selected. Filters and ``use_commit_loads`` as in :func:`expert_load`.
     """
     who = "load_imbalance"
     code = C.check_filters(modality, by_modality, who)
-    counts, ntok, E, k = _load_counts(ds, code, by_modality, n_experts, who, use_batch_loads)
+    counts, ntok, E, k = _load_counts(ds, code, by_modality, n_experts, who, use_commit_loads)
     f = C.safe_div(counts, (k * ntok)[:, None, None])
     m = imbalance_from_shares(f, E)
     coords = dict(C.layer_coords(ds))

@@ -15,8 +15,8 @@ import xarray as xr
 
 __all__ = ["ExportError", "ArtifactSkipped", "Selection", "trace_fingerprint", "export_provenance"]
 
-_FINGERPRINT_KEYS = ("schema", "n_tokens", "n_batches", "moe_layers", "n_experts", "top_k", "capture_logits",
-                     "logits_dtype", "provenance")
+_FINGERPRINT_KEYS = ("schema", "n_tokens", "n_commits", "moe_layers", "n_experts", "top_k", "routing", "variables",
+                     "captures", "provenance")
 
 
 class ExportError(ValueError):
@@ -32,11 +32,12 @@ class ArtifactSkipped(Exception):
 # ----------------------------------------------------------------------------------- provenance
 def trace_fingerprint(attrs: Mapping[str, Any]) -> str:
     """Fingerprint of a trace: the first 16 hex digits of the SHA-256 of the canonical JSON
-    (sorted keys, no whitespace) of the root attributes ``schema, n_tokens, n_batches, moe_layers,
-    n_experts, top_k, capture_logits, logits_dtype`` and ``provenance`` without ``updated``.
+    (sorted keys, no whitespace) of the root attributes ``schema, n_tokens, n_commits, moe_layers,
+    n_experts, top_k, routing, variables, captures`` (as :func:`workbench.trace.open_trace` presents
+    them) and ``provenance`` without ``updated``.
 
     ``provenance`` holds the model config, checkpoint fingerprint, tokenizer and inputs hashes,
-    versions and the ``created`` timestamp; ``n_tokens`` / ``n_batches`` fix the committed length
+    versions and the ``created`` timestamp; ``n_tokens`` / ``n_commits`` fix the committed length
     of this append-only store. So the fingerprint names exactly the data a file was exported from;
     it does not change when a finished trace is reopened (``complete`` and ``updated`` are left
     out), and changes when tokens are appended (resume) or the trace is re-recorded.
@@ -120,7 +121,7 @@ def provenance_text(prov: Mapping[str, str]) -> str:
 # ------------------------------------------------------------------------------------ opening
 def open_for_export(store: Any) -> tuple[xr.Dataset, Path | None]:
     """``(dataset, path)`` from a store path or an ``open_trace`` Dataset, with clear errors."""
-    from workbench.store import open_trace
+    from workbench.trace import open_trace
 
     if isinstance(store, xr.Dataset):
         src = store.encoding.get("source")
@@ -267,13 +268,13 @@ class Selection:
         self.token_rows = rows
 
     def apply(self, ds: xr.Dataset) -> xr.Dataset:
-        """The trace restricted to the selection (token variables only; per-batch arrays dropped
-        when tokens are subset, since batches no longer match)."""
+        """The trace restricted to the selection (token variables only; per-commit arrays dropped
+        when tokens are subset, since commits no longer match)."""
         out = ds
         if self.layers is not None:
             out = out.isel(moe_layer=self.layer_pos)
         if self.token_rows is not None:
-            out = out.drop_vars([v for v in ("expert_load", "batch_end") if v in out.variables])
+            out = out.drop_vars([v for v in ("expert_load", "commit_end") if v in out.variables])
             out = out.isel(token=self.token_rows)
         return out
 

@@ -55,7 +55,7 @@ class ExportContext:
     def vocab(self) -> list[str] | None:
         if self.path is None or not self.ds.attrs.get("has_vocab"):
             return None
-        from workbench.store import trace_vocab
+        from workbench.trace import trace_vocab
 
         return trace_vocab(self.path)
 

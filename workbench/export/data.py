@@ -1,12 +1,12 @@
 """Trace subsets as NetCDF and Parquet, with provenance.
 
 NetCDF (``trace_subset.nc``): the trace's per-token variables restricted to the selection, same
-names and dims as the ``workbench.trace/1`` schema (``token_id, sequence, position, modality``
-(token); ``topk_expert, topk_weight`` (token, moe_layer, k); ``router_logits`` (token,
+names and dims as in the trace (:mod:`workbench.trace.schema`: ``token_id, sequence, position,
+modality`` (token); ``topk_expert, topk_weight`` (token, moe_layer, k); ``router_logits`` (token,
 moe_layer, expert) when recorded; ``token_text`` when the trace stores a vocabulary), with
 coordinates ``token_index`` (token: the row in the source trace) and ``layer`` (moe_layer).
-Per-batch arrays (``expert_load``, ``batch_end``) are left out (batches do not survive a token
-subset). ``router_logits`` are written as float32 (float16 is not a NetCDF type; the values are
+Per-commit arrays (``expert_load``, ``commit_end``) are left out (commits do not survive a
+token subset). ``router_logits`` are written as float32 (float16 is not a NetCDF type; the values are
 unchanged). Written with the ``h5netcdf`` engine (NetCDF-4/HDF5) when h5py is installed, else
 ``scipy`` (NetCDF-3 64-bit offset: int64 ``token_index`` becomes int32, strings become char
 arrays). Global attributes: every provenance key, ``trace_provenance`` (the trace's full

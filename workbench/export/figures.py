@@ -473,7 +473,7 @@ def attention_values(store: Path, ds: xr.Dataset, sequence: int | None = None, l
                      query: int | None = None, image_index: int = 0, token_rows: np.ndarray | None = None):
     """Per-patch attention of one image: mean over heads and over the query tokens (or one query
     token row), at one recorded decoder layer (default: the last recorded). Returns a dict."""
-    from workbench.hooks.attention import attention_sequences, open_attention
+    from workbench.trace import attention_sequences, open_attention
 
     if store is None:
         raise ArtifactSkipped("attention overlay skipped: the trace was given as a Dataset without a store path")

@@ -11,7 +11,7 @@
     RoutingFlow("runs/x.zarr", a=0, b=1)           # Sankey of expert transitions + co-activation
     TraceComparison("runs/a.zarr", "runs/b.zarr")  # side by side + difference
 
-Every view reads stored traces lazily (per-batch load arrays, token pages, one attention map at a
+Every view reads stored traces lazily (per-commit load arrays, token pages, one attention map at a
 time) and colors experts with :func:`expert_color` (fixed, colorblind-safe). Each view's
 ``widget`` is the ipywidgets container; the view object itself displays as that widget.
 """

@@ -11,7 +11,7 @@ import numpy as np
 import xarray as xr
 
 from workbench.analysis import _common as AC
-from workbench.store import expert_loads, open_trace
+from workbench.trace import expert_loads, open_trace
 from workbench.analysis.load import expert_load as _analysis_expert_load
 from workbench.analysis.load import imbalance_from_shares
 
@@ -29,7 +29,7 @@ def modality_code(value) -> int | None:
 def open_any(trace: Any, *, tokens: bool = False) -> tuple[xr.Dataset, Path | None]:
     """``(dataset, path)`` from a trace path or an already opened ``xarray.Dataset``.
 
-    Paths are opened lazily with :func:`workbench.store.open_trace` (with ``token_text`` when
+    Paths are opened lazily with :func:`workbench.trace.open_trace` (with ``token_text`` when
     ``tokens`` and the trace stores a vocabulary)."""
     if isinstance(trace, xr.Dataset):
         src = trace.encoding.get("source")
@@ -92,8 +92,8 @@ def imbalance(counts: np.ndarray, n_tokens: int, k: int) -> dict[str, np.ndarray
 class TraceLoads:
     """Expert-load counts of a stored trace under a sequence-range / modality filter, cached.
 
-    Whole-trace and batch-aligned sequence ranges are summed from the per-batch ``expert_load``
-    array (a small read). Token rows of batches that straddle the range edge, and any modality
+    Whole-trace and commit-aligned sequence ranges are summed from the per-commit ``expert_load``
+    array (a small read). Token rows of commits that straddle the range edge, and any modality
     filter, are counted by :func:`workbench.analysis.expert_load` over just the selected token
     rows (streamed in blocks); with a modality filter all three modalities are counted in that one
     pass and cached, so switching between them is free.
@@ -126,15 +126,15 @@ class TraceLoads:
         s = self.sequences()
         return (int(s.min()), int(s.max())) if s.size else (0, 0)
 
-    def _batch_bounds(self) -> np.ndarray | None:
-        if "batch_end" not in self.ds or "expert_load" not in self.ds:
+    def _commit_bounds(self) -> np.ndarray | None:
+        if "commit_end" not in self.ds or "expert_load" not in self.ds:
             return None
         if self._bounds is None:
-            ends = np.asarray(self.ds["batch_end"].values, np.int64)
+            ends = np.asarray(self.ds["commit_end"].values, np.int64)
             self._bounds = np.concatenate([[0], ends])
         b = self._bounds
         if b[-1] != self.n_tokens:
-            return None  # the batches do not cover this token table (a subset Dataset)
+            return None  # the commits do not cover this token table (a subset Dataset)
         return b
 
     # -- counts -----------------------------------------------------------------------------
@@ -171,17 +171,17 @@ class TraceLoads:
     def _counts_all_modalities_free(self, seq_range):
         L, E = self.n_layers, self.n_experts
         rows = self._token_rows(seq_range)
-        bounds = self._batch_bounds()
+        bounds = self._commit_bounds()
         if isinstance(rows, slice) and bounds is not None:
             a, b = rows.start, rows.stop
             if (a, b) == (0, self.n_tokens):
                 return np.asarray(expert_loads(self.ds).values, np.int64), self.n_tokens
-            # whole batches inside [a, b) from expert_load, the edges from the token table
-            b0 = int(np.searchsorted(bounds, a, side="left"))  # first batch starting at >= a
-            b1 = int(np.searchsorted(bounds, b, side="right")) - 1  # last batch ending at <= b
+            # whole commits inside [a, b) from expert_load, the edges from the token table
+            b0 = int(np.searchsorted(bounds, a, side="left"))  # first commit starting at >= a
+            b1 = int(np.searchsorted(bounds, b, side="right")) - 1  # last commit ending at <= b
             counts = np.zeros((L, E), np.int64)
             if b1 > b0:
-                counts += np.asarray(self.ds["expert_load"].isel(batch=slice(b0, b1)).sum("batch").values, np.int64)
+                counts += np.asarray(self.ds["expert_load"].isel(commit=slice(b0, b1)).sum("commit").values, np.int64)
                 edges = [(a, int(bounds[b0])), (int(bounds[b1]), b)]
             else:
                 edges = [(a, b)]

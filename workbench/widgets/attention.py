@@ -85,7 +85,7 @@ class CrossModalAttentionView(W.ViewBase):
         import plotly.graph_objects as go
 
         from workbench.geometry import patch_boxes
-        from workbench.hooks.attention import open_attention
+        from workbench.trace import open_attention
 
         ds, path = W.open_any(trace, tokens=True)
         if path is None:

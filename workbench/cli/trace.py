@@ -1,0 +1,62 @@
+"""``workbench trace MODEL --prompts FILE.jsonl --out STORE``: record a prompt set into a trace."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from workbench.cli._common import CLIError, add_capture_arguments, capture_options, read_prompts, trace_summary
+
+__all__ = ["add_parser", "run"]
+
+
+def run(args) -> int:
+    import torch
+
+    from workbench.checkpoint import load_model
+    from workbench.hooks import Recorder
+    from workbench.models.llama4.processor import load_processor
+
+    prompts_path = Path(args.prompts)
+    prompts = read_prompts(prompts_path, Path(args.images) if args.images else None)
+    capture = capture_options(args)
+    inputs_hash = hashlib.sha256(prompts_path.read_bytes()).hexdigest()[:16]
+    out = Path(args.out)
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    proc = load_processor(args.model)
+    if args.resume:
+        from workbench.trace import open_trace
+
+        prev = open_trace(out).attrs.get("provenance", {}).get("inputs_hash")
+        if prev is not None and prev != inputs_hash:
+            raise CLIError(f"{out} was traced from other prompts (inputs hash {prev}, this file {inputs_hash}); "
+                           f"refusing to resume with a different prompts file")
+    rec = Recorder(model, out, capture, processor=proc, resume=args.resume, overwrite=args.overwrite,
+                   provenance={"inputs_hash": inputs_hash, "prompts_file": str(prompts_path)})
+    ok = False
+    try:
+        with torch.no_grad():
+            summary = rec.run(model, proc, prompts, batch_size=args.batch_size, max_tokens=args.max_tokens,
+                              truncation=args.truncate, progress=not args.quiet)
+        ok = True
+    finally:
+        rec.close(complete=ok)
+    print(trace_summary(out, summary))
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("trace", help="record router decisions over a prompts file into a zarr trace store")
+    p.add_argument("model", help="checkpoint directory (config.json, safetensors, tokenizer.json)")
+    p.add_argument("--prompts", required=True, help='JSONL file: {"text": ..., "images": [file, ...]} per line')
+    p.add_argument("--images", help="folder the image file names resolve against (default: the prompts file's)")
+    p.add_argument("--out", required=True, help="trace store to create (a directory, e.g. runs/x.zarr)")
+    add_capture_arguments(p)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=None, help="longest prompt allowed (tokens); longer is an error")
+    p.add_argument("--truncate", action="store_true", help="truncate prompts longer than --max-tokens instead")
+    p.add_argument("--resume", action="store_true", help="continue an incomplete store from its committed length")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing trace at --out")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: as stored)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
