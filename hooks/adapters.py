@@ -214,7 +214,9 @@ class TransformersLlama4Adapter(Adapter):
                 point(input_ids=ids, batch=ForwardBatch.build(tuple(shape), device, kwargs.get("attention_mask")))
 
         self._handles.append(self.model.register_forward_pre_hook(pre, with_kwargs=True))
-        routers = [m for m in self.model.modules() if type(m).__name__ == "Llama4Router"]
+        from transformers.models.llama4.modeling_llama4 import Llama4Router
+
+        routers = [m for m in self.model.modules() if isinstance(m, Llama4Router)]
         for r in routers:
             p = HookPoint()
             self._routers.append(p)

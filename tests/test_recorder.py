@@ -50,6 +50,10 @@ def test_round_trip_equals_the_models_router_outputs(text_ckpt, tmp_path):
     ds = wb.open_trace(tmp_path / "t.zarr").load()
     assert ds.attrs["complete"] and ds.attrs["n_tokens"] == 33
     assert list(ds["layer"].values) == [1, 3]
+    # how each MoE layer routes, as the config says (top-2 of 8, interleave step 2) and Llama 4 does
+    assert ds.attrs["routing"]["layers"] == [
+        {"layer": layer, "n_experts": 8, "top_k": 2, "score": "sigmoid", "renormalize": False,
+         "weight_applied_to": "input", "shared_expert": True} for layer in (1, 3)]
     np.testing.assert_array_equal(ds["token_id"].values, ids.reshape(-1).numpy())
     np.testing.assert_array_equal(ds["sequence"].values, np.repeat([0, 1, 2], 11))
     np.testing.assert_array_equal(ds["position"].values, np.tile(np.arange(11), 3))
@@ -219,3 +223,14 @@ def test_two_recorders_and_an_ablation_at_once(text_ckpt, tmp_path):
     np.testing.assert_array_equal(np.sort(out["topk_expert"].values[36:], -1), np.sort(plain.numpy(), -1))
     assert (inner["router_logits"].values[:, 1, expert] == -np.inf).all()  # the logits top-k saw
     assert all(not p.active for _, p in hook_points(model))
+
+
+def test_models_without_an_adapter_get_a_clear_error(tmp_path):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    m = MixtralForCausalLM(MixtralConfig(vocab_size=32, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, num_local_experts=4))
+    with pytest.raises(RecorderError, match=r"no routing adapter knows MixtralForCausalLM \(transformers model type "
+                                            r"'mixtral'\); supported: .*transformers llama4.*workbench llama4"):
+        wb.record(m, tmp_path / "x.zarr")
+    assert not (tmp_path / "x.zarr").exists()
