@@ -924,6 +924,39 @@ class Llama4Processor:
         ``truncation=True`` (then it is cut on the truncation side, and an image cut by it raises).
         ``return_tensors``: "pt" (tensors) or None (lists; ``pixel_values`` stays a tensor).
         """
+        texts, side, limit = self._check_call(text, padding, padding_side, max_length, return_tensors)
+        per_sample = self._normalize_images(images, texts)
+        expanded, infos, tile_chunks = self._expand_images(texts, per_sample)
+        ids_list = self._encode(expanded, add_special_tokens, limit, truncation, infos, per_sample)
+        lengths = [len(x) for x in ids_list]
+        target = None  # padding=False / "do_not_pad"
+        if padding in (True, "longest"):
+            target = max(lengths)
+        elif padding == "max_length":
+            target = max(limit, max(lengths))
+        ids_list, masks = self._pad(ids_list, target, side)
+
+        out = ProcessorOutput(images=infos)
+        if return_tensors == "pt":
+            if len(set(len(x) for x in ids_list)) != 1:
+                raise ProcessorError(
+                    f"samples have different lengths {lengths} and padding={padding!r}; pass padding=True "
+                    f"or return_tensors=None"
+                )
+            out["input_ids"] = torch.tensor(ids_list, dtype=torch.long)
+            out["attention_mask"] = torch.tensor(masks, dtype=torch.long)
+        else:
+            out["input_ids"] = ids_list
+            out["attention_mask"] = masks
+        if infos:
+            out["pixel_values"] = torch.cat(tile_chunks, 0)
+            out["aspect_ratios"] = torch.tensor([list(i.grid) for i in infos], dtype=torch.long)
+            out["image_sizes"] = torch.tensor([list(i.original_size) for i in infos], dtype=torch.long)
+            out["images_per_sample"] = torch.tensor([len(x) for x in per_sample], dtype=torch.long)
+        return out
+
+    def _check_call(self, text, padding, padding_side, max_length, return_tensors) -> tuple[list[str], str, int | None]:
+        """Validate ``__call__``'s arguments: (texts, padding side, max_length limit)."""
         if text is None:
             raise ProcessorError("text is required (use '<|image|>' placeholders for images)")
         if isinstance(text, str):
@@ -944,9 +977,12 @@ class Llama4Processor:
         limit = self.max_length if max_length is None else int(max_length)
         if padding == "max_length" and limit is None:
             raise ProcessorError("padding='max_length' needs max_length")
+        return texts, side, limit
 
-        per_sample = self._normalize_images(images, texts)
+    def _expand_images(self, texts: list[str], per_sample: list[list]) -> tuple[list[str], list[ImageInfo], list]:
+        """Tile every image and replace each ``<|image|>`` placeholder by its tile tokens.
 
+        Returns (expanded texts, one ImageInfo per image in batch order, pixel tiles per sample)."""
         cfg = self.image_config
         infos: list[ImageInfo] = []
         tile_chunks: list[torch.Tensor] = []
@@ -961,18 +997,9 @@ class Llama4Processor:
             reps = []
             for j, g in enumerate(geoms):
                 n = g["grid"][0] * g["grid"][1] + (1 if g["has_global_tile"] else 0)
-                infos.append(
-                    ImageInfo(
-                        sample=s,
-                        index_in_sample=j,
-                        tile_size=cfg.tile_size,
-                        tile_start=n_tiles_total,
-                        n_tiles=n,
-                        patches_per_tile=cfg.patches_per_tile,
-                        token_grid=cfg.token_grid,
-                        **g,
-                    )
-                )
+                infos.append(ImageInfo(sample=s, index_in_sample=j, tile_size=cfg.tile_size, tile_start=n_tiles_total,
+                                       n_tiles=n, patches_per_tile=cfg.patches_per_tile, token_grid=cfg.token_grid,
+                                       **g))
                 n_tiles_total += n
                 reps.append(self.image_token_string(g["grid"]))
             pieces, last = [], 0
@@ -982,72 +1009,57 @@ class Llama4Processor:
                 last = pos + len(IMAGE_TOKEN)
             pieces.append(t[last:])
             expanded.append("".join(pieces))
+        return expanded, infos, tile_chunks
 
+    def _encode(self, expanded: list[str], add_special_tokens: bool, limit: int | None, truncation: bool,
+                infos: list[ImageInfo], per_sample: list[list]) -> list[list[int]]:
+        """Token ids per sample; a sample longer than ``limit`` raises, or is truncated (never into an image)."""
         encodings = self.tokenizer.encode_batch(expanded, add_special_tokens=add_special_tokens)
         ids_list = [list(e.ids) for e in encodings]
-
-        if limit is not None:
-            for s, ids in enumerate(ids_list):
-                if len(ids) <= limit:
-                    continue
-                if not truncation:
-                    raise ProcessorError(
-                        f"sample {s} is {len(ids)} tokens long (images expanded), above max_length={limit}; "
-                        f"shorten it, pass a larger max_length, or truncation=True"
-                    )
-                try:
-                    self.tokenizer.enable_truncation(limit, direction=self.truncation_side)
-                    enc = self.tokenizer.encode(expanded[s], add_special_tokens=add_special_tokens)
-                finally:
-                    self.tokenizer.no_truncation()
-                ids_list[s] = list(enc.ids)
-                expected = sum(i.n_patch_tokens for i in infos if i.sample == s)
-                if ids_list[s].count(self.patch_token_id) != expected or ids_list[s].count(self.image_token_id) != len(
-                    per_sample[s]
-                ):
-                    raise ProcessorError(
-                        f"truncating sample {s} to max_length={limit} would cut into its image tokens "
-                        f"({len(encodings[s].ids)} tokens before truncation); raise max_length or drop images"
-                    )
-
-        lengths = [len(x) for x in ids_list]
-        target = None
-        if padding in (True, "longest"):
-            target = max(lengths)
-        elif padding == "max_length":
-            target = max(limit, max(lengths))
-        masks = [[1] * n for n in lengths]
-        if target is not None and any(n != target for n in lengths):
-            if self.pad_token_id is None:
-                raise ProcessorError("padding needs a pad token; the tokenizer has none (set pad_token in tokenizer_config.json)")
-            for s, n in enumerate(lengths):
-                pad = target - n
-                if pad:
-                    if side == "left":
-                        ids_list[s] = [self.pad_token_id] * pad + ids_list[s]
-                        masks[s] = [0] * pad + masks[s]
-                    else:
-                        ids_list[s] = ids_list[s] + [self.pad_token_id] * pad
-                        masks[s] = masks[s] + [0] * pad
-
-        out = ProcessorOutput(images=infos)
-        if return_tensors == "pt":
-            if len(set(len(x) for x in ids_list)) != 1:
+        if limit is None:
+            return ids_list
+        for s, ids in enumerate(ids_list):
+            if len(ids) <= limit:
+                continue
+            if not truncation:
                 raise ProcessorError(
-                    f"samples have different lengths {lengths} and padding={padding!r}; pass padding=True "
-                    f"or return_tensors=None"
+                    f"sample {s} is {len(ids)} tokens long (images expanded), above max_length={limit}; "
+                    f"shorten it, pass a larger max_length, or truncation=True"
                 )
-            out["input_ids"] = torch.tensor(ids_list, dtype=torch.long)
-            out["attention_mask"] = torch.tensor(masks, dtype=torch.long)
-        else:
-            out["input_ids"] = ids_list
-            out["attention_mask"] = masks
-        if infos:
-            out["pixel_values"] = torch.cat(tile_chunks, 0)
-            out["aspect_ratios"] = torch.tensor([list(i.grid) for i in infos], dtype=torch.long)
-            out["image_sizes"] = torch.tensor([list(i.original_size) for i in infos], dtype=torch.long)
-            out["images_per_sample"] = torch.tensor([len(x) for x in per_sample], dtype=torch.long)
-        return out
+            try:
+                self.tokenizer.enable_truncation(limit, direction=self.truncation_side)
+                enc = self.tokenizer.encode(expanded[s], add_special_tokens=add_special_tokens)
+            finally:
+                self.tokenizer.no_truncation()
+            ids_list[s] = list(enc.ids)
+            expected = sum(i.n_patch_tokens for i in infos if i.sample == s)
+            if ids_list[s].count(self.patch_token_id) != expected or ids_list[s].count(self.image_token_id) != len(
+                per_sample[s]
+            ):
+                raise ProcessorError(
+                    f"truncating sample {s} to max_length={limit} would cut into its image tokens "
+                    f"({len(encodings[s].ids)} tokens before truncation); raise max_length or drop images"
+                )
+        return ids_list
+
+    def _pad(self, ids_list: list[list[int]], target: int | None, side: str) -> tuple[list[list[int]], list[list[int]]]:
+        """Pad every sample to ``target`` tokens on ``side`` (None: no padding); returns (ids, masks)."""
+        lengths = [len(x) for x in ids_list]
+        masks = [[1] * n for n in lengths]
+        if target is None or all(n == target for n in lengths):
+            return ids_list, masks
+        if self.pad_token_id is None:
+            raise ProcessorError("padding needs a pad token; the tokenizer has none (set pad_token in tokenizer_config.json)")
+        for s, n in enumerate(lengths):
+            pad = target - n
+            if pad:
+                if side == "left":
+                    ids_list[s] = [self.pad_token_id] * pad + ids_list[s]
+                    masks[s] = [0] * pad + masks[s]
+                else:
+                    ids_list[s] = ids_list[s] + [self.pad_token_id] * pad
+                    masks[s] = masks[s] + [0] * pad
+        return ids_list, masks
 
     # ---- chat ----------------------------------------------------------------------------
 
