@@ -78,5 +78,12 @@ def test_ablation_rejects_dense_layer_and_bad_expert(tmp_path):
     ids = torch.tensor([[5, 6, 7]])
     with pytest.raises(ValueError, match=r"layer 0 is not a MoE layer; MoE layers: \[1, 3\]"):
         expert_ablation(model, {"input_ids": ids}, 0, [1])
+    with pytest.raises(ValueError, match=r"layer 2 is not a MoE layer; MoE layers: \[1, 3\]"):
+        expert_ablation(model, {"input_ids": ids}, 2, [1])
+    for bad in (True, 1.0, "1"):  # True == 1 and 1.0 == 1: not silently decoder layer 1
+        with pytest.raises(TypeError, match="decoder layer index"):
+            expert_ablation(model, {"input_ids": ids}, bad, [1])
+    res = expert_ablation(model, {"input_ids": ids}, np.int64(3), [1])  # a numpy int is a decoder index too
+    assert res.attrs["layer"] == 3 and type(res.attrs["layer"]) is int
     with pytest.raises(ValueError, match="out of range"):
         expert_ablation(model, {"input_ids": ids}, 1, [8])

@@ -32,7 +32,7 @@ def maybe_chunk(ds, n):
 # --------------------------------------------------------------------------- fixtures
 def make_trace(experts, weights=None, *, sequence, position, modality=None, token_id=None,
                layers=None, n_experts=4, logits=None, attrs=True):
-    """A workbench.trace/1 dataset from per-token lists. experts: (T, L, k)."""
+    """An in-memory trace (the workbench.trace/2 variables) from per-token lists. experts: (T, L, k)."""
     e = np.asarray(experts, dtype=np.int16)
     T, L, k = e.shape
     w = np.full((T, L, k), 1.0 / k, np.float32) if weights is None else np.asarray(weights, np.float32)
@@ -48,7 +48,7 @@ def make_trace(experts, weights=None, *, sequence, position, modality=None, toke
         data["router_logits"] = (("token", "moe_layer", "expert"), np.asarray(logits))
     layers = list(range(L)) if layers is None else layers
     return xr.Dataset(data, coords={"layer": ("moe_layer", np.asarray(layers, np.int64))},
-                      attrs={"schema": "workbench.trace/1", **({"n_experts": n_experts} if attrs else {})})
+                      attrs={"schema": "workbench.trace/2", **({"n_experts": n_experts} if attrs else {})})
 
 
 # Trace A: 6 tokens, E = 4, k = 2, MoE layers at decoder layers 1 and 3.
@@ -195,6 +195,56 @@ def test_n_experts_inference_and_errors():
         A.expert_load(trace_a().drop_vars("topk_expert"))
 
 
+def test_modality_names_and_codes_come_from_the_schema():
+    from workbench.trace.schema import Modality
+
+    assert _common.MODALITY_CODES == {"text": 0, "image": 1, "special": 2}
+    assert _common.MODALITY_NAMES == ("text", "image", "special")
+    for m in Modality:
+        assert _common.MODALITY_NAMES[int(m)] == m.label and _common.MODALITY_CODES[m.label] == int(m)
+    r = _common.resolve_modality
+    assert r(None) is None
+    for value, code in [("text", 0), ("IMAGE", 1), ("image_patch", 1), ("patch", 1), ("special", 2),
+                        (Modality.SPECIAL, 2), (np.int8(1), 1), (0, 0), (2, 2)]:
+        got = r(value)
+        assert got == code and type(got) is int, (value, got)
+    with pytest.raises(ValueError, match=r"^expert_load: unknown modality 'audio'"):
+        r("audio", "expert_load")
+    with pytest.raises(ValueError, match=r"^expert_load: unknown modality code 5"):
+        r(5, "expert_load")
+    for bad in (True, np.bool_(False), 1.0, [0]):
+        with pytest.raises(TypeError, match=r"^expert_load: modality must be None, a name or an int code"):
+            r(bad, "expert_load")
+    # the labels of by_modality results and of the modality filter
+    ds = trace_a()
+    split = A.expert_load(ds, by_modality=True)
+    assert split["modality"].values.tolist() == [0, 1, 2]
+    assert split["modality_name"].values.tolist() == ["text", "image", "special"]
+    image = A.expert_load(ds, modality=Modality.IMAGE_PATCH)
+    assert image.equals(A.expert_load(ds, modality="patch")) and image.attrs["modality_filter"] == "image (1)"
+    close(image.sel(moe_layer=0), [2 / 4, 1 / 4, 1 / 4, 0])  # t1 {1,0}, t2 {0,2} over k T = 4
+
+
+def test_layer_arguments_are_decoder_layer_indices():
+    ds = trace_a()  # MoE layers at decoder layers 1 and 3 (positions 0 and 1)
+    assert _common.layer_position(ds, 1) == 0 and _common.layer_position(ds, 3) == 1
+    assert _common.layer_position(ds, np.int64(3)) == 1 and _common.layer_position(ds, ds["layer"][1]) == 1
+    for bad in (0, 2, 4, -1):  # decoder layers that are not MoE layers (0 is a position, not a layer)
+        with pytest.raises(ValueError, match=rf"coactivation: decoder layer {bad} is not a MoE layer.*\[1, 3\]"):
+            A.coactivation(ds, bad)
+        with pytest.raises(ValueError, match=rf"layer_transitions: decoder layer {bad} is not a MoE layer"):
+            A.layer_transitions(ds, 1, bad)
+    for bad in (True, 1.0, "1", None):  # True == 1 and 1.0 == 1 would silently pick layer 1
+        with pytest.raises(TypeError, match="decoder layer index"):
+            A.coactivation(ds, bad)
+        with pytest.raises(TypeError, match="decoder layer index"):
+            A.layer_transitions(ds, bad, 3)
+    # numpy / 0-d DataArray layer values select the same layer as the int
+    assert A.coactivation(ds, np.int16(3), counts=True).equals(A.coactivation(ds, 3, counts=True))
+    assert A.layer_transitions(ds, ds["layer"][0], ds["layer"][1], counts=True).values.tolist() == [
+        [1, 0, 1, 2], [1, 0, 0, 1], [0, 0, 0, 0], [0, 0, 0, 0]]
+
+
 # --------------------------------------------------------------------------- entropy
 def test_router_entropy_scores_hand():
     ent = A.router_entropy(trace_a())
@@ -237,10 +287,19 @@ def test_router_entropy_logits_hand():
 
 
 def test_router_entropy_k1_without_logits_errors():
-    with pytest.raises(ValueError, match="undefined"):
+    with pytest.raises(ValueError, match="undefined") as err:
         A.router_entropy(trace_b())
+    # the capture that records router logits is named "logits" (the "router" capture has only top-k)
+    msg = str(err.value)
+    assert "capture 'logits'" in msg and "capture=('router', 'logits')" in msg, msg
+    assert "capture 'router'" not in msg, msg
     with pytest.raises(KeyError, match="router_logits"):
         A.router_entropy(trace_a(), source="logits")
+    # top-1 WITH logits but source="scores": a point mass too; the message points to the logits
+    with_logits = trace_b().assign(router_logits=(("token", "moe_layer", "expert"), np.zeros((5, 1, 4), np.float32)))
+    with pytest.raises(ValueError, match="use source='logits'"):
+        A.router_entropy(with_logits, source="scores")
+    close(A.router_entropy(with_logits)["mean_entropy"], [1.0])  # equal logits: uniform softmax
 
 
 # --------------------------------------------------------------------------- co-activation
@@ -639,13 +698,13 @@ def test_commit_loads_fast_path():
     ds = trace_a()
     # per-commit counts as the trace writer writes them: commit 0 = t0..t2, commit 1 = t3..t5
     e = ds["topk_expert"].values.astype(int)
-    per_batch = np.zeros((2, 2, 4), np.int32)
-    for b, rows in enumerate([range(0, 3), range(3, 6)]):
+    per_commit = np.zeros((2, 2, 4), np.int32)
+    for c, rows in enumerate([range(0, 3), range(3, 6)]):
         for t in rows:
             for l in range(2):
                 for x in e[t, l]:
-                    per_batch[b, l, x] += 1
-    fast = ds.assign(expert_load=(("commit", "moe_layer", "expert"), per_batch),
+                    per_commit[c, l, x] += 1
+    fast = ds.assign(expert_load=(("commit", "moe_layer", "expert"), per_commit),
                      commit_end=("commit", np.array([3, 6])))
     assert A.expert_load(fast, normalize=False).values.tolist() == [[5, 4, 3, 0], [3, 2, 3, 4]]
     # deliberately wrong commit counts are used as is (that is the fast path) ...

@@ -479,6 +479,61 @@ def test_api_errors_are_clear(syn, tmp_path):
     assert "single MoE layer" in res.skipped["transitions"]
 
 
+def test_layer_arguments_are_decoder_layers(syn, recorded, tmp_path):
+    """Every layer argument of workbench.export is a decoder layer index; a layer that is not a MoE
+    layer (LAYERS = [1, 3, 5]: 0, 2, 4 are dense, 6 does not exist) is an ExportError."""
+    from workbench.export import (export_coactivation, export_transitions, plot_coactivation,
+                                  plot_transitions)
+
+    ds = open_trace(syn)
+    for bad in (0, 2, 4, 6):
+        with pytest.raises(ExportError, match=rf"layer {bad} is not a MoE layer of this trace"):
+            export_all(syn, tmp_path / "o", layers=[1, bad], progress=False)
+        with pytest.raises(ExportError, match=rf"transitions: layer {bad} is not a MoE layer.*\[1, 3, 5\]"):
+            export_all(syn, tmp_path / "o", transitions=(1, bad), progress=False)
+        with pytest.raises(ExportError, match=rf"coactivation_layer: layer {bad} is not a MoE layer"):
+            export_all(syn, tmp_path / "o", coactivation_layer=bad, progress=False)
+        with pytest.raises(ExportError, match=rf"transitions: layer {bad} is not a MoE layer"):
+            export_transitions(syn, tmp_path / "o", transitions=(bad, 3))
+        with pytest.raises(ExportError, match=rf"coactivation: layer {bad} is not a MoE layer"):
+            export_coactivation(syn, tmp_path / "o", coactivation_layer=bad)
+        with pytest.raises(ExportError, match=rf"layer {bad} is not a MoE layer"):
+            plot_transitions(ds, 1, bad)
+        with pytest.raises(ExportError, match=rf"layer {bad} is not a MoE layer"):
+            plot_coactivation(ds, bad)
+    for bad in ([1.5], [True], ["x"]):  # int(1.5) == 1 and True == 1 would silently select layer 1
+        with pytest.raises(ExportError, match="layers: "):
+            export_all(syn, tmp_path / "o", layers=bad, progress=False)
+    for bad in (1.0, True, "3"):
+        with pytest.raises(ExportError, match="must be a decoder layer index"):
+            export_all(syn, tmp_path / "o", coactivation_layer=bad, progress=False)
+        with pytest.raises(ExportError, match="must be a decoder layer index"):
+            plot_transitions(ds, bad, 5)
+    for bad in ((1,), (1, 3, 5), 3):
+        with pytest.raises(ExportError, match="transitions: expected two MoE layers"):
+            export_transitions(syn, tmp_path / "o", transitions=bad)
+        with pytest.raises(ExportError, match="transitions: expected two MoE layers"):
+            export_all(syn, tmp_path / "o", transitions=bad, progress=False)
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").rglob("*.*"))  # refused: nothing written
+    # numpy integers are decoder indices too: layers 1 and 5, not positions 1 and 5
+    paths = export_transitions(syn, tmp_path / "np", transitions=(np.int64(1), np.int32(5)), formats=["png"])
+    assert [p.name for p in paths] == ["transitions_L1_L5.png"]
+    # top-1 trace: a bad layer is a bad request (ExportError), not a skipped artifact
+    moe = [int(x) for x in open_trace(recorded)["layer"].values]
+    with pytest.raises(ExportError, match=rf"coactivation: layer 7 is not a MoE layer.*{moe}".replace("[", r"\[")):
+        export_coactivation(recorded, tmp_path / "rc", coactivation_layer=7)
+    with pytest.raises(ArtifactSkipped, match="k = 1"):
+        export_coactivation(recorded, tmp_path / "rc", coactivation_layer=moe[0])
+    # attention_layer: a decoder layer with recorded maps (refused before anything is written)
+    with pytest.raises(ExportError, match=r"recorded at decoder layers \[.*\], not 7"):
+        export_all(recorded, tmp_path / "ra", attention_layer=7, progress=False)
+    with pytest.raises(ExportError, match="attention layer must be a decoder layer index"):
+        export_all(recorded, tmp_path / "ra", attention_layer=1.0, progress=False)
+    assert not list((tmp_path / "ra").iterdir())
+    res = export_all(syn, tmp_path / "sa", what="attention", attention_layer=7, progress=False)
+    assert "no cross-modal attention maps" in res.skipped["attention"]  # nothing to draw: the layer is moot
+
+
 # ------------------------------------------------------------------------------- CLI
 def run_cli(*args):
     env = dict(os.environ, PYTHONPATH=str(ROOT))

@@ -1,12 +1,17 @@
-"""Routing analyses on ``workbench.trace/1`` datasets (see design.md, "Routing analyses").
+"""Routing analyses on ``workbench.trace/2`` traces (schema and glossary: :mod:`workbench.trace.schema`;
+v1 traces as :func:`workbench.trace.open_trace` presents them).
 
 Every function takes an ``xarray.Dataset`` trace (in memory, or lazy/dask-backed as returned by
 ``xr.open_zarr``/``open_trace``) and streams it in token blocks, so traces larger than memory
 work. Results are labelled xarray objects with dims ``moe_layer``/``expert``/... and the
-``layer`` coordinate (decoder layer index) kept. ``modality=`` filters tokens
-("text"/"image"/"special"/int code); the load, imbalance and entropy functions also take
-``by_modality=True`` (adds a ``modality`` dim, codes 0/1/2). The number of experts comes
-from ``attrs['n_experts']`` or the router_logits' expert dim; pass ``n_experts=`` otherwise.
+``layer`` coordinate (decoder layer index) kept. Layer arguments (``layer`` of
+:func:`coactivation`, ``a``/``b`` of :func:`layer_transitions`, ``layer`` of
+:func:`expert_ablation`) are decoder layer indices; a decoder layer that is not a MoE layer raises
+a ValueError naming the MoE layers, a non-integer a TypeError. ``modality=`` filters tokens
+(a :class:`~workbench.trace.schema.Modality`, its name "text"/"image"/"special" or its code); the
+load, imbalance and entropy functions also take ``by_modality=True`` (adds a ``modality`` dim,
+the Modality codes 0/1/2). The number of experts comes from ``attrs['n_experts']`` or the
+router_logits' expert dim; pass ``n_experts=`` otherwise.
 """
 
 from .ablation import expert_ablation

@@ -1,6 +1,7 @@
 """Shared helpers for the routing analyses: schema checks, filters and out-of-core block loops.
 
-Every analysis reads a trace (``workbench.trace/1``) block by block along the ``token`` dim:
+Every analysis reads a trace (schema ``workbench.trace/2``, :mod:`workbench.trace.schema`; a v1
+trace as :func:`workbench.trace.open_trace` presents it) block by block along the ``token`` dim:
 a block is a contiguous token range whose size follows the dask chunks of the trace (merged
 up to :data:`BLOCK_TOKENS` rows and capped at :data:`BLOCK_BYTES` of data), is materialised
 as numpy, reduced, and dropped.  Memory is therefore bounded by a few blocks whatever the
@@ -13,10 +14,13 @@ from __future__ import annotations
 
 import concurrent.futures as _cf
 import math
+import operator
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import xarray as xr
+
+from workbench.trace.schema import Modality
 
 #: largest number of token rows in one block
 BLOCK_TOKENS = 65536
@@ -25,8 +29,10 @@ BLOCK_BYTES = 256 * 2**20
 #: load block i+1 in a background thread while block i is reduced
 PREFETCH = True
 
-MODALITY_CODES = {"text": 0, "image": 1, "special": 2}
-MODALITY_NAMES = ("text", "image", "special")
+#: short name -> code of each :class:`~workbench.trace.schema.Modality` ({"text": 0, "image": 1, "special": 2})
+MODALITY_CODES = {m.label: int(m) for m in Modality}
+#: short name of each modality, indexed by code (the ``modality`` dim of ``by_modality=True`` results)
+MODALITY_NAMES = tuple(Modality(c).label for c in range(len(Modality)))
 
 _REQUIRED_DIMS = {
     "token_id": ("token",),
@@ -48,7 +54,7 @@ def require(ds: xr.Dataset, *names: str, who: str = "analysis") -> None:
         if name not in ds.variables:
             raise KeyError(
                 f"{who}: trace has no variable {name!r} (has: {sorted(map(str, ds.variables))}); "
-                "see the workbench.trace/1 schema"
+                "see the workbench.trace/2 schema (workbench.trace.schema)"
             )
         want = set(_REQUIRED_DIMS.get(name, ()))
         have = set(ds[name].dims)
@@ -80,24 +86,18 @@ def get_n_experts(ds: xr.Dataset, n_experts: int | None = None, who: str = "anal
 
 
 def resolve_modality(modality, who: str = "analysis") -> int | None:
-    """None -> no filter; 'text'/'image'/'special' or 0/1/2 -> that code."""
+    """None -> no filter; a :class:`~workbench.trace.schema.Modality`, a name ('text', 'image',
+    'image_patch', 'patch', 'special') or a code (0/1/2) -> that code (``Modality.parse``)."""
     if modality is None:
         return None
-    if isinstance(modality, str):
-        key = modality.lower()
-        if key in ("image_patch", "patch"):
-            key = "image"
-        if key not in MODALITY_CODES:
-            raise ValueError(
-                f"{who}: unknown modality {modality!r}; use None, one of {list(MODALITY_CODES)} "
-                "or an int code (0 text, 1 image patch, 2 special)"
-            )
-        return MODALITY_CODES[key]
-    if isinstance(modality, (bool, np.bool_)):
+    if isinstance(modality, (bool, np.bool_)):  # Modality.parse refuses bool, but not numpy's
         raise TypeError(f"{who}: modality must be None, a name or an int code, got {modality!r}")
-    if isinstance(modality, (int, np.integer)):
-        return int(modality)
-    raise TypeError(f"{who}: modality must be None, a name or an int code, got {modality!r}")
+    try:
+        return int(Modality.parse(modality))
+    except TypeError:
+        raise TypeError(f"{who}: modality must be None, a name or an int code, got {modality!r}") from None
+    except ValueError as e:
+        raise ValueError(f"{who}: {e} (or None for all tokens)") from None
 
 
 def check_filters(modality, by_modality: bool, who: str) -> int | None:
@@ -107,19 +107,36 @@ def check_filters(modality, by_modality: bool, who: str) -> int | None:
     return code
 
 
-def layer_position(ds: xr.Dataset, layer, who: str = "analysis") -> int:
-    """Position on the moe_layer dim of decoder layer ``layer`` (a value of the ``layer`` coordinate)."""
-    if "layer" not in ds.coords:
-        raise KeyError(f"{who}: trace has no 'layer' coordinate on moe_layer (workbench.trace/1 requires one)")
-    layers = np.asarray(ds["layer"].values)
+def as_index(value) -> int | None:
+    """``value`` as a Python int when it is an integer (Python or numpy integer, 0-d integer array
+    or DataArray); None for anything else (bool, float, str, ...)."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, xr.DataArray):
+        value = value.values
+    if isinstance(value, np.ndarray):
+        return int(value) if value.ndim == 0 and value.dtype.kind in "iu" else None
     try:
-        value = int(layer)
-    except (TypeError, ValueError):
-        raise TypeError(f"{who}: layer must be a decoder layer index (int), got {layer!r}") from None
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def layer_position(ds: xr.Dataset, layer, who: str = "analysis") -> int:
+    """Position on the moe_layer dim of decoder layer ``layer`` (a value of the ``layer`` coordinate).
+
+    Raises TypeError when ``layer`` is not an integer (bool, float, str...) and ValueError, naming
+    the trace's MoE layers, when decoder layer ``layer`` is not a MoE layer of the trace."""
+    if "layer" not in ds.coords:
+        raise KeyError(f"{who}: trace has no 'layer' coordinate on moe_layer (the trace schema requires one)")
+    value = as_index(layer)
+    if value is None:
+        raise TypeError(f"{who}: layer must be a decoder layer index (int), got {layer!r}")
+    layers = np.asarray(ds["layer"].values)
     hits = np.flatnonzero(layers == value)
-    if hits.size == 0 or value != layer:
+    if hits.size == 0:
         raise ValueError(
-            f"{who}: decoder layer {layer!r} is not a MoE layer of this trace; "
+            f"{who}: decoder layer {value} is not a MoE layer of this trace; "
             f"available MoE layers (coordinate 'layer'): {layers.tolist()}"
         )
     return int(hits[0])

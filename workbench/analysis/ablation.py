@@ -10,6 +10,8 @@ import xarray as xr
 
 from workbench.hooks.interventions import block_experts, moe_layers
 
+from ._common import as_index
+
 __all__ = ["expert_ablation"]
 
 
@@ -23,8 +25,8 @@ def _next_token_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
 
 @torch.no_grad()
 def expert_ablation(model, inputs: Mapping[str, torch.Tensor], layer: int, experts: Iterable[int]) -> xr.Dataset:
-    """Mask each expert in ``experts`` at MoE decoder layer ``layer`` (its router logit -> -inf, so
-    top-k picks among the remaining experts) and report, per expert, against the unablated model:
+    """Mask each expert in ``experts`` at decoder layer ``layer`` (a MoE layer: its router logit -> -inf,
+    so top-k picks among the remaining experts) and report, per expert, against the unablated model:
 
     - ``delta_loss`` = L_ablated - L_base, L the mean next-token cross-entropy (nats) over real
       token pairs of ``inputs`` (input_ids (B,T), attention_mask (B,T), pixel_values optional);
@@ -35,8 +37,14 @@ def expert_ablation(model, inputs: Mapping[str, torch.Tensor], layer: int, exper
     Returns an xarray.Dataset with dim ``expert``; ``attrs['baseline_loss']``. The ablation is an
     edit on the router's hook point (:func:`workbench.hooks.interventions.block_experts`), so
     recorders attached to the model keep recording (the rerouted decisions).
+    Raises TypeError when ``layer`` is not an integer, ValueError (naming the MoE layers) when decoder
+    layer ``layer`` is not a MoE layer of the model, or for an expert out of range.
     """
     moes = moe_layers(model)
+    value = as_index(layer)
+    if value is None:
+        raise TypeError(f"expert_ablation: layer must be a decoder layer index (int), got {layer!r}")
+    layer = value
     if layer not in moes:
         raise ValueError(f"expert_ablation: layer {layer} is not a MoE layer; MoE layers: {list(moes)}")
     moe = moes[layer]

@@ -12,7 +12,8 @@ def coactivation(ds: xr.Dataset, layer: int, *, counts: bool = False, modality=N
                  n_experts: int | None = None) -> xr.DataArray:
     """Co-activation matrix of one MoE layer, dims ``(expert, expert_j)``.
 
-    ``layer`` is a decoder layer index (a value of the ``layer`` coordinate).
+    ``layer`` is a decoder layer index (a value of the ``layer`` coordinate); one that is not a MoE
+    layer of the trace raises a ValueError (:func:`~workbench.analysis._common.layer_position`).
     Over the selected tokens t with top-k set S_t,
 
         N_i  = #{t : i in S_t}

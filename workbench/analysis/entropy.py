@@ -77,40 +77,61 @@ def router_entropy(ds: xr.Dataset, *, source: str = "auto", modality=None, by_mo
     code = C.check_filters(modality, by_modality, who)
     C.require(ds, "topk_expert", who=who)
     E = C.get_n_experts(ds, n_experts, who)
-    k = ds.sizes["k"]
+    var, func, prob = _probability_source(ds, source, E, who)
+    if by_modality or code is not None:
+        C.require(ds, "modality", who=who)
+    lazy = ds[var].chunks is not None
+    sums, ntok, eager = _stream_entropy(ds, var, func, E, code, by_modality, keep=per_token and not lazy)
+    mean = C.safe_div(sums, ntok[:, None])
+    if not per_token:
+        per_tok = None
+    elif lazy:
+        per_tok = _lazy_entropy(ds, var, func, E, code)
+    else:
+        per_tok = eager
+    return _entropy_dataset(ds, mean, ntok, per_tok, prob=prob, code=code, by_modality=by_modality, E=E)
+
+
+def _probability_source(ds: xr.Dataset, source: str, E: int, who: str):
+    """``(variable, per-block entropy function, attrs['probabilities'])`` of the probabilities
+    chosen by ``source`` (see :func:`router_entropy`); clear errors when the trace lacks them."""
     has_logits = "router_logits" in ds.variables
     if source not in ("auto", "logits", "scores"):
         raise ValueError(f"{who}: source must be 'auto', 'logits' or 'scores', got {source!r}")
     if source == "logits" and not has_logits:
         raise KeyError(f"{who}: source='logits' but the trace has no 'router_logits' variable")
-    use_logits = has_logits and source != "scores"
-    if use_logits:
+    if has_logits and source != "scores":
         C.require(ds, "router_logits", who=who)
         if ds["router_logits"].sizes["expert"] != E:
             raise ValueError(
                 f"{who}: router_logits has {ds['router_logits'].sizes['expert']} experts but n_experts={E}"
             )
-        var, func, prob = "router_logits", _entropy_logits, PROB_LOGITS
-    else:
-        if k == 1:
-            raise ValueError(
-                f"{who}: entropy is undefined for this trace: it has no router_logits and top-k = 1, so "
-                "the only recorded probability is the single chosen expert's applied score (a point "
-                "mass). Record router logits (capture 'router') to get a distribution over experts."
-            )
-        C.require(ds, "topk_weight", who=who)
-        var, func, prob = "topk_weight", _entropy_scores, PROB_SCORES
+        return "router_logits", _entropy_logits, PROB_LOGITS
+    if ds.sizes["k"] == 1 and has_logits:  # source="scores"
+        raise ValueError(
+            f"{who}: entropy of the scores is undefined with top-k = 1 (the single chosen expert's applied "
+            "score is a point mass); use source='logits' (the trace records router_logits)"
+        )
+    if ds.sizes["k"] == 1:
+        raise ValueError(
+            f"{who}: entropy is undefined for this trace: it has no router_logits and top-k = 1, so "
+            "the only recorded probability is the single chosen expert's applied score (a point "
+            "mass). Record router logits (the capture 'logits': capture=('router', 'logits')) to get "
+            "a distribution over experts."
+        )
+    C.require(ds, "topk_weight", who=who)
+    return "topk_weight", _entropy_scores, PROB_SCORES
 
+
+def _stream_entropy(ds: xr.Dataset, var: str, func, E: int, code: int | None, by_modality: bool, keep: bool):
+    """One pass over token blocks: per-layer sums of H_t and token counts per group (the modalities
+    with ``by_modality``, else one group of the selected tokens), and with ``keep`` the per-token
+    values ``(entropy (n, L) float32, token rows)`` of the selected tokens (None otherwise)."""
     L = ds.sizes["moe_layer"]
-    need_mod = by_modality or code is not None
-    if need_mod:
-        C.require(ds, "modality", who=who)
-    names = [var] + (["modality"] if need_mod else [])
+    names = [var] + (["modality"] if by_modality or code is not None else [])
     groups = len(C.MODALITY_NAMES) if by_modality else 1
     sums = np.zeros((groups, L), dtype=np.float64)
     ntok = np.zeros(groups, dtype=np.int64)
-    lazy = ds[var].chunks is not None
-    keep = per_token and not lazy
     pieces, rows = [], []
     for sl, blk in C.iter_blocks(ds, names):
         h = func(blk[var], E)
@@ -133,28 +154,37 @@ def router_entropy(ds: xr.Dataset, *, source: str = "auto", modality=None, by_mo
         if keep:
             pieces.append(h)
             rows.append(idx)
-    mean = C.safe_div(sums, ntok[:, None])
+    if not keep:
+        return sums, ntok, None
+    vals = np.concatenate(pieces) if pieces else np.zeros((0, L), dtype=np.float32)
+    sel_idx = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    return sums, ntok, (vals, sel_idx)
 
-    lc = C.layer_coords(ds)
+
+def _lazy_entropy(ds: xr.Dataset, var: str, func, E: int, code: int | None):
+    """Per-token entropy of a dask-backed trace as a lazy (token, moe_layer) array over the selected
+    tokens, and their rows."""
+    core = "expert" if var == "router_logits" else "k"
+    src = ds[var].transpose("token", "moe_layer", core)
+    if code is not None:
+        sel_idx = np.flatnonzero(C.load_column(ds, "modality") == code)
+        src = src.isel(token=sel_idx)
+    else:
+        sel_idx = np.arange(ds.sizes["token"])
+    ent = xr.apply_ufunc(func, src.variable, input_core_dims=[[core]], dask="parallelized",
+                         output_dtypes=[np.float32], kwargs={"n_experts": E})
+    return ent.data, sel_idx
+
+
+def _entropy_dataset(ds: xr.Dataset, mean: np.ndarray, ntok: np.ndarray, per_tok, *, prob: str,
+                     code: int | None, by_modality: bool, E: int) -> xr.Dataset:
+    """The result Dataset of :func:`router_entropy`: ``mean`` (groups, L) means, ``ntok`` token counts
+    per group, ``per_tok`` ``(entropy (n, L), token rows)`` or None, with definitions in attrs."""
     data = {}
-    if per_token:
-        if lazy:
-            src = ds[var].transpose("token", "moe_layer", "expert" if use_logits else "k")
-            if code is not None:
-                sel_idx = np.flatnonzero(C.load_column(ds, "modality") == code)
-                src = src.isel(token=sel_idx)
-            else:
-                sel_idx = np.arange(ds.sizes["token"])
-            core = "expert" if use_logits else "k"
-            ent = xr.apply_ufunc(func, src.variable, input_core_dims=[[core]], dask="parallelized",
-                                 output_dtypes=[np.float32], kwargs={"n_experts": E})
-            data["entropy"] = (("token", "moe_layer"), ent.data)
-        else:
-            sel_idx = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
-            vals = np.concatenate(pieces) if pieces else np.zeros((0, L), dtype=np.float32)
-            data["entropy"] = (("token", "moe_layer"), vals)
-    coords = dict(lc)
-    if per_token:
+    coords = dict(C.layer_coords(ds))
+    if per_tok is not None:
+        vals, sel_idx = per_tok
+        data["entropy"] = (("token", "moe_layer"), vals)
         coords["token_index"] = ("token", sel_idx)
     if by_modality:
         coords.update(C.modality_coords())
@@ -164,14 +194,14 @@ def router_entropy(ds: xr.Dataset, *, source: str = "auto", modality=None, by_mo
         data["mean_entropy"] = (("moe_layer",), mean[0])
     out = xr.Dataset(data, coords=coords)
     definition = "H_t = -sum_i p_ti log p_ti / log E"
-    if per_token:
+    if per_tok is not None:
         out["entropy"].attrs.update({"definition": definition, "probabilities": prob})
     out["mean_entropy"].attrs.update({"definition": "mean over selected tokens of " + definition,
                                       "probabilities": prob})
-    out.attrs.update({"probabilities": prob, "normalizer": "log(E)", "n_experts": E, "k": k,
+    out.attrs.update({"probabilities": prob, "normalizer": "log(E)", "n_experts": E, "k": ds.sizes["k"],
                       "modality_filter": C.modality_attr(code)})
     if not by_modality:
         out.attrs["n_tokens"] = int(ntok[0])
-    if not use_logits:
+    if prob == PROB_SCORES:
         out.attrs["note"] = "scores cover only the k chosen experts: values are at most log k / log E"
     return out

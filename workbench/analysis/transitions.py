@@ -69,8 +69,7 @@ def repetition_rate(ds: xr.Dataset, *, modality=None, n_experts: int | None = No
     code = C.resolve_modality(modality, who)
     C.require(ds, "topk_expert", who=who)
     E = C.get_n_experts(ds, n_experts, who)
-    L, k = ds.sizes["moe_layer"], ds.sizes["k"]
-    names = _top1_names(ds, k)
+    k = ds.sizes["k"]
     if k > 1:
         C.require(ds, "topk_weight", who=who)
     nxt = next_token_rows(ds, who)
@@ -78,6 +77,15 @@ def repetition_rate(ds: xr.Dataset, *, modality=None, n_experts: int | None = No
     if code is not None:
         C.require(ds, "modality", who=who)
         ok = C.load_column(ds, "modality") == code
+    src, dst, hi = _consecutive_pairs(nxt, ok)
+    n = _repetition_counts(ds, E, k, ok, src, dst, hi, who)
+    return _repetition_dataset(ds, n, E, k, int(src.shape[0]), code)
+
+
+def _consecutive_pairs(nxt: np.ndarray, ok: np.ndarray | None):
+    """Rows ``(src, dst)`` of the consecutive-token pairs (``dst`` the next token of ``src``; both
+    selected by ``ok`` when given) and ``hi = max(src, dst)``, sorted by ``hi``: a pair can be
+    compared once the block holding its later row has been read."""
     src = np.flatnonzero(nxt >= 0)
     dst = nxt[src]
     if ok is not None:
@@ -85,9 +93,15 @@ def repetition_rate(ds: xr.Dataset, *, modality=None, n_experts: int | None = No
         src, dst = src[keep], dst[keep]
     hi = np.maximum(src, dst)
     o = np.argsort(hi, kind="stable")
-    src, dst, hi = src[o], dst[o], hi[o]
-    del o
+    return src[o], dst[o], hi[o]
 
+
+def _repetition_counts(ds: xr.Dataset, E: int, k: int, ok, src, dst, hi, who: str) -> dict[str, np.ndarray]:
+    """One pass over top-k blocks. Per MoE layer: ``counts`` (L*E) top-k slots per expert and
+    ``top1_counts`` (L*E) top-1 per expert over the selected tokens, ``ntok`` selected tokens,
+    ``same`` pairs with the same top-1, ``inter`` summed |S_t ∩ S_t'| over pairs."""
+    L = ds.sizes["moe_layer"]
+    names = _top1_names(ds, k)
     counts = np.zeros(L * E, dtype=np.int64)
     top1_counts = np.zeros(L * E, dtype=np.int64)
     ntok = 0
@@ -119,14 +133,19 @@ def repetition_rate(ds: xr.Dataset, *, modality=None, n_experts: int | None = No
         prev = (sl, cur_data)
     if k == 1:  # the set is the top-1 expert
         top1_counts, inter = counts, same
-    n_pairs = int(src.shape[0])
-    f = C.safe_div(counts.reshape(L, E), k * ntok)
-    g = C.safe_div(top1_counts.reshape(L, E), ntok)
+    return {"counts": counts, "top1_counts": top1_counts, "ntok": ntok, "same": same, "inter": inter}
+
+
+def _repetition_dataset(ds: xr.Dataset, n: dict, E: int, k: int, n_pairs: int, code: int | None) -> xr.Dataset:
+    """The result Dataset of :func:`repetition_rate` from the counts of :func:`_repetition_counts`."""
+    L, ntok = ds.sizes["moe_layer"], n["ntok"]
+    f = C.safe_div(n["counts"].reshape(L, E), k * ntok)
+    g = C.safe_div(n["top1_counts"].reshape(L, E), ntok)
     out = xr.Dataset(
         {
-            "same_top1_rate": (("moe_layer",), C.safe_div(same, n_pairs)),
+            "same_top1_rate": (("moe_layer",), C.safe_div(n["same"], n_pairs)),
             "same_top1_baseline": (("moe_layer",), (g ** 2).sum(axis=1)),
-            "overlap": (("moe_layer",), C.safe_div(inter, k * n_pairs)),
+            "overlap": (("moe_layer",), C.safe_div(n["inter"], k * n_pairs)),
             "overlap_baseline": (("moe_layer",), k * (f ** 2).sum(axis=1)),
             "n_pairs": ((), n_pairs),
         },
@@ -177,8 +196,9 @@ def layer_transitions(ds: xr.Dataset, a: int, b: int, *, counts: bool = False, m
                       n_experts: int | None = None) -> xr.DataArray:
     """Cross-layer transition matrix of top-1 experts, dims ``(expert_a, expert_b)``.
 
-    ``a`` and ``b`` are decoder layer indices (values of the ``layer`` coordinate). Over the
-    selected tokens, with n_ij = #{t : top1_t(a) = i and top1_t(b) = j},
+    ``a`` and ``b`` are decoder layer indices (values of the ``layer`` coordinate); one that is not
+    a MoE layer of the trace raises a ValueError. Over the selected tokens, with
+    n_ij = #{t : top1_t(a) = i and top1_t(b) = j},
 
         P_ij = P(top-1 at layer b = j | top-1 at layer a = i) = n_ij / sum_j n_ij
 

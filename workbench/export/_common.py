@@ -154,14 +154,20 @@ def prepare_out_dir(out_dir: Any, create: bool = True) -> Path:
 
 # ---------------------------------------------------------------------------------- selection
 def parse_int_list(text: str | Sequence[int] | None, what: str) -> list[int] | None:
-    """``"0,3,5-7"`` -> [0, 3, 5, 6, 7]; a list of ints passes through; None -> None."""
+    """``"0,3,5-7"`` -> [0, 3, 5, 6, 7]; an int, or a list of ints (or of integer strings), passes
+    through; None -> None. Anything else (floats, bools...) is an ExportError."""
     if text is None:
         return None
-    if isinstance(text, (int, np.integer)) and not isinstance(text, bool):
-        return [int(text)]
+    if as_index(text) is not None:
+        return [as_index(text)]
     if not isinstance(text, str):
+        vals = []
         try:
-            vals = [int(x) for x in text]
+            for x in text:
+                v = int(x) if isinstance(x, str) else as_index(x)
+                if v is None:
+                    raise ValueError
+                vals.append(v)
         except (TypeError, ValueError):
             raise ExportError(f"{what}: expected integers, got {text!r}") from None
         return vals
@@ -209,11 +215,38 @@ def parse_token_range(tokens: Any) -> tuple[int, int] | None:
         raise ExportError(f"tokens: expected (start, stop) or 'START:STOP', got {tokens!r}") from None
 
 
+def as_index(value: Any) -> int | None:
+    """``value`` as an int when it is an integer, else None (:func:`workbench.analysis._common.as_index`)."""
+    from workbench.analysis._common import as_index as _as_index  # imported on use: workbench.analysis loads torch
+
+    return _as_index(value)
+
+
+def moe_layers_of(ds: xr.Dataset) -> list[int]:
+    """The decoder layer indices of the MoE layers of ``ds`` (its ``layer`` coordinate)."""
+    return [int(x) for x in np.asarray(ds["layer"].values)]
+
+
+def check_moe_layer(ds: xr.Dataset, layer: Any, *, what: str | None = None, scope: str = "the selection") -> int:
+    """``layer``, a decoder layer index, as an int once checked to be a MoE layer of ``ds`` (a value
+    of its ``layer`` coordinate); an ExportError (prefixed ``what:``) naming the MoE layers otherwise."""
+    prefix = f"{what}: " if what else ""
+    value = as_index(layer)
+    if value is None:
+        raise ExportError(f"{prefix}layer must be a decoder layer index (int), got {layer!r}")
+    layers = moe_layers_of(ds)
+    if value not in layers:
+        raise ExportError(f"{prefix}layer {value} is not a MoE layer of {scope}; MoE layers "
+                          f"(decoder layer indices): {layers}")
+    return value
+
+
 @dataclass
 class Selection:
     """Which part of the trace to export.
 
-    layers: decoder layer indices (values of the ``layer`` coordinate; each must be a MoE layer).
+    layers: decoder layer indices (values of the ``layer`` coordinate; each must be a MoE layer, else
+    ExportError).
     sequences: values of the ``sequence`` variable. tokens: a half-open range ``[start, stop)``
     of rows of the trace's ``token`` dimension (the index ``open_trace`` shows; attention maps'
     ``query_token`` refer to it). Filters combine (a token must pass all). None = everything.
@@ -233,16 +266,11 @@ class Selection:
         return sel
 
     def resolve(self, ds: xr.Dataset) -> None:
-        all_layers = [int(x) for x in np.asarray(ds["layer"].values)]
+        all_layers = moe_layers_of(ds)
         if self.layers is None:
             self.layer_pos = list(range(len(all_layers)))
         else:
-            pos = []
-            for layer in self.layers:
-                if layer not in all_layers:
-                    raise ExportError(f"layer {layer} is not a MoE layer of this trace; MoE layers "
-                                      f"(decoder layer indices): {all_layers}")
-                pos.append(all_layers.index(layer))
+            pos = [all_layers.index(check_moe_layer(ds, layer, scope="this trace")) for layer in self.layers]
             self.layer_pos = list(dict.fromkeys(pos))
         n = int(ds.sizes["token"])
         rows = None

@@ -10,8 +10,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import xarray as xr
 
-from ._common import (ArtifactSkipped, ExportError, Selection, export_provenance, jsonable, open_for_export,
-                      prepare_out_dir, with_artifact, write_text_atomic)
+from ._common import (ArtifactSkipped, ExportError, Selection, check_moe_layer, export_provenance, jsonable,
+                      open_for_export, prepare_out_dir, with_artifact, write_text_atomic)
 from .figures import FIGURE_FORMATS, save_figure
 
 __all__ = [
@@ -114,10 +114,23 @@ def _a_token_routing(ctx: ExportContext, formats=FIGURE_FORMATS, sequence=None, 
     return ctx.figure(f"token_routing_seq{seq}", fig, f"Top-1 expert per token of sequence {seq}", formats)
 
 
+def _layer_pair(transitions) -> tuple:
+    """``transitions`` as ``(a, b)`` (``(None, None)`` when not given); ExportError unless two layers."""
+    if transitions is None:
+        return (None, None)
+    try:
+        pair = tuple(transitions)
+    except TypeError:
+        pair = ()
+    if len(pair) != 2:
+        raise ExportError(f"transitions: expected two MoE layers (a, b), got {transitions!r}")
+    return pair
+
+
 def _a_transitions(ctx: ExportContext, formats=FIGURE_FORMATS, transitions=None, **_) -> list[Path]:
     from .figures import _pick_layers, plot_transitions
 
-    a, b = _pick_layers(ctx.sub, *(transitions if transitions is not None else (None, None)))
+    a, b = _pick_layers(ctx.sub, *_layer_pair(transitions))
     return ctx.figure(f"transitions_L{a}_L{b}", plot_transitions(ctx.sub, a, b),
                       f"Top-1 expert transitions from layer {a} to layer {b}", formats)
 
@@ -272,21 +285,26 @@ export_parquet = _single("parquet")
 export_report = _single("report")
 
 
-def _check_options(ctx: ExportContext, sequence, transitions, coactivation_layer) -> None:
+def _check_options(ctx: ExportContext, names: Sequence[str], sequence, transitions, coactivation_layer,
+                   attention_layer) -> None:
     """Refuse bad figure options before anything is written."""
-    layers = [int(x) for x in np.asarray(ctx.sub["layer"].values)]
     if sequence is not None:
         seqs = np.unique(np.asarray(ctx.sub["sequence"].values)).tolist()
         if int(sequence) not in seqs:
             raise ExportError(f"sequence {sequence} is not in the selection; it holds sequences "
                               f"{', '.join(map(str, seqs[:20]))}{' ...' if len(seqs) > 20 else ''}")
-    for what, vals in (("transitions", transitions or ()), ("coactivation_layer", (
-            [] if coactivation_layer is None else [coactivation_layer]))):
-        if what == "transitions" and transitions is not None and len(tuple(transitions)) != 2:
-            raise ExportError(f"transitions: expected two MoE layers (a, b), got {transitions!r}")
-        for v in vals:
-            if int(v) not in layers:
-                raise ExportError(f"{what}: layer {v} is not a MoE layer of the selection; MoE layers: {layers}")
+    for v in _layer_pair(transitions):
+        if v is not None:
+            check_moe_layer(ctx.sub, v, what="transitions")
+    if coactivation_layer is not None:
+        check_moe_layer(ctx.sub, coactivation_layer, what="coactivation_layer")
+    if attention_layer is not None and "attention" in names:
+        from .figures import attention_source
+
+        try:  # a decoder layer with recorded attention maps (dense or MoE)
+            attention_source(ctx.path, ctx.sub, sequence, attention_layer)
+        except ArtifactSkipped:
+            pass  # the artifact will be skipped, whatever the layer
 
 
 def export_all(store, out_dir, what: str | Sequence[str] = ("figures", "tables", "data", "report"), *,
@@ -304,9 +322,12 @@ def export_all(store, out_dir, what: str | Sequence[str] = ("figures", "tables",
     ``sequences`` (sequence ids), ``tokens`` (``(start, stop)`` or ``"start:stop"`` rows).
     ``labels`` (sequence -> domain: a dict, list, or a JSON/JSONL file) enables the domain tables.
     ``sequence``: the sequence shown by the token-routing figure, the report and the attention
-    overlay (default: the first selected one). ``transitions=(a, b)``, ``coactivation_layer``,
-    ``attention_layer``: decoder layers of those figures. ``image``/``image_info``: draw the
-    attention overlay on the image's pixels (see :func:`workbench.export.figures.plot_attention`).
+    overlay (default: the first selected one). ``transitions=(a, b)`` and ``coactivation_layer``:
+    decoder layer indices of MoE layers of the selection; ``attention_layer``: a decoder layer
+    index at which attention maps were recorded (any decoder layer, dense or MoE; default: the
+    last recorded). A bad layer is an ExportError, raised before anything is written.
+    ``image``/``image_info``: draw the attention overlay on the image's pixels (see
+    :func:`workbench.export.figures.plot_attention`).
 
     Layout: ``figures/*.{pdf,svg,png}``, ``tables/*.{csv,tex}``,
     ``data/trace_subset.{nc,parquet}``, ``report.html``, ``manifest.json`` (provenance, files,
@@ -329,7 +350,7 @@ def export_all(store, out_dir, what: str | Sequence[str] = ("figures", "tables",
 
         labels = read_labels(labels)
     ctx = ExportContext.open(store, out_dir, layers=layers, sequences=sequences, tokens=tokens)
-    _check_options(ctx, sequence, transitions, coactivation_layer)
+    _check_options(ctx, names, sequence, transitions, coactivation_layer, attention_layer)
     opts = dict(formats=formats, sequence=sequence, transitions=transitions, coactivation_layer=coactivation_layer,
                 attention_layer=attention_layer, image=image, image_info=image_info, labels=labels,
                 vocab_top=vocab_top, vocab_min_count=vocab_min_count)

@@ -32,8 +32,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import xarray as xr
 
-from ._common import (ArtifactSkipped, ExportError, atomic_path, expert_palette, layer_labels, provenance_text,
-                      token_texts, visible)
+from workbench.trace.schema import Modality
+
+from ._common import (ArtifactSkipped, ExportError, as_index, atomic_path, check_moe_layer, expert_palette,
+                      layer_labels, moe_layers_of, provenance_text, token_texts, visible)
 
 __all__ = [
     "STYLE", "FIGURE_FORMATS", "save_figure",
@@ -75,9 +77,14 @@ STYLE: dict[str, Any] = {
     "figure.dpi": 100,
 }
 
-_MODALITY_LABEL = {0: "text", 1: "image patches", 2: "special"}
-_MODALITY_COLOR = {0: "#E69F00", 1: "#0072B2", 2: "#D55E00"}  # Okabe-Ito orange, blue, vermillion
-_MODALITY_STYLE = {0: dict(ls="--", marker="s"), 1: dict(ls=":", marker="^"), 2: dict(ls="-.", marker="v")}
+# presentation of each Modality (keys are Modality members, which also match the int codes)
+_MODALITY_LABEL = {m: m.label for m in Modality} | {Modality.IMAGE_PATCH: "image patches"}  # legend text
+# Okabe-Ito orange, blue, vermillion
+_MODALITY_COLOR = {Modality.TEXT: "#E69F00", Modality.IMAGE_PATCH: "#0072B2", Modality.SPECIAL: "#D55E00"}
+_MODALITY_STYLE = {Modality.TEXT: dict(ls="--", marker="s"), Modality.IMAGE_PATCH: dict(ls=":", marker="^"),
+                   Modality.SPECIAL: dict(ls="-.", marker="v")}
+# the modality row under the token-routing strip
+_MODALITY_SHADE = {Modality.TEXT: "#FFFFFF", Modality.IMAGE_PATCH: "#888888", Modality.SPECIAL: "#000000"}
 
 
 def _rc():
@@ -358,10 +365,9 @@ def plot_token_routing(ds: xr.Dataset, sequence: int | None = None, max_tokens: 
         ax.set_yticklabels(layer_labels(ds))
         ax.set_ylabel("MoE layer")
         ax.tick_params(axis="x", labelbottom=False, length=0)
-        mod_colors = {0: "#FFFFFF", 1: "#888888", 2: "#000000"}
         mrow = np.array([[int(m) for m in d["modality"]]])
-        axm.imshow(mrow, cmap=ListedColormap([mod_colors[0], mod_colors[1], mod_colors[2]]), vmin=-0.5, vmax=2.5,
-                   aspect="auto", interpolation="nearest")
+        axm.imshow(mrow, cmap=ListedColormap([_MODALITY_SHADE[m] for m in sorted(Modality)]), vmin=-0.5,
+                   vmax=max(Modality) + 0.5, aspect="auto", interpolation="nearest")
         axm.set_yticks([0])
         axm.set_yticklabels(["modality"])
         step = max(1, int(np.ceil(T / 64)))
@@ -379,8 +385,8 @@ def plot_token_routing(ds: xr.Dataset, sequence: int | None = None, max_tokens: 
             axk.set_xticks(np.arange(0, E, step))
             axk.set_xticklabels([str(t) for t in range(0, E, step)], fontsize=6)
             axk.set_xlabel("expert color key", fontsize=6)
-        handles += [Patch(facecolor=mod_colors[m], edgecolor="#555555", lw=0.4, label=_MODALITY_LABEL[m])
-                    for m in sorted(set(int(x) for x in d["modality"]))]
+        handles += [Patch(facecolor=_MODALITY_SHADE[m], edgecolor="#555555", lw=0.4, label=_MODALITY_LABEL[m])
+                    for m in sorted(set(Modality(int(x)) for x in d["modality"]))]
         fig.legend(handles=handles, loc="outside right upper", ncol=1 if len(handles) <= 14 else 2,
                    handlelength=1.0, handleheight=1.0, fontsize=6)
         shown = f"first {T} of {d['n_total']} tokens" if T < d["n_total"] else f"{T} tokens"
@@ -389,7 +395,9 @@ def plot_token_routing(ds: xr.Dataset, sequence: int | None = None, max_tokens: 
 
 
 def _pick_layers(ds: xr.Dataset, a, b) -> tuple[int, int]:
-    layers = [int(x) for x in np.asarray(ds["layer"].values)]
+    """Decoder layers ``(a, b)`` of the transitions figure: both checked MoE layers of ``ds``, or
+    (neither given) its first two MoE layers."""
+    layers = moe_layers_of(ds)
     if a is None and b is None:
         if len(layers) < 2:
             raise ArtifactSkipped(f"transitions figure skipped: the selection has a single MoE layer ({layers}); "
@@ -397,15 +405,13 @@ def _pick_layers(ds: xr.Dataset, a, b) -> tuple[int, int]:
         return layers[0], layers[1]
     if a is None or b is None:
         raise ExportError("transitions: give both layers a and b, or neither")
-    for x in (a, b):
-        if int(x) not in layers:
-            raise ExportError(f"layer {x} is not a MoE layer of the selection; MoE layers: {layers}")
-    return int(a), int(b)
+    return check_moe_layer(ds, a, what="transitions"), check_moe_layer(ds, b, what="transitions")
 
 
 def plot_transitions(ds: xr.Dataset, a: int | None = None, b: int | None = None):
     """Top-1 transition matrix P(expert at layer b | expert at layer a)
-    (``workbench.analysis.layer_transitions``); default: the first two selected MoE layers."""
+    (``workbench.analysis.layer_transitions``). ``a``, ``b``: decoder layer indices of MoE layers of
+    ``ds`` (ExportError otherwise); default: the first two selected MoE layers."""
     from workbench.analysis import layer_transitions
 
     a, b = _pick_layers(ds, a, b)
@@ -429,18 +435,15 @@ def plot_transitions(ds: xr.Dataset, a: int | None = None, b: int | None = None)
 
 def plot_coactivation(ds: xr.Dataset, layer: int | None = None):
     """Co-activation P(j in S_t | i in S_t) within the top-k set at one MoE layer
-    (``workbench.analysis.coactivation``); top-k > 1 only. Default: the first selected layer."""
+    (``workbench.analysis.coactivation``); top-k > 1 only. ``layer``: the decoder layer index of a
+    MoE layer of ``ds`` (ExportError otherwise, whatever k); default: the first selected layer."""
     from workbench.analysis import coactivation
 
+    layer = moe_layers_of(ds)[0] if layer is None else check_moe_layer(ds, layer, what="coactivation")
     k = int(ds.sizes["k"])
     if k < 2:
         raise ArtifactSkipped("co-activation figure skipped: top-1 routing (k = 1) has no expert pairs")
-    layers = [int(x) for x in np.asarray(ds["layer"].values)]
-    if layer is None:
-        layer = layers[0]
-    elif int(layer) not in layers:
-        raise ExportError(f"layer {layer} is not a MoE layer of the selection; MoE layers: {layers}")
-    C = coactivation(ds, int(layer))
+    C = coactivation(ds, layer)
     E = C.shape[0]
     side = SINGLE if E <= 32 else DOUBLE * 0.75
     with _rc():
@@ -469,10 +472,11 @@ def _rgb(image: Any) -> np.ndarray:
         raise ExportError(str(e)) from None
 
 
-def attention_values(store: Path, ds: xr.Dataset, sequence: int | None = None, layer: int | None = None,
-                     query: int | None = None, image_index: int = 0, token_rows: np.ndarray | None = None):
-    """Per-patch attention of one image: mean over heads and over the query tokens (or one query
-    token row), at one recorded decoder layer (default: the last recorded). Returns a dict."""
+def attention_source(store: Path | None, ds: xr.Dataset, sequence: int | None = None, layer: int | None = None):
+    """``(sequence, attention maps of that sequence, decoder layer)`` to draw: ``sequence`` (default:
+    the first selected sequence with maps) and ``layer``, a decoder layer index at which the maps
+    were recorded (any decoder layer, dense or MoE; default: the last recorded). ArtifactSkipped
+    when there is nothing to draw, ExportError for a sequence or layer without maps."""
     from workbench.trace import attention_sequences, open_attention
 
     if store is None:
@@ -493,10 +497,21 @@ def attention_values(store: Path, ds: xr.Dataset, sequence: int | None = None, l
     att = open_attention(store, int(sequence))
     layers = [int(x) for x in att["layer"].values]
     if layer is None:
-        layer = layers[-1]
-    elif int(layer) not in layers:
-        raise ExportError(f"attention maps of sequence {sequence} were recorded at decoder layers {layers}, not {layer}")
-    a = att.sel(layer=int(layer))
+        return int(sequence), att, layers[-1]
+    value = as_index(layer)
+    if value is None:
+        raise ExportError(f"attention layer must be a decoder layer index (int), got {layer!r}")
+    if value not in layers:
+        raise ExportError(f"attention maps of sequence {sequence} were recorded at decoder layers {layers}, not {value}")
+    return int(sequence), att, value
+
+
+def attention_values(store: Path, ds: xr.Dataset, sequence: int | None = None, layer: int | None = None,
+                     query: int | None = None, image_index: int = 0, token_rows: np.ndarray | None = None):
+    """Per-patch attention of one image: mean over heads and over the query tokens (or one query
+    token row), at one recorded decoder layer (:func:`attention_source`). Returns a dict."""
+    sequence, att, layer = attention_source(store, ds, sequence, layer)
+    a = att.sel(layer=layer)
     qtok = np.asarray(att["query_token"].values)
     if query is not None:
         hit = np.flatnonzero(qtok == int(query))

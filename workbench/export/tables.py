@@ -35,12 +35,12 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import xarray as xr
 
+from workbench.trace.schema import Modality
+
 from ._common import ArtifactSkipped, ExportError, atomic_path
 
 __all__ = ["Table", "latex_escape", "latex_token", "write_csv", "write_latex", "layer_metrics_table",
            "layer_metrics_by_modality_table", "vocab_tables", "domain_tables"]
-
-_MOD_NAMES = {0: "text", 1: "image", 2: "special"}
 
 
 @dataclass
@@ -230,7 +230,7 @@ def layer_metrics_by_modality_table(ds: xr.Dataset) -> Table:
     rows = []
     for m in present:
         for i, layer in enumerate(np.asarray(ds["layer"].values)):
-            r = [_MOD_NAMES.get(m, str(m)), int(layer), int(ntok[m])]
+            r = [Modality(m).label, int(layer), int(ntok[m])]
             r += [float(imb[c.key].values[m, i]) for c in _METRIC_COLUMNS]
             if ent is not None:
                 r.append(float(ent["mean_entropy"].values[m, i]))

@@ -229,7 +229,7 @@ CORE_VARIABLES = (
              attrs={"long_name": "sequence (input) number"}),
     Variable("position", (TOKEN,), (), "int32", codec="sequential", valid_range=(0, _I32),
              attrs={"long_name": "position in the sequence"}),
-    Variable("modality", (TOKEN,), (), "int8", valid_range=(0, max(Modality)),
+    Variable("modality", (TOKEN,), (), "int8", valid_range=(0, int(max(Modality))),
              attrs={"long_name": "0 text, 1 image patch, 2 special"}),
 )
 COMMIT_END = "commit_end"  # (commit,) int64, written by the writer itself
