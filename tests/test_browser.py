@@ -229,7 +229,7 @@ NOTEBOOK = [
     "                               RoutingFlow, TraceComparison)",
     "dash = ExpertLoadDashboard('trace.zarr')\ndash",
     "tokens = TokenRoutingView('trace.zarr', page_size=120)\ntokens",
-    "flow = RoutingFlow('trace.zarr', a=0, b=2)\nflow",
+    "flow = RoutingFlow('trace.zarr', a=1, b=5)\nflow",  # decoder layers (MoE layers 1, 3, 5, 7)
     "cmp = TraceComparison('trace.zarr', 'trace_b.zarr', labels=('A', 'B'))\ncmp",
     "yy, xx = np.mgrid[0:56, 0:112]\n"
     "img = np.stack([xx * 2, yy * 4, 255 - xx * 2], -1).clip(0, 255).astype(np.uint8)\n"
@@ -321,6 +321,7 @@ def test_views_render_and_react_in_jupyterlab(tmp_path):
 
         # ---- routing flow: choosing another target layer redraws the Sankey
         s0 = fig_state(page, "RoutingFlow.sankey")
+        assert "L1 \u2192 L5" in s0["title"], s0["title"]  # a=1, b=5 are decoder indices
         page.locator(".wb-routing-flow .widget-dropdown:has(.widget-label:text-is('To layer')) select") \
             .select_option(label="L3")
         page.wait_for_function(

@@ -147,14 +147,49 @@ def test_dashboard_heatmap_equals_hand_counts_and_toggles(tiny):
 
 def test_dashboard_layer_slider_bars_use_expert_colors(tiny):
     p, d = tiny
-    dash = ExpertLoadDashboard(p, mode="count", layer=0)
+    dash = ExpertLoadDashboard(p, mode="count", layer=1)  # decoder layer 1: the first MoE layer
     n = hand_counts(d)
     np.testing.assert_array_equal(dash.bars.data[0].y, n[0])
     assert list(dash.bars.data[0].marker.color) == expert_colors(E)
-    dash.w_layer.value = 2
+    assert dash.layer == 1
+    dash.w_layer.value = 2  # the slider's third position: decoder layer 5
     np.testing.assert_array_equal(dash.bars.data[0].y, n[2])
     assert "L5" in dash.bars.layout.title.text
     assert dash.heatmap.layout.shapes[0].y0 == 1.5
+    assert dash.layer == 5
+    assert [lab for lab, _ in dash.w_layer.options] == ["L1", "L3", "L5"]
+
+
+def test_dashboard_layer_is_a_decoder_index(tiny):
+    """layer= names a decoder layer (LAYERS = [1, 3, 5]): layer=3 shows the second MoE layer's counts."""
+    p, d = tiny
+    n = hand_counts(d)
+    dash = ExpertLoadDashboard(p, mode="count", layer=3)
+    np.testing.assert_array_equal(dash.bars.data[0].y, n[1])
+    assert dash.bars.layout.title.text.startswith("Layer L3:")
+    assert dash.heatmap.layout.shapes[0].y0 == 0.5 and dash.heatmap.layout.shapes[0].y1 == 1.5
+    assert dash.layer == 3 and dash.w_layer.value == 1
+    dash.layer = 5
+    np.testing.assert_array_equal(dash.bars.data[0].y, n[2])
+    assert dash.bars.layout.title.text.startswith("Layer L5:")
+    default = ExpertLoadDashboard(p, mode="count")  # the first MoE layer
+    assert default.layer == 1
+    np.testing.assert_array_equal(default.bars.data[0].y, n[0])
+    for bad in (0, 2, 4, 6):  # dense layers, and one past the last
+        with pytest.raises(ValueError, match=rf"decoder layer {bad} is not a MoE layer.*\[1, 3, 5\]"):
+            ExpertLoadDashboard(p, layer=bad)
+        with pytest.raises(ValueError, match=r"\[1, 3, 5\]"):
+            dash.layer = bad
+    assert dash.layer == 5  # unchanged by the refused values
+    np.testing.assert_array_equal(dash.bars.data[0].y, n[2])
+
+
+@pytest.mark.parametrize("modality,code", [("text", 0), ("image", 1), ("special", 2), (1, 1)])
+def test_dashboard_modality_argument_takes_codes_and_names(tiny, modality, code):
+    p, d = tiny
+    dash = ExpertLoadDashboard(p, mode="count", modality=modality)
+    np.testing.assert_array_equal(dash.z, hand_counts(d, d["modality"] == code))
+    assert dash.w_modality.value == code
 
 
 @pytest.mark.parametrize("code", [0, 1, 2])
@@ -214,7 +249,7 @@ def test_dashboard_refresh_rereads_a_growing_trace(tmp_path):
 class FakeRecorder:
     """Duck-typed live source: running totals that grow while a 'run' streams."""
 
-    def __init__(self, L=3, n_experts=E, k=1):
+    def __init__(self, L=3, n_experts=E, k=1, layers=(1, 3, 5)):
         import xarray as xr
 
         self._xr = xr
@@ -223,11 +258,12 @@ class FakeRecorder:
         self.k = k
         self.polls = 0
         self._closed = False
+        self.layers = list(layers)
 
     def loads(self):
         self.polls += 1
         return self._xr.DataArray(self.counts.copy(), dims=("moe_layer", "expert"),
-                                  coords={"layer": ("moe_layer", [1, 3, 5])})
+                                  coords={"layer": ("moe_layer", self.layers)})
 
     def add(self, n, rng):
         e = rng.integers(0, self.counts.shape[1], (n, self.counts.shape[0]))
@@ -258,6 +294,21 @@ def test_live_dashboard_refresh_rate_is_bounded():
         ExpertLoadDashboard(rec, modality=0)
 
 
+def test_live_dashboard_layer_is_a_decoder_index_of_the_recorder():
+    """Live mode reads the decoder indices from the recorder's loads (coordinate "layer")."""
+    rec = FakeRecorder(layers=(2, 4, 6))
+    rec.add(40, np.random.default_rng(1))
+    dash = ExpertLoadDashboard(rec, mode="count", layer=4, autostart=False)
+    assert dash.layer == 4 and dash.layers == ["L2", "L4", "L6"]
+    np.testing.assert_array_equal(dash.bars.data[0].y, rec.counts[1])
+    dash.layer = 6
+    np.testing.assert_array_equal(dash.bars.data[0].y, rec.counts[2])
+    assert ExpertLoadDashboard(rec, autostart=False).layer == 2  # default: the first MoE layer
+    for bad in (0, 1, 3, 5):
+        with pytest.raises(ValueError, match=rf"decoder layer {bad} is not a MoE layer.*\[2, 4, 6\]"):
+            ExpertLoadDashboard(rec, layer=bad, autostart=False)
+
+
 def test_live_refresh_wait_bounds_the_refresh_share_of_wall_time():
     from workbench.widgets.load import next_refresh_wait
     assert next_refresh_wait(0.5, 0.001) == 0.5  # cheap redraw: the period (0.001 / 0.501 < 0.5%)
@@ -273,17 +324,24 @@ def test_live_dashboard_on_a_real_recorder(tmp_path):
     from tests.hf_reference import hf_text_model
 
     ck = tmp_path / "ck"
-    hf_text_model(seed=3, num_experts_per_tok=2, interleave_moe_layer_step=2).save_pretrained(ck)
+    hf = hf_text_model(seed=3, num_experts_per_tok=2, interleave_moe_layer_step=2)
+    moe = [i for i, lay in enumerate(hf.model.layers) if lay.is_moe_layer]  # decoder indices, from transformers
+    assert moe == [1, 3]
+    hf.save_pretrained(ck)
     model = wb.load_model(ck, progress=False)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad(), wb.record(model, tmp_path / "live.zarr") as rec:
-        dash = ExpertLoadDashboard(rec, mode="count", refresh_hz=2)
+        dash = ExpertLoadDashboard(rec, mode="count", refresh_hz=2, layer=3)
         for _ in range(4):
             model(input_ids=torch.randint(3, 300, (2, 9), generator=g))
         rec.flush()
         assert dash.refresh() or dash.n_selected == rec.n_tokens
         np.testing.assert_array_equal(dash.z, rec.loads().values)
         assert dash.k == 2 and dash.n_selected == 72
+        assert dash.layer_values == moe and dash.layer == 3
+        np.testing.assert_array_equal(dash.bars.data[0].y, rec.loads().values[1])  # decoder layer 3: 2nd MoE layer
+        with pytest.raises(ValueError, match=r"decoder layer 2 is not a MoE layer.*\[1, 3\]"):
+            ExpertLoadDashboard(rec, layer=2, autostart=False)
     dash.stop()
     assert dash._thread is None
     # the stored trace gives the same heatmap
@@ -333,19 +391,50 @@ def test_token_view_escapes_hostile_tokens(tiny):
 def test_token_view_colors_follow_top1_at_the_layer(tiny):
     p, d = tiny
     v = TokenRoutingView(p, page_size=10)
-    for layer in (0, 2):
+    assert v.layer == 1  # default: the first MoE layer
+    for layer in (1, 5, 3):  # decoder indices; positions on moe_layer 0, 2, 1
         v.layer = layer
+        assert v.layer == layer
+        pos = LAYERS.index(layer)
         parsed = _Spans()
         parsed.feed(v.html)
         assert len(parsed.tokens) == 10
         for row, e, style, _ in parsed.tokens:
-            assert e == hand_top1(d, row, layer)
+            assert e == hand_top1(d, row, pos)
             assert f"background:{expert_color(e, E)}" in style
         tip = parsed.titles[7]
-        lab = ["L1", "L3", "L5"][layer]
-        w = d["topk_weight"][7, layer]
-        first = int(d["topk_expert"][7, layer][int(np.argmax(w))])
+        lab = f"L{layer}"
+        w = d["topk_weight"][7, pos]
+        first = int(d["topk_expert"][7, pos][int(np.argmax(w))])
         assert f"layer {lab}: top-2 expert (weight): {first} ({w.max():.3f})" in tip
+        assert f"layer {lab}" in v.w_info.value
+
+
+def test_token_view_layer_is_a_decoder_index(tiny):
+    p, d = tiny
+    v = TokenRoutingView(p, layer=3, page_size=12)  # decoder layer 3 = the second MoE layer
+    assert v.layer == 3 and v.w_layer.value == 1
+    assert [lab for lab, _ in v.w_layer.options] == ["L1", "L3", "L5"]
+    parsed = _Spans()
+    parsed.feed(v.html)
+    assert [e for _, e, _, _ in parsed.tokens] == [hand_top1(d, t, 1) for t in range(12)]
+    for bad in (0, 2, 4):
+        with pytest.raises(ValueError, match=rf"decoder layer {bad} is not a MoE layer.*\[1, 3, 5\]"):
+            TokenRoutingView(p, layer=bad)
+        with pytest.raises(ValueError, match=r"\[1, 3, 5\]"):
+            v.layer = bad
+    assert v.layer == 3
+
+
+def test_token_view_tooltips_name_the_modality(tiny):
+    p, d = tiny
+    v = TokenRoutingView(p, page_size=16)
+    parsed = _Spans()
+    parsed.feed(v.html)
+    kinds = {0: "text", 1: "image patch", 2: "special"}
+    assert {int(d["modality"][row]) for row, *_ in parsed.tokens} == {0, 1, 2}
+    for (row, *_), tip in zip(parsed.tokens, parsed.titles):
+        assert tip.split("\n")[0].endswith(f"\u00b7 {kinds[int(d['modality'][row])]}"), tip
 
 
 def test_token_view_pages_through_the_trace(tiny):
@@ -381,7 +470,7 @@ def test_pinning_a_token_shows_its_path_through_all_layers(tiny):
         assert list(fig.data[1 + s].y) == d["topk_expert"][5, :, s].tolist()
         assert list(fig.data[1 + s].marker.color) == [expert_color(int(e), E) for e in d["topk_expert"][5, :, s]]
     assert "Token 5" in fig.layout.title.text and "<" not in fig.layout.title.text.replace("&lt;", "")
-    v.layer = 1  # re-render keeps the pin marked
+    v.layer = 3  # re-render keeps the pin marked
     assert 'wb-pinned" data-i="5"' in v.html
     v.pin(-1)
     assert v.path_fig.data[0].x == () and v.w_path.value == ""
@@ -406,7 +495,8 @@ def test_token_view_without_vocab_shows_ids(tmp_path):
 # --------------------------------------------------------------------------------- routing flow
 def test_sankey_link_values_equal_transition_counts(tiny):
     p, d = tiny
-    f = RoutingFlow(p, a=0, b=2)
+    f = RoutingFlow(p, a=1, b=5)  # decoder layers: MoE positions 0 and 2
+    assert (f.a, f.b) == (1, 5)
     n = np.zeros((E, E), np.int64)
     for t in range(d["token_id"].shape[0]):
         n[hand_top1(d, t, 0), hand_top1(d, t, 2)] += 1
@@ -432,7 +522,7 @@ def test_sankey_link_values_equal_transition_counts(tiny):
 
 def test_coactivation_heatmap_counts_all_pairs(tiny):
     p, d = tiny
-    f = RoutingFlow(p, a=1, b=2, coactivation_mode="count")
+    f = RoutingFlow(p, a=3, b=5, coactivation_mode="count")  # decoder layer 3: MoE position 1
     n = np.zeros((E, E), np.int64)
     for t in range(d["token_id"].shape[0]):
         s = [int(x) for x in d["topk_expert"][t, 1]]
@@ -447,6 +537,44 @@ def test_coactivation_heatmap_counts_all_pairs(tiny):
     off = ~np.eye(E, dtype=bool)
     np.testing.assert_allclose(z[off], (n / ni[:, None])[off])
     assert "Co-activation at L3" in f.coact.layout.title.text
+
+
+def _links_matrix(f):
+    s = f.sankey.data[0]
+    got = np.zeros((E, E), np.int64)
+    for src, tgt, val in zip(s.link.source, s.link.target, s.link.value):
+        got[src, tgt - E] += val
+    return got
+
+
+def test_routing_flow_layers_are_decoder_indices(tiny):
+    p, d = tiny
+
+    def hand(pa, pb):
+        n = np.zeros((E, E), np.int64)
+        for t in range(d["token_id"].shape[0]):
+            n[hand_top1(d, t, pa), hand_top1(d, t, pb)] += 1
+        return n
+
+    f = RoutingFlow(p, a=5, b=3)  # MoE positions 2 -> 1
+    assert (f.a, f.b) == (5, 3) and (f.w_a.value, f.w_b.value) == (2, 1)
+    np.testing.assert_array_equal(_links_matrix(f), hand(2, 1))
+    assert "L5 \u2192 L3" in f.sankey.layout.title.text
+    assert "Co-activation at L5" in f.coact.layout.title.text
+    f.b = 1
+    np.testing.assert_array_equal(_links_matrix(f), hand(2, 0))
+    assert [lab for lab, _ in f.w_a.options] == ["L1", "L3", "L5"]
+    g = RoutingFlow(p)  # default: the first two MoE layers
+    assert (g.a, g.b) == (1, 3)
+    np.testing.assert_array_equal(_links_matrix(g), hand(0, 1))
+    for bad in (0, 2, 4):
+        with pytest.raises(ValueError, match=rf"\(a\): decoder layer {bad} is not a MoE layer.*\[1, 3, 5\]"):
+            RoutingFlow(p, a=bad)
+        with pytest.raises(ValueError, match=rf"\(b\): decoder layer {bad} is not a MoE layer.*\[1, 3, 5\]"):
+            RoutingFlow(p, a=1, b=bad)
+        with pytest.raises(ValueError, match=r"\[1, 3, 5\]"):
+            f.a = bad
+    assert (f.a, f.b) == (5, 1)
 
 
 def test_sankey_keeps_the_largest_links():
@@ -490,25 +618,39 @@ def test_trace_comparison_difference(tmp_path):
 
 
 # --------------------------------------------------------------------------------- cross-modal attention
-@pytest.fixture(scope="module")
-def mm_trace(tmp_path_factory):
-    torch = pytest.importorskip("torch")
-    import workbench as wb
-    from tests.hf_reference import IMAGE_TOKEN, TOKENS_PER_TILE, hf_multimodal_model
+def _record_mm(checkpoint, path, attention):
+    """Record the two multimodal prompts (same inputs every call) with the attention capture's options."""
+    import torch
 
-    d = tmp_path_factory.mktemp("mm")
-    hf_multimodal_model(seed=5).save_pretrained(d / "ck")
-    model = wb.load_model(d / "ck", progress=False)
+    import workbench as wb
+    from tests.hf_reference import IMAGE_TOKEN, TOKENS_PER_TILE
+
+    model = wb.load_model(checkpoint, progress=False)
     g = torch.Generator().manual_seed(0)
     text = lambda n: torch.randint(3, 300, (n,), generator=g).tolist()  # noqa: E731
     # seq 0: one 1-tile image; seq 1: one 2-tile image + global thumbnail (3 tiles of 4 tokens)
     p0 = [1] + text(3) + [IMAGE_TOKEN] * TOKENS_PER_TILE + text(5) + [2]
     p1 = [1] + text(2) + [IMAGE_TOKEN] * (3 * TOKENS_PER_TILE) + text(4) + [2]
-    path = d / "mm.zarr"
-    with torch.no_grad(), wb.record(model, path, capture={"router": {}, "attention": {"dtype": "float32"}}):
+    with torch.no_grad(), wb.record(model, path, capture={"router": {}, "attention": attention}):
         model(input_ids=torch.tensor([p0]), pixel_values=torch.randn(1, 3, 56, 56, generator=g))
         model(input_ids=torch.tensor([p1]), pixel_values=torch.randn(3, 3, 56, 56, generator=g))
     return path
+
+
+@pytest.fixture(scope="module")
+def mm_trace(tmp_path_factory):
+    pytest.importorskip("torch")
+    from tests.hf_reference import hf_multimodal_model
+
+    d = tmp_path_factory.mktemp("mm")
+    hf_multimodal_model(seed=5).save_pretrained(d / "ck")
+    return _record_mm(d / "ck", d / "mm.zarr", {"dtype": "float32"})  # all 4 decoder layers
+
+
+@pytest.fixture(scope="module")
+def mm_trace_layers_1_3(mm_trace):
+    """The same model and inputs as ``mm_trace``, attention recorded at decoder layers 1 and 3 only."""
+    return _record_mm(mm_trace.parent / "ck", mm_trace.parent / "mm13.zarr", {"dtype": "float32", "layers": [1, 3]})
 
 
 def test_attention_overlay_on_a_single_tile_image(mm_trace):
@@ -519,7 +661,8 @@ def test_attention_overlay_on_a_single_tile_image(mm_trace):
             "token_grid": (2, 2), "has_global_tile": False}
     v = CrossModalAttentionView(mm_trace, 0, image=img, image_info=info, layer=1)
     att = open_attention(mm_trace, 0)
-    vals = np.asarray(att.isel(layer=1, query=v.w_query.value).values, float).mean(0)  # head mean
+    assert v.layer == 1
+    vals = np.asarray(att.sel(layer=1, query=v.w_query.value).values, float).mean(0)  # head mean
     xs, ys = np.asarray(v.fig.data[-1].x), np.asarray(v.fig.data[-1].y)
     np.testing.assert_array_equal(xs, [0, 28, 56])
     np.testing.assert_array_equal(ys, [0, 28, 56])
@@ -532,12 +675,50 @@ def test_attention_overlay_on_a_single_tile_image(mm_trace):
     v.w_mean.value = False
     v.w_head.value = 2
     v.w_layer.value = 3
-    vals = np.asarray(att.isel(layer=3, query=v.w_query.value, head=2).values, float)
+    assert v.layer == 3
+    vals = np.asarray(att.sel(layer=3, query=v.w_query.value, head=2).values, float)
     z = np.asarray(v.fig.data[-1].z, float)
     assert z[int(att.row[3]), int(att.col[3])] == pytest.approx(vals[3])
     assert "L3" in v.fig.layout.title.text and "head 2" in v.fig.layout.title.text
     v.w_opacity.value = 0.2
     assert v.fig.data[-1].opacity == pytest.approx(0.2)
+
+
+def test_attention_layer_is_a_decoder_index_of_the_recorded_maps(mm_trace, mm_trace_layers_1_3):
+    """Maps recorded at decoder layers [1, 3]: layer=3 (the second recorded) shows what the recording of
+    all layers holds for decoder layer 3; dense or unrecorded layers are refused, naming [1, 3]."""
+    from workbench.trace import open_attention
+
+    img = np.zeros((56, 56, 3), np.uint8)
+    info = {"original_size": (56, 56), "grid": (1, 1), "resized_size": (56, 56), "tile_size": 56,
+            "token_grid": (2, 2), "has_global_tile": False}
+    full = open_attention(mm_trace, 0)
+    assert full["layer"].values.tolist() == [0, 1, 2, 3]
+
+    def overlay_from_full(layer, query):  # head mean, patch p at (row, col) of the 2x2 grid
+        vals = np.asarray(full.sel(layer=layer).isel(query=query).values, np.float64).mean(0)
+        z = np.full((2, 2), np.nan)
+        for p in range(4):
+            z[int(full.row[p]), int(full.col[p])] = vals[p]
+        return z
+
+    v = CrossModalAttentionView(mm_trace_layers_1_3, 0, image=img, image_info=info, layer=3)
+    assert v.layer_values == [1, 3] and v.layer == 3 and v.w_layer.value == 1
+    assert [lab for lab, _ in v.w_layer.options] == ["L1", "L3"]
+    q = int(v.w_query.value)
+    np.testing.assert_allclose(np.asarray(v.fig.data[-1].z, float), overlay_from_full(3, q), rtol=1e-5, atol=1e-7)
+    assert "L3" in v.fig.layout.title.text
+    v.layer = 1
+    np.testing.assert_allclose(np.asarray(v.fig.data[-1].z, float), overlay_from_full(1, q), rtol=1e-5, atol=1e-7)
+    assert "L1" in v.fig.layout.title.text
+    d = CrossModalAttentionView(mm_trace_layers_1_3, 0, image=img, image_info=info)  # default: first recorded
+    assert d.layer == 1
+    for bad in (0, 2, 4):
+        with pytest.raises(ValueError, match=rf"decoder layer {bad} has no attention maps.*\[1, 3\]"):
+            CrossModalAttentionView(mm_trace_layers_1_3, 0, image=img, image_info=info, layer=bad)
+        with pytest.raises(ValueError, match=r"recorded attention layers \(decoder indices\): \[1, 3\]"):
+            v.layer = bad
+    assert v.layer == 1
 
 
 def test_attention_overlay_tiled_image_and_global_thumbnail(mm_trace):
@@ -657,12 +838,12 @@ def test_plot_widget_sends_one_message_per_batch_and_assets_once():
 
 def test_bad_arguments_are_named(tiny, tmp_path):
     p, _ = tiny
-    with pytest.raises(ValueError, match="layer must be a MoE layer position in \\[0, 3\\)"):
-        ExpertLoadDashboard(p, layer=3)
+    with pytest.raises(ValueError, match=r"decoder layer 2 is not a MoE layer.*\[1, 3, 5\]"):
+        ExpertLoadDashboard(p, layer=2)
     with pytest.raises(ValueError, match="mode must be one of"):
         ExpertLoadDashboard(p, mode="ratio")
-    with pytest.raises(ValueError, match="b must be a MoE layer position"):
-        RoutingFlow(p, b=5)
+    with pytest.raises(ValueError, match=r"RoutingFlow \(b\): decoder layer 4 is not a MoE layer"):
+        RoutingFlow(p, b=4)
     with pytest.raises(ValueError, match="page_size"):
         TokenRoutingView(p, page_size=0)
     with pytest.raises(TypeError, match="trace path or an xarray.Dataset"):
@@ -746,7 +927,7 @@ def test_mode_toggle_sends_a_data_only_patch_with_the_new_values(tiny):
 
 def test_layer_slider_patches_the_bars_data_and_only_the_highlight_of_the_heatmap(tiny):
     p, d = tiny
-    dash = ExpertLoadDashboard(p, mode="count", layer=0)
+    dash = ExpertLoadDashboard(p, mode="count", layer=1)
     n = hand_counts(d)
     dash.w_layer.value = 2
     hp = _patch(dash.heatmap)
@@ -846,7 +1027,7 @@ def test_mode_variants_match_the_python_figure_and_mode_only_pushes_are_marked(t
     from plotly.io.json import to_json_plotly
 
     p, d = tiny
-    dash = ExpertLoadDashboard(p, mode="count", layer=0)
+    dash = ExpertLoadDashboard(p, mode="count", layer=1)
     n = hand_counts(d)
     T = d["token_id"].shape[0]
     for plot, attr, base in ((dash.heatmap, "z", n), (dash.bars, "y", n[0])):

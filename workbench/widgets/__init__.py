@@ -8,8 +8,13 @@
         display(dash); ...
     TokenRoutingView("runs/x.zarr")                # tokens colored by top-1 expert, click to pin
     CrossModalAttentionView("runs/x.zarr", sequence=0, image="cat.jpg", image_info=batch.images[0])
-    RoutingFlow("runs/x.zarr", a=0, b=1)           # Sankey of expert transitions + co-activation
+    RoutingFlow("runs/x.zarr", a=1, b=3)           # Sankey of expert transitions (decoder layers 1 -> 3)
     TraceComparison("runs/a.zarr", "runs/b.zarr")  # side by side + difference
+
+``layer=`` (and RoutingFlow's ``a=`` / ``b=``) is a decoder layer index, as everywhere in the workbench
+(the ``layer`` coordinate of a trace's ``moe_layer`` dimension, or of the attention maps); the
+default is the first MoE (or recorded attention) layer, and an index that is not one raises
+ValueError naming the valid ones. Layer sliders and dropdowns are labelled with decoder indices ("L3").
 
 Every view reads stored traces lazily (per-commit load arrays, token pages, one attention map at a
 time) and colors experts with :func:`expert_color` (fixed, colorblind-safe). Each view's

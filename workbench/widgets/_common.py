@@ -14,16 +14,34 @@ from workbench.analysis import _common as AC
 from workbench.trace import expert_loads, open_trace
 from workbench.analysis.load import expert_load as _analysis_expert_load
 from workbench.analysis.load import imbalance_from_shares
+from workbench.trace.schema import Modality
 
 from ._plot import Plot
 
-#: Dropdown options of the token filter; -1 = all tokens (ipywidgets treats a None value as "nothing selected")
-MODALITY_OPTIONS = (("all tokens", -1), ("text", 0), ("image patches", 1), ("special", 2))
+#: Names of the token filters in the views' "Tokens" dropdowns (the codes are :class:`Modality`'s)
+MODALITY_LABELS = {Modality.TEXT: "text", Modality.IMAGE_PATCH: "image patches", Modality.SPECIAL: "special"}
+#: Dropdown value of "all tokens" (ipywidgets treats a None value as "nothing selected")
+ALL_TOKENS = -1
+#: Dropdown options of the token filter: ``(label, value)``, value = a :class:`Modality` code or :data:`ALL_TOKENS`
+MODALITY_OPTIONS = (("all tokens", ALL_TOKENS), *((label, int(m)) for m, label in MODALITY_LABELS.items()))
+
+
+def modality_value(modality) -> int:
+    """A view's ``modality=`` argument (None = all tokens, a :class:`Modality` code or name) -> dropdown value."""
+    return ALL_TOKENS if modality is None else int(Modality.parse(modality))
 
 
 def modality_code(value) -> int | None:
     """Dropdown value -> analysis modality filter (None = all tokens)."""
-    return None if value is None or int(value) < 0 else int(value)
+    return None if value is None or int(value) == ALL_TOKENS else int(Modality(int(value)))
+
+
+def modality_name(code) -> str:
+    """One token's kind in words, from :class:`Modality`: "text", "image patch", "special" (else the code)."""
+    try:
+        return Modality(int(code)).name.lower().replace("_", " ")
+    except ValueError:
+        return str(code)
 
 
 def open_any(trace: Any, *, tokens: bool = False) -> tuple[xr.Dataset, Path | None]:
@@ -48,6 +66,24 @@ def layer_labels(ds: xr.Dataset) -> list[str]:
     if "layer" in ds.coords:
         return [f"L{int(x)}" for x in np.asarray(ds["layer"].values)]
     return [f"moe{i}" for i in range(ds.sizes["moe_layer"])]
+
+
+def layer_values(obj: xr.Dataset | xr.DataArray) -> list[int]:
+    """The decoder layer indices of the ``layer`` coordinate, in dimension order."""
+    if "layer" not in obj.coords:
+        raise KeyError("the trace has no 'layer' coordinate (the decoder index of each MoE layer, "
+                       "required by the workbench.trace schema)")
+    return [int(x) for x in np.asarray(obj["layer"].values)]
+
+
+def layer_position(obj: xr.Dataset | xr.DataArray, layer: int | None, who: str) -> int:
+    """Position on the layer dimension of decoder layer ``layer`` (None: the first one), for a view's
+    slider or dropdown. ``obj``: a trace (``moe_layer`` dim) or a DataArray with a ``layer`` coordinate
+    (live loads, attention maps). A decoder index that is not there raises ValueError naming the
+    ones that are (:func:`workbench.analysis._common.layer_position`)."""
+    if layer is None:
+        return 0
+    return AC.layer_position(obj, layer, who)
 
 
 def n_experts_of(ds: xr.Dataset) -> int:

@@ -1,16 +1,16 @@
 """CrossModalAttentionView: a text token's attention over the image patches, on the image's pixels."""
 from __future__ import annotations
 
-from workbench.geometry import as_rgb_array
-
 import base64
 import html
 import io
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from workbench.geometry import as_rgb_array
+from workbench.trace.schema import Modality
 
 from . import _common as W
 from ._palette import SEQUENTIAL
@@ -76,15 +76,33 @@ class CrossModalAttentionView(W.ViewBase):
 
     Controls: query token, layer, head (or the mean over heads), opacity, and for tiled images local
     tiles vs the global thumbnail (both cover the whole image, so one is shown at a time).
+    ``layer``: a decoder layer index among the recorded attention layers (coordinate ``layer`` of
+    :func:`workbench.trace.open_attention`; default the first recorded one); another index raises
+    ValueError naming the recorded ones. The :attr:`layer` property reads and sets it.
     """
 
     def __init__(self, trace: Any, sequence: int, *, image: Any = None, image_info: Any = None,
-                 image_index: int = 0, config: Any = None, query: int | None = None, layer: int = 0,
+                 image_index: int = 0, config: Any = None, query: int | None = None, layer: int | None = None,
                  head: int | str = "mean", opacity: float = 0.55):
         import ipywidgets as ipw
-        import plotly.graph_objects as go
 
-        from workbench.geometry import patch_boxes
+        self._open(trace, sequence, image_index)
+        layer_pos = self._layer_position(layer)
+        image_info = self._resolve_picture(image, image_info)
+        self._patch_geometry(image_info, config)
+        query = self._read_queries(query)
+        self._build_controls(query, layer_pos, head, opacity)
+        self._build_figure(opacity)
+        self._draw()
+        self._wire_events()
+        self.widget = ipw.VBox([ipw.HBox([self.w_query, self.w_part]),
+                                ipw.HBox([self.w_layer, self.w_head, self.w_mean]),
+                                self.w_opacity, self.fig.widget])
+        self.widget.add_class("wb-attention-view")
+
+    # ---------------------------------------------------------------- construction
+    def _open(self, trace: Any, sequence: int, image_index: int) -> None:
+        """The trace, the sequence's attention maps and the patch tokens of image ``image_index``."""
         from workbench.trace import open_attention
 
         ds, path = W.open_any(trace, tokens=True)
@@ -93,16 +111,18 @@ class CrossModalAttentionView(W.ViewBase):
                              "of the store): pass the path, or a Dataset from workbench.open_trace(path)")
         self.ds, self.path, self.sequence = ds, path, int(sequence)
         self.att = open_attention(path, self.sequence)
-        att = self.att
-        images = np.asarray(att["image"].values)
+        images = np.asarray(self.att["image"].values)
         n_img = int(images.max(initial=-1) + 1)
         if not 0 <= int(image_index) < n_img:
             raise ValueError(f"image_index {image_index}: sequence {self.sequence} has {n_img} image(s)")
         self.image_index = int(image_index)
         self.patch_idx = np.flatnonzero(images == self.image_index)
+        self.layer_values = W.layer_values(self.att)
 
-        # ---- the picture and its size
-        prov = ds.attrs.get("provenance") or {}
+    def _resolve_picture(self, image: Any, image_info: Any) -> Any:
+        """The picture (``self.rgb``, or None) and its (height, width) ``self.size``, from the arguments or
+        the trace provenance; returns the image_info to use (None: recompute the tiling)."""
+        prov = self.ds.attrs.get("provenance") or {}
         prov = prov if isinstance(prov, dict) else {}
         if image is None:
             paths = (prov.get("images") or {}).get(str(self.sequence))
@@ -131,8 +151,14 @@ class CrossModalAttentionView(W.ViewBase):
                 f"path) or image_info= (the processor's ImageInfo), or store file paths in the trace provenance "
                 f"under 'images' {{'{self.sequence}': [path, ...]}}")
         self.size = (int(size[0]), int(size[1]))
+        return image_info
 
-        # ---- geometry: one pixel box per patch token of this image
+    def _patch_geometry(self, image_info: Any, config: Any) -> None:
+        """One pixel box per patch token of the image (``self.boxes``), the local tiles / global thumbnail
+        split (``self.parts``) and each part's overlay grid."""
+        from workbench.geometry import patch_boxes
+
+        att = self.att
         rows = np.asarray(att["row"].values)[self.patch_idx]
         cols = np.asarray(att["col"].values)[self.patch_idx]
         tiles = np.asarray(att["tile"].values)[self.patch_idx]
@@ -155,7 +181,10 @@ class CrossModalAttentionView(W.ViewBase):
             self.parts["global thumbnail"] = np.arange(n_local * per_tile, n_tiles * per_tile)
         self._grids = {name: overlay_grid(boxes[idx]) for name, idx in self.parts.items()}
 
-        # ---- queries (text and special tokens after the first patch)
+    def _read_queries(self, query: int | None) -> int:
+        """Labels of the query tokens (text and special tokens after the first patch); returns the query to
+        show first: ``query``, else the first text token."""
+        att, ds = self.att, self.ds
         q_tok = np.asarray(att["query_token"].values)
         q_pos = np.asarray(att["query_position"].values)
         if "token_text" in ds:
@@ -163,20 +192,32 @@ class CrossModalAttentionView(W.ViewBase):
         else:
             texts = [f"\u27e8{int(x)}\u27e9" for x in np.asarray(ds["token_id"].isel(token=q_tok).values)]
         mods = np.asarray(ds["modality"].isel(token=q_tok).values)
-        self.query_labels = [f"pos {int(p)}: {t!r}" + (" (special)" if m == 2 else "")
+        self.query_labels = [f"pos {int(p)}: {t!r}" + (" (special)" if m == Modality.SPECIAL else "")
                              for p, t, m in zip(q_pos, texts, mods)]
         if query is None:
-            text_q = np.flatnonzero(mods == 0)
+            text_q = np.flatnonzero(mods == Modality.TEXT)
             query = int(text_q[0]) if text_q.size else 0
-        heads = [int(h) for h in np.asarray(att["head"].values)]
-        self.heads = heads
-        self.head_mean_stored = bool(att.attrs.get("head_mean", False))
-        self.layer_values = [int(x) for x in np.asarray(att["layer"].values)]
+        return int(query)
 
-        self.w_query = ipw.Dropdown(options=[(lab, i) for i, lab in enumerate(self.query_labels)], value=int(query),
+    def _layer_position(self, layer: int | None) -> int:
+        """Position on the maps' layer dimension of decoder layer ``layer`` (None: the first recorded)."""
+        try:
+            return W.layer_position(self.att, layer, "CrossModalAttentionView")
+        except ValueError:
+            raise ValueError(f"CrossModalAttentionView: decoder layer {layer!r} has no attention maps in this "
+                             f"trace; recorded attention layers (decoder indices): {self.layer_values}") from None
+
+    def _build_controls(self, query: int, layer_pos: int, head: int | str, opacity: float) -> None:
+        import ipywidgets as ipw
+
+        heads = [int(h) for h in np.asarray(self.att["head"].values)]
+        self.heads = heads
+        self.head_mean_stored = bool(self.att.attrs.get("head_mean", False))
+        self.w_query = ipw.Dropdown(options=[(lab, i) for i, lab in enumerate(self.query_labels)], value=query,
                                     description="Query", layout=ipw.Layout(width="420px"))
+        # positions on the maps' layer dimension, labelled with the decoder indices
         self.w_layer = ipw.SelectionSlider(options=[(f"L{x}", i) for i, x in enumerate(self.layer_values)],
-                                           value=int(layer), description="Layer", continuous_update=False)
+                                           value=layer_pos, description="Layer", continuous_update=False)
         self.w_head = ipw.SelectionSlider(options=[(str(h), i) for i, h in enumerate(heads)], value=0,
                                           description="Head", continuous_update=False,
                                           disabled=self.head_mean_stored or head == "mean")
@@ -190,6 +231,10 @@ class CrossModalAttentionView(W.ViewBase):
                                          continuous_update=True)
         self.w_part = ipw.ToggleButtons(options=list(self.parts), value="local tiles", description="Patches",
                                         disabled=len(self.parts) == 1)
+
+    def _build_figure(self, opacity: float) -> None:
+        """The picture (sent once, as an asset) under the attention heatmap, in original pixel coordinates."""
+        import plotly.graph_objects as go
 
         H0, W0 = self.size
         self.fig = W.figure_widget(title=dict(text="", x=0.01), width=min(760, max(360, int(520 * W0 / max(H0, 1)))),
@@ -208,15 +253,22 @@ class CrossModalAttentionView(W.ViewBase):
                              hoverongaps=False, name="attention",
                              hovertemplate="x %{x:.0f}, y %{y:.0f}: p = %{z:.4f}<extra></extra>")
         self.fig.layout.meta = {"view": "CrossModalAttentionView"}
-        self._draw()
+
+    def _wire_events(self) -> None:
         for w in (self.w_query, self.w_layer, self.w_head, self.w_mean, self.w_part):
             w.observe(lambda ch: self._draw(), "value")
         self.w_mean.observe(lambda ch: setattr(self.w_head, "disabled", bool(ch["new"])), "value")
         self.w_opacity.observe(lambda ch: self._set_opacity(float(ch["new"])), "value")
-        self.widget = ipw.VBox([ipw.HBox([self.w_query, self.w_part]),
-                                ipw.HBox([self.w_layer, self.w_head, self.w_mean]),
-                                self.w_opacity, self.fig.widget])
-        self.widget.add_class("wb-attention-view")
+
+    # ---------------------------------------------------------------- state
+    @property
+    def layer(self) -> int:
+        """Decoder layer index of the attention maps shown (set it to show another recorded layer)."""
+        return self.layer_values[int(self.w_layer.value)]
+
+    @layer.setter
+    def layer(self, v: int) -> None:
+        self.w_layer.value = self._layer_position(v)
 
     # ---------------------------------------------------------------- data
     def attention(self) -> np.ndarray:
@@ -254,7 +306,7 @@ class CrossModalAttentionView(W.ViewBase):
             hm.zmax = float(np.nanmax(z)) if np.isfinite(z).any() and np.nanmax(z) > 0 else 1.0
             self.fig.layout.title.text = (f"Sequence {self.sequence}, image {self.image_index}: attention of "
                                           f"{html.escape(self.query_labels[q])} — "
-                                          f"L{self.layer_values[int(self.w_layer.value)]}, {head}")
+                                          f"L{self.layer}, {head}")
 
 
 def _has_global(image_info: Any, n_tiles: int) -> bool:

@@ -18,12 +18,13 @@ class TraceComparison(W.ViewBase):
 
     Both traces must have the same MoE layers and number of experts. ``mode``: ``"share"`` (the
     default: comparable across traces of different lengths), ``"count"`` or ``"deviation"`` (see
-    :class:`ExpertLoadDashboard`); the difference is taken in the chosen mode. ``modality`` filters
-    the tokens of both. A line chart compares the per-layer CV (std f / mean f) of the two.
+    :class:`ExpertLoadDashboard`); the difference is taken in the chosen mode. ``modality`` (None or a
+    :class:`~workbench.trace.schema.Modality` code or name) filters the tokens of both. A line chart
+    compares the per-layer CV (std f / mean f) of the two. No layer argument: every MoE layer is shown.
     """
 
     def __init__(self, a: Any, b: Any, *, labels: tuple[str, str] = ("A", "B"), mode: str = "share",
-                 modality: int | None = None):
+                 modality: int | str | None = None):
         import ipywidgets as ipw
 
         if mode not in _MODES:
@@ -43,7 +44,7 @@ class TraceComparison(W.ViewBase):
         self.w_mode = ipw.ToggleButtons(options=[(v, k) for k, v in _MODES.items()], value=mode, description="Show",
                                         style={"button_width": "180px"})
         self.w_modality = ipw.Dropdown(options=list(W.MODALITY_OPTIONS), description="Tokens",
-                                       value=-1 if modality is None else int(modality))
+                                       value=W.modality_value(modality))
         self.w_status = ipw.HTML()
         E, L = self.n_experts, len(la)
         h = max(320, min(900, 14 * L + 140))

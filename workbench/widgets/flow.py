@@ -36,41 +36,53 @@ class RoutingFlow(W.ViewBase):
     transition counts of :func:`workbench.analysis.layer_transitions`), and the co-activation matrix
     of :func:`workbench.analysis.coactivation` at layer ``a`` (top-k routing with k > 1).
 
-    ``a``/``b``: positions on the ``moe_layer`` dim (default the first two). ``max_links``: the Sankey
-    keeps the largest links (128 x 128 experts would be unreadable); the status line says how many
-    tokens the dropped links carry. Each (a, b, modality) result is computed once (one pass over the
-    trace) and cached.
+    ``a``/``b``: decoder layer indices of two MoE layers of the trace (coordinate ``layer``), as in
+    :func:`workbench.analysis.layer_transitions`; default the first MoE layer and the second (the
+    first when there is only one). Any other index raises ValueError naming the MoE layers; the
+    :attr:`a` / :attr:`b` properties read and set them. ``modality``: None (all tokens) or a
+    :class:`~workbench.trace.schema.Modality` (code or name). ``max_links``: the Sankey keeps the
+    largest links (128 x 128 experts would be unreadable); the status line says how many tokens the
+    dropped links carry. Each (a, b, modality) result is computed once (one pass over the trace) and
+    cached.
     """
 
-    def __init__(self, trace: Any, *, a: int = 0, b: int | None = None, modality: int | None = None,
-                 max_links: int = 300, coactivation_mode: str = "probability"):
+    def __init__(self, trace: Any, *, a: int | None = None, b: int | None = None,
+                 modality: int | str | None = None, max_links: int = 300, coactivation_mode: str = "probability"):
         import ipywidgets as ipw
-        import plotly.graph_objects as go
 
         self.ds, self.path = W.open_any(trace)
         self.n_experts = W.n_experts_of(self.ds)
         self.n_layers = int(self.ds.sizes["moe_layer"])
         self.k = int(self.ds.sizes["k"])
-        self.layers = W.layer_labels(self.ds)
-        self.layer_values = [int(x) for x in np.asarray(self.ds["layer"].values)]
-        if b is None:
-            b = min(1, self.n_layers - 1)
-        for name, v in (("a", a), ("b", b)):
-            if not 0 <= int(v) < self.n_layers:
-                raise ValueError(f"{name} must be a MoE layer position in [0, {self.n_layers}), got {v}")
+        self.layer_values = W.layer_values(self.ds)
+        self.layers = [f"L{x}" for x in self.layer_values]
+        pa = W.layer_position(self.ds, a, "RoutingFlow (a)")
+        pb = min(1, self.n_layers - 1) if b is None else W.layer_position(self.ds, b, "RoutingFlow (b)")
         if coactivation_mode not in ("probability", "count"):
             raise ValueError(f"coactivation_mode must be 'probability' or 'count', got {coactivation_mode!r}")
         self.max_links = int(max_links)
         self._cache: dict = {}
-        opts = [(lab, i) for i, lab in enumerate(self.layers)]
-        self.w_a = ipw.Dropdown(options=opts, value=int(a), description="From layer")
-        self.w_b = ipw.Dropdown(options=opts, value=int(b), description="To layer")
+        opts = [(lab, i) for i, lab in enumerate(self.layers)]  # positions on moe_layer, labelled "L<decoder index>"
+        self.w_a = ipw.Dropdown(options=opts, value=pa, description="From layer")
+        self.w_b = ipw.Dropdown(options=opts, value=pb, description="To layer")
         self.w_modality = ipw.Dropdown(options=list(W.MODALITY_OPTIONS), description="Tokens",
-                                       value=-1 if modality is None else int(modality))
+                                       value=W.modality_value(modality))
         self.w_co = ipw.ToggleButtons(options=[("P(j | i)", "probability"), ("pair counts", "count")],
                                       value=coactivation_mode, description="Co-activation",
                                       disabled=self.k == 1)
         self.w_status = ipw.HTML()
+        self._build_figures()
+        self.compute_seconds = 0.0
+        self._draw()
+        for w in (self.w_a, self.w_b, self.w_modality, self.w_co):
+            w.observe(lambda ch: self._draw(), "value")
+        self.widget = ipw.VBox([ipw.HBox([self.w_a, self.w_b, self.w_modality]), self.w_co, self.w_status,
+                                ipw.HBox([self.sankey.widget, self.coact.widget])])
+        self.widget.add_class("wb-routing-flow")
+
+    def _build_figures(self) -> None:
+        import plotly.graph_objects as go
+
         E = self.n_experts
         colors = expert_colors(E)
         self.sankey = W.figure_widget(title=dict(text="", x=0.01), height=max(420, min(1400, 12 * E + 200)),
@@ -86,13 +98,25 @@ class RoutingFlow(W.ViewBase):
         self.coact.add_heatmap(z=np.zeros((E, E)), x=list(range(E)), y=list(range(E)), colorscale=SEQUENTIAL,
                                colorbar=dict(title=dict(text="")), hoverongaps=False)
         self.coact.layout.meta = {"view": "RoutingFlow.coactivation"}
-        self.compute_seconds = 0.0
-        self._draw()
-        for w in (self.w_a, self.w_b, self.w_modality, self.w_co):
-            w.observe(lambda ch: self._draw(), "value")
-        self.widget = ipw.VBox([ipw.HBox([self.w_a, self.w_b, self.w_modality]), self.w_co, self.w_status,
-                                ipw.HBox([self.sankey.widget, self.coact.widget])])
-        self.widget.add_class("wb-routing-flow")
+
+    # ---------------------------------------------------------------- state
+    @property
+    def a(self) -> int:
+        """Decoder layer index of the source MoE layer (set it to show another)."""
+        return self.layer_values[int(self.w_a.value)]
+
+    @a.setter
+    def a(self, v: int) -> None:
+        self.w_a.value = W.layer_position(self.ds, v, "RoutingFlow (a)")
+
+    @property
+    def b(self) -> int:
+        """Decoder layer index of the target MoE layer (set it to show another)."""
+        return self.layer_values[int(self.w_b.value)]
+
+    @b.setter
+    def b(self, v: int) -> None:
+        self.w_b.value = W.layer_position(self.ds, v, "RoutingFlow (b)")
 
     # ---------------------------------------------------------------- data
     def transition_counts(self) -> np.ndarray:
@@ -100,7 +124,7 @@ class RoutingFlow(W.ViewBase):
         key = ("t", self.w_a.value, self.w_b.value, self.w_modality.value)
         if key not in self._cache:
             self._cache[key] = np.asarray(layer_transitions(
-                self.ds, self.layer_values[self.w_a.value], self.layer_values[self.w_b.value], counts=True,
+                self.ds, self.a, self.b, counts=True,
                 modality=W.modality_code(self.w_modality.value), n_experts=self.n_experts).values)
         return self._cache[key]
 
@@ -111,7 +135,7 @@ class RoutingFlow(W.ViewBase):
         key = ("c", self.w_a.value, self.w_modality.value, self.w_co.value)
         if key not in self._cache:
             self._cache[key] = np.asarray(coactivation(
-                self.ds, self.layer_values[self.w_a.value], counts=self.w_co.value == "count",
+                self.ds, self.a, counts=self.w_co.value == "count",
                 modality=W.modality_code(self.w_modality.value), n_experts=self.n_experts).values)
         return self._cache[key]
 

@@ -46,9 +46,12 @@ class ExpertLoadDashboard(W.ViewBase):
 
     * ``mode``: ``"count"`` (top-k slots N_i), ``"share"`` (f_i = N_i / (k T), see
       :func:`workbench.analysis.expert_load`) or ``"deviation"`` (E f_i - 1: 0 = uniform);
-    * ``modality``: None, 0 (text), 1 (image patches), 2 (special) - stored traces only;
+    * ``modality``: None (all tokens) or a :class:`~workbench.trace.schema.Modality` (code or name:
+      0 text, 1 image patches, 2 special) - stored traces only;
     * ``seq_range``: inclusive (first, last) sequence ids - stored traces only;
-    * ``layer``: the MoE layer (position on ``moe_layer``) shown as per-expert bars.
+    * ``layer``: the decoder layer index of the MoE layer shown as per-expert bars (default: the first
+      MoE layer); it must be one of the trace's MoE layers (coordinate ``layer``; live: of
+      ``recorder.loads()``), else ValueError. The :attr:`layer` property reads and sets it.
 
     The panel on the right shows per layer the imbalance metrics of
     :func:`workbench.analysis.load_imbalance`: CV, max/mean and normalized load entropy.
@@ -59,14 +62,35 @@ class ExpertLoadDashboard(W.ViewBase):
     more than 0.5% of the run's wall time. It stops when the recorder is closed or on :meth:`stop`.
     """
 
-    def __init__(self, source: Any, *, mode: str = "share", modality: int | None = None,
-                 seq_range: tuple[int, int] | None = None, layer: int = 0, refresh_hz: float = 2.0,
+    def __init__(self, source: Any, *, mode: str = "share", modality: int | str | None = None,
+                 seq_range: tuple[int, int] | None = None, layer: int | None = None, refresh_hz: float = 2.0,
                  autostart: bool = True):
-        import ipywidgets as ipw
-
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {list(_MODES)}, got {mode!r}")
-        self.live = W.is_recorder(source)
+        self._init_refresh_state(refresh_hz)
+        seq_lo, seq_hi = self._open_source(source)
+        li = W.layer_position(self._layer_coords, layer, "ExpertLoadDashboard")
+        if self.live and (modality is not None or seq_range is not None):
+            raise ValueError("modality / seq_range filters need a stored trace (live mode shows all tokens)")
+        self._build_controls(mode, modality, seq_range, (seq_lo, seq_hi), li)
+        self.heatmap = self._build_heatmap(li)
+        self.bars = self._build_bars()
+        self.metrics = self._build_metrics()
+
+        self.counts = np.zeros((self.n_layers, self.n_experts), np.int64)
+        self.n_selected = 0
+        self._seen_tokens = -1
+        self.compute_seconds = 0.0
+        self._recompute()
+        self._redraw()
+        self._wire_events()
+        self.widget = self._layout()
+        if self.live and autostart:
+            self.start()
+
+    # ---------------------------------------------------------------- construction
+    def _init_refresh_state(self, refresh_hz: float) -> None:
+        """The live refresh thread's state (also used by :meth:`refresh` on stored traces)."""
         self._update_lock = threading.RLock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -76,97 +100,110 @@ class ExpertLoadDashboard(W.ViewBase):
         self.n_refreshes = 0
         self._quiet = False
         self.refresh_cpu_seconds = 0.0  # CPU time the live thread spent refreshing (its cost to the run)
+
+    def _open_source(self, source: Any) -> tuple[int, int]:
+        """Open a stored trace or attach to a recorder: sizes, layers; returns the sequence id range."""
+        self.live = W.is_recorder(source)
         if self.live:
             self.recorder = source
             da = source.loads()
             self.n_layers, self.n_experts = (int(x) for x in da.shape)
             self.k = int(getattr(getattr(source, "spec", None), "top_k", 0) or 0)
-            self.layers = [f"L{int(x)}" for x in np.asarray(da["layer"].values)]
+            self._layer_coords = da.coords.to_dataset()  # decoder index of each MoE layer (coordinate "layer")
             self.loads = None
             self.ds = None
-            seq_lo, seq_hi = 0, 0
+            seq = (0, 0)
         else:
             self.recorder = None
             self.ds, self.path = W.open_any(source)
             self.loads = W.TraceLoads(self.ds)
             self.n_layers, self.n_experts, self.k = self.loads.n_layers, self.loads.n_experts, self.loads.k
-            self.layers = W.layer_labels(self.ds)
-            seq_lo, seq_hi = self.loads.sequence_range()
-        if not 0 <= int(layer) < self.n_layers:
-            raise ValueError(f"layer must be a MoE layer position in [0, {self.n_layers}), got {layer}")
-        if self.live and (modality is not None or seq_range is not None):
-            raise ValueError("modality / seq_range filters need a stored trace (live mode shows all tokens)")
+            self._layer_coords = self.ds
+            seq = self.loads.sequence_range()
+        self.layer_values = W.layer_values(self._layer_coords)
+        self.layers = [f"L{x}" for x in self.layer_values]
+        return seq
 
-        # ---- controls
+    def _build_controls(self, mode: str, modality, seq_range, seq_bounds: tuple[int, int], li: int) -> None:
+        import ipywidgets as ipw
+
+        seq_lo, seq_hi = seq_bounds
         self.w_mode = ipw.ToggleButtons(options=[(v, k) for k, v in _MODES.items()], value=mode,
                                         description="Show", style={"button_width": "180px"})
         self.w_modality = ipw.Dropdown(options=list(W.MODALITY_OPTIONS), description="Tokens", disabled=self.live,
-                                       value=-1 if modality is None else int(modality))
+                                       value=W.modality_value(modality))
         self.w_seq = ipw.IntRangeSlider(value=tuple(seq_range) if seq_range is not None else (seq_lo, seq_hi),
                                         min=seq_lo, max=max(seq_hi, seq_lo), description="Sequences",
                                         continuous_update=False, disabled=self.live or seq_hi == seq_lo,
                                         layout=ipw.Layout(width="420px"))
+        # positions on moe_layer, labelled with the decoder indices
         self.w_layer = ipw.SelectionSlider(options=[(lab, i) for i, lab in enumerate(self.layers)],
-                                           value=int(layer), description="Layer", continuous_update=False)
+                                           value=li, description="Layer", continuous_update=False)
         self.w_status = ipw.HTML()
 
-        # ---- figures
+    def _build_heatmap(self, li: int):
         E, L = self.n_experts, self.n_layers
         # fixed margins (no autoexpand): a control change that alters the colorbar's or the axes' label widths
         # then redraws once, instead of a second time with margins pushed to fit (also the first draw)
-        self.heatmap = W.figure_widget(
+        fig = W.figure_widget(
             title=dict(text="Expert load", x=0.01), height=max(320, min(900, 14 * L + 140)), width=600,
             margin=dict(l=60, r=100, t=50, b=50, autoexpand=False),
             # at most 24 layer labels (every 2nd of 48): each redraw measures every label, a third of the
             # heatmap's drawing time with all 48; hover names the exact layer
             xaxis=dict(title="expert", constrain="domain"), yaxis=dict(title="MoE layer (decoder index)",
                                                                        autorange="reversed", dtick=-(-L // 24)))
-        self.heatmap.add_heatmap(z=np.zeros((L, E)), x=list(range(E)), y=self.layers, colorscale=SEQUENTIAL,
-                                 colorbar=dict(title=dict(text="share")), hoverongaps=False, name="load")
-        self.heatmap.layout.meta = {"view": "ExpertLoadDashboard.heatmap"}
-        self.heatmap.layout.shapes = [dict(type="rect", xref="paper", x0=0, x1=1, yref="y", y0=layer - 0.5,
-                                           y1=layer + 0.5, line=dict(color="#D55E00", width=2))]
+        fig.add_heatmap(z=np.zeros((L, E)), x=list(range(E)), y=self.layers, colorscale=SEQUENTIAL,
+                        colorbar=dict(title=dict(text="share")), hoverongaps=False, name="load")
+        fig.layout.meta = {"view": "ExpertLoadDashboard.heatmap"}
+        # the highlight of the bars' layer: rows are the moe_layer positions on the categorical y axis
+        fig.layout.shapes = [dict(type="rect", xref="paper", x0=0, x1=1, yref="y", y0=li - 0.5,
+                                  y1=li + 0.5, line=dict(color="#D55E00", width=2))]
         self._scale = SEQUENTIAL
-        self.bars = W.figure_widget(title=dict(text="", x=0.01), height=300, width=760,
-                                    margin=dict(l=75, r=20, t=50, b=50, autoexpand=False),
-                                    xaxis=dict(title="expert"), yaxis=dict(title="share"), showlegend=False)
-        self.bars.add_bar(x=list(range(E)), y=np.zeros(E), marker=dict(color=expert_colors(E)), name="experts")
-        self.bars.layout.meta = {"view": "ExpertLoadDashboard.bars"}
+        return fig
+
+    def _build_bars(self):
+        E = self.n_experts
+        fig = W.figure_widget(title=dict(text="", x=0.01), height=300, width=760,
+                              margin=dict(l=75, r=20, t=50, b=50, autoexpand=False),
+                              xaxis=dict(title="expert"), yaxis=dict(title="share"), showlegend=False)
+        fig.add_bar(x=list(range(E)), y=np.zeros(E), marker=dict(color=expert_colors(E)), name="experts")
+        fig.layout.meta = {"view": "ExpertLoadDashboard.bars"}
+        return fig
+
+    def _build_metrics(self):
         from plotly.subplots import make_subplots
 
         from ._plot import Plot, new_figure
 
+        L = self.n_layers
         sp = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.11,
                            subplot_titles=("CV = std f / mean f", "max / mean = E max f",
                                            "load entropy / log E"), figure=new_figure())
-        self.metrics = Plot(sp)
-        self.metrics.update_layout(height=max(420, min(900, 14 * L + 140)), width=330,
-                                   title=dict(text="Imbalance per layer", x=0.01), showlegend=False,
-                                   margin=dict(l=50, r=10, t=70, b=40))
+        fig = Plot(sp)
+        fig.update_layout(height=max(420, min(900, 14 * L + 140)), width=330,
+                          title=dict(text="Imbalance per layer", x=0.01), showlegend=False,
+                          margin=dict(l=50, r=10, t=70, b=40))
         for row, name in enumerate(("cv", "max_over_mean", "load_entropy"), start=1):
-            self.metrics.add_scatter(x=self.layers, y=np.zeros(L), mode="lines+markers", name=name,
-                                     line=dict(color="#0072B2"), row=row, col=1)
-        self.metrics.update_xaxes(title_text="MoE layer", row=3, col=1)
-        self.metrics.layout.meta = {"view": "ExpertLoadDashboard.metrics"}
+            fig.add_scatter(x=self.layers, y=np.zeros(L), mode="lines+markers", name=name,
+                            line=dict(color="#0072B2"), row=row, col=1)
+        fig.update_xaxes(title_text="MoE layer", row=3, col=1)
+        fig.layout.meta = {"view": "ExpertLoadDashboard.metrics"}
+        return fig
 
-        self.counts = np.zeros((L, E), np.int64)
-        self.n_selected = 0
-        self._seen_tokens = -1
-        self.compute_seconds = 0.0
-        self._recompute()
-        self._redraw()
-
+    def _wire_events(self) -> None:
         self.w_mode.observe(lambda ch: self._on_mode(), "value")
         self.w_layer.observe(lambda ch: self._on_layer(), "value")
         self.w_modality.observe(lambda ch: self._on_filter(), "value")
         self.w_seq.observe(lambda ch: self._on_filter(), "value")
 
+    def _layout(self):
+        import ipywidgets as ipw
+
         controls = ipw.VBox([ipw.HBox([self.w_mode]), ipw.HBox([self.w_modality, self.w_seq]),
                              ipw.HBox([self.w_layer]), self.w_status])
-        self.widget = ipw.VBox([controls, ipw.HBox([self.heatmap.widget, self.metrics.widget]), self.bars.widget])
-        self.widget.add_class("wb-load-dashboard")
-        if self.live and autostart:
-            self.start()
+        widget = ipw.VBox([controls, ipw.HBox([self.heatmap.widget, self.metrics.widget]), self.bars.widget])
+        widget.add_class("wb-load-dashboard")
+        return widget
 
     # ---------------------------------------------------------------- state (also for tests)
     @property
@@ -176,6 +213,15 @@ class ExpertLoadDashboard(W.ViewBase):
     @mode.setter
     def mode(self, v: str) -> None:
         self.w_mode.value = v
+
+    @property
+    def layer(self) -> int:
+        """Decoder layer index of the MoE layer shown as per-expert bars (set it to show another)."""
+        return self.layer_values[int(self.w_layer.value)]
+
+    @layer.setter
+    def layer(self, v: int) -> None:
+        self.w_layer.value = W.layer_position(self._layer_coords, v, "ExpertLoadDashboard")
 
     @property
     def z(self) -> np.ndarray:

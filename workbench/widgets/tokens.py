@@ -11,6 +11,7 @@ import numpy as np
 import traitlets as t
 
 from workbench.analysis import _common as AC
+from workbench.trace.schema import Modality
 
 from . import _common as W
 from ._palette import expert_color, text_color_on
@@ -78,7 +79,7 @@ class TokenStrip(anywidget.AnyWidget):
 
 
 def _display_text(text: str, modality: int) -> str:
-    if modality == 1:
+    if modality == Modality.IMAGE_PATCH:
         return "\u25a6"  # one small square per image patch token
     if text == "":
         return "\u2205"
@@ -89,10 +90,11 @@ def token_page_html(rows: np.ndarray, texts, sequences, positions, modality, exp
                     layer_pos: int, layer_label: str, n_experts: int, pinned: int = -1) -> str:
     """HTML of one page of tokens (every token string and tooltip HTML-escaped).
 
-    rows: trace row of each token; texts: token strings; experts/weights: (n, moe_layer, k)
-    top-k ids and applied weights; each token's background is
-    ``expert_color(top1, n_experts)`` at MoE layer position ``layer_pos`` (top-1 = the slot with the
-    largest weight, :func:`workbench.analysis._common.top1`).
+    rows: trace row of each token; texts: token strings; modality: :class:`Modality` codes;
+    experts/weights: (n, moe_layer, k) top-k ids and applied weights; each token's background is
+    ``expert_color(top1, n_experts)`` at ``layer_pos``, the POSITION on the ``moe_layer`` axis of these
+    arrays (not a decoder index; ``layer_label`` names that layer, e.g. "L3"); top-1 = the slot with
+    the largest weight, :func:`workbench.analysis._common.top1`.
     """
     top = AC.top1(experts[:, layer_pos, :], weights[:, layer_pos, :])
     out = []
@@ -107,13 +109,14 @@ def token_page_html(rows: np.ndarray, texts, sequences, positions, modality, exp
         bg = expert_color(e, n_experts)
         fg = text_color_on(bg)
         mod = int(modality[j])
-        kind = {0: "text", 1: "image patch", 2: "special"}.get(mod, str(mod))
+        kind = W.modality_name(mod)
         order = np.argsort(-weights[j, layer_pos, :], kind="stable")
         topk = ", ".join(f"{int(experts[j, layer_pos, s])} ({float(weights[j, layer_pos, s]):.3f})" for s in order)
         tip = (f"token {int(rows[j])} \u00b7 sequence {seq}, position {int(positions[j])} \u00b7 {kind}\n"
                f"text: {texts[j]!r}\n"
                f"layer {layer_label}: top-{k} expert (weight): {topk}")
-        cls = "wb-tok" + (" wb-special" if mod == 2 else "") + (" wb-patch" if mod == 1 else "") + (
+        cls = "wb-tok" + (" wb-special" if mod == Modality.SPECIAL else "") + (
+            " wb-patch" if mod == Modality.IMAGE_PATCH else "") + (
             " wb-pinned" if int(rows[j]) == pinned else "")
         out.append(
             f'<span class="{cls}" data-i="{int(rows[j])}" data-e="{e}" style="background:{bg};color:{fg}" '
@@ -125,29 +128,33 @@ class TokenRoutingView(W.ViewBase):
     """Tokens of a trace colored by their top-1 expert at the chosen MoE layer.
 
     ``trace``: a path or a Dataset from :func:`workbench.open_trace` (token strings come from the
-    trace's stored vocabulary; without one the token ids are shown). Hover a token for its top-k
-    experts and weights at the layer; click it to pin it and plot its path through all MoE layers
-    (click again to unpin). The trace is read one page (``page_size`` tokens) at a time.
+    trace's stored vocabulary; without one the token ids are shown). ``layer``: the decoder layer
+    index of the MoE layer that colors the tokens (default: the first MoE layer; one that is not a
+    MoE layer of the trace raises ValueError); the :attr:`layer` property reads and sets it. Hover a
+    token for its top-k experts and weights at the layer; click it to pin it and plot its path
+    through all MoE layers (click again to unpin). The trace is read one page (``page_size`` tokens)
+    at a time.
     """
 
-    def __init__(self, trace: Any, *, layer: int = 0, page_size: int = 512, page: int = 0):
+    def __init__(self, trace: Any, *, layer: int | None = None, page_size: int = 512, page: int = 0):
         self.ds, self.path = W.open_any(trace, tokens=True)
         AC.require(self.ds, *_VARS, who="TokenRoutingView")
         self.n_tokens = int(self.ds.sizes["token"])
         self.n_experts = W.n_experts_of(self.ds)
         self.n_layers = int(self.ds.sizes["moe_layer"])
         self.k = int(self.ds.sizes["k"])
-        self.layers = W.layer_labels(self.ds)
+        self.layer_values = W.layer_values(self.ds)
+        self.layers = [f"L{x}" for x in self.layer_values]
         self.page_size = int(page_size)
         if self.page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
-        if not 0 <= int(layer) < self.n_layers:
-            raise ValueError(f"layer must be a MoE layer position in [0, {self.n_layers}), got {layer}")
+        li = W.layer_position(self.ds, layer, "TokenRoutingView")
         self.n_pages = max(1, -(-self.n_tokens // self.page_size))
         self.has_text = "token_text" in self.ds
 
+        # positions on moe_layer, labelled with the decoder indices
         self.w_layer = ipw.SelectionSlider(options=[(lab, i) for i, lab in enumerate(self.layers)],
-                                           value=int(layer), description="Layer", continuous_update=False)
+                                           value=li, description="Layer", continuous_update=False)
         self.w_page = ipw.BoundedIntText(value=int(page), min=0, max=self.n_pages - 1, description="Page",
                                          layout=ipw.Layout(width="170px"))
         self.w_prev = ipw.Button(description="\u25c0 prev", layout=ipw.Layout(width="80px"))
@@ -200,11 +207,12 @@ class TokenRoutingView(W.ViewBase):
 
     @property
     def layer(self) -> int:
-        return int(self.w_layer.value)
+        """Decoder layer index of the MoE layer that colors the tokens (set it to show another)."""
+        return self.layer_values[int(self.w_layer.value)]
 
     @layer.setter
     def layer(self, v: int) -> None:
-        self.w_layer.value = int(v)
+        self.w_layer.value = W.layer_position(self.ds, v, "TokenRoutingView")
 
     @property
     def page(self) -> int:
@@ -260,7 +268,7 @@ class TokenRoutingView(W.ViewBase):
         e = np.asarray(sub["topk_expert"].transpose("moe_layer", "k").values)
         w = np.asarray(sub["topk_weight"].transpose("moe_layer", "k").values)
         return {"experts": e, "weights": w, "top1": AC.top1(e, w),
-                "layers": [int(x) for x in np.asarray(self.ds["layer"].values)]}
+                "layers": list(self.layer_values)}
 
     def _token_text(self, token: int) -> str:
         d = self._page_data
@@ -277,7 +285,7 @@ class TokenRoutingView(W.ViewBase):
     def _render(self) -> None:
         d = self._read_page()
         t0 = time.perf_counter()
-        li = self.layer
+        li = int(self.w_layer.value)  # position on moe_layer
         self.strip.html = token_page_html(d["rows"], d["token_text"], d["sequence"], d["position"], d["modality"],
                                           d["topk_expert"], d["topk_weight"], li, self.layers[li], self.n_experts,
                                           pinned=self.pinned)
