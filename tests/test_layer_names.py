@@ -1,0 +1,354 @@
+"""``layer`` means the decoder layer index in every public API.
+
+One walk over the public names of the workbench packages finds every parameter and property that
+names a layer; each must be in :data:`PROBES` (or :data:`NOT_A_LAYER`, with the reason). Each probe
+calls the API with a decoder index whose position among the MoE layers differs (MoE layers
+[1, 3, 5], or [1, 3] for the models), checks that the result is about that decoder layer, and that
+a dense layer index is refused with an error listing the MoE layers. The data each view or
+analysis shows for its layer is checked in detail against hand-computed values in the module
+tests (test_analysis, test_export, test_widgets); this walk makes sure none is left out.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import workbench as wb
+from tests.hf_reference import IMAGE_TOKEN, TOKENS_PER_TILE, hf_multimodal_model, hf_text_model
+
+PUBLIC = ["workbench", "workbench.analysis", "workbench.export", "workbench.widgets", "workbench.hooks",
+          "workbench.trace", "workbench.runtime", "workbench.kernels", "workbench.cli", "workbench.checkpoint",
+          "workbench.geometry", "workbench.embedded"]
+LAYERISH = re.compile(r"(^|_)layers?$|^transitions$|^(a|b)$")
+LAYERS, E, K = [1, 3, 5], 4, 2
+
+NOT_A_LAYER = {
+    ("TextConfig.__init__", "num_hidden_layers"): "a count",
+    ("TextConfig.__init__", "no_rope_layers"): "one 0/1 flag per layer (indexed by decoder index)",
+    ("TraceComparison.__init__", "a"): "a trace",
+    ("TraceComparison.__init__", "b"): "a trace",
+    ("RoutingSpec.__init__", "layers"): "MoELayerRouting objects (probed as MoELayerRouting.layer)",
+}
+
+
+def public_layer_parameters() -> set[tuple[str, str]]:
+    found = set()
+    for modname in PUBLIC:
+        mod = importlib.import_module(modname)
+        for name in getattr(mod, "__all__", []):
+            obj = getattr(mod, name)
+            targets = []
+            if inspect.isclass(obj):
+                targets.append((f"{name}.__init__", obj.__init__))
+                for attr, value in vars(obj).items():
+                    if attr.startswith("_"):
+                        continue
+                    if isinstance(value, property):
+                        if LAYERISH.search(attr):
+                            found.add((name, attr))
+                    elif callable(value):
+                        targets.append((f"{name}.{attr}", value))
+            elif callable(obj):
+                targets.append((name, obj))
+            for qualname, fn in targets:
+                try:
+                    params = inspect.signature(fn).parameters
+                except (TypeError, ValueError):
+                    continue
+                found |= {(qualname, p) for p in params if LAYERISH.search(p)}
+    return found
+
+
+# ----------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def syn(tmp_path_factory):
+    """A trace with MoE layers [1, 3, 5] whose top-1 expert differs by layer: (token + 2 * position) % E."""
+    from workbench.trace import TraceWriter
+    from workbench.trace.schema import routing_layout
+
+    path = tmp_path_factory.mktemp("syn") / "t.zarr"
+    n = 40
+    t = np.arange(n)
+    top1 = np.stack([(t + 2 * p) % E for p in range(len(LAYERS))], 1)
+    experts = np.stack([top1, (top1 + 1) % E], -1).astype(np.int16)
+    with TraceWriter.create(path, **routing_layout(LAYERS, E, K, logits_dtype="float32"),
+                            vocab=[f"t{i}" for i in range(50)]) as w:
+        w.append(token_id=t % 50, sequence=t // 20, position=t % 20, modality=np.zeros(n, np.int8),
+                 topk_expert=experts, topk_weight=np.tile([0.9, 0.1], (n, 3, 1)).astype(np.float32),
+                 router_logits=np.random.default_rng(0).normal(size=(n, 3, E)).astype(np.float32))
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("txt")
+    hf_text_model(seed=4, interleave_moe_layer_step=2).save_pretrained(d)  # MoE layers [1, 3]
+    return wb.load_model(d, progress=False)
+
+
+@pytest.fixture(scope="module")
+def mm(tmp_path_factory):
+    """A multimodal trace with attention maps recorded at decoder layers 1 and 3 only."""
+    d = tmp_path_factory.mktemp("mm")
+    hf_multimodal_model(seed=5).save_pretrained(d / "ckpt")
+    model = wb.load_model(d / "ckpt", progress=False)
+    ids = torch.tensor([[1, 5, 6] + [IMAGE_TOKEN] * TOKENS_PER_TILE + [7, 8, 9, 2]])
+    with torch.no_grad(), wb.record(model, d / "t.zarr", capture={"attention": {"layers": [3, 1]}}):
+        model(input_ids=ids, pixel_values=torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(0)))
+    return d / "t.zarr"
+
+
+def _raises(fn, match=r"\[1, 3, 5\]", exc=Exception):
+    with pytest.raises(exc, match=match):
+        fn()
+
+
+# ------------------------------------------------------------------------------------ probes
+def probe_coactivation(syn, **_):
+    ds = wb.open_trace(syn)
+    got = wb.analysis.coactivation(ds, 3, counts=True)
+    top = ds["topk_expert"].values[:, 1]  # decoder layer 3 = MoE position 1
+    np.testing.assert_array_equal(got["n_i"].values, np.bincount(top.ravel(), minlength=E))
+    _raises(lambda: wb.analysis.coactivation(ds, 2))
+
+
+def probe_layer_transitions(syn, **_):
+    ds = wb.open_trace(syn)
+    got = wb.analysis.layer_transitions(ds, 5, 3, counts=True)
+    want = np.zeros((E, E), np.int64)
+    np.add.at(want, (ds["topk_expert"].values[:, 2, 0], ds["topk_expert"].values[:, 1, 0]), 1)
+    np.testing.assert_array_equal(got.values, want)
+    _raises(lambda: wb.analysis.layer_transitions(ds, 2, 3))
+    _raises(lambda: wb.analysis.layer_transitions(ds, 3, 4))
+
+
+def probe_expert_ablation(text_model, **_):
+    ids = torch.randint(3, 300, (1, 10), generator=torch.Generator().manual_seed(1))
+    seen = []
+    with text_model.model.layers[3].feed_forward.hook_router.add(lambda p, topk_ids, **kw: seen.append(topk_ids)):
+        text_model(input_ids=ids)
+    e = int(seen[0][0, 0])
+    res = wb.analysis.expert_ablation(text_model, {"input_ids": ids}, 3, [e])
+    assert res.attrs["layer"] == 3
+    assert float(res["rerouted"].sel(expert=e)) == pytest.approx(float((seen[0] == e).any(-1).float().mean()))
+    _raises(lambda: wb.analysis.expert_ablation(text_model, {"input_ids": ids}, 2, [0]), r"MoE layers: \[1, 3\]")
+
+
+def probe_block_experts(text_model, **_):
+    from workbench.hooks import block_experts
+
+    ids = torch.randint(3, 300, (1, 12), generator=torch.Generator().manual_seed(2))
+    chosen = {1: [], 3: []}
+    handles = [text_model.model.layers[i].feed_forward.hook_router.add(
+        lambda p, topk_ids, i=i, **kw: chosen[i].append(topk_ids)) for i in (1, 3)]
+    try:
+        text_model(input_ids=ids)
+        e = int(chosen[3][0][0, 0])
+        with block_experts(text_model, {3: [e]}):
+            text_model(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
+    assert not (chosen[3][1] == e).any() and torch.equal(chosen[1][0], chosen[1][1])  # layer 3 only
+    _raises(lambda: block_experts(text_model, {2: [0]}), r"layer 2 is not a MoE layer; MoE layers: \[1, 3\]")
+
+
+def probe_attention_capture(mm, **_):
+    att = wb.open_attention(mm, 0)
+    assert att["layer"].values.tolist() == [1, 3]  # decoder indices (all layers have attention)
+    assert att.sel(layer=3).shape[0] == 4  # .sel by decoder index
+    from workbench.hooks import AttentionCapture, RecorderError
+
+    model = wb.load_model(mm.parent / "ckpt", progress=False)
+    _raises(lambda: wb.record(model, mm.parent / "bad.zarr", capture=[AttentionCapture(layers=[7])]),
+            r"attention layers \[7\].*\[0, 4\)", RecorderError)
+
+
+def probe_moe_layer_routing(syn, tmp_path, **_):
+    from workbench.trace import MoELayerRouting, TraceWriter
+    from workbench.trace.schema import routing_variables
+
+    with TraceWriter.create(tmp_path / "r.zarr", routing=[MoELayerRouting(3, E, K), MoELayerRouting(7, E, K)],
+                            variables=routing_variables(2, E, K)):
+        pass
+    assert wb.open_trace(tmp_path / "r.zarr")["layer"].values.tolist() == [3, 7]
+    _raises(lambda: TraceWriter.create(tmp_path / "s.zarr", routing=[MoELayerRouting(3, E, K)] * 2,
+                                       variables=routing_variables(2, E, K)), "distinct")
+
+
+def probe_moe_layers_properties(syn, text_model, **_):
+    from workbench.hooks import adapter_for
+    from workbench.trace import TraceWriter
+
+    w = TraceWriter.resume(syn, reopen=True)
+    try:
+        assert w.moe_layers == LAYERS
+    finally:
+        w.close()
+    assert adapter_for(text_model).spec().moe_layers == [1, 3] == text_model.config.moe_layers
+
+
+def probe_text_config(**_):
+    from workbench.models.llama4.config import ConfigError, TextConfig
+
+    assert TextConfig(num_hidden_layers=4, interleave_moe_layer_step=2).moe_layers == [1, 3]
+    _raises(lambda: TextConfig(num_hidden_layers=4, moe_layers=[4]), r"moe_layers.*\[0, 4\)", ConfigError)
+
+
+def probe_export_layers(syn, tmp_path, fn_name, **_):
+    from workbench import export as X
+
+    fn = getattr(X, fn_name)
+    kw = {} if fn_name == "export_all" else {"formats": ["png"]} if "export_" in fn_name else {}
+    if fn_name == "export_all":
+        kw = {"what": "data", "progress": False}
+    try:
+        fn(syn, tmp_path / "ok", layers=[3, 5], **kw)
+    except X.ArtifactSkipped:
+        pass  # e.g. no attention maps in this trace: the layers were accepted first
+    _raises(lambda: fn(syn, tmp_path / "bad", layers=[3, 2], **kw), r"layer 2 is not a MoE layer.*\[1, 3, 5\]",
+            X.ExportError)
+    sel = X.Selection.make(wb.open_trace(syn), layers=[5, 3])
+    assert sel.apply(wb.open_trace(syn))["layer"].values.tolist() == [5, 3]
+
+
+def probe_export_netcdf_content(syn, tmp_path, **_):
+    import xarray as xr
+
+    from workbench.export import export_netcdf
+
+    (path,) = export_netcdf(syn, tmp_path / "nc", layers=[3])
+    sub = xr.open_dataset(path)
+    assert sub["layer"].values.tolist() == [3]
+    np.testing.assert_array_equal(sub["topk_expert"].values[:, 0], wb.open_trace(syn)["topk_expert"].values[:, 1])
+
+
+def probe_transitions(syn, tmp_path, **_):
+    from workbench.export import ExportError, export_all, export_transitions, plot_transitions
+
+    paths = export_transitions(syn, tmp_path / "t", transitions=(5, 3), formats=["png"])
+    assert [p.name for p in paths] == ["transitions_L5_L3.png"]
+    fig = plot_transitions(wb.open_trace(syn), 5, 3)
+    assert "layer 5 -> 3" in " ".join(ax.get_title(loc="left") for ax in fig.axes)
+    _raises(lambda: export_all(syn, tmp_path / "b", transitions=(5, 2), progress=False), r"\[1, 3, 5\]", ExportError)
+    _raises(lambda: plot_transitions(wb.open_trace(syn), 2, 3), r"\[1, 3, 5\]", ExportError)
+
+
+def probe_coactivation_export(syn, tmp_path, **_):
+    from workbench.export import ExportError, export_all, export_coactivation, plot_coactivation
+
+    paths = export_coactivation(syn, tmp_path / "c", coactivation_layer=3, formats=["png"])
+    assert [p.name for p in paths] == ["coactivation_L3.png"]
+    fig = plot_coactivation(wb.open_trace(syn), 3)
+    assert "layer 3," in " ".join(ax.get_title(loc="left") for ax in fig.axes)
+    _raises(lambda: export_all(syn, tmp_path / "b", coactivation_layer=2, progress=False), r"\[1, 3, 5\]", ExportError)
+    _raises(lambda: plot_coactivation(wb.open_trace(syn), 2), r"\[1, 3, 5\]", ExportError)
+
+
+def probe_attention_export(mm, tmp_path, **_):
+    from workbench.export import ExportError, export_all, export_attention, plot_attention
+
+    paths = export_attention(mm, tmp_path / "a", attention_layer=3, formats=["png"])
+    assert [p.name for p in paths] == ["attention_seq0_L3_img0.png"]
+    fig = plot_attention(mm, wb.open_trace(mm), layer=1)
+    titles = [t.get_text() for t in fig.texts] + [ax.get_title(loc=w) for ax in fig.axes for w in ("left", "center")]
+    assert any("layer 1\n" in t or t.endswith("layer 1") for t in titles), titles
+    _raises(lambda: export_all(mm, tmp_path / "b", attention_layer=2, progress=False),
+            r"recorded at decoder layers \[1, 3\], not 2", ExportError)
+
+
+def probe_dashboard(syn, **_):
+    from workbench.widgets import ExpertLoadDashboard
+
+    dash = ExpertLoadDashboard(syn, mode="count", layer=3)
+    assert dash.layer == 3
+    np.testing.assert_array_equal(dash.bars.data[0].y, np.bincount(
+        wb.open_trace(syn)["topk_expert"].values[:, 1].ravel(), minlength=E))
+    _raises(lambda: ExpertLoadDashboard(syn, layer=2), r"decoder layer 2 is not a MoE layer.*\[1, 3, 5\]", ValueError)
+
+
+def probe_token_view(syn, **_):
+    from workbench.widgets import TokenRoutingView
+
+    v = TokenRoutingView(syn, layer=5)
+    assert v.layer == 5 and "L5" in v.w_layer.options[v.w_layer.value][0]
+    _raises(lambda: TokenRoutingView(syn, layer=4), r"decoder layer 4 is not a MoE layer.*\[1, 3, 5\]", ValueError)
+
+
+def probe_routing_flow(syn, **_):
+    from workbench.widgets import RoutingFlow
+
+    f = RoutingFlow(syn, a=5, b=3)
+    assert (f.a, f.b) == (5, 3) and "L5 \u2192 L3" in f.sankey.layout.title.text
+    _raises(lambda: RoutingFlow(syn, a=2), r"\(a\): decoder layer 2 is not a MoE layer", ValueError)
+    _raises(lambda: RoutingFlow(syn, a=1, b=4), r"\(b\): decoder layer 4 is not a MoE layer", ValueError)
+
+
+def probe_attention_view(mm, **_):
+    from workbench.widgets import CrossModalAttentionView
+
+    picture = np.zeros((56, 56, 3), np.uint8)  # the tiny vision tower's one 56 px tile
+    v = CrossModalAttentionView(mm, 0, layer=3, image=picture)
+    assert v.layer == 3
+    _raises(lambda: CrossModalAttentionView(mm, 0, layer=2, image=picture),
+            r"decoder layer 2 has no attention maps.*\[1, 3\]", ValueError)
+
+
+_EXPORTS_WITH_LAYERS = ["export_all", "export_load_heatmap", "export_imbalance", "export_entropy",
+                        "export_token_routing", "export_transitions", "export_coactivation", "export_attention",
+                        "export_layer_metrics", "export_layer_metrics_by_modality", "export_vocab_tables",
+                        "export_domain_tables", "export_netcdf", "export_parquet", "export_report"]
+PROBES = {
+    ("coactivation", "layer"): probe_coactivation,
+    ("layer_transitions", "a"): probe_layer_transitions,
+    ("layer_transitions", "b"): probe_layer_transitions,
+    ("expert_ablation", "layer"): probe_expert_ablation,
+    ("block_experts", "blocked"): probe_block_experts,  # {decoder layer: experts}; found by name below
+    ("AttentionCapture.__init__", "layers"): probe_attention_capture,
+    ("MoELayerRouting.__init__", "layer"): probe_moe_layer_routing,
+    ("TraceWriter", "moe_layers"): probe_moe_layers_properties,
+    ("RoutingSpec", "moe_layers"): probe_moe_layers_properties,
+    ("TextConfig.__init__", "moe_layers"): probe_text_config,
+    ("Selection.__init__", "layers"): lambda **kw: probe_export_layers(fn_name="export_all", **kw),
+    **{(name, "layers"): (lambda name: lambda **kw: probe_export_layers(fn_name=name, **kw))(name)
+       for name in _EXPORTS_WITH_LAYERS},
+    ("export_netcdf", "layers"): probe_export_netcdf_content,
+    ("plot_transitions", "a"): probe_transitions,
+    ("plot_transitions", "b"): probe_transitions,
+    ("export_all", "transitions"): probe_transitions,
+    ("plot_coactivation", "layer"): probe_coactivation_export,
+    ("export_all", "coactivation_layer"): probe_coactivation_export,
+    ("plot_attention", "layer"): probe_attention_export,
+    ("export_all", "attention_layer"): probe_attention_export,
+    ("ExpertLoadDashboard.__init__", "layer"): probe_dashboard,
+    ("ExpertLoadDashboard", "layer"): probe_dashboard,
+    ("TokenRoutingView.__init__", "layer"): probe_token_view,
+    ("TokenRoutingView", "layer"): probe_token_view,
+    ("RoutingFlow.__init__", "a"): probe_routing_flow,
+    ("RoutingFlow.__init__", "b"): probe_routing_flow,
+    ("RoutingFlow", "a"): probe_routing_flow,
+    ("RoutingFlow", "b"): probe_routing_flow,
+    ("CrossModalAttentionView.__init__", "layer"): probe_attention_view,
+    ("CrossModalAttentionView", "layer"): probe_attention_view,
+}
+# parameters that take layers without "layer" in their name, found by their API's name
+_BY_NAME = {("block_experts", "blocked")}
+
+
+def test_the_table_covers_every_layer_parameter():
+    found = public_layer_parameters() | _BY_NAME
+    unlisted = sorted(found - set(PROBES) - set(NOT_A_LAYER))
+    assert not unlisted, f"public layer parameters without a probe here: {unlisted}"
+    gone = sorted((set(PROBES) | set(NOT_A_LAYER)) - found)
+    assert not gone, f"probed parameters that no public API has any more: {gone}"
+
+
+@pytest.mark.parametrize("probe", sorted({p for p in PROBES.values()}, key=lambda f: getattr(f, "__name__", "")),
+                         ids=lambda f: getattr(f, "__name__", "probe"))
+def test_layer_is_the_decoder_index(probe, syn, text_model, mm, tmp_path):
+    probe(syn=syn, text_model=text_model, mm=mm, tmp_path=tmp_path)
