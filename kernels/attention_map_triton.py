@@ -37,10 +37,15 @@ from workbench.runtime import masks
 __all__ = ["cross_attention_probs_triton"]
 
 
-# The model's attention rule (workbench.runtime.masks), compiled from the same Python function;
-# its globals gain triton.language, which the interpreter (TRITON_INTERPRET=1) looks for there.
-_rule = masks.allowed_rule
-_allowed = triton.jit(types.FunctionType(_rule.__code__, {**_rule.__globals__, "tl": tl}, _rule.__name__))
+def _jit(fn, **calls):
+    """``triton.jit`` of a rule function of workbench.runtime.masks: its globals gain triton.language
+    (the interpreter, TRITON_INTERPRET=1, looks for it there) and the compiled rules it calls."""
+    return triton.jit(types.FunctionType(fn.__code__, {**fn.__globals__, "tl": tl, **calls}, fn.__name__))
+
+
+# The model's attention rule (workbench.runtime.masks), compiled from the same Python functions.
+_allowed = _jit(masks.allowed_rule, visible_rule=_jit(masks.visible_rule),
+                same_chunk_rule=_jit(masks.same_chunk_rule))
 
 
 @triton.jit

@@ -98,8 +98,9 @@ class ForwardBatch:
         """
         if keys is not None:
             return dense_mask(self.index, self.positions, keys.index, keys.positions, keys.valid, chunk_size)
+        unchunked = None if chunk_size is None else self.mask(None)  # shared by the chunked layers' masks
         return self.derived(("mask", chunk_size), lambda: dense_mask(
-            self.index, self.positions, self.index, self.positions, self.valid, chunk_size))
+            self.index, self.positions, self.index, self.positions, self.valid, chunk_size, unchunked=unchunked))
 
     def derived(self, key: Any, make: Callable[[], Any]) -> Any:
         """``make()`` once per call and key: tensors the layers share (masks, RoPE rotations)."""

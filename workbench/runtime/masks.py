@@ -13,17 +13,33 @@ causality on the stream index, chunks (RoPE layers, ``attention_chunk_size``) on
 and every query keeps itself, so that padding queries stay finite (their outputs are never
 read). NoPE layers pass ``chunk=None`` (global causal attention).
 
-:func:`allowed_rule` is that rule written once with plain operators, so that the same function
-serves the model's dense masks (torch tensors), the torch attention-map kernel and, compiled with
-``triton.jit``, the Triton attention-map kernel. :func:`key_lower_bounds` and
-:func:`column_ranges` are host-side consequences of the rule that the kernels use to skip work.
+:func:`allowed_rule` is that rule written once with plain operators, as the conjunction of its two
+clauses (:func:`visible_rule`: causal, valid, itself; :func:`same_chunk_rule`), so that the same
+functions serve the model's dense masks (torch tensors; a chunked layer's mask is the global mask
+and the chunk clause), the torch attention-map kernel and, compiled with ``triton.jit``, the Triton
+attention-map kernel. :func:`key_lower_bounds` and :func:`column_ranges` are host-side
+consequences of the rule that the kernels use to skip work.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-__all__ = ["allowed_rule", "allowed", "dense_mask", "key_lower_bounds", "column_ranges"]
+__all__ = ["allowed_rule", "visible_rule", "same_chunk_rule", "allowed", "dense_mask", "key_lower_bounds",
+           "column_ranges"]
+
+# Plain operators only in the three rule functions: they are also compiled by ``triton.jit``.
+
+
+def visible_rule(q_index, k_index, k_valid):
+    """The global (NoPE) clause: a valid key at or before the query in the stream, or the query itself."""
+    return ((k_index <= q_index) & k_valid) | (k_index == q_index)
+
+
+def same_chunk_rule(q_pos, k_pos, chunk):
+    """The chunk clause of RoPE layers: key and query positions in the same ``chunk``-token chunk (a
+    token is in its own chunk, so a chunked mask is the global mask and this clause)."""
+    return (k_pos // chunk) == (q_pos // chunk)
 
 
 def allowed_rule(q_index, q_pos, k_index, k_pos, k_valid, chunk, HAS_CHUNK: "tl.constexpr"):  # noqa: F821
@@ -31,12 +47,11 @@ def allowed_rule(q_index, q_pos, k_index, k_pos, k_valid, chunk, HAS_CHUNK: "tl.
 
     q_index/q_pos: query stream index and position; k_index/k_pos/k_valid: the keys' (k_valid
     boolean); chunk: chunk size (ignored unless HAS_CHUNK). Returns the boolean "may attend".
-    Plain operators only: this function is also compiled by ``triton.jit``.
     """
-    ok = (k_index <= q_index) & k_valid
+    ok = visible_rule(q_index, k_index, k_valid)
     if HAS_CHUNK:
-        ok = ok & ((k_pos // chunk) == (q_pos // chunk))
-    return ok | (k_index == q_index)
+        ok = ok & same_chunk_rule(q_pos, k_pos, chunk)
+    return ok
 
 
 def allowed(q_index: torch.Tensor, k_index: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
@@ -50,17 +65,21 @@ def allowed(q_index: torch.Tensor, k_index: torch.Tensor, positions: torch.Tenso
 
 
 def dense_mask(q_index: torch.Tensor, q_pos: torch.Tensor, k_index: torch.Tensor, k_pos: torch.Tensor,
-               k_valid: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
-    """(B, 1, Tq, Tk) bool "may attend" for every (query, key) pair of each row.
+               k_valid: torch.Tensor, chunk_size: int | None, *, unchunked: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 1, Tq, Tk) bool "may attend" for every (query, key) pair of each row (:func:`allowed_rule`).
 
     q_index (Tq,) or (B, Tq), q_pos (B, Tq); k_index (Tk,) or (B, Tk), k_pos / k_valid (B, Tk).
-    O(Tq x Tk) memory: what the model's SDPA call takes today.
+    unchunked: the same tokens' mask for ``chunk_size=None`` when it is built already (a chunked
+    mask is then that mask and the chunk clause: half the work). O(Tq x Tk) memory: what the
+    model's SDPA call takes today.
     """
-    qi = q_index if q_index.dim() == 2 else q_index[None]
-    ki = k_index if k_index.dim() == 2 else k_index[None]
-    m = allowed_rule(qi[:, :, None], q_pos[:, :, None], ki[:, None, :], k_pos[:, None, :],
-                     k_valid.bool()[:, None, :], 1 if chunk_size is None else chunk_size, chunk_size is not None)
-    return m[:, None]
+    if unchunked is None:
+        qi = q_index if q_index.dim() == 2 else q_index[None]
+        ki = k_index if k_index.dim() == 2 else k_index[None]
+        unchunked = visible_rule(qi[:, None, :, None], ki[:, None, None, :], k_valid.bool()[:, None, None, :])
+    if chunk_size is None:
+        return unchunked
+    return unchunked & same_chunk_rule(q_pos[:, None, :, None], k_pos[:, None, None, :], chunk_size)
 
 
 # ---------------------------------------------------------------------------------------------
