@@ -56,7 +56,7 @@ def test_v1_store_opens_with_the_v2_names(v1):
     assert ds.sizes["commit"] == 3 and "batch" not in ds.dims
     np.testing.assert_array_equal(ds["commit_end"].values, np.cumsum(
         [np.isin(ds["sequence"].values, pair).sum() for pair in ([0, 1], [2, 3], [4])]))
-    assert set(a["captures"]) == {"router", "logits"} and a["captures"]["logits"] == {"dtype": "float16"}
+    assert a["captures"] == {"router": {}, "logits": {"dtype": "float16"}, "attention": {}}
     assert [x["layer"] for x in a["routing"]["layers"]] == a["moe_layers"] == [0, 1, 2, 3]
     assert {x["score"] for x in a["routing"]["layers"]} == {"sigmoid"}
     assert ds["router_logits"].dtype == np.float16

@@ -89,6 +89,8 @@ def trace_attrs(attrs: dict) -> dict:
     if attrs.get("capture_logits"):
         variables.append(logits_variable(L, E, attrs.get("logits_dtype") or "float16"))
         captures["logits"] = {"dtype": attrs.get("logits_dtype") or "float16"}
+    if "attention" in ((attrs.get("provenance") or {}).get("capture") or []):
+        captures["attention"] = {}  # v1 kept the attention options in each group's attributes only
     a.update(n_commits=int(attrs.get("n_batches", 0)), variables={v.name: v.to_json() for v in variables},
              captures=captures, routing=v1_routing(attrs["moe_layers"], E, k))
     return a
