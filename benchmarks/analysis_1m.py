@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/analysis_1m.py [--tokens 1000000] [--no-logits] [--keep DIR]
 
-Writes a workbench.trace/1 store with zarr directly (48 MoE layers, 16 experts, top-1, 50
+Writes a trace-shaped zarr store (the trace's token arrays) with zarr directly (48 MoE layers, 16 experts, top-1, 50
 sequences, router_logits float16; shards of 4 x 64k tokens, inner chunks of 64k tokens,
 `dimension_names` on every array) into a temp dir, plus a second store (same inputs, 10% of
 the routing changed, no logits) for `saturation`. Then, on a fresh `xr.open_zarr` each time:
@@ -67,14 +67,16 @@ def _block(rng, start, stop, seq_len, tok_effect, bias, logits):
 
 
 def write_trace(path, n_tokens, seed=0, logits=True, perturb_from=None):
-    """A workbench.trace/1 zarr v3 group written with zarr directly."""
+    """A zarr v3 group with the token arrays of a trace (names, dims, dtypes of workbench.trace.schema),
+    written with zarr directly (sharded, whole shards at a time) and read with ``xr.open_zarr``: not
+    a complete trace (no commits, no schema attribute)."""
     rng = np.random.default_rng(seed)
     gen = np.random.default_rng(1234)  # the model: the same for both stores
     bias = gen.normal(0, 0.6, (L, E)).astype(np.float32)
     tok_effect = gen.normal(0, 1.2, (4096, L, E)).astype(np.float32)
     seq_len = n_tokens // N_SEQ
     g = zarr.open_group(str(path), mode="w", zarr_format=3)
-    g.attrs.update({"schema": "workbench.trace/1", "complete": False, "n_experts": E, "top_k": K,
+    g.attrs.update({"complete": False, "n_experts": E, "top_k": K,
                     "model": "synthetic Scout-shaped (48 MoE layers, 16 experts, top-1)"})
     specs = {
         "token_id": (("token",), "int32"), "sequence": (("token",), "int32"),

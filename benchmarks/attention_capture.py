@@ -14,7 +14,7 @@ Reports
   * time: plain forward vs capturing forward (and, with ``--variants``, the capture with the
     kernel's own log-sum-exp, the earlier path), in one process, rounds in alternating order
     (ABBA), medians, per-round ratios with their spread, the load average per round, and the time
-    spent inside the capture's taps (the store write runs in the recorder's writer thread after
+    spent inside the capture's listeners (the store write runs in the recorder's writer thread after
     the forward pass; its flush time is reported apart);
   * GPU (only when CUDA is available): the Triton kernel vs a naive "softmax of the full masked
     score rows, then gather the patch columns" on the same inputs.
@@ -344,7 +344,7 @@ def main() -> None:
                 print(f"{'':>20}  per-round ratio to plain: median {r['median_pair_ratio']:.3f}x, "
                       f"range {r['pair_ratio_range'][0]:.3f}-{r['pair_ratio_range'][1]:.3f}  [{f(r['pair_ratios'])}]; "
                       f"ratio of medians {r['ratio_of_medians']:.3f}x, of minima {r['ratio_of_minima']:.3f}x")
-                print(f"{'':>20}  time in the capture taps [{f(r['tap_s'])}] s -> forward / (forward - taps) "
+                print(f"{'':>20}  time in the capture listeners [{f(r['tap_s'])}] s -> forward / (forward - taps) "
                       f"median {r['median_tap_estimate']:.3f}x [{f(r['tap_estimate'])}]; store flush "
                       f"(writer thread) median {statistics.median(r['flush_s']):.2f} s")
         print(f"load average (1 min) before/after each round: "

@@ -25,7 +25,7 @@ NOTEBOOKS = {
         ("code", SETUP),
         ("code", "from workbench.cli import describe_model\nmodel = wb.load_model(MODEL)\nproc = wb.load_processor(MODEL)\n"
                  "print(describe_model(model.config if hasattr(model.config, 'text') else wb.ModelConfig.from_pretrained(MODEL)))"),
-        ("md", "## Record a forward pass\n`wb.record` attaches the recorder to the model's tap points; every forward "
+        ("md", "## Record a forward pass\n`wb.record` adds the recorder's listeners to the model's hook points; every forward "
                "pass inside the block streams into the zarr store."),
         ("code", "prompts = [p['text'] for p in demo_prompts() if not p['images']][:4]\n"
                  "batch = proc(text=prompts, padding=True)\n"

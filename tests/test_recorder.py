@@ -27,7 +27,7 @@ def text_ckpt(tmp_path_factory):
 
 
 def router_outputs(model, **inputs):
-    """The model's own router outputs, read through its taps (no recorder involved)."""
+    """The model's own router outputs, read at its hook points (no recorder involved)."""
     got = []
     handles = [p.add(lambda p, router_logits, topk_ids, topk_weights: got.append(
         (router_logits.clone(), topk_ids.clone(), topk_weights.clone())))
