@@ -204,9 +204,7 @@ def probe_export_layers(syn, tmp_path, fn_name, **_):
     from workbench import export as X
 
     fn = getattr(X, fn_name)
-    kw = {} if fn_name == "export_all" else {"formats": ["png"]} if "export_" in fn_name else {}
-    if fn_name == "export_all":
-        kw = {"what": "data", "progress": False}
+    kw = {"what": "data", "progress": False} if fn_name == "export_all" else {"formats": ["png"]}
     try:
         fn(syn, tmp_path / "ok", layers=[3, 5], **kw)
     except X.ArtifactSkipped:
@@ -222,6 +220,7 @@ def probe_export_netcdf_content(syn, tmp_path, **_):
 
     from workbench.export import export_netcdf
 
+    probe_export_layers(syn=syn, tmp_path=tmp_path, fn_name="export_netcdf")
     (path,) = export_netcdf(syn, tmp_path / "nc", layers=[3])
     sub = xr.open_dataset(path)
     assert sub["layer"].values.tolist() == [3]
