@@ -1,14 +1,18 @@
-"""What the CLI commands share: one-line user errors, the prompts file, capture options, the run summary."""
+"""What the CLI commands share: one-line user errors, the prompts file, flag types, output checks,
+capture options, the run summary."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 from workbench.trace._util import format_ranges
 
-__all__ = ["CLIError", "read_prompts", "trace_summary", "add_capture_arguments", "capture_options", "format_ranges"]
+__all__ = ["CLIError", "read_prompts", "trace_summary", "add_capture_arguments", "capture_options", "format_ranges",
+           "positive_int", "dtype_name", "device_name", "DTYPE_CHOICES", "check_writable_dir", "check_store_out",
+           "check_vocab"]
 
 
 class CLIError(Exception):
@@ -19,37 +23,182 @@ def read_prompts(path: Path, images_dir: Path | None) -> list[dict]:
     """Read a JSONL prompts file: one object per line, {"text": str, "images": [file, ...]}.
 
     A bare JSON string is a text prompt. Image files resolve against ``images_dir`` (default: the
-    prompts file's folder). Errors name the line.
+    prompts file's folder). Errors name the line: binary data (a NUL byte), bytes that are not
+    UTF-8, invalid or too deeply nested JSON, a text with a lone surrogate (``"\\ud800"`` is valid
+    JSON but no Unicode text: the tokenizer and the store could not take it), a missing image.
+    Only a regular file is read (a FIFO would block). A file without any prompt is an error.
     """
-    if not path.is_file():
+    if not path.exists():
         raise CLIError(f"prompts file {path} does not exist")
+    if not path.is_file():
+        raise CLIError(f"prompts file {path} is not a regular file")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CLIError(f"prompts file {path}: cannot read it ({e.strerror or e})") from e
     base = images_dir if images_dir is not None else path.parent
     prompts = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CLIError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if isinstance(obj, str):
-                obj = {"text": obj}
-            if not isinstance(obj, dict) or not isinstance(obj.get("text", ""), str):
-                raise CLIError(f"{path}:{n}: expected an object with a string 'text' (and optional 'images')")
-            images = obj.get("images") or []
-            if isinstance(images, str):
-                images = [images]
-            if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
-                raise CLIError(f"{path}:{n}: 'images' must be a list of file names")
-            files = []
-            for name in images:
-                f_img = (base / name) if not Path(name).is_absolute() else Path(name)
-                if not f_img.is_file():
-                    raise CLIError(f"{path}:{n}: image file {f_img} does not exist")
-                files.append(f_img)
-            prompts.append({"text": obj.get("text", ""), "images": files, "line": n})
+    for n, raw in enumerate(data.split(b"\n"), 1):
+        if b"\0" in raw:
+            raise CLIError(f"{path}:{n}: binary data (a NUL byte at column {raw.index(0) + 1}); "
+                           f"a prompts file is UTF-8 JSON, one prompt per line")
+        try:
+            line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise CLIError(f"{path}:{n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CLIError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise CLIError(f"{path}:{n}: JSON nested too deeply") from None
+        if isinstance(obj, str):
+            obj = {"text": obj}
+        if not isinstance(obj, dict) or not isinstance(obj.get("text", ""), str):
+            raise CLIError(f"{path}:{n}: expected an object with a string 'text' (and optional 'images')")
+        text = obj.get("text", "")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise CLIError(f"{path}:{n}: 'text' holds a lone surrogate {text[e.start]!r} at character {e.start}; "
+                           f"that is not Unicode text") from None
+        images = obj.get("images") or []
+        if isinstance(images, str):
+            images = [images]
+        if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+            raise CLIError(f"{path}:{n}: 'images' must be a list of file names")
+        files = []
+        for name in images:
+            f_img = (base / name) if not Path(name).is_absolute() else Path(name)
+            if not f_img.is_file():
+                raise CLIError(f"{path}:{n}: image file {f_img} does not exist")
+            files.append(f_img)
+        prompts.append({"text": text, "images": files, "line": n})
+    if not prompts:
+        raise CLIError(f"prompts file {path} holds no prompt (one JSON object or string per line)")
     return prompts
+
+
+# ---------------------------------------------------------------------------------------------
+# Flag types (argparse reports their errors: usage line + "workbench CMD: error: argument ...")
+# ---------------------------------------------------------------------------------------------
+def positive_int(text: str) -> int:
+    """``type=`` of counts such as --batch-size: 0 and negatives are refused (a negative batch size
+    once wrote a complete trace of 0 tokens)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (1 or more), got {value}")
+    return value
+
+
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def dtype_name(text: str) -> str:
+    """``type=`` of --dtype: a floating dtype name (or fp32/bf16/fp16); anything else lists the choices."""
+    name = text.strip().lower().removeprefix("torch.")
+    name = _DTYPE_ALIASES.get(name, name)
+    if name not in DTYPE_CHOICES:
+        raise argparse.ArgumentTypeError(f"invalid choice {text!r} (choose from {', '.join(DTYPE_CHOICES)})")
+    return name
+
+
+def device_name(text: str) -> str:
+    """``type=`` of --device: cpu, cuda, cuda:N (or mps), and only when that device exists here."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r} (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cpu":
+        return text
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: no CUDA GPU is available on this machine "
+                                             f"(torch.cuda.is_available() is False); use --device cpu")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+        return text
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: the MPS backend is not available on this machine")
+        return text
+    raise argparse.ArgumentTypeError(f"device {text!r} is not supported (use cpu, cuda or cuda:N)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Output paths: checked before anything expensive (loading a model) runs
+# ---------------------------------------------------------------------------------------------
+def check_writable_dir(path: Path, flag: str = "--out") -> None:
+    """CLIError unless ``path`` is, or can be created as, a writable directory: it is not a file,
+    no existing parent of it is a file, and the nearest existing one is writable (a read-only
+    mount or a folder without write permission is caught here, not after loading a model)."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        if existing == path:
+            raise CLIError(f"{flag} {path} exists and is a file, not a directory")
+        raise CLIError(f"{flag} {path}: {existing} is a file, so no directory can be created under it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        why = "read-only file system" if _read_only_mount(existing) else "no write permission"
+        raise CLIError(f"{flag} {path}: {existing} is not writable ({why})")
+
+
+def _read_only_mount(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
+
+
+def check_store_out(out: Path, *, resume: bool, overwrite: bool, inputs_hash: str | None = None) -> dict | None:
+    """Cheap checks of a trace store path for ``--out`` (before the model loads): writable; with
+    ``--resume`` an incomplete trace recorded from the same inputs must be there (its root
+    attributes are returned); without ``--resume``/``--overwrite`` no trace may be there. The
+    messages name this command's flags (the store's own errors speak of the Python API)."""
+    from workbench.trace.reader import read_root
+
+    check_writable_dir(out)
+    holds_trace = (out / "zarr.json").exists()
+    if resume:
+        if not holds_trace:
+            raise CLIError(f"--resume: there is no trace at {out} to resume")
+        attrs = read_root(out)["attributes"]
+        prev_hash = (attrs.get("provenance") or {}).get("inputs_hash")
+        if inputs_hash is not None and prev_hash is not None and prev_hash != inputs_hash:
+            raise CLIError(f"{out} was traced from other prompts (inputs hash {prev_hash}, this file {inputs_hash}); "
+                           f"refusing to resume with a different prompts file")
+        if attrs.get("complete"):
+            raise CLIError(f"--resume: {out} is already a complete trace (n_tokens={attrs.get('n_tokens')}); "
+                           f"nothing to resume. Use --overwrite to record it again, or another --out")
+        return attrs
+    if holds_trace and not overwrite:
+        attrs = read_root(out)["attributes"]
+        raise CLIError(f"{out} already holds a trace (n_tokens={attrs.get('n_tokens')}, complete="
+                       f"{attrs.get('complete')}): pass --resume to continue it or --overwrite to replace it")
+    return None
+
+
+def check_vocab(processor, model) -> None:
+    """CLIError when the tokenizer can produce ids the model's embedding does not have (a
+    tokenizer.json from another checkpoint): each such id would fail deep in the forward pass."""
+    tok = getattr(processor, "tokenizer", None)
+    vocab = getattr(getattr(model, "text_config", None), "vocab_size", None)
+    if tok is None or vocab is None or not hasattr(tok, "get_vocab_size"):
+        return
+    n = tok.get_vocab_size(with_added_tokens=True)
+    if n > vocab:
+        raise CLIError(f"the tokenizer has {n} tokens but the model's vocab_size is {vocab}: ids {vocab} and up "
+                       f"would index past the embedding; is tokenizer.json the one for this checkpoint?")
 
 
 # ---------------------------------------------------------------------------------------------

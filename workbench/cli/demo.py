@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from workbench.cli._common import trace_summary
+from workbench.cli._common import check_writable_dir, positive_int, trace_summary
 
 __all__ = ["add_parser", "run"]
 
@@ -64,6 +64,7 @@ def run(args) -> int:
     from workbench.export import export_all
 
     out_dir = Path(args.out)
+    check_writable_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_dir = _model_dir(out_dir)
     items = demo_prompts()
@@ -84,6 +85,6 @@ def run(args) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="trace the bundled prompts with the embedded default model")
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=positive_int, default=4, help="prompts per forward pass (default: 4)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

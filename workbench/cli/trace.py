@@ -4,7 +4,18 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from workbench.cli._common import CLIError, add_capture_arguments, capture_options, read_prompts, trace_summary
+from workbench.cli._common import (
+    CLIError,
+    add_capture_arguments,
+    capture_options,
+    check_store_out,
+    check_vocab,
+    device_name,
+    dtype_name,
+    positive_int,
+    read_prompts,
+    trace_summary,
+)
 
 __all__ = ["add_parser", "run"]
 
@@ -16,20 +27,18 @@ def run(args) -> int:
     from workbench.hooks import Recorder
     from workbench.models.llama4.processor import load_processor
 
+    # Cheap checks first: flags (argparse), prompts, captures and --out, all before the model loads.
     prompts_path = Path(args.prompts)
+    if args.images and not Path(args.images).is_dir():
+        raise CLIError(f"--images {args.images} is not a directory")
     prompts = read_prompts(prompts_path, Path(args.images) if args.images else None)
     capture = capture_options(args)
     inputs_hash = hashlib.sha256(prompts_path.read_bytes()).hexdigest()[:16]
     out = Path(args.out)
+    check_store_out(out, resume=args.resume, overwrite=args.overwrite, inputs_hash=inputs_hash)
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     proc = load_processor(args.model)
-    if args.resume:
-        from workbench.trace import open_trace
-
-        prev = open_trace(out).attrs.get("provenance", {}).get("inputs_hash")
-        if prev is not None and prev != inputs_hash:
-            raise CLIError(f"{out} was traced from other prompts (inputs hash {prev}, this file {inputs_hash}); "
-                           f"refusing to resume with a different prompts file")
+    check_vocab(proc, model)
     rec = Recorder(model, out, capture, processor=proc, resume=args.resume, overwrite=args.overwrite,
                    provenance={"inputs_hash": inputs_hash, "prompts_file": str(prompts_path)})
     ok = False
@@ -51,12 +60,14 @@ def add_parser(sub) -> None:
     p.add_argument("--images", help="folder the image file names resolve against (default: the prompts file's)")
     p.add_argument("--out", required=True, help="trace store to create (a directory, e.g. runs/x.zarr)")
     add_capture_arguments(p)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=None, help="longest prompt allowed (tokens); longer is an error")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="prompts per forward pass (default: 8)")
+    p.add_argument("--max-tokens", type=positive_int, default=None,
+                   help="longest prompt allowed (tokens); longer is an error")
     p.add_argument("--truncate", action="store_true", help="truncate prompts longer than --max-tokens instead")
-    p.add_argument("--resume", action="store_true", help="continue an incomplete store from its committed length")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing trace at --out")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: as stored)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+    store = p.add_mutually_exclusive_group()
+    store.add_argument("--resume", action="store_true", help="continue an incomplete store from its committed length")
+    store.add_argument("--overwrite", action="store_true", help="replace an existing trace at --out")
+    p.add_argument("--dtype", type=dtype_name, default=None, help="float32, bfloat16, float16 (default: as stored)")
+    p.add_argument("--device", type=device_name, default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

@@ -63,6 +63,7 @@ class TextConfig:
     attention_bias: bool = False
 
     def __post_init__(self) -> None:
+        self._check_types()  # before the derived defaults below compute with these values
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         # transformers treats an empty list as "use the default pattern"; so do we.
@@ -76,14 +77,77 @@ class TextConfig:
         self.attn_temperature_tuning = bool(self.attn_temperature_tuning)
         self._validate()
 
-    def _validate(self) -> None:
-        def bad(key: str, why: str) -> ConfigError:
-            return ConfigError(f"text config: {key}={getattr(self, key)!r} {why}")
+    def _bad(self, key: str, why: str) -> ConfigError:
+        return ConfigError(f"text config: {key}={_short(getattr(self, key))} {why}")
 
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads", "num_key_value_heads", "num_local_experts", "head_dim"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
-                raise bad(key, "must be a positive integer")
+    def _check_types(self) -> None:
+        """Each field alone: its JSON type and range. A config.json is hand-edited often enough that
+        a string where a number belongs, a zero chunk size or a duplicated layer must be an error
+        naming the key and the value, not a traceback deep in the model (or a silently wrong model:
+        ``bool("false")`` is True)."""
+        for key in _POSITIVE_INTS:
+            if not _is_int(getattr(self, key)) or getattr(self, key) <= 0:
+                raise self._bad(key, "must be a positive integer")
+        for key in ("head_dim", "attention_chunk_size"):
+            v = getattr(self, key)
+            if v is not None and (not _is_int(v) or v <= 0):
+                raise self._bad(key, "must be a positive integer or null")
+        for key in ("rms_norm_eps", "rope_theta", "floor_scale"):
+            if not _is_number(getattr(self, key)) or getattr(self, key) <= 0:
+                raise self._bad(key, "must be a positive finite number")
+        if not _is_number(self.attn_scale):
+            raise self._bad("attn_scale", "must be a finite number")
+        for key in ("tie_word_embeddings", "use_qk_norm", "attention_bias"):
+            if not isinstance(getattr(self, key), bool):
+                raise self._bad(key, "must be true or false")
+        # Released Llama 4 configs write an integer here (4); transformers reads it as a truth value.
+        if not isinstance(self.attn_temperature_tuning, (bool, int)):
+            raise self._bad("attn_temperature_tuning", "must be true, false or an integer")
+        if not isinstance(self.hidden_act, str):
+            raise self._bad("hidden_act", "must be a string")
+        for key in ("pad_token_id", "bos_token_id"):
+            if getattr(self, key) is not None and not _is_int(getattr(self, key)):
+                raise self._bad(key, "must be an integer or null")
+        eos = self.eos_token_id
+        if not (eos is None or _is_int(eos) or (isinstance(eos, list) and all(_is_int(i) for i in eos))):
+            raise self._bad("eos_token_id", "must be an integer, a list of integers or null")
+        if self.moe_layers is not None:
+            if not isinstance(self.moe_layers, list) or not all(_is_int(i) for i in self.moe_layers):
+                raise self._bad("moe_layers", "must be a list of layer indices")
+            dup = sorted({i for i in self.moe_layers if self.moe_layers.count(i) > 1})
+            if dup:
+                raise self._bad("moe_layers", f"lists layer(s) {dup} more than once")
+        if self.no_rope_layers is not None and (
+                not isinstance(self.no_rope_layers, list) or not all(_is_int(i) and i in (0, 1) for i in self.no_rope_layers)):
+            raise self._bad("no_rope_layers", "must be a list of 0/1 flags, one per layer (1 = the layer uses RoPE)")
+        if self.rope_scaling is not None:
+            self._check_rope_scaling()
+
+    def _check_rope_scaling(self) -> None:
+        s = self.rope_scaling
+        if not isinstance(s, dict):
+            raise self._bad("rope_scaling", "must be an object or null")
+        kind = s.get("rope_type", s.get("type", "default"))
+        if kind not in ("default", "llama3"):
+            raise ConfigError(f"text config: rope_scaling type {kind!r} is not supported (default, llama3)")
+        if kind != "llama3":
+            return
+        missing = [k for k in _LLAMA3_KEYS if k not in s]
+        if missing:
+            raise self._bad("rope_scaling", f"is llama3 scaling without {', '.join(missing)} "
+                                            f"(it needs {', '.join(_LLAMA3_KEYS)})")
+        for key in ("factor", "low_freq_factor", "high_freq_factor"):
+            if not _is_number(s[key]) or s[key] <= 0:
+                raise ConfigError(f"text config: rope_scaling.{key}={_short(s[key])} must be a positive finite number")
+        if not _is_int(s["original_max_position_embeddings"]) or s["original_max_position_embeddings"] <= 0:
+            raise ConfigError(f"text config: rope_scaling.original_max_position_embeddings="
+                              f"{_short(s['original_max_position_embeddings'])} must be a positive integer")
+
+    def _validate(self) -> None:
+        """Relations between fields (after the derived defaults are filled in)."""
+        bad = self._bad
+        if not _is_int(self.head_dim) or self.head_dim <= 0:
+            raise bad("head_dim", "must be a positive integer")
         if self.num_attention_heads % self.num_key_value_heads:
             raise bad("num_key_value_heads", f"must divide num_attention_heads={self.num_attention_heads}")
         if self.head_dim % 2:
@@ -96,10 +160,6 @@ class TextConfig:
             raise bad("moe_layers", f"indices must lie in [0, {self.num_hidden_layers})")
         if self.hidden_act != "silu":
             raise bad("hidden_act", "is not supported (Llama 4 uses 'silu')")
-        if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
-            if kind not in ("default", "llama3"):
-                raise ConfigError(f"text config: rope_scaling type {kind!r} is not supported (default, llama3)")
 
     # Derived facts, named the way the rest of the code asks for them.
     @property
@@ -113,8 +173,13 @@ class TextConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TextConfig":
         """Build from an HF ``text_config`` dict; unknown keys are ignored."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"text config must be an object, got {_short(d)}")
         d = dict(d)
         rope = d.pop("rope_parameters", None)
+        for key, v in (("rope_parameters", rope), ("rope_scaling", d.get("rope_scaling"))):
+            if v is not None and not isinstance(v, dict):
+                raise ConfigError(f"text config: {key}={_short(v)} must be an object or null")
         if rope:  # transformers >= 5 layout: theta and scaling in one dict
             rope = dict(rope)
             d.setdefault("rope_theta", rope.pop("rope_theta", cls.rope_theta))
@@ -153,7 +218,19 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, source: str = "config.json") -> "ModelConfig":
+        """Build from an HF config dict. Every bad value is a ConfigError naming ``source``, the key
+        and the value (see ``TextConfig._check_types`` for what is checked)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a JSON object at the top level, got {_short(d)}")
         archs = d.get("architectures") or []
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise ConfigError(f"{source}: architectures={_short(archs)} must be a list of class names")
+        for key in ("text_config", "vision_config"):
+            if d.get(key) is not None and not isinstance(d[key], dict):
+                raise ConfigError(f"{source}: {key}={_short(d[key])} must be an object")
+        for key in ("image_token_index", "image_token_id", "boi_token_index", "eoi_token_index"):
+            if key in d and not _is_int(d[key]):
+                raise ConfigError(f"{source}: {key}={_short(d[key])} must be an integer")
         model_type = d.get("model_type")
         if archs:
             arch = archs[0]
@@ -168,6 +245,8 @@ class ModelConfig:
             raise ConfigError(f"{source}: architecture {arch!r} is not supported; "
                               f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
         dtype = d.get("dtype") or d.get("torch_dtype")
+        if dtype is not None and not isinstance(dtype, str):
+            raise ConfigError(f"{source}: dtype={_short(dtype)} must be a dtype name such as \"bfloat16\"")
         if arch == "Llama4ForCausalLM":
             text = d.get("text_config", d)
             return cls(text=_text_from_dict(text, source), vision=None, architecture=arch, dtype=dtype)
@@ -175,7 +254,7 @@ class ModelConfig:
             raise ConfigError(f"{source}: {arch} needs a 'text_config' section")
         try:
             vision = VisionConfig.from_dict(d.get("vision_config") or {})
-        except ValueError as e:
+        except (TypeError, ValueError) as e:
             raise ConfigError(f"{source}: {e}") from e
         return cls(
             text=_text_from_dict(d["text_config"], source),
@@ -189,17 +268,27 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "ModelConfig":
-        """Read ``config.json`` from a checkpoint directory (or the file itself)."""
+        """Read ``config.json`` from a checkpoint directory (or the file itself).
+
+        Only a regular file is opened (a FIFO named config.json would block forever); invalid
+        UTF-8 or JSON, JSON nested too deeply to parse, and a non-object top level are ConfigErrors.
+        """
         path = Path(path)
         file = path / "config.json" if path.is_dir() else path
-        if not file.is_file():
+        if not file.exists():
             raise ConfigError(f"no config.json in {path}: is this an HF-format Llama 4 checkpoint directory?")
+        if not file.is_file():  # follows symlinks; False for directories, FIFOs, devices, sockets
+            raise ConfigError(f"{file} is not a regular file")
         try:
-            d = json.loads(file.read_text())
+            d = json.loads(file.read_bytes().decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{file}: not valid JSON ({e})") from e
+        except RecursionError:
+            raise ConfigError(f"{file}: not a usable config (JSON nested too deeply to parse)") from None
+        except OSError as e:
+            raise ConfigError(f"{file}: cannot read it ({e.strerror or e})") from e
         if not isinstance(d, dict):
-            raise ConfigError(f"{file}: expected a JSON object at the top level")
+            raise ConfigError(f"{file}: expected a JSON object at the top level, got {type(d).__name__}")
         return cls.from_dict(d, source=str(file))
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -246,6 +335,29 @@ class ModelConfig:
         vision = _vision_parameter_count(self.vision, t.hidden_size) if self.vision is not None else 0
         return {"text_total": text_total, "text_active": text_active, "vision": vision,
                 "total": text_total + vision, "embedding": embed}
+
+
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "intermediate_size_mlp", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads", "num_local_experts", "num_experts_per_tok",
+                  "max_position_embeddings", "interleave_moe_layer_step", "no_rope_layer_interval")
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON true is not a layer count
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _short(v: Any, limit: int = 80) -> str:
+    """repr of a config value, cut to one readable line."""
+    try:
+        r = repr(v)
+    except RecursionError:
+        r = f"<{type(v).__name__} nested too deeply>"
+    return r if len(r) <= limit else r[:limit - 3] + "..."
 
 
 def _text_from_dict(d: dict[str, Any], source: str) -> TextConfig:
