@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 from workbench.cli._common import CLIError
 
@@ -20,9 +21,12 @@ def _layer_pair(text: str | None):
 
 
 def run(args) -> int:
-    """Figures, tables, trace subsets and the HTML report of a trace (workbench.export.export_all)."""
-    from workbench.export import ExportError, export_all
+    """Figures, tables, trace subsets and the HTML report of a trace (workbench.export.export_all).
 
+    A bad request is a CLIError (exit 2); a failed write (disk full) one line and exit 1."""
+    from workbench.export import ExportError, ExportFailedError, ExportNote, export_all
+
+    warnings.simplefilter("ignore", ExportNote)  # printed below as "note:" lines
     try:
         paths = export_all(args.store, args.out, what=args.what, layers=args.layers, sequences=args.sequences,
                            tokens=args.tokens, labels=args.labels, sequence=args.sequence,
@@ -32,14 +36,18 @@ def run(args) -> int:
                            progress=not args.quiet)
     except ExportError as e:
         raise CLIError(str(e)) from None
+    except ExportFailedError as e:
+        print(f"workbench export: error: {e}", file=sys.stderr)
+        return 1
     for name, why in paths.skipped.items():
         print(f"skipped {name}: {why}", file=sys.stderr)
+    for note in paths.notes:
+        print(f"note: {note}", file=sys.stderr)
     print(f"wrote {len(paths)} files to {args.out}")
     if not args.quiet:
         for p in paths:
             print(f"  {p}")
     return 0
-
 
 
 def add_parser(sub) -> None:

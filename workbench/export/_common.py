@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime as _dt
 import hashlib
 import json
@@ -13,7 +14,8 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import xarray as xr
 
-__all__ = ["ExportError", "ArtifactSkipped", "Selection", "trace_fingerprint", "export_provenance"]
+__all__ = ["ExportError", "ExportFailedError", "ExportNote", "ArtifactSkipped", "Selection", "trace_fingerprint",
+           "export_provenance", "storable_text"]
 
 _FINGERPRINT_KEYS = ("schema", "n_tokens", "n_commits", "moe_layers", "n_experts", "top_k", "routing", "variables",
                      "captures", "provenance")
@@ -22,6 +24,16 @@ _FINGERPRINT_KEYS = ("schema", "n_tokens", "n_commits", "moe_layers", "n_experts
 class ExportError(ValueError):
     """Bad export request: unknown artifact, output path that is a file, layer that is not a MoE
     layer, sequence not in the trace, empty selection..."""
+
+
+class ExportFailedError(Exception):
+    """Writing the export failed (disk full, read-only folder...): the files written before are
+    intact and ``manifest.json`` lists exactly them. Not a bad request: the CLI exits 1."""
+
+
+class ExportNote(UserWarning):
+    """Something an export had to change to write a file (e.g. text a format cannot hold, escaped);
+    also listed in ``ExportResult.notes`` and ``manifest.json``."""
 
 
 class ArtifactSkipped(Exception):
@@ -319,9 +331,15 @@ class Selection:
 
 
 # ------------------------------------------------------------------------------- atomic write
+#: called with each file's final path once it is renamed into place (``export_all`` keeps its
+#: manifest in step with the files that exist); None outside ``export_all``
+on_written: contextvars.ContextVar = contextvars.ContextVar("workbench_export_on_written", default=None)
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling path; on success rename it onto ``path`` (never half-written)."""
+    """Yield a temporary sibling path; on success rename it onto ``path`` (never half-written: a
+    failure, e.g. a full disk, removes the temporary file and leaves an older ``path`` as it was)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
@@ -332,12 +350,26 @@ def atomic_path(path: Path) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+    hook = on_written.get()
+    if hook is not None:
+        hook(path)
 
 
 def write_text_atomic(path: Path, text: str) -> Path:
+    """Write UTF-8 text atomically; lone surrogates (not UTF-8) are written as ``\\udcXX`` escapes."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8", newline="\n")
+        tmp.write_text(text, encoding="utf-8", errors="backslashreplace", newline="\n")
     return Path(path)
+
+
+def storable_text(text: str, nul: bool = True) -> tuple[str, bool]:
+    """``(text, changed)``: ``text`` with what binary formats cannot hold escaped, Python-style:
+    NUL (HDF5/NetCDF strings end at NUL; ``nul=False`` keeps it) as ``\\x00`` and lone surrogates
+    (not encodable as UTF-8) as ``\\udcXX``. ``changed`` says whether anything was escaped."""
+    out = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    if nul:
+        out = out.replace("\x00", "\\x00")
+    return out, out != text
 
 
 # ------------------------------------------------------------------------------------- misc

@@ -13,29 +13,43 @@ arrays). Global attributes: every provenance key, ``trace_provenance`` (the trac
 provenance as JSON), ``schema = "workbench.trace_subset/1"``, ``n_experts``, ``top_k``.
 Open with ``xr.open_dataset(path)``.
 
+Text NetCDF cannot hold (NUL ends an HDF5 string; lone surrogates are not UTF-8) is escaped
+Python-style (``\\x00``, ``\\udcXX``, :func:`~workbench.export._common.storable_text`); when any
+was, ``token_text`` gets the attribute ``escaped`` (what and how) and the int8 variable
+``token_text_escaped`` (token) flags the rows, and a note goes to the manifest.
+The file is built in memory and then written with plain file I/O (HDF5 crashes the process when
+the disk fills under it), unless its estimated size exceeds ``NETCDF_IN_MEMORY_BYTES``: then it is
+written directly, after checking the free space.
+
 Parquet (``trace_subset.parquet``): tidy, one row per (token, MoE layer): ``token_index``
 (int64), ``sequence``, ``position``, ``token_id`` (int32), ``modality`` (int8), ``token`` (string,
 when a vocabulary is stored), ``layer`` (int32, decoder layer index), ``expert_0..expert_{k-1}``
 (int16), ``weight_0..weight_{k-1}`` (float32, slot order as stored), and ``router_logits``
 (fixed-size list of E float32) when recorded. Rows are sorted by token_index then layer order.
 Written by pyarrow in row groups of a bounded number of tokens (memory does not grow with the
-subset). Schema metadata: ``workbench.provenance`` (JSON of the provenance keys) and
-``workbench.trace_provenance``; read with ``pyarrow.parquet.read_table`` / ``pandas.read_parquet``.
+subset). Token strings keep NUL; lone surrogates are escaped (``\\udcXX``), with a note. Schema
+metadata: ``workbench.provenance`` (JSON of the provenance keys) and ``workbench.trace_provenance``;
+read with ``pyarrow.parquet.read_table`` / ``pandas.read_parquet``.
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import xarray as xr
 
-from ._common import Selection, atomic_path, jsonable
+from ._common import ExportNote, Selection, atomic_path, jsonable, storable_text
 
-__all__ = ["subset_dataset", "write_netcdf", "write_parquet", "netcdf_engine", "PARQUET_BLOCK_TOKENS"]
+__all__ = ["subset_dataset", "write_netcdf", "write_parquet", "netcdf_engine", "PARQUET_BLOCK_TOKENS",
+           "NETCDF_IN_MEMORY_BYTES"]
 
 PARQUET_BLOCK_TOKENS = 16384
+NETCDF_IN_MEMORY_BYTES = 1 << 30
 _TOKEN_VARS = ("token_id", "sequence", "position", "modality", "topk_expert", "topk_weight", "router_logits")
 
 
@@ -91,24 +105,72 @@ def subset_dataset(ds: xr.Dataset, sel: Selection, prov: Mapping[str, str]) -> x
     return out
 
 
-def write_netcdf(sub: xr.Dataset, path: Path, engine: str | None = None) -> Path:
-    """Write a :func:`subset_dataset` result to NetCDF (atomically)."""
+def _escape_texts(texts: np.ndarray, nul: bool, what: str, notes: list[str] | None) -> tuple[list[str], np.ndarray]:
+    """Token strings made storable (:func:`storable_text`) and the flags of the escaped ones; says so
+    when any was escaped: a line in ``notes``, or without ``notes`` an :class:`ExportNote` warning."""
+    pairs = [storable_text(str(t), nul=nul) for t in texts]
+    flags = np.array([changed for _, changed in pairs], dtype=bool)
+    if flags.any():
+        example = "\\x00" if nul else "\\udc80"
+        msg = (f"{what}: {int(flags.sum())} token string(s) held characters {what.split()[0]} cannot store "
+               f"({'NUL or ' if nul else ''}lone surrogates): written with Python escapes such as {example}")
+        if notes is not None:
+            notes.append(msg)
+        else:
+            warnings.warn(msg, ExportNote, stacklevel=3)
+    return [t for t, _ in pairs], flags
+
+
+def _free_bytes(folder: Path) -> int:
+    st = os.statvfs(folder)
+    return st.f_bavail * st.f_frsize
+
+
+def write_netcdf(sub: xr.Dataset, path: Path, engine: str | None = None, notes: list[str] | None = None) -> Path:
+    """Write a :func:`subset_dataset` result to NetCDF (atomically; text escaped as the module doc
+    says, with a line in ``notes``; a full disk is an OSError, never a crash)."""
     engine = engine or netcdf_engine()
+    path = Path(path)
     sub = sub.copy()
     sub.attrs["netcdf_engine"] = engine
     enc: dict[str, dict] = {}
-    if "token_text" in sub.variables and engine == "h5netcdf":
-        enc["token_text"] = {"dtype": str}  # variable-length strings (NetCDF-3 gets char arrays)
+    if "token_text" in sub.variables:
+        texts, flags = _escape_texts(np.asarray(sub["token_text"].values, dtype=object), True,
+                                     f"NetCDF {path.name}", notes)
+        attrs = dict(sub["token_text"].attrs)
+        if flags.any():
+            attrs["escaped"] = ("NUL as \\x00 and lone surrogates as \\udcXX (Python escapes); "
+                                "token_text_escaped = 1 flags the rows")
+            sub["token_text_escaped"] = xr.Variable(("token",), flags.astype(np.int8),
+                                                    attrs={"long_name": "1: token_text was escaped"})
+        sub["token_text"] = xr.Variable(("token",), np.array(texts, dtype=object), attrs=attrs)
+        if engine == "h5netcdf":
+            enc["token_text"] = {"dtype": str}  # variable-length strings (NetCDF-3 gets char arrays)
     if engine == "scipy" and "token_index" in sub.variables:
         sub["token_index"] = sub["token_index"].astype(np.int32)
-    with atomic_path(path) as tmp:
-        sub.to_netcdf(tmp, engine=engine, encoding=enc or None, format=None if engine == "h5netcdf" else "NETCDF3_64BIT")
-    return Path(path)
+    fmt = None if engine == "h5netcdf" else "NETCDF3_64BIT"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # HDF5 segfaults when the disk fills under it (at close): build the file in memory and write the
+    # bytes with Python, whose write raises a plain OSError. Too big for memory: check the space first.
+    estimate = int(sub.nbytes) + (1 << 20)
+    if estimate > NETCDF_IN_MEMORY_BYTES:
+        free = _free_bytes(path.parent)
+        if free < estimate * 1.1:
+            raise OSError(errno.ENOSPC, f"{free / 1e6:.0f} MB free for a NetCDF file of about {estimate / 1e6:.0f} "
+                                        "MB: no space left on device", str(path))
+        with atomic_path(path) as tmp:
+            sub.to_netcdf(tmp, engine=engine, encoding=enc or None, format=fmt)
+        return path
+    data = sub.to_netcdf(engine=engine, encoding=enc or None, format=fmt)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+    return path
 
 
 def write_parquet(sub: xr.Dataset, path: Path, prov: Mapping[str, str], trace_provenance: Mapping | None = None,
-                  block_tokens: int = PARQUET_BLOCK_TOKENS) -> Path:
-    """Write a :func:`subset_dataset` result as a tidy Parquet table (one row per token x layer)."""
+                  block_tokens: int = PARQUET_BLOCK_TOKENS, notes: list[str] | None = None) -> Path:
+    """Write a :func:`subset_dataset` result as a tidy Parquet table (one row per token x layer);
+    lone surrogates in token strings are escaped, with a line in ``notes``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -116,6 +178,9 @@ def write_parquet(sub: xr.Dataset, path: Path, prov: Mapping[str, str], trace_pr
     has_logits = "router_logits" in sub.variables
     E = int(sub.sizes["expert"]) if has_logits else int(sub.attrs.get("n_experts", 0))
     has_text = "token_text" in sub.variables
+    if has_text:  # Arrow strings are UTF-8: no lone surrogates
+        texts_all = np.array(_escape_texts(np.asarray(sub["token_text"].values, dtype=object), False,
+                                           f"Parquet {Path(path).name}", notes)[0] + [""], dtype=object)[:-1]
     layers = np.asarray(sub["layer"].values, np.int32)
     fields = [pa.field("token_index", pa.int64()), pa.field("sequence", pa.int32()), pa.field("position", pa.int32()),
               pa.field("token_id", pa.int32()), pa.field("modality", pa.int8())]
@@ -152,7 +217,7 @@ def write_parquet(sub: xr.Dataset, path: Path, prov: Mapping[str, str], trace_pr
                 }
                 arrays = [pa.array(cols[c]) for c in ("token_index", "sequence", "position", "token_id", "modality")]
                 if has_text:
-                    texts = np.asarray(sub["token_text"].values[s:s + T], dtype=object)
+                    texts = texts_all[s:s + T]
                     arrays.append(pa.array(np.repeat(texts, L).tolist(), type=pa.string()))
                 arrays.append(pa.array(np.tile(layers, T)))
                 e = np.asarray(blk["topk_expert"].transpose("token", "moe_layer", "k").values).reshape(T * L, k)

@@ -171,6 +171,6 @@ def report_html(ds: xr.Dataset, prov: Mapping[str, str], *, sequence: int | None
 
 def write_report(path: Path, ds: xr.Dataset, prov: Mapping[str, str], **kw) -> Path:
     text = report_html(ds, prov, **kw)
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8", newline="\n")
+    with atomic_path(path) as tmp:  # lone surrogates (not UTF-8) as \\udcXX escapes
+        tmp.write_text(text, encoding="utf-8", errors="backslashreplace", newline="\n")
     return Path(path)

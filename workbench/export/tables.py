@@ -3,7 +3,9 @@
 CSV: UTF-8, ``# key: value`` provenance comment lines first (read with
 ``pandas.read_csv(path, comment="#")`` or skip lines starting with ``#``), then a header row.
 Floats are written with Python's shortest round-trip ``repr`` (reading them back gives the exact
-float64 the analysis returned); NaN is ``nan``.
+float64 the analysis returned); NaN is ``nan``. Text cells (tokens, labels) that a spreadsheet
+would run as a formula, those beginning with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return,
+get a leading ``'`` (OWASP's CSV injection advice); numbers are written as they are.
 
 LaTeX: a ``tabular`` only (``\\input`` it inside your own ``table`` environment), with ``booktabs``
 rules (``\\toprule``, ``\\midrule``, ``\\bottomrule``), ``% key: value`` provenance comment lines
@@ -39,7 +41,7 @@ from workbench.trace.schema import Modality
 
 from ._common import ArtifactSkipped, ExportError, atomic_path
 
-__all__ = ["Table", "latex_escape", "latex_token", "write_csv", "write_latex", "layer_metrics_table",
+__all__ = ["Table", "latex_escape", "latex_token", "csv_text", "write_csv", "write_latex", "layer_metrics_table",
            "layer_metrics_by_modality_table", "vocab_tables", "domain_tables"]
 
 
@@ -110,6 +112,16 @@ def latex_token(text: str) -> str:
     return r"\texttt{" + (esc if esc else r"\textit{(empty)}") + "}"
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(text: Any) -> str:
+    """A text cell for CSV: prefixed with ``'`` when it begins like a spreadsheet formula
+    (``= + - @``, tab, carriage return), so that opening the file runs nothing."""
+    s = str(text)
+    return "'" + s if s.startswith(_FORMULA_START) else s
+
+
 def _fmt_csv(v: Any, kind: str) -> str:
     if v is None:
         return ""
@@ -118,7 +130,7 @@ def _fmt_csv(v: Any, kind: str) -> str:
     if kind == "float":
         f = float(v)
         return "nan" if math.isnan(f) else repr(f)
-    return str(v)
+    return csv_text(v)  # "str", "token", "tex": text
 
 
 def _fmt_tex(v: Any, col: Column) -> str:
@@ -148,13 +160,23 @@ def write_csv(table: Table, path: Path, prov: Mapping[str, str]) -> Path:
     buf.write(f"# table: {table.name}\n# caption: {_one_line(table.caption)}\n")
     for n in table.notes:
         buf.write(f"# note: {_one_line(n)}\n")
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow([c.key for c in table.columns])
+    # csv quotes a field holding a character of the line terminator: with "\r\n" a bare CR in a
+    # token is quoted too (with "\n" alone it was not, and readers split the row there)
+    line = io.StringIO()
+    w = csv.writer(line, lineterminator="\r\n")
+
+    def put(cells: list[str]) -> None:
+        line.seek(0)
+        line.truncate()
+        w.writerow(cells)
+        buf.write(line.getvalue()[:-2] + "\n")
+
+    put([c.key for c in table.columns])
     for row in table.rows:
-        w.writerow([_fmt_csv(v[0] if (c.kind == "tex" and isinstance(v, tuple)) else v, c.kind)
-                    for v, c in zip(row, table.columns)])
-    with atomic_path(path) as tmp:
-        tmp.write_text(buf.getvalue(), encoding="utf-8", newline="")
+        put([_fmt_csv(v[0] if (c.kind == "tex" and isinstance(v, tuple)) else v, c.kind)
+             for v, c in zip(row, table.columns)])
+    with atomic_path(path) as tmp:  # lone surrogates (not UTF-8) as \\udcXX escapes
+        tmp.write_text(buf.getvalue(), encoding="utf-8", errors="backslashreplace", newline="")
     return Path(path)
 
 
@@ -174,7 +196,7 @@ def latex_source(table: Table, prov: Mapping[str, str]) -> str:
 
 def write_latex(table: Table, path: Path, prov: Mapping[str, str]) -> Path:
     with atomic_path(path) as tmp:
-        tmp.write_text(latex_source(table, prov), encoding="utf-8", newline="\n")
+        tmp.write_text(latex_source(table, prov), encoding="utf-8", errors="backslashreplace", newline="\n")
     return Path(path)
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 __all__ = ["TraceError", "NotATraceError", "UnknownSchemaError", "TraceExistsError", "TraceLockedError",
-           "TraceWriteError"]
+           "TraceWriteError", "TraceCorruptError"]
 
 
 class TraceError(Exception):
@@ -27,3 +27,14 @@ class TraceLockedError(TraceError):
 
 class TraceWriteError(TraceError):
     """Writing a commit failed (e.g. disk full); the store holds everything committed before."""
+
+
+class TraceCorruptError(TraceError):
+    """The store is damaged inside its committed range: a missing or unreadable array, chunk or
+    metadata file, or inconsistent root attributes. Reading on would show fill values as data.
+
+    ``problems``: the :class:`workbench.trace.integrity.Problem` s found (one per damaged node)."""
+
+    def __init__(self, message: str, problems: list | None = None):
+        super().__init__(message)
+        self.problems = list(problems or [])

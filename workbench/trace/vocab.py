@@ -51,11 +51,18 @@ def write(root: zarr.Group, vocab: list[str]) -> None:
 
 def trace_vocab(path: str | os.PathLike) -> list[str] | None:
     """The vocabulary stored in the trace at ``path`` (index = token id), or None."""
+    from workbench.trace.integrity import check_group
     from workbench.trace.reader import read_root
 
     p = Path(path)
     if not read_root(p)["attributes"].get("has_vocab"):
         return None
+    if not (p / VOCAB_GROUP / "zarr.json").is_file():
+        from workbench.trace.errors import TraceCorruptError
+
+        raise TraceCorruptError(f"{p} is damaged: its root says it has a vocabulary, but the group {VOCAB_GROUP!r} "
+                                "is missing")
+    check_group(p, VOCAB_GROUP)  # a missing chunk would read as NUL bytes / -1 offsets
     with quiet():
         g = zarr.open_group(store=LocalStore(p, read_only=True), path=VOCAB_GROUP, mode="r", use_consolidated=False)
         raw = np.asarray(g["utf8"][:], np.uint8).tobytes()
