@@ -112,6 +112,15 @@ NOTEBOOKS = {
                  "A.load_imbalance(ds).to_dataframe()"),
         ("code", "A.router_entropy(ds)['mean_entropy'].to_pandas()"),
         ("code", "A.repetition_rate(ds).to_dataframe()"),
+        ("md", "## Routing by position\nDoes routing drift deep into the context, or jump at the edge of an attention "
+               "chunk (Llama 4's RoPE layers attend within `attention_chunk_size` chunks)? Same-expert rate of "
+               "consecutive tokens per log2 position bucket, then pairs inside a chunk vs pairs straddling a "
+               "chunk edge (with their counts)."),
+        ("code", "rate = A.same_expert_rate_by_position(ds)\n"
+                 "rate['same_top1_rate'].to_pandas().assign(n_pairs=rate['n_pairs'].values)"),
+        ("code", "jump = A.by_chunk_offset(ds)\n"
+                 "print('chunk size', jump.attrs['chunk_size'], 'pairs (inside, edge):', jump['jump_n_pairs'].values)\n"
+                 "jump['jump_same_top1_rate'].to_pandas()"),
         ("code", "layers = ds['layer'].values\n"
                  "A.layer_transitions(ds, int(layers[0]), int(layers[-1])).round(2).to_pandas()"),
         ("code", "labels = {i: p['domain'] for i, p in enumerate(prompts)}\n"

@@ -298,12 +298,49 @@ def probe_attention_view(mm, **_):
             r"decoder layer 2 has no attention maps.*\[1, 3\]", ValueError)
 
 
+def probe_position(syn, **_):
+    A = wb.analysis
+    ds = wb.open_trace(syn)
+    top, pos = ds["topk_expert"].values[:, 1], ds["position"].values  # decoder layer 3 = MoE position 1
+    got = A.load_by_position(ds, bucket=10, layer=3, normalize=False)
+    assert int(got["layer"]) == 3
+    for b in range(2):
+        np.testing.assert_array_equal(got.values[b], np.bincount(top[pos // 10 == b].ravel(), minlength=E))
+    t1 = top[:, 0]  # slot 0 holds the larger weight
+    pairs = pos[1:] > 0
+    rate = A.same_expert_rate_by_position(ds, bucket=20, layer=3)
+    assert float(rate["same_top1_rate"][0]) == pytest.approx((t1[1:] == t1[:-1])[pairs].mean())
+    ent = A.entropy_by_position(ds, bucket=20, layer=3)
+    f = np.bincount(top.ravel(), minlength=E) / top.size
+    assert float(ent["load_entropy"][0]) == pytest.approx(-(f[f > 0] * np.log(f[f > 0])).sum() / np.log(E))
+    jump = A.by_chunk_offset(ds, chunk_size=5, bucket=1, layer=3)
+    np.testing.assert_array_equal(jump["load_share"].values[0] * K * 8, np.bincount(top[pos % 5 == 0].ravel(),
+                                                                                     minlength=E))
+    for fn in (A.load_by_position, A.entropy_by_position, A.same_expert_rate_by_position):
+        _raises(lambda fn=fn: fn(ds, layer=2))
+    _raises(lambda: A.by_chunk_offset(ds, chunk_size=5, layer=4))
+
+
+def probe_plot_position(syn, **_):
+    from workbench.export import plot_position
+
+    ds = wb.open_trace(syn)
+    fig = plot_position(ds, layer=3, chunk_size=5)
+    assert any(ax.get_title(loc="left").startswith("Routing by position, layer 3 (") for ax in fig.axes)
+    _raises(lambda: plot_position(ds, layer=2))
+
+
 _EXPORTS_WITH_LAYERS = ["export_all", "export_load_heatmap", "export_imbalance", "export_entropy",
                         "export_token_routing", "export_transitions", "export_coactivation", "export_attention",
                         "export_layer_metrics", "export_layer_metrics_by_modality", "export_vocab_tables",
-                        "export_domain_tables", "export_netcdf", "export_parquet", "export_report"]
+                        "export_domain_tables", "export_netcdf", "export_parquet", "export_report", "export_position"]
 PROBES = {
     ("coactivation", "layer"): probe_coactivation,
+    ("load_by_position", "layer"): probe_position,
+    ("entropy_by_position", "layer"): probe_position,
+    ("same_expert_rate_by_position", "layer"): probe_position,
+    ("by_chunk_offset", "layer"): probe_position,
+    ("plot_position", "layer"): probe_plot_position,
     ("layer_transitions", "a"): probe_layer_transitions,
     ("layer_transitions", "b"): probe_layer_transitions,
     ("expert_ablation", "layer"): probe_expert_ablation,

@@ -12,12 +12,26 @@ a ValueError naming the MoE layers, a non-integer a TypeError. ``modality=`` fil
 load, imbalance and entropy functions also take ``by_modality=True`` (adds a ``modality`` dim,
 the Modality codes 0/1/2). The number of experts comes from ``attrs['n_experts']`` or the
 router_logits' expert dim; pass ``n_experts=`` otherwise.
+
+Position-aware analyses (:mod:`workbench.analysis.position`, for long contexts):
+:func:`load_by_position`, :func:`entropy_by_position` and :func:`same_expert_rate_by_position`
+give the load, entropy and same-expert rate per position bucket (``bucket="log2"``, an int width,
+``"chunk"`` or explicit edges; dim ``bucket``), and :func:`by_chunk_offset` the same statistics by
+offset within Llama 4's attention chunks plus the same-expert rate of pairs that straddle a chunk
+edge vs pairs inside one (``chunk_size=`` or the trace's ``attention_chunk_size``). Their
+``layer=`` (a decoder layer index; None = every MoE layer) and ``modality=`` filter as above.
 """
 
 from .ablation import expert_ablation
 from .coactivation import coactivation
 from .entropy import router_entropy
 from .load import expert_load, load_imbalance
+from .position import (
+    by_chunk_offset,
+    entropy_by_position,
+    load_by_position,
+    same_expert_rate_by_position,
+)
 from .saturation import saturation
 from .specialization import domain_specialization, vocab_specialization
 from .transitions import layer_transitions, repetition_rate
@@ -33,4 +47,8 @@ __all__ = [
     "domain_specialization",
     "saturation",
     "expert_ablation",
+    "load_by_position",
+    "entropy_by_position",
+    "same_expert_rate_by_position",
+    "by_chunk_offset",
 ]

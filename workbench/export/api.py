@@ -1,18 +1,19 @@
 """Export entry points: one function per artifact and :func:`export_all`."""
 from __future__ import annotations
 
-import json
 import sys
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import xarray as xr
 
-from ._common import (ArtifactSkipped, ExportError, Selection, check_moe_layer, export_provenance, jsonable,
-                      open_for_export, prepare_out_dir, with_artifact, write_text_atomic)
+from ._common import (ArtifactSkipped, ExportError, ExportFailedError, ExportNote, Selection, check_moe_layer,
+                      export_provenance, on_written, open_for_export, prepare_out_dir, with_artifact)
 from .figures import FIGURE_FORMATS, save_figure
+from .manifest import Manifest
 
 __all__ = [
     "ExportResult", "ExportContext", "export_all", "ARTIFACTS", "GROUPS",
@@ -24,11 +25,12 @@ __all__ = [
 
 class ExportResult(list):
     """``list[Path]`` of the files written, plus ``skipped``: {artifact: reason} for the
-    artifacts that did not apply to this trace."""
+    artifacts that did not apply to this trace, and ``notes`` (e.g. text that had to be escaped)."""
 
     def __init__(self, paths=(), skipped: Mapping[str, str] | None = None):
         super().__init__(paths)
         self.skipped: dict[str, str] = dict(skipped or {})
+        self.notes: list[str] = []
 
 
 @dataclass
@@ -41,12 +43,16 @@ class ExportContext:
     sub: xr.Dataset  # the selected part
     prov: dict[str, str]  # provenance common to every file
     out: Path
+    notes: list[str] = field(default_factory=list)  # what the writers had to change (escaped text...)
 
     @classmethod
     def open(cls, store: Any, out_dir: Any, *, layers=None, sequences=None, tokens=None,
              exported: str | None = None) -> "ExportContext":
         prepare_out_dir(out_dir, create=False)  # fail early, but create nothing before the request is valid
         ds, path = open_for_export(store)
+        if int(ds.sizes.get("token", 0)) == 0:
+            raise ExportError(f"{path if path is not None else 'the trace'} holds no committed tokens (n_tokens = 0): "
+                              "nothing to export")
         sel = Selection.make(ds, layers, sequences, tokens)
         sub = sel.apply(ds)
         prov = export_provenance(ds, path, exported=exported, selection=sel)
@@ -154,6 +160,14 @@ def _a_attention(ctx: ExportContext, formats=FIGURE_FORMATS, sequence=None, atte
     return ctx.figure(name, fig, f"Cross-modal attention, sequence {d['sequence']}, layer {d['layer']}", formats)
 
 
+def _a_position(ctx: ExportContext, formats=FIGURE_FORMATS, **_) -> list[Path]:
+    """Routing by position (mean over the selected MoE layers; select one with ``layers=[l]``)."""
+    from .figures import plot_position
+
+    return ctx.figure("routing_by_position", plot_position(ctx.sub),
+                      "Routing by position in the sequence and at attention-chunk edges", formats)
+
+
 def _a_layer_metrics(ctx: ExportContext, **_) -> list[Path]:
     from .tables import layer_metrics_table
 
@@ -189,7 +203,7 @@ def _a_netcdf(ctx: ExportContext, **_) -> list[Path]:
     from .data import subset_dataset, write_netcdf
 
     sub = subset_dataset(ctx.ds, ctx.sel, with_artifact(ctx.prov, "trace_subset"))
-    return [write_netcdf(sub, ctx.out / "data" / "trace_subset.nc")]
+    return [write_netcdf(sub, ctx.out / "data" / "trace_subset.nc", notes=ctx.notes)]
 
 
 def _a_parquet(ctx: ExportContext, **_) -> list[Path]:
@@ -197,7 +211,8 @@ def _a_parquet(ctx: ExportContext, **_) -> list[Path]:
 
     prov = with_artifact(ctx.prov, "trace_subset")
     sub = subset_dataset(ctx.ds, ctx.sel, prov)
-    return [write_parquet(sub, ctx.out / "data" / "trace_subset.parquet", prov, ctx.ds.attrs.get("provenance"))]
+    return [write_parquet(sub, ctx.out / "data" / "trace_subset.parquet", prov, ctx.ds.attrs.get("provenance"),
+                          notes=ctx.notes)]
 
 
 def _a_report(ctx: ExportContext, sequence=None, report_max_tokens=256, notes=(), **_) -> list[Path]:
@@ -215,6 +230,7 @@ ARTIFACTS: dict[str, Callable[..., list[Path]]] = {
     "transitions": _a_transitions,
     "coactivation": _a_coactivation,
     "attention": _a_attention,
+    "position": _a_position,
     "layer_metrics": _a_layer_metrics,
     "layer_metrics_by_modality": _a_layer_metrics_by_modality,
     "vocab": _a_vocab,
@@ -224,7 +240,8 @@ ARTIFACTS: dict[str, Callable[..., list[Path]]] = {
     "report": _a_report,
 }
 GROUPS: dict[str, tuple[str, ...]] = {
-    "figures": ("load_heatmap", "imbalance", "entropy", "token_routing", "transitions", "coactivation", "attention"),
+    "figures": ("load_heatmap", "imbalance", "entropy", "token_routing", "transitions", "coactivation", "attention",
+                "position"),
     "tables": ("layer_metrics", "layer_metrics_by_modality", "vocab", "domain"),
     "data": ("netcdf", "parquet"),
     "report": ("report",),
@@ -276,6 +293,7 @@ export_token_routing = _single("token_routing")
 export_transitions = _single("transitions")
 export_coactivation = _single("coactivation")
 export_attention = _single("attention")
+export_position = _single("position")
 export_layer_metrics = _single("layer_metrics")
 export_layer_metrics_by_modality = _single("layer_metrics_by_modality")
 export_vocab_tables = _single("vocab")
@@ -316,7 +334,7 @@ def export_all(store, out_dir, what: str | Sequence[str] = ("figures", "tables",
     """Export figures, tables, trace subsets and the HTML report of a trace into ``out_dir``.
 
     ``what``: groups ``figures, tables, data, report`` and/or artifact names (``load_heatmap,
-    imbalance, entropy, token_routing, transitions, coactivation, attention, layer_metrics,
+    imbalance, entropy, token_routing, transitions, coactivation, attention, position, layer_metrics,
     layer_metrics_by_modality, vocab, domain, netcdf, parquet, report``); a comma string or a list.
     Selection (applies to every artifact): ``layers`` (decoder layer indices, each a MoE layer),
     ``sequences`` (sequence ids), ``tokens`` (``(start, stop)`` or ``"start:stop"`` rows).
@@ -355,23 +373,51 @@ def export_all(store, out_dir, what: str | Sequence[str] = ("figures", "tables",
                 attention_layer=attention_layer, image=image, image_info=image_info, labels=labels,
                 vocab_top=vocab_top, vocab_min_count=vocab_min_count)
     result = ExportResult()
+    manifest = Manifest(ctx.out, ctx.prov, ctx.ds.attrs.get("provenance") or {})
+    try:
+        manifest.save()  # first: a previous export's manifest must not describe this export's files
+    except OSError as e:
+        raise ExportFailedError(f"cannot write {manifest.path}: {_os_error(e)}; nothing was exported") from None
     order = [n for n in names if n != "report"] + (["report"] if "report" in names else [])
     bar = tqdm(order, desc="export", unit="artifact", disable=not progress, file=sys.stderr)
-    for name in bar:
-        bar.set_postfix_str(name)
-        try:
-            if name == "report":
-                result += ARTIFACTS[name](ctx, notes=[f"{k}: {v}" for k, v in result.skipped.items()], **opts)
-            else:
-                result += ARTIFACTS[name](ctx, **opts)
-        except ArtifactSkipped as e:
-            result.skipped[name] = str(e)
-    bar.close()
-    manifest = {
-        "provenance": ctx.prov,
-        "trace_provenance": jsonable(ctx.ds.attrs.get("provenance") or {}),
-        "files": [str(p.relative_to(ctx.out)) for p in result],
-        "skipped": result.skipped,
-    }
-    result.append(write_text_atomic(ctx.out / "manifest.json", json.dumps(manifest, indent=1) + "\n"))
+    token = on_written.set(manifest.add)  # every file renamed into place is listed at once
+    try:
+        for name in bar:
+            bar.set_postfix_str(name)
+            try:
+                if name == "report":
+                    notes = [f"{k}: {v}" for k, v in result.skipped.items()] + ctx.notes
+                    result += ARTIFACTS[name](ctx, notes=notes, **opts)
+                else:
+                    result += ARTIFACTS[name](ctx, **opts)
+            except ArtifactSkipped as e:
+                result.skipped[name] = manifest.skipped[name] = str(e)
+            except OSError as e:  # a full disk, a read-only folder: stop, keep what is written
+                manifest.notes[:] = ctx.notes
+                manifest.finish("failed", {name: _os_error(e)})
+                raise ExportFailedError(
+                    f"writing {name} into {ctx.out} failed: {_os_error(e)}; the {len(manifest.files)} file(s) written "
+                    f"before are intact and {manifest.path.name} lists exactly them") from None
+            except BaseException as e:
+                manifest.notes[:] = ctx.notes
+                manifest.finish("failed", {name: f"{type(e).__name__}: {e}"})
+                raise
+    finally:
+        on_written.reset(token)
+        bar.close()
+    result.notes[:] = manifest.notes[:] = ctx.notes
+    for note in ctx.notes:
+        warnings.warn(note, ExportNote, stacklevel=2)
+    path = manifest.finish("complete")
+    if path is None:
+        raise ExportFailedError(f"every file was written but {manifest.path} could not be completed (disk full?); it "
+                                "lists every file, with status 'running'")
+    result.append(path)
     return result
+
+
+def _os_error(e: OSError) -> str:
+    """An OSError in one line: "No space left on device [errno 28]: /out/figures/x.pdf"."""
+    where = f": {e.filename}" if getattr(e, "filename", None) else ""
+    text = e.strerror or str(e)
+    return " ".join(f"{text} [errno {e.errno}]{where}".split()) if e.errno else " ".join(f"{text}{where}".split())

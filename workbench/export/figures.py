@@ -40,7 +40,7 @@ from ._common import (ArtifactSkipped, ExportError, as_index, atomic_path, check
 __all__ = [
     "STYLE", "FIGURE_FORMATS", "save_figure",
     "plot_load_heatmap", "plot_imbalance", "plot_entropy", "plot_token_routing", "plot_transitions",
-    "plot_coactivation", "plot_attention",
+    "plot_coactivation", "plot_attention", "plot_position",
 ]
 
 FIGURE_FORMATS = ("pdf", "svg", "png")
@@ -459,6 +459,87 @@ def plot_coactivation(ds: xr.Dataset, layer: int | None = None):
         cax.set_ylabel("P(j in S | i in S)")
         ax_top.set_title(f"Expert co-activation, layer {int(layer)}, top-{k} ({C.attrs['n_tokens']:,} tokens)",
                          loc="left")
+    return fig
+
+
+def plot_position(ds: xr.Dataset, layer: int | None = None, bucket: Any = "log2", chunk_size: int | None = None):
+    """Routing by position in the sequence (``workbench.analysis.position``): same-top-1 rate of
+    consecutive tokens and load entropy per position bucket (``bucket``, log2 by default), and,
+    when the attention chunk size is known (``chunk_size`` or the trace's provenance), the
+    same-top-1 rate of pairs inside a chunk vs pairs straddling a chunk edge, with their counts.
+    ``layer``: the decoder layer index of a MoE layer of ``ds`` (ExportError otherwise); default:
+    the mean over the selected MoE layers with their min-max range shaded."""
+    from workbench.analysis.position import (
+        by_chunk_offset,
+        entropy_by_position,
+        same_expert_rate_by_position,
+    )
+
+    if layer is not None:
+        layer = check_moe_layer(ds, layer, what="position")
+    if int(ds.sizes["token"]) == 0:
+        raise ArtifactSkipped("position figure skipped: the selection holds no tokens")
+    rate = same_expert_rate_by_position(ds, bucket=bucket, layer=layer)
+    ent = entropy_by_position(ds, bucket=bucket, layer=layer, source=None)
+    try:
+        jump = by_chunk_offset(ds, chunk_size=chunk_size, layer=layer, source=None)
+    except ValueError:  # no attention chunk size recorded: the chunk-edge panel is left out
+        jump = None
+    x = np.asarray(rate["position_start"].values)
+    where = f"layer {int(layer)}" if layer is not None else f"mean of {ds.sizes['moe_layer']} MoE layers"
+
+    def line(ax, da, color, label, **kw):
+        v = np.asarray(da.values, np.float64)
+        if v.ndim == 2:  # (bucket, moe_layer): mean with the min-max range
+            import warnings
+
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows (empty buckets) stay NaN
+                lo, hi, v = np.nanmin(v, 1), np.nanmax(v, 1), np.nanmean(v, 1)
+            ax.fill_between(x, lo, hi, color=color, alpha=0.15, lw=0)
+        ax.plot(x, v, color=color, label=label, **kw)
+
+    rows = 3 if jump is not None else 2
+    with _rc():
+        fig = _figure(SINGLE, 1.35 * rows + 0.5)
+        axes = fig.subplots(rows, 1)
+        ax = axes[0]
+        line(ax, rate["same_top1_rate"], "#0072B2", "same top-1 as previous token", marker="o")
+        line(ax, rate["same_top1_baseline"], "#999999", "independent draws", ls="--")
+        ax.set_ylabel("rate")
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"Routing by position, {where} ({int(rate['n_pairs'].sum()):,} pairs)", loc="left")
+        ax.legend(loc="best")
+        ax = axes[1]
+        line(ax, ent["load_entropy"], "#E69F00", "load entropy", marker="s")
+        ax.set_ylabel("H(f) / log E")
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"Load entropy per position bucket ({rate.attrs['bucket']})", loc="left")
+        for a in axes[:2]:
+            if x.size > 2 and x[-1] > 16 * max(x[1], 1):
+                a.set_xscale("symlog", linthresh=1)
+            a.set_xlabel("position (bucket start)")
+        if jump is not None:
+            ax = axes[2]
+            r = jump["jump_same_top1_rate"]
+            n = jump["jump_n_pairs"].values
+            if layer is None:
+                xs = np.asarray(ds["layer"].values)
+                for kind, color, m in (("inside", "#0072B2", "o"), ("edge", "#D55E00", "^")):
+                    ax.plot(xs, r.sel(pair_kind=kind).values, color=color, marker=m, label=kind)
+                ax.set_xticks(xs)
+                ax.set_xlabel("MoE layer (decoder index)")
+            else:
+                vals = [float(r.sel(pair_kind=kind)) for kind in ("inside", "edge")]
+                ax.bar([0, 1], vals, color=["#0072B2", "#D55E00"], width=0.6)
+                ax.set_xticks([0, 1])
+                ax.set_xticklabels([f"inside (n={n[0]:,})", f"edge (n={n[1]:,})"])
+            ax.set_ylabel("same top-1 rate")
+            ax.set_ylim(0, 1.02)
+            ax.set_title(f"Chunk edges (chunk {jump.attrs['chunk_size']}): {n[0]:,} inside / {n[1]:,} edge pairs",
+                         loc="left")
+            if layer is None:
+                ax.legend(loc="best")
     return fig
 
 

@@ -1,4 +1,4 @@
-"""ExpertLoadDashboard: MoE layer x expert load heatmap, filters, imbalance metrics; live mode."""
+"""ExpertLoadDashboard: MoE layer x expert load heatmap, filters, imbalance metrics, load by position; live mode."""
 from __future__ import annotations
 
 import threading
@@ -56,6 +56,13 @@ class ExpertLoadDashboard(W.ViewBase):
     The panel on the right shows per layer the imbalance metrics of
     :func:`workbench.analysis.load_imbalance`: CV, max/mean and normalized load entropy.
 
+    The "by position" panel (toggle ``w_position``, or ``by_position=True``; stored traces only) shows
+    for the bars' layer the load share per position bucket (:func:`workbench.analysis.load_by_position`,
+    buckets ``position_bucket``: ``"log2"`` by default, an int width, ``"chunk"`` or edges) and the
+    same-top-1 rate of consecutive tokens per bucket with its independent-draws baseline
+    (:func:`workbench.analysis.same_expert_rate_by_position`), under the same token and sequence
+    filters. It is computed (one pass over the selected tokens, all layers) only while shown.
+
     Live mode polls ``recorder.loads()`` (a copy of the writer's running totals) in a daemon thread
     at ``refresh_hz`` (capped at 2 Hz) and redraws only when the committed token count changed;
     a redraw that took c seconds delays the next by at least c / 0.005, so refreshing never takes
@@ -64,7 +71,7 @@ class ExpertLoadDashboard(W.ViewBase):
 
     def __init__(self, source: Any, *, mode: str = "share", modality: int | str | None = None,
                  seq_range: tuple[int, int] | None = None, layer: int | None = None, refresh_hz: float = 2.0,
-                 autostart: bool = True):
+                 autostart: bool = True, by_position: bool = False, position_bucket: Any = "log2"):
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {list(_MODES)}, got {mode!r}")
         self._init_refresh_state(refresh_hz)
@@ -76,6 +83,10 @@ class ExpertLoadDashboard(W.ViewBase):
         self.heatmap = self._build_heatmap(li)
         self.bars = self._build_bars()
         self.metrics = self._build_metrics()
+        self.position_bucket = position_bucket
+        self.position = self._build_position()
+        self.position_data: dict | None = None  # {"load": DataArray, "rate": Dataset} of the current filters
+        self._position_key = None
 
         self.counts = np.zeros((self.n_layers, self.n_experts), np.int64)
         self.n_selected = 0
@@ -85,6 +96,10 @@ class ExpertLoadDashboard(W.ViewBase):
         self._redraw()
         self._wire_events()
         self.widget = self._layout()
+        if by_position:
+            if self.live:
+                raise ValueError("by_position needs a stored trace (live mode shows the recorder's load totals)")
+            self.w_position.value = True
         if self.live and autostart:
             self.start()
 
@@ -139,6 +154,8 @@ class ExpertLoadDashboard(W.ViewBase):
         # positions on moe_layer, labelled with the decoder indices
         self.w_layer = ipw.SelectionSlider(options=[(lab, i) for i, lab in enumerate(self.layers)],
                                            value=li, description="Layer", continuous_update=False)
+        self.w_position = ipw.ToggleButton(value=False, description="by position", disabled=self.live,
+                                           tooltip="load share and same-expert rate per position bucket")
         self.w_status = ipw.HTML()
 
     def _build_heatmap(self, li: int):
@@ -190,18 +207,47 @@ class ExpertLoadDashboard(W.ViewBase):
         fig.layout.meta = {"view": "ExpertLoadDashboard.metrics"}
         return fig
 
+    def _build_position(self):
+        from plotly.subplots import make_subplots
+
+        from ._plot import Plot, new_figure
+
+        sp = make_subplots(rows=1, cols=2, shared_yaxes=True, column_widths=[0.62, 0.38], horizontal_spacing=0.04,
+                           subplot_titles=("load share by position", "same top-1 expert as the previous token"),
+                           figure=new_figure())
+        fig = Plot(sp)
+        fig.update_layout(height=320, width=760, title={"text": "By position", "x": 0.01}, showlegend=True,
+                          legend={"orientation": "h", "x": 1.0, "xanchor": "right", "y": -0.18},
+                          margin={"l": 90, "r": 20, "t": 70, "b": 70, "autoexpand": False})
+        fig.add_heatmap(z=np.zeros((1, self.n_experts)), x=list(range(self.n_experts)), y=["0"], colorscale=SEQUENTIAL,
+                        showscale=False, hoverongaps=False, name="load share", showlegend=False,
+                        hovertemplate="positions %{y}, expert %{x}: %{z:.2%}<extra></extra>", row=1, col=1)
+        fig.add_scatter(x=[0.0], y=["0"], mode="lines+markers", name="same top-1 rate", line={"color": "#0072B2"},
+                        hovertemplate="positions %{y}: %{x:.1%}<extra></extra>", row=1, col=2)
+        fig.add_scatter(x=[0.0], y=["0"], mode="lines", name="baseline (independent draws)",
+                        line={"color": "#999999", "dash": "dash"},
+                        hovertemplate="positions %{y}: %{x:.1%}<extra></extra>", row=1, col=2)
+        fig.update_xaxes(title_text="expert", row=1, col=1)
+        fig.update_xaxes(title_text="rate", range=[0, 1], row=1, col=2)
+        fig.update_yaxes(title_text="position", autorange="reversed", type="category", row=1, col=1)
+        fig.layout.meta = {"view": "ExpertLoadDashboard.position"}
+        return fig
+
     def _wire_events(self) -> None:
         self.w_mode.observe(lambda ch: self._on_mode(), "value")
         self.w_layer.observe(lambda ch: self._on_layer(), "value")
         self.w_modality.observe(lambda ch: self._on_filter(), "value")
         self.w_seq.observe(lambda ch: self._on_filter(), "value")
+        self.w_position.observe(lambda ch: self._on_position(), "value")
 
     def _layout(self):
         import ipywidgets as ipw
 
         controls = ipw.VBox([ipw.HBox([self.w_mode]), ipw.HBox([self.w_modality, self.w_seq]),
-                             ipw.HBox([self.w_layer]), self.w_status])
-        widget = ipw.VBox([controls, ipw.HBox([self.heatmap.widget, self.metrics.widget]), self.bars.widget])
+                             ipw.HBox([self.w_layer, self.w_position]), self.w_status])
+        self.position_box = ipw.VBox([])  # holds the position panel while it is shown
+        widget = ipw.VBox([controls, ipw.HBox([self.heatmap.widget, self.metrics.widget]), self.bars.widget,
+                           self.position_box])
         widget.add_class("wb-load-dashboard")
         return widget
 
@@ -336,6 +382,75 @@ class ExpertLoadDashboard(W.ViewBase):
 
     def _on_layer(self) -> None:
         self._redraw(heatmap=False, layer=True, metrics=False)
+        self._redraw_position()
+
+    # ---------------------------------------------------------------- by position
+    def _selected_trace(self):
+        """The stored trace restricted to the sequence range (all of it when the range is full)."""
+        seq = tuple(self.w_seq.value)
+        if seq == self.loads.sequence_range():
+            return self.ds, None
+        rows = self.loads._token_rows(seq)
+        return self.ds.isel(token=rows), seq
+
+    def _recompute_position(self) -> None:
+        """Load by position and same-expert rate by position of the selected tokens (all layers; cached per
+        filter, so a layer change only redraws)."""
+        from workbench.analysis.position import (
+            load_by_position,
+            same_expert_rate_by_position,
+        )
+
+        sub, seq = self._selected_trace()
+        code = W.modality_code(self.w_modality.value)
+        key = (seq, code, self.loads.n_tokens)
+        if key == self._position_key and self.position_data is not None:
+            return
+        kw = {"bucket": self.position_bucket, "modality": code, "n_experts": self.n_experts}
+        self.position_data = {"load": load_by_position(sub, **kw), "rate": same_expert_rate_by_position(sub, **kw)}
+        self._position_key = key
+
+    def position_values(self) -> dict[str, np.ndarray]:
+        """What the position panel shows for the bars' layer: ``labels`` (one per bucket), ``share``
+        (bucket, expert), ``same_top1_rate``, ``baseline`` and ``n_pairs`` per bucket."""
+        if self.position_data is None:
+            self._recompute_position()
+        load, rate = self.position_data["load"], self.position_data["rate"]
+        li = int(self.w_layer.value)
+        start = np.asarray(load["position_start"].values)
+        stop = np.asarray(load["position_stop"].values)
+        labels = [str(a) if b - a == 1 else f"{a}\u2013{b - 1}" for a, b in zip(start.tolist(), stop.tolist())]
+        return {"labels": labels, "share": np.asarray(load.isel(moe_layer=li).values, np.float64),
+                "n_tokens": np.asarray(load["n_tokens"].values),
+                "same_top1_rate": np.asarray(rate["same_top1_rate"].isel(moe_layer=li).values, np.float64),
+                "baseline": np.asarray(rate["same_top1_baseline"].isel(moe_layer=li).values, np.float64),
+                "n_pairs": np.asarray(rate["n_pairs"].values)}
+
+    def _redraw_position(self) -> None:
+        if not self.w_position.value or self.live:
+            return
+        self._recompute_position()
+        v = self.position_values()
+        with self._update_lock, self.position.batch_update():
+            hm, line, base = self.position.data[:3]
+            hm.z, hm.y = v["share"], v["labels"]
+            hm.customdata = np.repeat(v["n_tokens"][:, None], self.n_experts, axis=1)
+            hm.hovertemplate = "positions %{y} (%{customdata:,} tokens), expert %{x}: %{z:.2%}<extra></extra>"
+            line.x, line.y = v["same_top1_rate"], v["labels"]
+            line.customdata = v["n_pairs"]
+            line.hovertemplate = "positions %{y}: %{x:.1%} of %{customdata:,} pairs<extra></extra>"
+            base.x, base.y = v["baseline"], v["labels"]
+            self.position.layout.title.text = (f"By position, layer {self.layers[int(self.w_layer.value)]} "
+                                               f"({self.position_data['load'].attrs['bucket']} buckets)")
+
+    def _on_position(self) -> None:
+        if self.w_position.value:
+            self.w_status.value = "computing&hellip;"
+            self._redraw_position()
+            self.position_box.children = [self.position.widget]
+            self.w_status.value = self._status_html()
+        else:
+            self.position_box.children = []
 
     def _on_mode(self) -> None:
         self._redraw(heatmap=True, layer=False, metrics=False)
@@ -346,6 +461,7 @@ class ExpertLoadDashboard(W.ViewBase):
         self.w_status.value = "computing&hellip;"
         self._recompute()
         self._redraw()
+        self._redraw_position()
 
     def refresh(self) -> bool:
         """Re-read the source and redraw if it changed; returns whether it redrew.
@@ -379,6 +495,7 @@ class ExpertLoadDashboard(W.ViewBase):
                 self._quiet = False
             self._recompute()
             self._redraw()
+            self._redraw_position()
             return True
 
     # ---------------------------------------------------------------- live thread
