@@ -162,7 +162,9 @@ class TransformersLlama4Adapter(Adapter):
     """transformers' ``Llama4ForCausalLM`` / ``Llama4ForConditionalGeneration`` (forward hooks).
 
     ``inputs`` fires from a pre-hook on the top module, with the call's ``input_ids`` and a
-    :class:`~workbench.runtime.ForwardBatch` built from its ``attention_mask``. Each
+    :class:`~workbench.runtime.ForwardBatch` built from its ``attention_mask`` and, in
+    ``generate``'s decode steps, the cache length (:func:`_hf_batch`), so decode steps continue
+    their sequences at the right positions. Each
     ``Llama4Router``'s (scores, logits) output fires ``routers[i]``; top-k ids are recomputed from
     the logits exactly as the router does (``torch.topk``), the applied weights as sigmoid of the
     chosen logits.
@@ -209,9 +211,10 @@ class TransformersLlama4Adapter(Adapter):
         def pre(module, args, kwargs):
             if point.active:
                 ids = kwargs.get("input_ids", args[0] if args else None)
-                shape = ids.shape if ids is not None else kwargs["inputs_embeds"].shape[:2]
+                shape = tuple(ids.shape if ids is not None else kwargs["inputs_embeds"].shape[:2])
                 device = (ids if ids is not None else kwargs["inputs_embeds"]).device
-                point(input_ids=ids, batch=ForwardBatch.build(tuple(shape), device, kwargs.get("attention_mask")))
+                point(input_ids=ids, batch=_hf_batch(shape, device, kwargs.get("attention_mask"),
+                                                      kwargs.get("cache_position")))
 
         self._handles.append(self.model.register_forward_pre_hook(pre, with_kwargs=True))
         from transformers.models.llama4.modeling_llama4 import Llama4Router
@@ -234,3 +237,25 @@ class TransformersLlama4Adapter(Adapter):
         self._handles = []
         self._routers = []
 
+
+
+def _hf_batch(shape: tuple[int, int], device, attention_mask, cache_position) -> ForwardBatch:
+    """The ForwardBatch of a transformers call. In ``generate`` a call after the first continues
+    its rows from a cache: its ``attention_mask`` covers past + new tokens (B, S + T) and
+    ``cache_position`` starts at S. The call's tokens then start at stream index S, and positions
+    count on from the valid past tokens (those of the mask's first S columns)."""
+    T = shape[1]
+    past = 0
+    if attention_mask is not None and attention_mask.shape[-1] > T:
+        past = attention_mask.shape[-1] - T  # host-side: no sync
+    elif cache_position is not None and cache_position.numel():
+        past = int(cache_position.reshape(-1)[0])  # a call without a mask: one small sync
+    if past == 0:
+        return ForwardBatch.build(shape, device, attention_mask)
+    past_valid = None
+    if attention_mask is not None:
+        past_valid = attention_mask[:, :past].long().sum(-1)
+        attention_mask = attention_mask[:, past:]
+    else:
+        past_valid = torch.full((shape[0],), past, dtype=torch.long, device=device)
+    return ForwardBatch.build(shape, device, attention_mask, start=past, past_valid=past_valid)

@@ -161,7 +161,7 @@ def test_float16_mean_heads_and_layer_subset(mm, tmp_path):
     ids = torch.tensor([P0])
     # the query/key/log-sum-exp the layers use, read at the hook points (float32 kernel output for the round trip)
     qk = {}
-    handles = [p.add(lambda p, query, key, scale, lse, batch: qk.setdefault(
+    handles = [p.add(lambda p, query, key, scale, lse, batch, keys: qk.setdefault(
         p.name, (query.clone(), key.clone(), scale, lse.clone(), batch.positions[0].clone())))
         for _, p in hook_points(model, "hook_attn_lse")]
     try:

@@ -105,13 +105,14 @@ def test_todays_recorder_writes_what_v1_wrote(v1, tmp_path):
         p["images"] = [str(ROOT / x) for x in p["images"]]
     model = wb.load_model(EMBEDDED_MODEL, progress=False)
     proc = wb.load_processor(EMBEDDED_MODEL)
-    store = tmp_path / "v2.zarr"
+    store = tmp_path / "now.zarr"
     rec = wb.record(model, store, capture=["logits", AttentionCapture(layers=[1, 3])], processor=proc)
     with torch.no_grad():
         rec.run(model, proc, prompts, batch_size=2, progress=False)
     rec.close()
     new, old = wb.open_trace(store).load(), wb.open_trace(v1 / "v1_full.zarr").load()
-    assert new.attrs["schema"] == "workbench.trace/2"
+    assert new.attrs["schema"] == wb.trace.SCHEMA
+    assert not new["generated"].values.any() and not old["generated"].values.any()
     for name in ("token_id", "sequence", "position", "modality", "topk_expert", "commit_end", "expert_load"):
         np.testing.assert_array_equal(new[name].values, old[name].values, err_msg=name)
     np.testing.assert_allclose(new["topk_weight"].values, old["topk_weight"].values, rtol=1e-6)

@@ -6,6 +6,8 @@
     with wb.record(model, "runs/x.zarr", capture=("router", "attention")):
         model(**proc(text=["<|image|>What is here?"], images=[img]))
     ds = wb.open_trace("runs/x.zarr")
+    with wb.record(model, "runs/answers.zarr") as rec:      # routing of the answers, token by token
+        answers = wb.generate(model, proc, ["Describe the image."], max_new_tokens=64, recorder=rec)
 """
 from __future__ import annotations
 
@@ -30,6 +32,9 @@ _LAZY = {
     "open_attention": "workbench.trace",
     "record": "workbench.hooks",
     "Recorder": "workbench.hooks",
+    "generate": "workbench.generation",
+    "Generation": "workbench.generation",
+    "KVCache": "workbench.runtime.kv_cache",
 }
 _SUBMODULES = {"kernels", "hooks", "analysis", "models", "runtime", "trace", "checkpoint", "geometry", "export", "widgets", "embedded"}
 

@@ -81,7 +81,7 @@ def tiny_config(special_ids: dict[str, int], vocab_size: int = VOCAB_SIZE, hidde
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
         intermediate_size_mlp=2 * hidden_size,
         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden_size // 4,
-        hidden_act="silu", max_position_embeddings=4096, rms_norm_eps=1e-5,
+        hidden_act="silu", max_position_embeddings=10485760, rms_norm_eps=1e-5,
         num_local_experts=16, num_experts_per_tok=1, interleave_moe_layer_step=1,
         # layers 0-2 use RoPE with chunked attention (chunks of 64 tokens), layer 3 is NoPE (global)
         no_rope_layers=[1, 1, 1, 0], attention_chunk_size=64, use_qk_norm=True,
@@ -793,6 +793,10 @@ def write_model_card(out: Path, config: ModelConfig, m: dict, info: dict) -> Non
         f"{[i for i in range(L) if t.uses_rope[i]]} RoPE (theta {t.rope_theta:g}) + L2 QK norm, chunked causal in "
         f"chunks of {t.attention_chunk_size} tokens; layer(s) {[i for i in range(L) if not t.uses_rope[i]]} NoPE, "
         f"global causal, query temperature (floor_scale {t.floor_scale}, attn_scale {t.attn_scale}) |",
+        f"| context | `max_position_embeddings` {t.max_position_embeddings:,} (as Scout's): trained on short "
+        f"sequences only, but nothing in the design limits the length (chunked RoPE layers see at most "
+        f"{t.attention_chunk_size} tokens, the NoPE layer has no position table); 4096 in earlier versions was a "
+        f"training artefact. Long inputs run in blocks against a KV cache (`prefill_chunk`) |",
         f"| vision | {v.image_size} px tile, {v.patch_size} px patches ({v.patches_per_side}x{v.patches_per_side}), "
         f"{v.num_hidden_layers} encoder layers, hidden {v.hidden_size}, {v.num_attention_heads} heads, pixel shuffle "
         f"{v.pixel_shuffle_ratio} -> {v.tokens_per_tile} `<|patch|>` tokens per tile ({TOKEN_GRID}x{TOKEN_GRID}), "

@@ -5,9 +5,12 @@ loads, and the child groups captures write (:func:`open_group`).
 a zarr v2 store, a foreign zarr v3 group, an unknown ``workbench.trace/N``), trims every variable
 to the committed length and ignores child groups. It reads ``workbench.trace/2`` and
 ``workbench.trace/1`` stores; a v1 trace is presented with the v2 names (see
-:mod:`workbench.trace.schema`). Plain ``xr.open_zarr`` also works on a cleanly closed store and
-on one being written (``consolidated=False``), but shows uncommitted rows and fails with
-"conflicting sizes" on a store killed between two resizes (``open_trace`` handles that).
+:mod:`workbench.trace.schema`). Every reader first checks, without decoding, that each array and
+each chunk file over the committed rows exists (:mod:`workbench.trace.integrity`): a damaged store
+raises :class:`~workbench.trace.errors.TraceCorruptError` instead of reading fill values as data.
+Plain ``xr.open_zarr`` also works on a cleanly closed store and on one being written
+(``consolidated=False``), but shows uncommitted rows and fails with "conflicting sizes" on a store
+killed between two resizes (``open_trace`` handles that).
 """
 from __future__ import annotations
 
@@ -23,8 +26,9 @@ import zarr
 from zarr.storage import LocalStore
 
 from workbench.trace._util import quiet
-from workbench.trace.errors import NotATraceError, TraceError, UnknownSchemaError
-from workbench.trace.schema import (COMMIT, COMMIT_END, CORE_VARIABLES, EXPERT, LAYER_COORD, MOE_LAYER,
+from workbench.trace.errors import NotATraceError, TraceCorruptError, TraceError, UnknownSchemaError
+from workbench.trace.integrity import check_group, check_root, committed_lengths
+from workbench.trace.schema import (ADDED_CORE, COMMIT, COMMIT_END, CORE_VARIABLES, EXPERT, LAYER_COORD, MOE_LAYER,
                                     READABLE_SCHEMAS, SCHEMA, SCHEMA_PREFIX, SCHEMA_V1, TOKEN, Variable,
                                     logits_variable, routing_variables, v1_routing)
 
@@ -70,10 +74,16 @@ def read_root(path: str | os.PathLike) -> dict:
             raise UnknownSchemaError(f"{p} has schema {schema!r}, which this workbench cannot read (it reads "
                                      f"{', '.join(READABLE_SCHEMAS)}); use the workbench version that wrote it")
         raise NotATraceError(f"{p} has schema attribute {schema!r}: not a workbench trace")
-    required = ("n_tokens", "moe_layers", "n_experts", "top_k") + (("n_commits", "variables") if schema == SCHEMA else ())
+    required = ("n_tokens", "moe_layers", "n_experts", "top_k")
+    if schema != SCHEMA_V1:
+        required += ("n_commits", "variables")
     for key in required:
         if key not in attrs:
-            raise TraceError(f"{p}: root attribute {key!r} is missing (damaged trace)")
+            raise TraceCorruptError(f"{p}: root attribute {key!r} is missing (damaged trace)")
+    try:
+        committed_lengths(attrs)
+    except TraceCorruptError as e:
+        raise TraceCorruptError(f"{p}: {e}", e.problems) from None
     return meta
 
 
@@ -84,7 +94,7 @@ def trace_attrs(attrs: dict) -> dict:
         return dict(attrs)
     a = {k: v for k, v in attrs.items() if k not in ("n_batches", "capture_logits", "logits_dtype")}
     L, E, k = len(attrs["moe_layers"]), int(attrs["n_experts"]), int(attrs["top_k"])
-    variables = list(CORE_VARIABLES) + routing_variables(L, E, k)
+    variables = [v for v in CORE_VARIABLES if v.name not in ADDED_CORE] + routing_variables(L, E, k)
     captures = {"router": {}}
     if attrs.get("capture_logits"):
         variables.append(logits_variable(L, E, attrs.get("logits_dtype") or "float16"))
@@ -101,6 +111,12 @@ def _declared(attrs: dict) -> dict[str, str]:
     out = {name: Variable.from_json(v).dims[0] for name, v in attrs["variables"].items()}
     out[COMMIT_END] = COMMIT
     return out
+
+
+def required_arrays(attrs: dict) -> list[str]:
+    """The arrays a trace must hold under their names on disk (v1: ``batch_end``), ``layer`` included."""
+    names = list(_declared(attrs)) + [LAYER_COORD]
+    return ["batch_end" if (n == COMMIT_END and attrs.get("schema") == SCHEMA_V1) else n for n in names]
 
 
 def _v1_names(ds: xr.Dataset) -> xr.Dataset:
@@ -160,11 +176,14 @@ def open_trace(path: str | os.PathLike, *, tokens: bool = False) -> xr.Dataset:
     are the root attributes in the v2 vocabulary (:func:`trace_attrs`; ``schema`` says which
     version wrote the store).
     Raises FileNotFoundError, NotATraceError (not a trace / foreign zarr store),
-    UnknownSchemaError (other ``workbench.trace/N`` version), TraceError (damaged trace).
+    UnknownSchemaError (other ``workbench.trace/N`` version), TraceCorruptError (a missing or
+    unreadable array, chunk or metadata file over the committed rows, bad root attributes:
+    checked at open without decoding, see :mod:`workbench.trace.integrity`), TraceError (other damage).
     """
     p = Path(path)
     meta = read_root(p)
     attrs = trace_attrs(meta["attributes"])
+    check_root(p, meta, required_arrays(attrs))
     n, nc = int(attrs["n_tokens"]), int(attrs["n_commits"])
     ds = _v1_names(_open_raw(p, meta.get("consolidated_metadata") is not None, n, nc))
     for name in list(_declared(attrs)) + [LAYER_COORD]:
@@ -176,6 +195,10 @@ def open_trace(path: str | os.PathLike, *, tokens: bool = False) -> xr.Dataset:
                 raise TraceError(f"{p}: array {name!r} has {var.sizes[dim]} rows along {dim!r} but {want} are "
                                  "committed (damaged trace)")
     ds = _trim(ds, n, nc)
+    for name, (_, default) in ADDED_CORE.items():  # core columns an older schema lacks
+        if name not in ds.variables:
+            var = next(v for v in CORE_VARIABLES if v.name == name)
+            ds[name] = xr.DataArray(np.full(n, default, dtype=var.dtype), dims=(TOKEN,), attrs=dict(var.attrs))
     ds.attrs = attrs  # the attributes n_tokens was read from (a writer may have moved on)
     if tokens:
         _add_token_text(ds, p)
@@ -265,12 +288,14 @@ def group_is_complete(store: Path, name: str, n_tokens: int) -> bool | None:
 def open_group(store: str | os.PathLike, name: str) -> xr.Dataset:
     """A complete child group of the trace as a lazy Dataset (1-D arrays read now).
 
-    Raises TraceError when the group is missing or incomplete (an interrupted write)."""
+    Raises TraceError when the group is missing or incomplete (an interrupted write),
+    TraceCorruptError when one of its arrays or chunk files is missing or unreadable."""
     p = Path(store)
     n_tokens = int(read_root(p)["attributes"]["n_tokens"])
     state = group_is_complete(p, name, n_tokens)
     if not state:
         raise TraceError(f"{p}: group {name!r} is {'missing' if state is None else 'incomplete (interrupted write)'}")
+    check_group(p, name, n_tokens)
     with quiet():
         ds = xr.open_zarr(p, group=name, consolidated=False, zarr_format=3, chunks={} if HAVE_DASK else None)
     small = {k: xr.Variable(v.dims, np.asarray(v.values), attrs=dict(v.attrs)) for k, v in ds.variables.items()

@@ -75,7 +75,7 @@ from workbench.trace.errors import (NotATraceError, TraceError, TraceExistsError
 from workbench.trace.lock import BREAK_NAME, LOCK_NAME, Lock
 from workbench.trace.reader import loads_dataarray, read_root
 from workbench.trace.schema import (ATTENTION_GROUP, COMMIT, COMMIT_END, CORE_VARIABLES, LAYER_COORD,
-                                    MOE_LAYER, SCHEMA, SCHEMA_V1, TOKEN, VOCAB_GROUP, MoELayerRouting, Variable,
+                                    MOE_LAYER, SCHEMA, TOKEN, VOCAB_GROUP, MoELayerRouting, Variable,
                                     routing_description)
 
 __all__ = ["TraceWriter", "DEFAULT_CHUNK_BYTES"]
@@ -260,12 +260,12 @@ class TraceWriter:
         lock = Lock.acquire(path)
         try:
             attrs = read_root(path)["attributes"]  # re-read under the lock
-            if attrs["schema"] == SCHEMA_V1:
-                raise TraceError(f"{path} is a {SCHEMA_V1} trace: it opens for reading, but only the workbench "
-                                 f"version that wrote it can continue it")
+            if attrs["schema"] != SCHEMA:
+                raise TraceError(f"{path} is a {attrs['schema']} trace: it opens for reading, but only the "
+                                 f"workbench version that wrote it can continue it")
             if attrs.get("complete") and not reopen:
-                raise TraceError(f"{path} is a complete trace (n_tokens={attrs['n_tokens']}); pass reopen=True "
-                                 "to append to it anyway")
+                raise TraceError(f"{path} is a complete trace (n_tokens={attrs['n_tokens']}): nothing to resume "
+                                 "(TraceWriter.resume(path, reopen=True) appends to it anyway)")
             root = zarr.open_group(store=LocalStore(path), mode="r+", use_consolidated=False)
             _truncate_to_committed(path, root, attrs)
             for p in path.rglob("*.partial"):
@@ -335,7 +335,7 @@ class TraceWriter:
         Shapes: (N,) + the variable's row shape. Integer inputs of any width are range-checked and
         stored as the declared dtype; float inputs are cast. Returns the committed ``n_tokens``
         after the call. Raises ValueError / TypeError naming the variable for a missing, extra or
-        mis-shaped array.
+        mis-shaped array. ``generated`` may be left out: the rows are then prompt tokens (0).
         """
         rows = {**(rows or {}), **kw}
         with self._mutex:
@@ -463,6 +463,9 @@ class TraceWriter:
 
     def _validate(self, rows: Mapping[str, Any]) -> dict[str, np.ndarray]:
         names = [c.name for c in self._tok_cols]
+        if "generated" in names and rows.get("generated") is None and rows.get("token_id") is not None:
+            # rows without the flag are prompt tokens (everything a plain forward pass records)
+            rows = {**rows, "generated": np.zeros(np.shape(rows["token_id"])[:1], np.int8)}
         missing = [n for n in names if n not in rows or rows[n] is None]
         if missing:
             raise ValueError(f"append: missing {', '.join(missing)} ({self._path} holds {', '.join(names)})")

@@ -31,14 +31,22 @@ from torch import nn
 
 from workbench.hooks.points import HookPoint
 from workbench.kernels import moe_experts
-from workbench.kernels.attention_map import sdpa_with_lse
 from workbench.models.llama4.config import ModelConfig, TextConfig, llama3_inv_freq
 from workbench.models.llama4.vision import MultiModalProjector, VisionModel
 from workbench.runtime import ForwardBatch
+from workbench.runtime.attend import attend
+from workbench.runtime.kv_cache import CacheFullError, KVCache
+from workbench.runtime.memory import check_fits, prefill_bytes
 
 __all__ = [
     "Llama4ForCausalLM", "Llama4ForConditionalGeneration", "Llama4TextModel", "ModelOutput", "build_model",
+    "run_blocks", "DEFAULT_PREFILL_CHUNK",
 ]
+
+# Inputs longer than this go through the decoder in blocks against a KV cache (run_blocks): up to
+# here one pass with dense masks is the fastest path; past it its T x T masks outgrow the cache's
+# O(T x chunk) blocks.
+DEFAULT_PREFILL_CHUNK = 4096
 
 
 @dataclass
@@ -153,11 +161,13 @@ class Llama4TextAttention(nn.Module):
     """GQA self-attention; RoPE + L2 QK norm + chunked mask on RoPE layers, temperature on NoPE layers.
 
     ``hook_attn`` sees the exact query/key the softmax uses: ``query`` (B, Hq, T, D) already scaled
-    by the NoPE temperature, ``key`` (B, Hkv, T, D), ``scale`` (float), ``allowed`` (B, 1, T, T)
-    bool mask and ``batch`` (the call's :class:`~workbench.runtime.ForwardBatch`).
+    by the NoPE temperature, ``key`` (B, Hkv, S, D) (S = T without a cache; with one, the cached
+    keys the queries attend, the call's own among them), ``scale`` (float), ``allowed``
+    (B, 1, T, S) bool mask, ``batch`` (the call's :class:`~workbench.runtime.ForwardBatch`) and
+    ``keys`` (:class:`~workbench.runtime.Keys`: each key's stream index, position, validity).
 
-    ``hook_attn_lse`` fires after the attention with ``query``, ``key``, ``scale``, ``batch`` and
-    ``lse``: the (B, Hq, T) row log-sum-exp of the layer's softmax, or None. While it has listeners
+    ``hook_attn_lse`` fires after the attention with ``query``, ``key``, ``scale``, ``batch``,
+    ``keys`` and ``lse``: the (B, Hq, T) row log-sum-exp of the layer's softmax, or None. While it has listeners
     the attention runs through :func:`workbench.kernels.attention_map.sdpa_with_lse`: the same
     kernel that ``F.scaled_dot_product_attention`` dispatches to (the same output, bit for bit),
     which on CPU (aten's fused flash attention) also returns the log-sum-exp; on other backends
@@ -187,11 +197,10 @@ class Llama4TextAttention(nn.Module):
         self.hook_attn = HookPoint()
         self.hook_attn_lse = HookPoint()
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache=None) -> torch.Tensor:
-        """x (B, T, H) -> (B, T, H). ``cache``: a KV cache (arrives with generation); None: the
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: KVCache | None = None) -> torch.Tensor:
+        """x (B, T, H) -> (B, T, H). ``cache``: the :class:`~workbench.runtime.kv_cache.KVCache` the
+        call continues (its keys are stored there, and the queries see the cached ones); None: the
         keys are the call's own tokens."""
-        if cache is not None:
-            raise TypeError("Llama4TextAttention: KV caches are not implemented yet; call with cache=None")
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -206,15 +215,18 @@ class Llama4TextAttention(nn.Module):
             temp = torch.log1p(torch.floor((pos + 1.0) / self.floor_scale)) * self.attn_scale + 1.0
             q = (q * temp[:, :, None, None]).to(q.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        allowed = batch.mask(self.chunk_size)
+        keys = None  # the keys' metadata when they come from a cache (None: the call's own tokens)
+        if cache is not None:
+            k, v, keys = cache.update(self.layer_idx, k, v, batch)
         if self.hook_attn.active:
-            self.hook_attn(query=q, key=k, scale=self.scale, allowed=allowed, batch=batch)
-        gqa = self.num_kv_heads != self.num_heads
-        if self.hook_attn_lse.active:
-            out, lse = sdpa_with_lse(q, k, v, allowed, self.scale, enable_gqa=gqa)
-            self.hook_attn_lse(query=q, key=k, scale=self.scale, lse=lse, batch=batch)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.scale, enable_gqa=gqa)
+            allowed = batch.mask(self.chunk_size, keys)
+            self.hook_attn(query=q, key=k, scale=self.scale, allowed=allowed, batch=batch,
+                           keys=batch.keys() if keys is None else keys)
+        want_lse = self.hook_attn_lse.active
+        out, lse = attend(q, k, v, batch, keys, self.chunk_size, self.scale, want_lse=want_lse)
+        if want_lse:
+            self.hook_attn_lse(query=q, key=k, scale=self.scale, lse=lse, batch=batch,
+                               keys=batch.keys() if keys is None else keys)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -261,24 +273,31 @@ class Llama4TextModel(nn.Module):
         return torch.polar(torch.ones_like(angles), angles)
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
         """input_ids (B, T) long and/or inputs_embeds (B, T, H) -> hidden states (B, T, H).
 
         attention_mask (B, T): 1 for real tokens, 0 for padding (default all real); position_ids
         (B, T): default counted from the mask. With both ids and embeddings, the embeddings are
         used and the ids only describe the tokens to ``hook_inputs`` (the multimodal model passes
-        fused embeddings this way).
+        fused embeddings this way). cache: a :class:`~workbench.runtime.kv_cache.KVCache` whose rows
+        this call continues (positions go on from the cached tokens; the call's keys are added).
         """
         if input_ids is None and inputs_embeds is None:
             raise ValueError("pass input_ids or inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        batch = ForwardBatch.build(tuple(x.shape[:2]), x.device, attention_mask, position_ids)
+        shape = tuple(x.shape[:2])
+        if cache is None:
+            batch = ForwardBatch.build(shape, x.device, attention_mask, position_ids)
+        else:
+            batch = cache.batch(shape, x.device, attention_mask, position_ids)
         batch.derived("rope", lambda: self.rope_freqs(batch.positions))
         if self.hook_inputs.active:
             self.hook_inputs(input_ids=input_ids, batch=batch)
         for layer in self.layers:
-            x = layer(x, batch)
+            x = layer(x, batch, cache)
+        if cache is not None:
+            cache.advance(batch)
         return self.norm(x)
 
 
@@ -292,17 +311,25 @@ class Llama4ForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.prefill_chunk = DEFAULT_PREFILL_CHUNK
 
     @property
     def text_config(self) -> TextConfig:
         return self.config
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, *,
+                cache: KVCache | None = None, prefill_chunk: int | None = None, logits_to_keep: int = 0,
                 **batch_extras) -> ModelOutput:
-        """(B, T) ids -> ModelOutput(logits (B, T, vocab)). Extra processor keys are ignored."""
+        """(B, T) ids -> ModelOutput(logits (B, T, vocab)). Extra processor keys are ignored.
+
+        Long inputs go through in blocks against a KV cache (:func:`run_blocks`); ``cache``,
+        ``prefill_chunk`` and ``logits_to_keep`` are described there.
+        """
         _check_extras(batch_extras)
-        h = self.model(input_ids, attention_mask, position_ids, inputs_embeds)
-        return ModelOutput(logits=self.lm_head(h), hidden_states=h)
+        _check_ids(input_ids, self.config.vocab_size)
+        return run_blocks(self.model, self.lm_head, input_ids, attention_mask, position_ids, inputs_embeds,
+                          cache=cache, prefill_chunk=prefill_chunk or self.prefill_chunk,
+                          logits_to_keep=logits_to_keep)
 
 
 class Llama4ForConditionalGeneration(nn.Module):
@@ -338,13 +365,24 @@ class Llama4ForConditionalGeneration(nn.Module):
                              f"patch features ({pixel_values.shape[0]} tiles): prompts and images do not match")
         return embeds.masked_scatter(slots[..., None], feats)
 
+    @property
+    def prefill_chunk(self) -> int:
+        return self.language_model.prefill_chunk
+
+    @prefill_chunk.setter
+    def prefill_chunk(self, value: int) -> None:
+        self.language_model.prefill_chunk = value
+
     def forward(self, input_ids=None, attention_mask=None, pixel_values=None, position_ids=None,
-                inputs_embeds=None, **batch_extras) -> ModelOutput:
+                inputs_embeds=None, *, cache: KVCache | None = None, prefill_chunk: int | None = None,
+                logits_to_keep: int = 0, **batch_extras) -> ModelOutput:
         """input_ids (B, T) long, attention_mask (B, T), pixel_values (N_tiles, 3, S, S) float.
 
-        Returns ModelOutput(logits (B, T, vocab)). Extra processor keys are ignored.
+        Returns ModelOutput(logits (B, T, vocab)). Extra processor keys are ignored. The images are
+        encoded once; the text decoder runs in blocks on long inputs (:func:`run_blocks`).
         """
         _check_extras(batch_extras)
+        _check_ids(input_ids, self.config.text.vocab_size)
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids (or inputs_embeds)")
@@ -352,13 +390,75 @@ class Llama4ForConditionalGeneration(nn.Module):
         elif pixel_values is not None:
             raise ValueError("pass pixel_values with input_ids, not with inputs_embeds")
         lm = self.language_model
-        h = lm.model(input_ids, attention_mask, position_ids, inputs_embeds)
-        return ModelOutput(logits=lm.lm_head(h), hidden_states=h)
+        return run_blocks(lm.model, lm.lm_head, input_ids, attention_mask, position_ids, inputs_embeds,
+                          cache=cache, prefill_chunk=prefill_chunk or lm.prefill_chunk, logits_to_keep=logits_to_keep)
+
+
+def run_blocks(text_model: Llama4TextModel, lm_head: nn.Linear, input_ids, attention_mask, position_ids,
+               inputs_embeds, *, cache: KVCache | None, prefill_chunk: int, logits_to_keep: int = 0) -> ModelOutput:
+    """The decoder over (B, T) tokens, in blocks of at most ``prefill_chunk`` against a KV cache.
+
+    Without a cache, an input of at most ``prefill_chunk`` tokens is one pass over whole
+    sequences (dense masks, no cache); a longer one goes through in blocks against a temporary
+    :class:`~workbench.runtime.kv_cache.KVCache`, so no T x T tensor exists: chunked layers cost
+    O(T x chunk), global layers O(T) memory (their time stays O(T^2)). With ``cache`` the call
+    continues its rows (generation), in blocks of at most ``cache.block``. Each block is one
+    pass for hook listeners (``hook_inputs`` fires per block, its ``batch.start`` is the block's
+    stream offset). attention_mask: (B, T) for this call's tokens (a (B, past + T) mask as
+    transformers passes it is cut to its last T columns). logits_to_keep: 0 -> logits of every
+    token; n -> of the last n only (what generation needs; a 256k-token prompt's full logits
+    alone take B x T x vocab x 4 bytes). Refuses (ValueError) inputs past the model's
+    ``max_position_embeddings`` or larger than the memory that is free, before allocating.
+    """
+    ref = input_ids if inputs_embeds is None else inputs_embeds
+    B, T = ref.shape[:2]
+    config = text_model.config
+    past = 0 if cache is None else cache.length
+    if past + T > config.max_position_embeddings:
+        raise ValueError(f"the input has {past + T} tokens per row (padding and cached tokens included) but the "
+                         f"model's max_position_embeddings is {config.max_position_embeddings}")
+    if cache is not None and past + T > cache.max_len:  # before any block runs: nothing half-done
+        raise CacheFullError(f"the cache holds {cache.max_len} tokens per row: {past} used, {T} more do not fit")
+    if attention_mask is not None and cache is not None and attention_mask.shape[-1] == past + T and past:
+        attention_mask = attention_mask[:, past:]
+
+    def head(h: torch.Tensor) -> torch.Tensor:
+        return lm_head(h if logits_to_keep <= 0 else h[:, -logits_to_keep:])
+
+    if cache is None and T <= prefill_chunk:
+        h = text_model(input_ids, attention_mask, position_ids, inputs_embeds)
+        return ModelOutput(logits=head(h), hidden_states=h)
+    if cache is None:
+        dtype = (inputs_embeds if inputs_embeds is not None else text_model.embed_tokens.weight).dtype
+        check_fits(prefill_bytes(config, B, T, prefill_chunk, dtype, logits_to_keep), ref.device,
+                   f"a {T}-token prefill of {B} row(s)")
+        cache = KVCache(config, B, T, block=prefill_chunk, dtype=dtype, device=ref.device)
+    step = min(prefill_chunk, cache.block)
+    hs = []
+    for t0 in range(0, T, step):
+        sl = slice(t0, t0 + step)
+        hs.append(text_model(None if input_ids is None else input_ids[:, sl],
+                             None if attention_mask is None else attention_mask[:, sl],
+                             None if position_ids is None else position_ids[:, sl],
+                             None if inputs_embeds is None else inputs_embeds[:, sl], cache=cache))
+    h = hs[0] if len(hs) == 1 else torch.cat(hs, dim=1)
+    return ModelOutput(logits=head(h), hidden_states=h)
 
 
 # Keys a processor batch carries for bookkeeping; the model accepts and ignores them.
 _PROCESSOR_KEYS = frozenset({"image_sizes", "aspect_ratios", "tile_grids", "original_sizes", "token_type_ids",
                              "image_grid", "images_per_sample", "patch_grids"})
+
+
+def _check_ids(input_ids: torch.Tensor | None, vocab_size: int) -> None:
+    """ValueError for token ids outside the vocabulary, instead of the embedding's IndexError. CPU
+    tensors only: on a GPU the check would cost a host sync per call (there the embedding asserts)."""
+    if input_ids is None or input_ids.device.type != "cpu" or not input_ids.numel():
+        return
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"input_ids hold token id {lo if lo < 0 else hi}, outside the model's vocabulary "
+                         f"[0, {vocab_size})")
 
 
 def _check_extras(extras: dict) -> None:

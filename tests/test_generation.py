@@ -1,0 +1,384 @@
+"""Generation and long context: KV cache, blocked prefill, wb.generate, traces of generations.
+
+References: transformers' ``generate`` and forward on the same checkpoint (the embedded model),
+one whole-sequence forward pass of our own model (for the blocked prefill), hand-counted cache
+sizes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import workbench as wb
+from workbench.embedded import EMBEDDED_MODEL
+from workbench.hooks.interventions import moe_layers
+from workbench.runtime.kv_cache import CacheFullError, KVCache
+from workbench.runtime.memory import InsufficientMemoryError
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE = str(ROOT / "data" / "images" / "digits_00.png")
+PROMPTS = ["left 3 right", "the quick brown fox jumps over", "a"]
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+@pytest.fixture(scope="module")
+def model():
+    return wb.load_model(EMBEDDED_MODEL, dtype=torch.float32, progress=False).eval()
+
+
+@pytest.fixture(scope="module")
+def proc():
+    return wb.load_processor(EMBEDDED_MODEL)
+
+
+@pytest.fixture(scope="module")
+def hf():
+    transformers = pytest.importorskip("transformers")
+    return transformers.Llama4ForConditionalGeneration.from_pretrained(EMBEDDED_MODEL, dtype=torch.float32).eval()
+
+
+def by_sequence(ds):
+    """A trace's rows ordered by (sequence, position): blocked passes interleave rows of a batch."""
+    order = np.lexsort((ds["position"].values, ds["sequence"].values))
+    return ds.isel(token=order).load()
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocked prefill == one whole forward pass
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("T,block", [(300, 50), (260, 97), (129, 128)])
+def test_blocked_prefill_equals_one_pass(model, T, block):
+    """Blocks not aligned to the 64-token chunks, sequences crossing several chunk boundaries and
+    the NoPE temperature's floor_scale (32) steps, a left-padded row: logits rel. <= 1e-5, same routing."""
+    torch.manual_seed(T)
+    ids = torch.randint(0, 1000, (2, T))
+    mask = torch.ones(2, T, dtype=torch.long)
+    mask[1, :17] = 0
+    routes = {}
+
+    def grab(tag):
+        return [m.hook_router.add(lambda p, topk_ids, **_: routes.setdefault(tag, []).append(topk_ids.clone()))
+                for m in moe_layers(model).values()]
+
+    handles = grab("full")
+    full = model(input_ids=ids, attention_mask=mask)
+    for h in handles:
+        h.remove()
+    handles = grab("blocks")
+    blocked = model(input_ids=ids, attention_mask=mask, prefill_chunk=block)
+    for h in handles:
+        h.remove()
+    real = mask.bool()
+    err = (full.logits - blocked.logits)[real].abs().max() / full.logits[real].abs().max()
+    assert err <= 1e-5
+    L = len(moe_layers(model))
+    n_blocks = -(-T // block)
+    assert len(routes["blocks"]) == L * n_blocks  # one router decision per layer and block
+    for i in range(L):  # the blocks' decisions, in stream order, equal the whole pass's
+        got = torch.cat([routes["blocks"][b * L + i].view(2, -1, 1) for b in range(n_blocks)], dim=1)
+        want = routes["full"][i].view(2, T, 1)
+        assert torch.equal(got[real], want[real])
+
+
+def test_long_input_takes_the_blocked_path_by_itself(model):
+    """model(**batch) on an input longer than prefill_chunk runs in blocks (hook_inputs per block,
+    stream offsets 0, 40, 80) and returns every token's logits."""
+    ids = torch.randint(0, 1000, (1, 100))
+    starts = []
+    h = model.language_model.model.hook_inputs.add(lambda p, input_ids, batch: starts.append(batch.start))
+    old = model.prefill_chunk
+    try:
+        model.prefill_chunk = 40
+        out = model(input_ids=ids)
+    finally:
+        model.prefill_chunk = old
+        h.remove()
+    assert starts == [0, 40, 80] and out.logits.shape == (1, 100, 1024)
+    ref = model(input_ids=ids).logits
+    assert (out.logits - ref).abs().max() / ref.abs().max() <= 1e-5
+
+
+def test_blocked_image_prompt_equals_one_pass(model, proc):
+    enc = proc(text=["<|image|>top left 3, top right 4"], images=[[IMAGE]], return_tensors="pt")
+    full = model(**enc).logits
+    blocked = model(**enc, prefill_chunk=7).logits
+    assert (full - blocked).abs().max() / full.abs().max() <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache itself
+# ---------------------------------------------------------------------------------------------
+def test_cache_sizes_follow_the_attention_pattern(model):
+    """Chunked (RoPE) layers hold chunk + block slots, the global (NoPE) layer every token; buffers
+    are allocated once (the same storage after a prefill and 20 decode steps)."""
+    cfg = model.text_config
+    cache = KVCache(cfg, 2, 1000, block=50, dtype=torch.float32)
+    assert [c.slots for c in cache.layers] == [64 + 50, 64 + 50, 64 + 50, 1000]
+    assert [c.ring for c in cache.layers] == [True, True, True, False]
+    ptrs = [c.key.data_ptr() for c in cache.layers]
+    ids = torch.randint(0, 1000, (2, 150))
+    model(input_ids=ids, cache=cache, prefill_chunk=50)
+    for _ in range(20):
+        model(input_ids=ids[:, :1], cache=cache)
+    assert cache.length == 170 and cache.seen.tolist() == [170, 170]
+    assert [c.key.data_ptr() for c in cache.layers] == ptrs
+    # the ring holds the last 114 stream indices, the global layer all 170
+    assert sorted(cache.layers[0].index.tolist()) == list(range(170 - 114, 170))
+    assert cache.layers[3].index[:170].tolist() == list(range(170))
+    assert model(input_ids=ids[:, :60], cache=cache, prefill_chunk=60).logits.shape[1] == 60  # 2 blocks of <= 50
+    with pytest.raises(CacheFullError, match="block=50"):  # a single call past the block size
+        model.language_model.model(input_ids=ids[:, :51], cache=cache)
+    with pytest.raises(CacheFullError, match="holds 1000 tokens per row: 230 used"):
+        model(input_ids=torch.randint(0, 1000, (2, 800)), cache=cache, prefill_chunk=50)
+
+
+def test_static_cache_gives_the_same_logits(model):
+    """static=True (fixed shapes: every call sees every slot, empty ones masked) == the default."""
+    ids = torch.randint(0, 1000, (1, 90))
+    outs = []
+    for static in (False, True):
+        cache = KVCache(model.text_config, 1, 100, block=90, dtype=torch.float32, static=static)
+        first = model(input_ids=ids, cache=cache, logits_to_keep=1).logits
+        steps = [model(input_ids=ids[:, i:i + 1], cache=cache).logits for i in range(5)]
+        outs.append(torch.cat([first] + steps, dim=1))
+    assert torch.allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_decode_steps_equal_one_pass(model):
+    """Prefill + one-token steps with a left-padded row: each step's logits equal the whole pass's row."""
+    ids = torch.randint(0, 1000, (2, 40))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[0, :5] = 0
+    ref = model(input_ids=ids, attention_mask=mask).logits
+    cache = KVCache(model.text_config, 2, 40, block=30, dtype=torch.float32)
+    got = [model(input_ids=ids[:, :30], attention_mask=mask[:, :30], cache=cache).logits]
+    for t in range(30, 40):
+        got.append(model(input_ids=ids[:, t:t + 1], attention_mask=mask[:, t:t + 1], cache=cache).logits)
+    got = torch.cat(got, dim=1)
+    real = mask.bool()
+    assert (got - ref)[real].abs().max() / ref[real].abs().max() <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Guards
+# ---------------------------------------------------------------------------------------------
+def test_inputs_past_max_position_embeddings_are_refused():
+    text = wb.TextConfig(vocab_size=64, hidden_size=32, intermediate_size=16, intermediate_size_mlp=32,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                         num_local_experts=4, max_position_embeddings=128, attention_chunk_size=16)
+    m = wb.random_model(wb.ModelConfig(text=text, architecture="Llama4ForCausalLM"))
+    with pytest.raises(ValueError, match="has 129 tokens per row .* max_position_embeddings is 128"):
+        m(input_ids=torch.zeros(1, 129, dtype=torch.long))
+    assert m(input_ids=torch.zeros(1, 128, dtype=torch.long), prefill_chunk=50).logits.shape == (1, 128, 64)
+    cache = KVCache(text, 1, 200, block=128)
+    m(input_ids=torch.zeros(1, 128, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="has 129 tokens per row"):  # cached tokens count
+        m(input_ids=torch.zeros(1, 1, dtype=torch.long), cache=cache)
+
+
+def test_a_prompt_larger_than_free_memory_is_refused_before_allocating(model):
+    """A 9M-token prompt would need ~37 GB of logits: a clear error naming the need, nothing allocated."""
+    ids = torch.zeros(1, 9_000_000, dtype=torch.long)
+    with pytest.raises(InsufficientMemoryError, match=r"9000000-token prefill of 1 row\(s\) needs about .* GiB"):
+        model(input_ids=ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# wb.generate == transformers' generate
+# ---------------------------------------------------------------------------------------------
+def test_greedy_generation_equals_transformers(model, proc, hf):
+    """Three text prompts in one left-padded batch, 64 new tokens: the same ids as transformers."""
+    out = wb.generate(model, proc, PROMPTS, max_new_tokens=64, batch_size=3)
+    enc = proc(text=PROMPTS, padding=True, padding_side="left", return_tensors="pt")
+    ref = hf.generate(**enc, max_new_tokens=64, do_sample=False)[:, enc["input_ids"].shape[1]:]
+    for g, r in zip(out, ref.tolist()):
+        assert g.token_ids == r[:len(g.token_ids)]
+        assert g.finish_reason == ("length" if len(g.token_ids) == 64 else "eos")
+        assert g.text == proc.decode(g.token_ids, skip_special_tokens=True)
+
+
+def test_greedy_generation_with_an_image_equals_transformers(model, proc, hf):
+    prompt = {"text": "<|image|>top left", "images": [IMAGE]}
+    (g,) = wb.generate(model, proc, [prompt], max_new_tokens=64)
+    enc = proc(text=[prompt["text"]], images=[[IMAGE]], return_tensors="pt")
+    ref = hf.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                      pixel_values=enc["pixel_values"], max_new_tokens=64, do_sample=False)
+    ref = ref[0, enc["input_ids"].shape[1]:].tolist()
+    assert g.token_ids == ref[:len(g.token_ids)] and len(g.token_ids) >= 1
+
+
+def test_sampling_is_reproducible_and_stops(model, proc):
+    a = wb.generate(model, proc, PROMPTS, max_new_tokens=12, do_sample=True, temperature=0.8, top_p=0.9, seed=3)
+    b = wb.generate(model, proc, PROMPTS, max_new_tokens=12, do_sample=True, temperature=0.8, top_p=0.9, seed=3)
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+    greedy = wb.generate(model, proc, PROMPTS[:1], max_new_tokens=12)[0]
+    cut = greedy.text[3:5]
+    (s,) = wb.generate(model, proc, PROMPTS[:1], max_new_tokens=12, stop=[cut])
+    assert s.finish_reason == "stop" and s.text == greedy.text[:greedy.text.find(cut)]
+    (t,) = wb.generate(model, proc, PROMPTS[:1], max_new_tokens=12, stop=greedy.token_ids[2])
+    assert t.finish_reason == "stop" and t.token_ids == greedy.token_ids[:3]
+    with pytest.raises(ValueError, match="top_p"):
+        wb.generate(model, proc, PROMPTS, max_new_tokens=2, do_sample=True, top_p=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Traces of generations
+# ---------------------------------------------------------------------------------------------
+def test_trace_of_a_generation_equals_one_pass_over_prompt_and_answer(model, proc, tmp_path):
+    """Recorded generation (a left-padded batch with an image prompt) == one forward pass per
+    sequence over prompt + answer: ids, positions, routing, logits; the flags mark the answer."""
+    prompts = PROMPTS[:2] + [{"text": "<|image|>top left", "images": [IMAGE]}]
+    with wb.record(model, tmp_path / "gen.zarr", capture={"router": {}, "logits": {"dtype": "float32"}},
+                   processor=proc) as rec:
+        out = wb.generate(model, proc, prompts, max_new_tokens=10, recorder=rec)
+    gen = by_sequence(wb.open_trace(tmp_path / "gen.zarr"))
+    with wb.record(model, tmp_path / "ref.zarr", capture={"router": {}, "logits": {"dtype": "float32"}},
+                   processor=proc) as rec:
+        for i, (p, g) in enumerate(zip(prompts, out)):
+            text = p if isinstance(p, str) else p["text"]
+            enc = proc(text=[text], images=[p["images"]] if isinstance(p, dict) else None, return_tensors="pt")
+            ids = torch.cat([enc["input_ids"], torch.tensor([g.token_ids])], dim=1)
+            with rec.sequences([i]):
+                model(input_ids=ids, pixel_values=enc.get("pixel_values"))
+    ref = by_sequence(wb.open_trace(tmp_path / "ref.zarr"))
+    for name in ("token_id", "sequence", "position", "modality", "topk_expert"):
+        np.testing.assert_array_equal(gen[name].values, ref[name].values, err_msg=name)
+    np.testing.assert_allclose(gen["topk_weight"].values, ref["topk_weight"].values, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gen["router_logits"].values, ref["router_logits"].values, rtol=1e-4, atol=1e-4)
+    for s, g in enumerate(out):
+        flags = gen["generated"].values[gen["sequence"].values == s]
+        assert flags.sum() == len(g.token_ids) and not flags[:g.prompt_tokens].any() and flags[g.prompt_tokens:].all()
+
+
+def test_transformers_generate_recorded_through_the_adapter(model, proc, hf, tmp_path):
+    """transformers' generate, recorded: decode steps land in their sequences at the right
+    positions, flagged generated: the same trace as wb.generate's, less each answer's last token
+    (transformers never runs it through the model)."""
+    with wb.record(model, tmp_path / "wb.zarr", capture={"router": {}, "logits": {"dtype": "float32"}}) as rec:
+        wb.generate(model, proc, PROMPTS[:2], max_new_tokens=12, recorder=rec)
+    enc = proc(text=PROMPTS[:2], padding=True, padding_side="left", return_tensors="pt")
+    with wb.record(hf, tmp_path / "hf.zarr", capture={"router": {}, "logits": {"dtype": "float32"}}):
+        hf.generate(**enc, max_new_tokens=12, do_sample=False)
+    a, b = by_sequence(wb.open_trace(tmp_path / "wb.zarr")), by_sequence(wb.open_trace(tmp_path / "hf.zarr"))
+    seq = a["sequence"].values
+    last = np.r_[seq[1:] != seq[:-1], True]
+    a = a.isel(token=~last)
+    assert b.sizes["token"] == a.sizes["token"] and b["generated"].values.sum() == 2 * 11
+    for name in ("token_id", "sequence", "position", "generated", "topk_expert"):
+        np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
+    np.testing.assert_allclose(a["router_logits"].values, b["router_logits"].values, rtol=1e-4, atol=1e-4)
+
+
+def test_a_bare_blocked_pass_is_one_sequence(model, tmp_path):
+    """Without a runner, the blocks of one long pass continue their rows' sequences."""
+    ids = torch.randint(0, 1000, (2, 100))
+    with wb.record(model, tmp_path / "b.zarr") as rec:
+        model(input_ids=ids, prefill_chunk=30)
+        model(input_ids=ids[:, :10])
+    ds = wb.open_trace(tmp_path / "b.zarr")
+    assert np.bincount(ds["sequence"].values).tolist() == [100, 100, 10, 10]
+    assert not ds["generated"].values.any()
+    assert rec.n_tokens == 220
+
+
+def test_v2_traces_still_open(model, proc, tmp_path):
+    """A store written by the schema v2 code reads with generated = 0 and the same rows as today's."""
+    old = wb.open_trace(ROOT / "tests" / "data" / "v2" / "v2.zarr").load()
+    assert old.attrs["schema"] == "workbench.trace/2" and not old["generated"].values.any()
+    with wb.record(model, tmp_path / "now.zarr", capture={"router": {}, "logits": {"dtype": "float32"}},
+                   processor=proc) as rec:
+        rec.run(model, proc, ["left 3 right", "the quick brown fox jumps over the lazy dog"], progress=False)
+    new = wb.open_trace(tmp_path / "now.zarr").load()
+    for name in ("token_id", "sequence", "position", "modality", "generated", "topk_expert"):
+        np.testing.assert_array_equal(new[name].values, old[name].values, err_msg=name)
+    np.testing.assert_allclose(new["router_logits"].values, old["router_logits"].values, rtol=1e-5, atol=1e-5)
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys, torch, workbench as wb
+    from workbench.embedded import EMBEDDED_MODEL
+    m = wb.load_model(EMBEDDED_MODEL, dtype=torch.float32, progress=False)
+    p = wb.load_processor(EMBEDDED_MODEL)
+    rec = wb.record(m, sys.argv[1], capture=("router",), commit_every_seconds=0)  # each step durable
+    class Tell:
+        n = 0
+        def __call__(self, *a, **k):
+            Tell.n += 1
+            if Tell.n == 25:
+                print("steps", flush=True)
+    m.language_model.model.hook_inputs.add(Tell())
+    wb.generate(m, p, ["the quick brown fox"], max_new_tokens=100, recorder=rec)
+    import time; time.sleep(60)
+""")
+
+
+def test_kill_during_generation_keeps_every_committed_step(tmp_path):
+    """SIGKILL after 25 passes (prefill + 24 decode steps), each committed before the next: the store
+    opens with at least those, in order, incomplete."""
+    store = tmp_path / "k.zarr"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(store)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, env=env, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "steps"
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    ds = wb.open_trace(store)
+    attrs = json.loads((store / "zarr.json").read_text())["attributes"]
+    assert attrs["complete"] is False and ds.sizes["token"] == attrs["n_tokens"] >= 24
+    seq, pos, gen = (ds[v].values for v in ("sequence", "position", "generated"))
+    assert (seq == 0).all() and (pos == np.arange(len(pos))).all()  # every committed step, in order
+    assert gen[:pos.size].sum() == pos.size - int((gen == 0).sum()) and gen[-1] == 1
+
+
+def test_out_of_vocabulary_ids_are_a_clear_error(model):
+    with pytest.raises(ValueError, match=r"token id 1024, outside the model's vocabulary \[0, 1024\)"):
+        model(input_ids=torch.tensor([[5, 1024]]))
+    with pytest.raises(ValueError, match=r"token id -1, outside"):
+        model(input_ids=torch.tensor([[-1, 5]]))
+
+
+def test_generate_command_writes_answers_and_the_trace(tmp_path, capsys, model, proc):
+    from workbench.cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"text": "left 3 right"}) + "\n"
+                       + json.dumps({"text": "<|image|>top left", "images": [IMAGE]}) + "\n")
+    store, answers = tmp_path / "g.zarr", tmp_path / "answers.jsonl"
+    rc = main(["generate", str(EMBEDDED_MODEL), "--prompts", str(prompts), "--max-new-tokens", "6", "--out", str(store),
+               "--capture", "router,logits", "--answers", str(answers), "--quiet"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "generated 12 tokens for 2 prompts" in out and f"store {store}" in out
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    expected = wb.generate(model, proc, ["left 3 right", {"text": "<|image|>top left", "images": [IMAGE]}],
+                           max_new_tokens=6)
+    assert [r["token_ids"] for r in rows] == [g.token_ids for g in expected]
+    assert [r["line"] for r in rows] == [1, 2] and [r["sequence"] for r in rows] == [0, 1]
+    ds = wb.open_trace(store)
+    assert ds.attrs["complete"] and int(ds["generated"].sum()) == 12 and "router_logits" in ds
+    assert ds.attrs["provenance"]["generation"]["max_new_tokens"] == 6
+    # bad input: one line, exit 2, nothing loaded
+    assert main(["generate", str(EMBEDDED_MODEL), "--prompts", str(prompts), "--capture", "logits"]) == 2
+    assert "--capture needs --out" in capsys.readouterr().err
+    assert main(["generate", str(EMBEDDED_MODEL), "--prompts", str(prompts), "--out", str(store)]) == 2
+    assert "already holds a trace" in capsys.readouterr().err

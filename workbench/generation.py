@@ -1,0 +1,222 @@
+"""Generation with a KV cache, recorded token by token: ``wb.generate``.
+
+A batch of prompts (text, or text with images) is left-padded, prefilled in blocks into a static
+:class:`~workbench.runtime.kv_cache.KVCache`, then decoded one token per step. With a recorder,
+every pass is recorded into the prompt's own trace sequence: the prompt's tokens with
+``generated = 0``, each generated token with ``generated = 1`` at the position that follows, so
+that a trace of a generation is the trace of one forward pass over prompt + answer. To record the
+routing of every generated token, the last one is run through the model too (one extra step,
+only when recording; transformers' ``generate`` never runs its last token).
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from workbench.runtime.kv_cache import KVCache
+
+__all__ = ["generate", "Generation"]
+
+
+@dataclass
+class Generation:
+    """One prompt's answer.
+
+    text: the decoded answer (special tokens dropped; cut before a stop string). token_ids: the
+    generated ids, the stop token included. finish_reason: "eos" (an end-of-sequence token),
+    "stop" (a stop string or id), "length" (``max_new_tokens`` reached). sequence: its trace
+    sequence number when recorded, else None. prompt_tokens: real (non-padding) prompt tokens.
+    """
+
+    prompt: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    sequence: int | None = None
+    images: list = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"prompt": self.prompt, "text": self.text, "token_ids": self.token_ids,
+                "finish_reason": self.finish_reason, "prompt_tokens": self.prompt_tokens,
+                "sequence": self.sequence, "images": [str(i) for i in self.images if isinstance(i, (str, Path))]}
+
+
+def generate(model: nn.Module, processor, prompts: str | dict | Iterable, max_new_tokens: int = 32, *,
+             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
+             stop: str | int | Sequence[str | int] | None = None, recorder=None, batch_size: int = 8,
+             prefill_chunk: int | None = None, progress: bool = False) -> list[Generation]:
+    """Generate up to ``max_new_tokens`` tokens for each prompt.
+
+    prompts: a string, a dict {"text": str, "images": [PIL image | path, ...]}, or a list of them.
+    Greedy by default (``do_sample=False``: argmax, the same ids as transformers' greedy
+    ``generate``); sampling divides the logits by ``temperature`` and keeps the smallest set of
+    tokens whose probability reaches ``top_p``; ``seed`` makes it reproducible. Each row stops at
+    an end-of-sequence id of the model config, at a ``stop`` string (the text is cut before it)
+    or token id, or after ``max_new_tokens``. recorder: a :class:`~workbench.hooks.Recorder` of
+    this model; each prompt becomes one trace sequence (see the module docstring). batch_size:
+    prompts per batch (left-padded). Returns one :class:`Generation` per prompt, in order.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if do_sample and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not hasattr(model, "prefill_chunk") or not hasattr(model, "text_config"):
+        raise ValueError(f"wb.generate runs workbench's Llama 4 models, not {type(model).__name__}; for a "
+                         "transformers model call its own generate() inside wb.record(...) (decode steps are "
+                         "recorded in their sequences)")
+    if recorder is not None and recorder.model is not model:
+        raise ValueError("generate: the recorder records another model")
+    items = [_as_prompt(p, i) for i, p in enumerate([prompts] if isinstance(prompts, (str, dict)) else list(prompts))]
+    stop_ids, stop_texts = _stops(model, stop)
+    device = next(model.parameters()).device
+    gen = None
+    if do_sample:
+        gen = torch.Generator(device=device)
+        if seed is None:
+            gen.seed()  # a fresh random seed for this generator only (the global RNG is left alone)
+        else:
+            gen.manual_seed(seed)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(items) * max_new_tokens, desc="generate", unit="tok", disable=not progress)
+    out: list[Generation] = []
+    t0, n_new = time.perf_counter(), 0
+    if recorder is not None:
+        recorder.attach()
+    try:
+        with torch.no_grad():
+            for b0 in range(0, len(items), batch_size):
+                chunk = items[b0:b0 + batch_size]
+                got = _generate_batch(model, processor, chunk, max_new_tokens, do_sample, temperature, top_p, gen,
+                                      stop_ids, stop_texts, recorder, prefill_chunk, bar)
+                out.extend(got)
+                n_new += sum(len(g.token_ids) for g in got)
+                bar.set_postfix(tok_s=f"{n_new / max(time.perf_counter() - t0, 1e-9):,.1f}")
+        if recorder is not None:
+            recorder.flush()
+    finally:
+        bar.close()
+    return out
+
+
+def _generate_batch(model, processor, items, max_new_tokens, do_sample, temperature, top_p, gen, stop_ids,
+                    stop_texts, recorder, prefill_chunk, bar) -> list[Generation]:
+    kw: dict[str, Any] = dict(text=[it["text"] for it in items], padding=True, padding_side="left",
+                              return_tensors="pt")
+    if any(it["images"] for it in items):
+        kw["images"] = [it["images"] for it in items]
+    enc = processor(**kw)
+    device = next(model.parameters()).device
+    ids = enc["input_ids"].to(device)
+    mask = enc["attention_mask"].to(device)
+    pixels = enc.get("pixel_values") if hasattr(enc, "get") else None
+    B, T0 = ids.shape
+    config = model.text_config
+    dtype = next(model.parameters()).dtype
+    block = min(T0, prefill_chunk or getattr(model, "prefill_chunk", T0))
+    cache = KVCache(config, B, T0 + max_new_tokens, block=max(block, 1), dtype=dtype, device=device)
+    seqs = recorder.new_sequences(B) if recorder is not None else None
+    if recorder is not None:
+        recorder._note_images([{"index": int(s), "images": it["images"]} for s, it in zip(seqs, items)],
+                              getattr(enc, "images", None))
+
+    def step(generated: bool, **inputs):
+        ctx = recorder.sequences(seqs, generated=generated) if recorder is not None else contextlib.nullcontext()
+        with ctx:
+            logits = model(**inputs, cache=cache, prefill_chunk=block, logits_to_keep=1).logits[:, -1]
+        return _pick(logits, do_sample, temperature, top_p, gen)
+
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if pixels is not None:
+        inputs["pixel_values"] = pixels.to(device)
+    nxt = step(False, **inputs)
+    answers: list[list[int]] = [[] for _ in range(B)]
+    reasons: list[str | None] = [None] * B
+    texts: list[str | None] = [None] * B
+    pad = config.pad_token_id if config.pad_token_id is not None else 0
+    while True:
+        toks = nxt.tolist()  # the one host sync per step: stopping is decided on the host
+        feed = [False] * B  # rows whose newest token goes through the model next
+        for b in range(B):
+            if reasons[b] is not None:
+                continue
+            answers[b].append(toks[b])
+            bar.update(1)
+            feed[b] = True
+            if toks[b] in stop_ids["eos"]:
+                reasons[b] = "eos"
+            elif toks[b] in stop_ids["stop"]:
+                reasons[b] = "stop"
+            elif stop_texts:
+                text = processor.decode(answers[b], skip_special_tokens=True)
+                cut = min((i for i in (text.find(s) for s in stop_texts) if i >= 0), default=-1)
+                if cut >= 0:
+                    reasons[b], texts[b] = "stop", text[:cut]
+            if reasons[b] is None and len(answers[b]) >= max_new_tokens:
+                reasons[b] = "length"
+            if reasons[b] is not None and recorder is None:
+                feed[b] = False  # its last token is run only to record its routing
+        if not any(feed):
+            break
+        step_ids = torch.tensor([[toks[b] if feed[b] else pad] for b in range(B)], device=device)
+        step_mask = torch.tensor([[int(f)] for f in feed], device=device)
+        nxt = step(True, input_ids=step_ids, attention_mask=step_mask)
+        if all(r is not None for r in reasons):
+            break  # that step only recorded the last tokens
+    real = mask.sum(-1).tolist()
+    out = []
+    for b, it in enumerate(items):
+        text = texts[b] if texts[b] is not None else processor.decode(answers[b], skip_special_tokens=True)
+        out.append(Generation(prompt=it["text"], text=text, token_ids=answers[b], finish_reason=reasons[b],
+                              prompt_tokens=int(real[b]), sequence=None if seqs is None else int(seqs[b]),
+                              images=list(it["images"])))
+    return out
+
+
+def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, gen) -> torch.Tensor:
+    """(B, vocab) logits -> (B,) next ids: argmax, or a sample (temperature, nucleus top_p)."""
+    if not do_sample:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # keep a token when the mass before it is below top_p (the first token always stays)
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=gen)[:, 0]
+
+
+def _stops(model, stop) -> tuple[dict[str, set[int]], list[str]]:
+    eos = model.text_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    stop = [] if stop is None else [stop] if isinstance(stop, (str, int)) else list(stop)
+    ids, texts = set(), []
+    for s in stop:
+        if isinstance(s, bool) or not isinstance(s, (str, int)):
+            raise ValueError(f"stop entries must be strings or token ids, got {s!r}")
+        if isinstance(s, int):
+            ids.add(s)
+        elif s:
+            texts.append(s)
+    return {"eos": {int(i) for i in eos_ids}, "stop": ids}, texts
+
+
+def _as_prompt(x, i: int) -> dict[str, Any]:
+    if isinstance(x, str):
+        return {"index": i, "text": x, "images": []}
+    if isinstance(x, dict) and isinstance(x.get("text", ""), str):
+        return {"index": i, "text": x.get("text", ""), "images": list(x.get("images") or [])}
+    raise ValueError(f"prompt {i}: expected a string or a dict with a string 'text' (and 'images'), "
+                     f"got {type(x).__name__}")

@@ -1,0 +1,76 @@
+"""Will it fit? Memory estimates of long passes, checked before anything is allocated.
+
+A prompt too long for the machine should end in one clear sentence, not in the allocator asking
+for 32 GB halfway through. The estimate counts what grows with the sequence (KV cache, hidden
+states, logits) plus a bounded working set per block; it is an estimate, not a promise (the
+allocator's fragmentation and the user's own tensors are not in it).
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["InsufficientMemoryError", "prefill_bytes", "available_bytes", "check_fits", "format_bytes"]
+
+
+class InsufficientMemoryError(MemoryError):
+    """The estimated need of a pass exceeds the memory free on its device."""
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover
+
+
+def prefill_bytes(config, batch_size: int, tokens: int, block: int, dtype: torch.dtype,
+                  logits_to_keep: int = 0) -> int:
+    """Estimated peak bytes of a blocked prefill of ``tokens`` per row (model weights excluded).
+
+    config: the text config. Counts the KV cache (global layers ``tokens`` slots, chunked layers
+    ``attention_chunk_size + block``), the hidden states of every token (kept, then concatenated:
+    twice), the logits (all tokens, or the last ``logits_to_keep``) and one block's working set.
+    """
+    from workbench.runtime.attend import MASK_BUDGET
+
+    size = torch.empty((), dtype=dtype).element_size()
+    B, T = batch_size, tokens
+    per_slot = 2 * config.num_key_value_heads * config.head_dim * size + 9  # k, v + index/position/valid
+    chunk = config.attention_chunk_size
+    kv = 0
+    for rope in config.uses_rope:
+        slots = min(T, chunk + block) if rope and chunk is not None else T
+        kv += B * slots * per_slot
+    hidden = 2 * B * T * config.hidden_size * size
+    logits = B * (T if logits_to_keep <= 0 else min(T, logits_to_keep)) * config.vocab_size * size
+    widest = max(config.hidden_size, config.intermediate_size * 2, config.intermediate_size_mlp * 2,
+                 config.num_attention_heads * config.head_dim)
+    working = 12 * B * block * widest * size + 5 * MASK_BUDGET
+    return kv + hidden + logits + working
+
+
+def available_bytes(device: torch.device | str) -> int | None:
+    """Free memory on ``device``: the GPU's free bytes, or the host's MemAvailable; None if unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo", encoding="ascii") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def check_fits(nbytes: int, device: torch.device | str, what: str) -> None:
+    """Raise InsufficientMemoryError naming ``what`` when ``nbytes`` exceed the free memory of ``device``."""
+    free = available_bytes(device)
+    if free is not None and nbytes > free:
+        raise InsufficientMemoryError(
+            f"{what} needs about {format_bytes(nbytes)} but only {format_bytes(free)} is free on {device} "
+            f"(shorter inputs, fewer rows, or logits_to_keep=1 when only the last token's logits are needed)")
