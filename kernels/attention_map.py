@@ -54,7 +54,8 @@ import torch.nn.functional as F
 from workbench.runtime import masks
 
 __all__ = ["cross_attention_probs", "cross_attention_probs_from_lse", "cross_attention_probs_torch",
-           "cross_attention_probs_reference", "sdpa_with_lse", "resolve_heads", "torch_block_sizes"]
+           "cross_attention_probs_reference", "cross_attention_probs_keys", "sdpa_with_lse", "resolve_heads",
+           "torch_block_sizes"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Working memory of the torch backend: each block of scores / keys / masks stays near this size
@@ -541,6 +542,90 @@ def _lse_online(qb, key, kv, scale, plan, qi, qi_np, lo, hi, block_k, pos_d, val
         l = l * torch.exp(m - m_safe) + s.sum(-1)
         m = m_new
     return m + torch.log(l)
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys in any slot order (a KV cache): one call's queries against the keys they attend
+# ---------------------------------------------------------------------------------------------
+def cross_attention_probs_keys(query: torch.Tensor, key: torch.Tensor, scale: float, *, query_rows: torch.Tensor,
+                               query_index: torch.Tensor, query_positions: torch.Tensor, key_index: torch.Tensor,
+                               key_positions: torch.Tensor, key_valid: torch.Tensor, columns: torch.Tensor,
+                               chunk_size: int | None = None, heads: str | Sequence[int] = "all",
+                               lse: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                               out_dtype: torch.dtype = torch.float32,
+                               block_bytes: int = _COL_BLOCK_BYTES) -> torch.Tensor:
+    """Softmax probabilities from some of a call's queries to chosen keys, for one row, when the keys
+    are not the call's own tokens in stream order (a KV cache: ring slots, earlier blocks).
+
+    query: (Hq, T, D) the call's queries as the softmax uses them; query_rows (Q,): which of the T
+    rows; query_index / query_positions (Q,): their stream indices and positions. key: (Hkv, S, D)
+    the keys the queries attend, any slot order, with their metadata key_index (S,) (stream index,
+    -1 for an empty slot), key_positions (S,), key_valid (S,) bool. columns: (P,) stream indices of
+    the wanted keys (e.g. the row's image patches); a column whose stream index is not among the
+    slots (evicted from a chunked layer's ring) gets probability 0, as does one the rule
+    (:mod:`workbench.runtime.masks`) forbids. lse: (Hq, T) the rows' log-sum-exp over all allowed
+    keys when the layer gave it; else it is computed here over the S slots under the rule, in
+    blocks of about ``block_bytes``. Returns (H', Q, P) (H' = selected heads, 1 for "mean").
+    """
+    Hq, D = query.shape[0], query.shape[2]
+    Hkv, S = key.shape[0], key.shape[1]
+    if key.dim() != 3 or key.shape[2] != D or Hkv < 1 or Hq % Hkv:
+        raise ValueError(f"key must be (Hkv, S, D) with Hq a multiple of Hkv; got query {tuple(query.shape)}, "
+                         f"key {tuple(key.shape)}")
+    head_idx, mean = resolve_heads(heads, Hq)
+    G = Hq // Hkv
+    dev = query.device
+    Q, P = int(query_rows.shape[0]), int(columns.shape[0])
+    if out is None:
+        out = torch.empty((1 if mean else len(head_idx), Q, P), dtype=out_dtype, device=dev)
+    if Q == 0 or P == 0:
+        return out
+    heads_t = torch.tensor(head_idx, device=dev)
+    kv_t = heads_t // G
+    chunk = 1 if chunk_size is None else int(chunk_size)
+    has_chunk = chunk_size is not None
+    rows = query_rows.to(dev, torch.long)
+    q_idx, q_pos = query_index.to(dev, torch.long), query_positions.to(dev, torch.long)
+    k_idx, k_pos = key_index.to(dev, torch.long), key_positions.to(dev, torch.long)
+    k_val = key_valid.to(dev, torch.bool)
+    cols = columns.to(dev, torch.long)
+    # the slot of each wanted key: match stream indices (slot order is the cache's business)
+    order = torch.argsort(k_idx)
+    srt = k_idx[order]
+    at = torch.searchsorted(srt, cols).clamp_(max=S - 1)
+    found = srt[at] == cols
+    slot = order[at]
+    c_pos, c_val = k_pos[slot], k_val[slot] & found
+    k_cols = key.index_select(1, slot).float()[kv_t]  # (Hs, P, D)
+    k_aug_t = torch.cat([k_cols, k_cols.new_ones(k_cols.shape[:-1] + (1,))], -1).transpose(1, 2)  # (Hs, D+1, P)
+    Hs = len(head_idx)
+    step_q = max(1, int(block_bytes) // (4 * Hs * max(P, S if lse is None else 1)))
+    for b0 in range(0, Q, step_q):
+        b1 = min(Q, b0 + step_q)
+        qb = query.index_select(1, rows[b0:b1]).float()[heads_t]  # (Hs, Qb, D)
+        qi, qp = q_idx[b0:b1, None], q_pos[b0:b1, None]
+        if lse is not None:
+            lse_b = lse.index_select(1, rows[b0:b1]).float()[heads_t]  # (Hs, Qb)
+        else:  # the rows' log-sum-exp over every allowed slot, in key blocks
+            lse_b = None
+            step_k = max(1, int(block_bytes) // (4 * Hs * (b1 - b0)))
+            for k0 in range(0, S, step_k):
+                k1 = min(S, k0 + step_k)
+                ok = masks.allowed_rule(qi, qp, k_idx[None, k0:k1], k_pos[None, k0:k1], k_val[None, k0:k1],
+                                        chunk, has_chunk)
+                s = torch.bmm(qb, key[:, k0:k1].float()[kv_t].transpose(1, 2)).mul_(scale)
+                s.masked_fill_(~ok[None], float("-inf"))
+                part = torch.logsumexp(s, -1)
+                lse_b = part if lse_b is None else torch.logaddexp(lse_b, part)
+        ok = masks.allowed_rule(qi, qp, cols[None], c_pos[None], c_val[None], chunk, has_chunk) & found[None]
+        s = torch.bmm(torch.cat([qb * scale, -lse_b[..., None]], -1), k_aug_t).exp_()  # (Hs, Qb, P)
+        s.masked_fill_(~ok[None], 0.0)
+        if mean:
+            out[0, b0:b1] = s.mean(0)
+        else:
+            out[:, b0:b1] = s
+    return out
+
 
 
 # ---------------------------------------------------------------------------------------------

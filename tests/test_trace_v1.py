@@ -106,7 +106,8 @@ def test_todays_recorder_writes_what_v1_wrote(v1, tmp_path):
     model = wb.load_model(EMBEDDED_MODEL, progress=False)
     proc = wb.load_processor(EMBEDDED_MODEL)
     store = tmp_path / "now.zarr"
-    rec = wb.record(model, store, capture=["logits", AttentionCapture(layers=[1, 3])], processor=proc)
+    rec = wb.record(model, store, capture=["logits", AttentionCapture(layers=[1, 3])], processor=proc,
+                    commit_every_seconds=0)  # one commit per batch, as v1 wrote them
     with torch.no_grad():
         rec.run(model, proc, prompts, batch_size=2, progress=False)
     rec.close()

@@ -75,7 +75,11 @@ class CrossModalAttentionView(W.ViewBase):
     image size and the token grid of the stored maps (``config=`` an ``ImageProcessorConfig``).
 
     Controls: query token, layer, head (or the mean over heads), opacity, and for tiled images local
-    tiles vs the global thumbnail (both cover the whole image, so one is shown at a time).
+    tiles vs the global thumbnail (both cover the whole image, so one is shown at a time). For a
+    generation (a trace written by ``wb.generate(..., recorder=...)``), the answer's tokens are marked
+    "[answer k]" in the query list, an "Answer" slider (and a play button) steps through them, and the
+    view opens on the first generated token unless ``query`` (a position on the maps' query dim) says
+    otherwise. :attr:`answer_queries` lists their query positions; :meth:`step` moves along them.
     ``layer``: a decoder layer index among the recorded attention layers (coordinate ``layer`` of
     :func:`workbench.trace.open_attention`; default the first recorded one); another index raises
     ValueError naming the recorded ones. The :attr:`layer` property reads and sets it.
@@ -95,8 +99,10 @@ class CrossModalAttentionView(W.ViewBase):
         self._build_figure(opacity)
         self._draw()
         self._wire_events()
-        self.widget = ipw.VBox([ipw.HBox([self.w_query, self.w_part]),
-                                ipw.HBox([self.w_layer, self.w_head, self.w_mean]),
+        rows = [ipw.HBox([self.w_query, self.w_part])]
+        if self.answer_queries.size:
+            rows.append(ipw.HBox([self.w_play, self.w_answer, self.w_answer_text]))
+        self.widget = ipw.VBox([*rows, ipw.HBox([self.w_layer, self.w_head, self.w_mean]),
                                 self.w_opacity, self.fig.widget])
         self.widget.add_class("wb-attention-view")
 
@@ -192,11 +198,22 @@ class CrossModalAttentionView(W.ViewBase):
         else:
             texts = [f"\u27e8{int(x)}\u27e9" for x in np.asarray(ds["token_id"].isel(token=q_tok).values)]
         mods = np.asarray(ds["modality"].isel(token=q_tok).values)
+        gen = (np.asarray(att["generated"].values).astype(bool) if "generated" in att.coords
+               else np.zeros(q_tok.size, bool))
+        self.answer_queries = np.flatnonzero(gen)  # query positions of the generated tokens, in order
+        step = np.full(q_tok.size, -1)
+        step[self.answer_queries] = np.arange(self.answer_queries.size)
         self.query_labels = [f"pos {int(p)}: {t!r}" + (" (special)" if m == Modality.SPECIAL else "")
-                             for p, t, m in zip(q_pos, texts, mods)]
+                             + (f" [answer {int(k) + 1}]" if k >= 0 else "")
+                             for p, t, m, k in zip(q_pos, texts, mods, step)]
         if query is None:
-            text_q = np.flatnonzero(mods == Modality.TEXT)
-            query = int(text_q[0]) if text_q.size else 0
+            if self.answer_queries.size:  # a generation: the first token of the answer
+                query = int(self.answer_queries[0])
+            else:
+                text_q = np.flatnonzero(mods == Modality.TEXT)
+                query = int(text_q[0]) if text_q.size else 0
+        if not 0 <= int(query) < q_tok.size:
+            raise ValueError(f"query {query}: sequence {self.sequence} has {q_tok.size} query tokens")
         return int(query)
 
     def _layer_position(self, layer: int | None) -> int:
@@ -215,6 +232,15 @@ class CrossModalAttentionView(W.ViewBase):
         self.head_mean_stored = bool(self.att.attrs.get("head_mean", False))
         self.w_query = ipw.Dropdown(options=[(lab, i) for i, lab in enumerate(self.query_labels)], value=query,
                                     description="Query", layout=ipw.Layout(width="420px"))
+        # the answer's tokens, one step each (kept in sync with the query dropdown)
+        n_ans = int(self.answer_queries.size)
+        at = np.flatnonzero(self.answer_queries == query)
+        self.w_answer = ipw.IntSlider(value=int(at[0]) + 1 if at.size else 1, min=1, max=max(n_ans, 1),
+                                      description="Answer", continuous_update=True, disabled=n_ans == 0)
+        self.w_play = ipw.Play(value=self.w_answer.value, min=1, max=max(n_ans, 1), interval=700,
+                               description="step through the answer", disabled=n_ans == 0)
+        ipw.jslink((self.w_play, "value"), (self.w_answer, "value"))
+        self.w_answer_text = ipw.HTML(value=self._answer_text())
         # positions on the maps' layer dimension, labelled with the decoder indices
         self.w_layer = ipw.SelectionSlider(options=[(f"L{x}", i) for i, x in enumerate(self.layer_values)],
                                            value=layer_pos, description="Layer", continuous_update=False)
@@ -257,6 +283,8 @@ class CrossModalAttentionView(W.ViewBase):
     def _wire_events(self) -> None:
         for w in (self.w_query, self.w_layer, self.w_head, self.w_mean, self.w_part):
             w.observe(lambda ch: self._draw(), "value")
+        self.w_answer.observe(self._on_answer, "value")
+        self.w_query.observe(self._on_query, "value")
         self.w_mean.observe(lambda ch: setattr(self.w_head, "disabled", bool(ch["new"])), "value")
         self.w_opacity.observe(lambda ch: self._set_opacity(float(ch["new"])), "value")
 
@@ -269,6 +297,41 @@ class CrossModalAttentionView(W.ViewBase):
     @layer.setter
     def layer(self, v: int) -> None:
         self.w_layer.value = self._layer_position(v)
+
+    @property
+    def answer_step(self) -> int | None:
+        """1-based index of the shown query among the generated tokens (None: a prompt token)."""
+        at = np.flatnonzero(self.answer_queries == int(self.w_query.value))
+        return int(at[0]) + 1 if at.size else None
+
+    def step(self, n: int = 1) -> None:
+        """Show the generated token ``n`` steps after (before, n < 0) the one shown (from the first
+        generated token when a prompt token is shown); clamped to the answer."""
+        if not self.answer_queries.size:
+            raise ValueError(f"sequence {self.sequence} has no generated tokens")
+        cur = self.answer_step
+        k = 1 if cur is None else cur + int(n)
+        self.w_answer.value = min(max(k, 1), int(self.answer_queries.size))
+        self.w_query.value = int(self.answer_queries[self.w_answer.value - 1])
+
+    def _on_answer(self, ch) -> None:
+        q = int(self.answer_queries[int(ch["new"]) - 1]) if self.answer_queries.size else None
+        if q is not None and q != int(self.w_query.value):
+            self.w_query.value = q
+
+    def _on_query(self, ch) -> None:
+        k = self.answer_step
+        if k is not None and k != self.w_answer.value:
+            self.w_answer.value = k
+        self.w_answer_text.value = self._answer_text()
+
+    def _answer_text(self) -> str:
+        n = int(self.answer_queries.size)
+        if not n:
+            return ""
+        k = self.answer_step
+        what = f"generated token {k} of {n}" if k is not None else f"a prompt token ({n} generated)"
+        return f"<span class='wb-answer-step'>{html.escape(what)}</span>"
 
     # ---------------------------------------------------------------- data
     def attention(self) -> np.ndarray:
