@@ -162,7 +162,7 @@ def test_commit_every_tokens_stages_then_commits(text_ckpt, tmp_path):
     d, _ = text_ckpt
     model = wb.load_model(d, progress=False)
     ids = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(5))
-    with wb.record(model, tmp_path / "t.zarr", commit_every_tokens=50) as rec:
+    with wb.record(model, tmp_path / "t.zarr", commit_every_tokens=50, commit_every_seconds=0) as rec:
         model(input_ids=ids)
         rec._queue.join()
         assert rec.n_tokens == 0  # 20 tokens staged, below 50: nothing committed yet
