@@ -104,7 +104,7 @@ def fingerprint_of(store: Path) -> str:
 # ----------------------------------------------------------------------------------- files
 EXPECTED = (
     [f"figures/{n}.{e}" for n in ("load_heatmap", "imbalance", "entropy", "token_routing_seq0", "transitions_L1_L3",
-                                  "coactivation_L1") for e in ("pdf", "svg", "png")]
+                                  "coactivation_L1", "routing_by_position") for e in ("pdf", "svg", "png")]
     + [f"tables/{n}.{e}" for n in ("layer_metrics", "layer_metrics_by_modality", "vocab_top_tokens",
                                    "vocab_specialization", "domain_specialization", "domain_shares")
        for e in ("csv", "tex")]
@@ -158,7 +158,7 @@ def test_pdf_opens_with_pages_embedded_truetype_and_provenance(syn, syn_export):
     out, _ = syn_export
     fp = fingerprint_of(syn)
     pdfs = sorted((out / "figures").glob("*.pdf"))
-    assert len(pdfs) == 6
+    assert len(pdfs) == 7
     for pdf in pdfs:
         d = pdf_info(pdf.read_bytes())
         assert d["pages"] == [1], pdf.name

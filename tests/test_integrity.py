@@ -44,7 +44,7 @@ def recorded(tmp_path_factory) -> Path:
         model_dir = default_model_dir(d / "model")
     model, proc = load_model(model_dir, progress=False), load_processor(model_dir)
     store = d / "rec.zarr"
-    rec = Recorder(model, store, ("router",), processor=proc)
+    rec = Recorder(model, store, ("router",), processor=proc, commit_every_seconds=0)  # a commit per pass
     with torch.no_grad():
         rec.run(model, proc, [{"text": t, "images": []} for t in PROMPTS], batch_size=1, progress=False)
     rec.close()
