@@ -67,7 +67,15 @@ def config_file_name(E: int, H: int, I: int, dev_name: str, dtype: torch.dtype |
     return f"E={E},H={H},I={I},device_name={dev_name},dtype={dt}.json"
 
 
-def _check_config(cfg: dict, where: str) -> dict:
+def _check_config(cfg: dict, where: str, quant: str | None = None) -> dict:
+    """``cfg`` when it is a valid tile config, else ValueError naming ``where``. ``quant="w4a16"``
+    also needs BLOCK_K >= 32 (each K tile is two dots over BLOCK_K/2 packed rows)."""
+    if quant == "w4a16":
+        for part in ("gate_up", "down"):
+            bk = (cfg.get(part) or {}).get("BLOCK_K") if isinstance(cfg, dict) else None
+            if isinstance(bk, int) and bk < 32:
+                raise ValueError(f"{where}: '{part}.BLOCK_K' must be >= 32 for int4 weights (two dots over "
+                                 f"BLOCK_K/2 packed rows), got {bk}")
     if not isinstance(cfg.get("BLOCK_M"), int) or cfg["BLOCK_M"] < 16 or cfg["BLOCK_M"] & (cfg["BLOCK_M"] - 1):
         raise ValueError(f"{where}: BLOCK_M must be a power of two >= 16, got {cfg.get('BLOCK_M')!r}")
     for part in ("gate_up", "down"):
@@ -93,11 +101,27 @@ def _load_default_file() -> dict:
             "interpreter": _check_config(data["interpreter"], f"{path} interpreter")}
 
 
-def default_config(T: int, k: int, E: int, H: int, I: int, dev_name: str = "cpu") -> dict:
+@functools.lru_cache(maxsize=None)
+def _load_default_quant_file() -> dict:
+    path = CONFIG_DIR / "default_quant.json"
+    with open(path) as f:
+        data = json.load(f)
+    out = {}
+    for quant, d in data.items():
+        if quant.startswith("_"):
+            continue
+        gpu = {float(k): _check_config(v, f"{path} {quant} gpu bucket {k}", quant) for k, v in d["gpu"].items()}
+        out[quant] = {"gpu": dict(sorted(gpu.items())),
+                      "interpreter": _check_config(d["interpreter"], f"{path} {quant} interpreter", quant)}
+    return out
+
+
+def default_config(T: int, k: int, E: int, H: int, I: int, dev_name: str = "cpu", quant: str | None = None) -> dict:
     """Config for shapes/GPUs without a tuned file, from ``configs/default.json``: the average
     number of assignments per expert (T*k/E) picks BLOCK_M and tiles; CPU (interpreter) gets
-    the smallest tiles (fewest program instances)."""
-    d = _load_default_file()
+    the smallest tiles (fewest program instances). ``quant`` ("w8a16" / "w4a16"): the section of
+    ``configs/default_quant.json`` for quantized expert weights."""
+    d = _load_default_file() if quant is None else _load_default_quant_file()[quant]
     if dev_name == "cpu":
         return d["interpreter"]
     per_expert = T * k / max(E, 1)
@@ -132,19 +156,24 @@ def _buckets_for(E: int, H: int, I: int, dev_name: str, dtype) -> dict | None:
 
 
 def get_config(T: int, k: int, E: int, H: int, I: int, dtype: torch.dtype = torch.bfloat16,
-               dev_name: str | None = None) -> dict:
+               dev_name: str | None = None, quant: str | None = None) -> dict:
     """Tile config for T tokens: the bucket of the matching JSON file nearest to T (log scale),
     else :func:`default_config`. Files: ``configs/E=..,H=..,I=..,device_name=..,dtype=...json``
     mapping token-count buckets to ``{"BLOCK_M", "gate_up": {...}, "down": {...}}``.
+    ``quant`` ("w8a16" / "w4a16", quantized expert weights): files named with
+    ``dtype=w4a16-bf16`` (weight format - activation dtype), else ``configs/default_quant.json``.
     Returns a fresh dict (callers may modify it)."""
     if dev_name is None:
         dev_name = device_name()
+    if quant is not None:
+        short = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+        dtype = f"{quant}-{short.get(dtype, dtype)}"
     buckets = _buckets_for(E, H, I, dev_name, dtype)
     if buckets is not None:
         lt = math.log(max(T, 1))
         best = min(buckets, key=lambda b: (abs(math.log(max(b, 1)) - lt), b))
-        return copy.deepcopy(buckets[best])
-    return copy.deepcopy(default_config(T, k, E, H, I, dev_name))
+        return _check_config(copy.deepcopy(buckets[best]), f"config for {dtype}", quant)
+    return copy.deepcopy(default_config(T, k, E, H, I, dev_name, quant))
 
 
 # --------------------------------------------------------------------------- alignment
@@ -214,21 +243,41 @@ def _block_rows(pid_m, sorted_ids_ptr, block_expert_ptr, block_shift_ptr, N, BLO
     return e, aid, aid < N, rank
 
 
-@triton.jit(do_not_specialize=["N", "num_pid_m"])  # one compile per tile config, any T
+@triton.jit
+def _int4_tile(packed, s_tile, LOW: tl.constexpr, UPCAST: tl.constexpr, DT: tl.constexpr):
+    """Dequantize one nibble of a packed int4 tile: (nibble - 8) * scale in fp32, rounded to DT
+    (the activations' dtype, as the torch path's dequantize(x.dtype)); back to fp32 under UPCAST."""
+    if LOW:
+        q = (packed & 0xF).to(tl.int32) - 8
+    else:
+        q = (packed >> 4).to(tl.int32) - 8
+    w = (q.to(tl.float32) * s_tile).to(DT)
+    if UPCAST:
+        w = w.to(tl.float32)
+    return w
+
+
+@triton.jit(do_not_specialize=["N", "num_pid_m", "GROUP"])  # one compile per tile config, any T
 def _gate_up_kernel(
     x_ptr, w_ptr, w_desc, inter_ptr, topk_w_ptr,
     sorted_ids_ptr, block_expert_ptr, block_shift_ptr, ntpp_ptr,
     N, H, I, num_pid_m, K_TOP,
     stride_xm, stride_xh, stride_we, stride_wh, stride_wn, stride_im, stride_in,
+    s_ptr, stride_se, stride_sg, stride_sn, GROUP,
     SCALE_INPUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, QUANT: tl.constexpr,
 ):
     # TMA: weight tiles come through a tensor descriptor over gate_up_proj viewed as (E*H, 2I)
     # (the copy engine on Hopper; H % BLOCK_K == 0 so a tile never crosses into the next expert)
     # SCALE_INPUT: 0 none, 1 scale the A tile in the K loop (w*x rounded to x's dtype, exactly
     # transformers' numerics), 2 scale the fp32 accumulators in the epilogue ((w*x)@W = w*(x@W):
     # the same function without the bf16 rounding of w*x, and no per-tile work in the K loop)
+    # QUANT: 0 float weights; 1 FP8 (W8A16): float8_e4m3fn tiles converted exactly to the
+    # operand dtype, the per-output-channel scale applied to the fp32 accumulators after the K
+    # loop; 2 int4 (W4A16): uint8 tiles of (BLOCK_K/2, BLOCK_N) bytes, low nibble = even k, high
+    # nibble = odd k, each dequantized (q - 8) * scale[k // GROUP, n] in fp32 then rounded to the
+    # operand dtype, and two dots per K tile (even and odd columns of x)
     pid_m, pid_n = _tile_ids(num_pid_m, tl.cdiv(I, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(ntpp_ptr):  # past the padded length: nothing to do
         return
@@ -236,11 +285,6 @@ def _gate_up_kernel(
     tok = (aid // K_TOP).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < I
-    offs_k = tl.arange(0, BLOCK_K)
-
-    a_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :] * stride_xh
-    g_ptrs = w_ptr + e * stride_we + offs_k[:, None] * stride_wh + offs_n[None, :].to(tl.int64) * stride_wn
-    u_ptrs = g_ptrs + I * stride_wn
     if SCALE_INPUT != 0:
         # router weight rounded to x's dtype, as the model applies it
         rw = tl.load(topk_w_ptr + aid, mask=valid, other=0.0)
@@ -248,28 +292,72 @@ def _gate_up_kernel(
 
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kk in range(0, tl.cdiv(H, BLOCK_K)):
-        k_left = H - kk * BLOCK_K
-        a = tl.load(a_ptrs, mask=valid[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        if SCALE_INPUT == 1:
-            a = (a.to(tl.float32) * rw[:, None]).to(x_ptr.dtype.element_ty)
-        if TMA:
-            k_row = (e * H + kk * BLOCK_K).to(tl.int32)
-            bg = w_desc.load([k_row, pid_n * BLOCK_N])
-            bu = w_desc.load([k_row, I + pid_n * BLOCK_N])  # columns past 2I read as zeros
-        else:
-            bmask = (offs_k[:, None] < k_left) & mask_n[None, :]
-            bg = tl.load(g_ptrs, mask=bmask, other=0.0)
-            bu = tl.load(u_ptrs, mask=bmask, other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            bg = bg.to(tl.float32)
-            bu = bu.to(tl.float32)
-        acc_g = tl.dot(a, bg, acc_g, input_precision=PRECISION)
-        acc_u = tl.dot(a, bu, acc_u, input_precision=PRECISION)
-        a_ptrs += BLOCK_K * stride_xh
-        g_ptrs += BLOCK_K * stride_wh
-        u_ptrs += BLOCK_K * stride_wh
+    if QUANT == 2:
+        offs_j = tl.arange(0, BLOCK_K // 2)  # packed rows: k = 2j (low nibble), 2j + 1 (high)
+        a_ptrs = x_ptr + tok[:, None] * stride_xm + (2 * offs_j)[None, :] * stride_xh
+        g_ptrs = w_ptr + e * stride_we + offs_j[:, None] * stride_wh + offs_n[None, :].to(tl.int64) * stride_wn
+        u_ptrs = g_ptrs + I * stride_wn
+        s_base = s_ptr + e * stride_se + offs_n[None, :].to(tl.int64) * stride_sn
+        for kk in range(0, tl.cdiv(H, BLOCK_K)):
+            k_left = H - kk * BLOCK_K
+            kmask = (2 * offs_j) < k_left
+            amask = valid[:, None] & kmask[None, :]
+            a0 = tl.load(a_ptrs, mask=amask, other=0.0)
+            a1 = tl.load(a_ptrs + stride_xh, mask=amask, other=0.0)
+            if SCALE_INPUT == 1:
+                a0 = (a0.to(tl.float32) * rw[:, None]).to(x_ptr.dtype.element_ty)
+                a1 = (a1.to(tl.float32) * rw[:, None]).to(x_ptr.dtype.element_ty)
+            if UPCAST:
+                a0 = a0.to(tl.float32)
+                a1 = a1.to(tl.float32)
+            bmask = kmask[:, None] & mask_n[None, :]
+            grp = ((kk * BLOCK_K + 2 * offs_j) // GROUP).to(tl.int64)
+            sg = tl.load(s_base + grp[:, None] * stride_sg, mask=bmask, other=0.0).to(tl.float32)
+            su = tl.load(s_base + I * stride_sn + grp[:, None] * stride_sg, mask=bmask, other=0.0).to(tl.float32)
+            pg = tl.load(g_ptrs, mask=bmask, other=0)
+            pu = tl.load(u_ptrs, mask=bmask, other=0)
+            DT = x_ptr.dtype.element_ty
+            acc_g = tl.dot(a0, _int4_tile(pg, sg, True, UPCAST, DT), acc_g, input_precision=PRECISION)
+            acc_g = tl.dot(a1, _int4_tile(pg, sg, False, UPCAST, DT), acc_g, input_precision=PRECISION)
+            acc_u = tl.dot(a0, _int4_tile(pu, su, True, UPCAST, DT), acc_u, input_precision=PRECISION)
+            acc_u = tl.dot(a1, _int4_tile(pu, su, False, UPCAST, DT), acc_u, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * stride_xh
+            g_ptrs += (BLOCK_K // 2) * stride_wh
+            u_ptrs += (BLOCK_K // 2) * stride_wh
+    else:
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :] * stride_xh
+        g_ptrs = w_ptr + e * stride_we + offs_k[:, None] * stride_wh + offs_n[None, :].to(tl.int64) * stride_wn
+        u_ptrs = g_ptrs + I * stride_wn
+        for kk in range(0, tl.cdiv(H, BLOCK_K)):
+            k_left = H - kk * BLOCK_K
+            a = tl.load(a_ptrs, mask=valid[:, None] & (offs_k[None, :] < k_left), other=0.0)
+            if SCALE_INPUT == 1:
+                a = (a.to(tl.float32) * rw[:, None]).to(x_ptr.dtype.element_ty)
+            if TMA:
+                k_row = (e * H + kk * BLOCK_K).to(tl.int32)
+                bg = w_desc.load([k_row, pid_n * BLOCK_N])
+                bu = w_desc.load([k_row, I + pid_n * BLOCK_N])  # columns past 2I read as zeros
+            else:
+                bmask = (offs_k[:, None] < k_left) & mask_n[None, :]
+                bg = tl.load(g_ptrs, mask=bmask, other=0.0)
+                bu = tl.load(u_ptrs, mask=bmask, other=0.0)
+            if QUANT == 1:  # fp8 values are exact in bf16 / fp16 / fp32
+                bg = bg.to(x_ptr.dtype.element_ty)
+                bu = bu.to(x_ptr.dtype.element_ty)
+            if UPCAST:
+                a = a.to(tl.float32)
+                bg = bg.to(tl.float32)
+                bu = bu.to(tl.float32)
+            acc_g = tl.dot(a, bg, acc_g, input_precision=PRECISION)
+            acc_u = tl.dot(a, bu, acc_u, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * stride_xh
+            g_ptrs += BLOCK_K * stride_wh
+            u_ptrs += BLOCK_K * stride_wh
+        if QUANT == 1:
+            s_row = s_ptr + e * stride_se + offs_n.to(tl.int64) * stride_sn
+            acc_g = acc_g * tl.load(s_row, mask=mask_n, other=0.0)[None, :]
+            acc_u = acc_u * tl.load(s_row + I * stride_sn, mask=mask_n, other=0.0)[None, :]
 
     if SCALE_INPUT == 2:
         acc_g = acc_g * rw[:, None]
@@ -279,40 +367,70 @@ def _gate_up_kernel(
     tl.store(i_ptrs, h.to(inter_ptr.dtype.element_ty), mask=valid[:, None] & mask_n[None, :])
 
 
-@triton.jit(do_not_specialize=["N", "num_pid_m"])
+@triton.jit(do_not_specialize=["N", "num_pid_m", "GROUP"])
 def _down_kernel(
     inter_ptr, w_ptr, w_desc, c_ptr, topk_w_ptr,
     sorted_ids_ptr, block_expert_ptr, block_shift_ptr, ntpp_ptr,
     N, I, H, num_pid_m,
     stride_im, stride_in, stride_we, stride_wi, stride_wh, stride_cm, stride_ch,
+    s_ptr, stride_se, stride_sg, stride_sn, GROUP,
     SCALE_OUTPUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, QUANT: tl.constexpr,
 ):
+    # QUANT: as in _gate_up_kernel (the reduction dim is I here)
     pid_m, pid_n = _tile_ids(num_pid_m, tl.cdiv(H, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(ntpp_ptr):
         return
     e, aid, valid, rank = _block_rows(pid_m, sorted_ids_ptr, block_expert_ptr, block_shift_ptr, N, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < H
-    offs_k = tl.arange(0, BLOCK_K)
-
-    a_ptrs = inter_ptr + rank[:, None] * stride_im + offs_k[None, :] * stride_in
-    b_ptrs = w_ptr + e * stride_we + offs_k[:, None] * stride_wi + offs_n[None, :].to(tl.int64) * stride_wh
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kk in range(0, tl.cdiv(I, BLOCK_K)):
-        k_left = I - kk * BLOCK_K
-        a = tl.load(a_ptrs, mask=valid[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        if TMA:  # down_proj viewed as (E*I, H); I % BLOCK_K == 0
-            b = w_desc.load([(e * I + kk * BLOCK_K).to(tl.int32), pid_n * BLOCK_N])
-        else:
-            b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        a_ptrs += BLOCK_K * stride_in
-        b_ptrs += BLOCK_K * stride_wi
+    if QUANT == 2:
+        offs_j = tl.arange(0, BLOCK_K // 2)
+        a_ptrs = inter_ptr + rank[:, None] * stride_im + (2 * offs_j)[None, :] * stride_in
+        b_ptrs = w_ptr + e * stride_we + offs_j[:, None] * stride_wi + offs_n[None, :].to(tl.int64) * stride_wh
+        s_base = s_ptr + e * stride_se + offs_n[None, :].to(tl.int64) * stride_sn
+        for kk in range(0, tl.cdiv(I, BLOCK_K)):
+            k_left = I - kk * BLOCK_K
+            kmask = (2 * offs_j) < k_left
+            amask = valid[:, None] & kmask[None, :]
+            a0 = tl.load(a_ptrs, mask=amask, other=0.0)
+            a1 = tl.load(a_ptrs + stride_in, mask=amask, other=0.0)
+            if UPCAST:
+                a0 = a0.to(tl.float32)
+                a1 = a1.to(tl.float32)
+            bmask = kmask[:, None] & mask_n[None, :]
+            grp = ((kk * BLOCK_K + 2 * offs_j) // GROUP).to(tl.int64)
+            sb = tl.load(s_base + grp[:, None] * stride_sg, mask=bmask, other=0.0).to(tl.float32)
+            pb = tl.load(b_ptrs, mask=bmask, other=0)
+            DT = inter_ptr.dtype.element_ty
+            acc = tl.dot(a0, _int4_tile(pb, sb, True, UPCAST, DT), acc, input_precision=PRECISION)
+            acc = tl.dot(a1, _int4_tile(pb, sb, False, UPCAST, DT), acc, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * stride_in
+            b_ptrs += (BLOCK_K // 2) * stride_wi
+    else:
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = inter_ptr + rank[:, None] * stride_im + offs_k[None, :] * stride_in
+        b_ptrs = w_ptr + e * stride_we + offs_k[:, None] * stride_wi + offs_n[None, :].to(tl.int64) * stride_wh
+        for kk in range(0, tl.cdiv(I, BLOCK_K)):
+            k_left = I - kk * BLOCK_K
+            a = tl.load(a_ptrs, mask=valid[:, None] & (offs_k[None, :] < k_left), other=0.0)
+            if TMA:  # down_proj viewed as (E*I, H); I % BLOCK_K == 0
+                b = w_desc.load([(e * I + kk * BLOCK_K).to(tl.int32), pid_n * BLOCK_N])
+            else:
+                b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
+            if QUANT == 1:
+                b = b.to(inter_ptr.dtype.element_ty)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * stride_in
+            b_ptrs += BLOCK_K * stride_wi
+        if QUANT == 1:
+            acc = acc * tl.load(s_ptr + e * stride_se + offs_n.to(tl.int64) * stride_sn, mask=mask_n,
+                                other=0.0)[None, :]
 
     if SCALE_OUTPUT:
         rw = tl.load(topk_w_ptr + aid, mask=valid, other=0.0).to(tl.float32)
@@ -380,27 +498,42 @@ def fit_shared_memory(cfg: dict, block_m: int, itemsize: int, n_b: int, limit: i
     return c
 
 
+def _quant_args(w):
+    """(weight data, kernel args for the scale: ptr, strides (e, group, n), group size, QUANT) for a
+    float weight or a workbench.quant weight ("kn" layout: scale broadcast shape (E, 1 or G, N))."""
+    if isinstance(w, torch.Tensor):
+        return w, (w, 0, 0, 0, 1), 0
+    s = w.scale
+    if w.kind == "fp8":
+        return w.data, (s, s.stride(0), s.stride(1), s.stride(2), 1), 1
+    if w.kind == "int4":
+        return w.data, (s, s.stride(0), s.stride(1), s.stride(2), w.group_size), 2
+    raise ValueError(f"unsupported quantized weight kind {w.kind!r}")
+
+
 def launch_gate_up(x, gate_up_proj, inter, tw, alignment, k, block_m, cfg, scale_mode=2,
                    upcast=False, precision=None):
     """Launch the gate_up kernel: inter[rank] = silu(g) * u for every assignment (see module doc).
 
-    x (T, H); gate_up_proj (E, H, 2I); inter (T*k, I) written in sorted-rank order; tw (T*k,)
-    router weights; alignment = :func:`align_block_size`'s result for ``block_m``; cfg = the
+    x (T, H); gate_up_proj (E, H, 2I), or a workbench.quant Fp8Weight / Int4Weight of that logical
+    shape (dequantized in the kernel; no TMA); inter (T*k, I) written in sorted-rank order; tw
+    (T*k,) router weights; alignment = :func:`align_block_size`'s result for ``block_m``; cfg = the
     config's ``gate_up`` section; scale_mode 0 none / 1 operand / 2 epilogue."""
     sorted_ids, block_expert, block_shift, ntpp = alignment
     num_pid_m = block_expert.numel()
     I = inter.shape[1]
+    w, sargs, quant = _quant_args(gate_up_proj)
     cfg = fit_shared_memory(cfg, block_m, x.element_size(), 2, _shared_memory_limit(x.device))
-    desc = _weight_descriptor(gate_up_proj, cfg) if cfg.get("TMA") else None
+    desc = _weight_descriptor(w, cfg) if cfg.get("TMA") and not quant else None
     grid = (num_pid_m * triton.cdiv(I, cfg["BLOCK_N"]),)
     _gate_up_kernel[grid](
-        x, gate_up_proj, desc, inter, tw, sorted_ids, block_expert, block_shift, ntpp,
+        x, w, desc, inter, tw, sorted_ids, block_expert, block_shift, ntpp,
         inter.shape[0], x.shape[1], I, num_pid_m, k,
-        x.stride(0), x.stride(1), gate_up_proj.stride(0), gate_up_proj.stride(1), gate_up_proj.stride(2),
-        inter.stride(0), inter.stride(1),
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
+        inter.stride(0), inter.stride(1), *sargs,
         SCALE_INPUT=scale_mode, UPCAST=upcast, PRECISION=precision,
         BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-        TMA=desc is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        TMA=desc is not None, QUANT=quant, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
 
@@ -408,23 +541,34 @@ def launch_down(inter, down_proj, c, tw, alignment, block_m, cfg, scale_output=F
                 precision=None):
     """Launch the down kernel: c[assignment] = inter[rank] @ down_proj[e] (times w if scale_output).
 
-    inter (N, I) in sorted-rank order; down_proj (E, I, H); c (N, H): the output for k == 1,
-    a float32 per-slot buffer otherwise; cfg = the config's ``down`` section."""
+    inter (N, I) in sorted-rank order; down_proj (E, I, H) or a quantized weight of that logical
+    shape; c (N, H): the output for k == 1, a float32 per-slot buffer otherwise; cfg = the
+    config's ``down`` section."""
     sorted_ids, block_expert, block_shift, ntpp = alignment
     num_pid_m = block_expert.numel()
     H = c.shape[1]
+    w, sargs, quant = _quant_args(down_proj)
     cfg = fit_shared_memory(cfg, block_m, inter.element_size(), 1, _shared_memory_limit(inter.device))
-    desc = _weight_descriptor(down_proj, cfg) if cfg.get("TMA") else None
+    desc = _weight_descriptor(w, cfg) if cfg.get("TMA") and not quant else None
     grid = (num_pid_m * triton.cdiv(H, cfg["BLOCK_N"]),)
     _down_kernel[grid](
-        inter, down_proj, desc, c, tw, sorted_ids, block_expert, block_shift, ntpp,
+        inter, w, desc, c, tw, sorted_ids, block_expert, block_shift, ntpp,
         inter.shape[0], inter.shape[1], H, num_pid_m,
-        inter.stride(0), inter.stride(1), down_proj.stride(0), down_proj.stride(1), down_proj.stride(2),
-        c.stride(0), c.stride(1),
+        inter.stride(0), inter.stride(1), w.stride(0), w.stride(1), w.stride(2),
+        c.stride(0), c.stride(1), *sargs,
         SCALE_OUTPUT=scale_output, UPCAST=upcast, PRECISION=precision,
         BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-        TMA=desc is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        TMA=desc is not None, QUANT=quant, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+
+
+def quant_name(gate_up_proj, down_proj) -> str | None:
+    """Config family of the expert weights: None (float), "w8a16" (FP8) or "w4a16" (int4); mixed
+    kinds use the int4 tiles (BLOCK_K >= 32 suits both)."""
+    kinds = {getattr(w, "kind", None) for w in (gate_up_proj, down_proj)} - {None}
+    if not kinds:
+        return None
+    return "w4a16" if "int4" in kinds else "w8a16"
 
 
 def moe_experts_triton(x, topk_ids, topk_weights, gate_up_proj, down_proj, *, scale: str = "input",
@@ -432,13 +576,19 @@ def moe_experts_triton(x, topk_ids, topk_weights, gate_up_proj, down_proj, *, sc
                        upcast_bf16: bool | None = None, input_scale: str | None = None) -> torch.Tensor:
     """Triton implementation of :func:`workbench.kernels.moe_experts` (inputs already validated).
 
-    ``config``: a tile config dict (see :func:`get_config`); default: looked up from ``configs/``.
+    ``config``: a tile config dict (see :func:`get_config`); default: looked up from ``configs/``
+    (quantized weights: the ``w8a16`` / ``w4a16`` files and ``default_quant.json``).
     ``upcast_bf16``: convert tiles to fp32 before ``tl.dot`` (default: on under TRITON_INTERPRET,
     where bf16 ``tl.dot`` is wrong; the interpreter upcasts fp16 too, harmlessly).
     ``input_scale`` (scale="input" only): ``"operand"`` scales each x tile by the router weight
     inside the K loop, rounding w*x to x's dtype exactly as transformers does; ``"epilogue"``
     scales the fp32 gate/up accumulators instead (the same function, since (w*x) @ W = w*(x @ W),
     without that rounding step). Default: :data:`DEFAULT_INPUT_SCALE`.
+
+    Quantized expert weights (workbench.quant ``Fp8Weight`` / ``Int4Weight``, "kn" layout) are
+    dequantized inside the grouped GEMMs: W8A16 (fp8 tiles converted exactly to x's dtype, the
+    per-channel scale applied to the fp32 accumulator) and W4A16 (nibbles unpacked and scaled per
+    group in fp32, rounded to x's dtype), fp32 accumulation, no host synchronization.
     """
     T, H = x.shape
     k = topk_ids.shape[1]
@@ -450,10 +600,11 @@ def moe_experts_triton(x, topk_ids, topk_weights, gate_up_proj, down_proj, *, sc
         out = x.new_empty(T, H)
     if T == 0:
         return out
+    quant = quant_name(gate_up_proj, down_proj)
     if config is None:
-        config = get_config(T, k, E, H, I, dtype, device_name(x.device))
+        config = get_config(T, k, E, H, I, dtype, device_name(x.device), quant=quant)
     else:
-        _check_config(config, "config")
+        _check_config(config, "config", quant)
     if upcast_bf16 is None:
         upcast_bf16 = os.environ.get("TRITON_INTERPRET") == "1" and dtype == torch.bfloat16
     precision = _precision(dtype, upcast_bf16)

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import stat
+import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 
 from workbench.models.llama4.config import ConfigError, ModelConfig, preset
 from workbench.models.llama4.model import build_model
+from workbench.quant.weights import INT4_GROUP_SIZE
 
 __all__ = ["CheckpointError", "load_model", "random_model", "save_model", "checkpoint_fingerprint"]
 
@@ -183,7 +185,8 @@ def _retie(model: nn.Module, config: ModelConfig) -> None:
 
 
 def load_model(path: str | os.PathLike, dtype=None, device=None, *, progress: bool = True,
-               random_init: bool = False, seed: int = 0) -> nn.Module:
+               random_init: bool = False, seed: int = 0, quantize: str | None = None,
+               quantize_modules=None, group_size: int = INT4_GROUP_SIZE) -> nn.Module:
     """Load a Llama 4 checkpoint (HF format) as a workbench model in eval mode.
 
     path: a directory with config.json and model.safetensors (or shards + model.safetensors
@@ -192,16 +195,39 @@ def load_model(path: str | os.PathLike, dtype=None, device=None, *, progress: bo
     dtype: torch dtype or name; None keeps each tensor's stored dtype.
     device: where the weights go (default CPU).
 
+    quantize: None (weights as stored / cast to ``dtype``), ``"fp8"`` or ``"int4"``: quantize while
+      loading, tensor by tensor as it is read (on ``device``), so peak memory stays about the
+      quantized model plus one float tensor. Layouts: :mod:`workbench.quant.weights` (FP8 per
+      output channel; int4 symmetric, groups of ``group_size`` along the reduction dim, two values
+      per byte). ``quantize_modules``: parts quantized besides the routed experts (always):
+      ``"shared_expert"``, ``"dense_mlp"``, ``"attention"`` (a list or a comma-separated string).
+      The router, norms, embeddings, lm_head and the vision tower are never quantized; naming
+      them is an error.
+
+    FP8 checkpoints (Maverick's official format, transformers' fbgemm_fp8): when config.json has a
+    ``quantization_config`` with ``quant_method: "fbgemm_fp8"``, every Linear layer and routed
+    experts module that its ``modules_to_not_convert`` does not exclude (transformers' matching
+    rule; ``lm_head`` excluded when the list is absent) is read as stored: experts ``gate_up_proj``
+    (E, H, 2I) / ``down_proj`` (E, I, H) float8_e4m3fn with float32 ``gate_up_proj_scale`` (E, 1, 2I)
+    / ``down_proj_scale`` (E, H, 1); Linear ``weight`` float8_e4m3fn + ``weight_scale`` (out, 1)
+    float32. A wrong scale shape or dtype, a missing scale, or a scale for a module the config
+    keeps unquantized is a CheckpointError naming the tensor. A checkpoint that stores the router
+    in FP8 is loaded as stored, with a warning (routing then uses the dequantized weights).
+
     Dtypes: every parameter of the model is floating point, so a checkpoint tensor must be F32,
-    BF16, F16 or F64 (an integer, bool or float8 tensor is refused: float8 weights need scales
-    this loader does not read), and all tensors of one checkpoint must share one dtype. A
+    BF16, F16 or F64 (an integer, bool or float8 tensor is refused, except the quantized tensors
+    of an FP8 checkpoint described above), and all tensors of one checkpoint must share one dtype. A
     float16 tensor inside a float32 checkpoint is almost always a conversion mistake, and with
     ``dtype=None`` it would make the forward pass fail or silently run that layer in lower
     precision; re-save such a checkpoint in one dtype. Casting a uniform checkpoint (e.g. bf16
     -> fp32) is what ``dtype`` is for.
 
     ``model.source`` is {"path": resolved directory, "fingerprint": :func:`checkpoint_fingerprint`},
-    computed from the file bytes by a thread pool while the tensors load.
+    computed from the file bytes by a thread pool while the tensors load. A quantized model adds
+    ``quantize`` ("fp8" / "int4"), ``quantize_modules`` (the quantized parts, comma-separated) and
+    ``quantize_format``; quantizing on the fly also appends the mode to the fingerprint
+    (``<hex>+int4-g128:experts``), so a trace recorded with another quantization (which can
+    change routing) refuses to resume.
     Raises CheckpointError / ConfigError naming the offending file, key, shape or dtype.
     """
     dtype = _as_dtype(dtype)
@@ -215,12 +241,19 @@ def load_model(path: str | os.PathLike, dtype=None, device=None, *, progress: bo
     if not p.is_dir():
         raise CheckpointError(f"checkpoint directory {p} does not exist")
     config = ModelConfig.from_pretrained(p)
+    qconfig = _read_quantization_config(p)
+    if quantize is not None and qconfig is not None:
+        raise CheckpointError(f"{p / 'config.json'} describes an already quantized checkpoint (quantization_config, "
+                              f"quant_method {qconfig['quant_method']!r}); quantize={quantize!r} applies to float "
+                              f"checkpoints only: leave it out to load the stored FP8 weights")
     if random_init:
-        return random_model(config, dtype=dtype or _as_dtype(config.dtype) or torch.float32, device=device, seed=seed)
+        return random_model(config, dtype=dtype or _as_dtype(config.dtype) or torch.float32, device=device, seed=seed,
+                            quantize=quantize, quantize_modules=quantize_modules, group_size=group_size)
     files = _weight_files(p)
     with torch.device("meta"):
         model = build_model(config)
-    expected = _expected_tensors(model)
+    plan = _QuantPlan.make(model, quantize, quantize_modules, group_size, qconfig, p)
+    expected = _expected_tensors(model)  # the checkpoint's keys: float for quantize=, quantized for FP8 files
     tied_head = config.text.tie_word_embeddings
     missing = [k for k in expected if k not in files]
     if missing:
@@ -229,6 +262,9 @@ def load_model(path: str | os.PathLike, dtype=None, device=None, *, progress: bo
                               f"first: {missing[0]!r}" + (f"; also {missing[1:4]}" if len(missing) > 1 else ""))
     ignorable = {"lm_head.weight", "language_model.lm_head.weight"} if tied_head else set()
     unexpected = sorted(k for k in files if k not in expected and k not in ignorable)
+    for k in unexpected:
+        if k.endswith("_scale"):
+            plan.unexpected_scale(k, files[k])
     if unexpected:
         raise CheckpointError(f"{len(unexpected)} unexpected tensor(s) in {p} (in {files[unexpected[0]].name}), "
                               f"first: {unexpected[0]!r}; is config.json the one for these weights?")
@@ -237,20 +273,28 @@ def load_model(path: str | os.PathLike, dtype=None, device=None, *, progress: bo
         by_file.setdefault(files[k], []).append(k)
     fingerprint = _Fingerprint(p, _fingerprint_files(p, files))  # hashes in the background from here on
     try:
-        _check_headers(by_file, expected)
+        _check_headers(by_file, expected, plan.stored_dtypes)
+        plan.apply(model)  # quantized modules replace the float ones (meta); after the checks above
         bar = tqdm(total=len(expected), desc=f"loading {p.name}", unit="tensor", disable=not progress)
         for file, keys in sorted(by_file.items()):
             with _open(file) as f:
                 for k in keys:
                     t = f.get_tensor(k)
-                    t = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
-                    _set_param(model, k, t)
+                    if k in plan.to_quantize:  # quantized on the target device, one tensor at a time
+                        plan.load_float(model, k, t.to(device))
+                    elif k in plan.stored_dtypes:  # FP8 data and float32 scales, as stored
+                        _set_param(model, k, t.to(device))
+                    else:
+                        t = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+                        _set_param(model, k, t)
+                    del t
                     bar.update(1)
         bar.close()
         source = {"path": str(p.resolve()), "fingerprint": fingerprint.result()}
     finally:
         fingerprint.close()
     _retie(model, config)
+    source.update(plan.provenance(source["fingerprint"]))
     model.source = source
     model.eval()
     return model
@@ -259,8 +303,157 @@ def load_model(path: str | os.PathLike, dtype=None, device=None, *, progress: bo
 _FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")  # safetensors names
 
 
-def _check_headers(by_file: dict[Path, list[str]], expected: dict[str, torch.Tensor]) -> None:
-    """Shapes and dtypes of every tensor, from the safetensors headers (no tensor data is read)."""
+def _read_quantization_config(path: Path) -> dict | None:
+    """config.json's ``quantization_config`` (None without one); only ``fbgemm_fp8`` is read."""
+    cfg_file = path / "config.json"
+    try:
+        doc = json.loads(_read_regular(cfg_file).decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        return None  # ModelConfig.from_pretrained has already reported a bad config.json
+    qc = doc.get("quantization_config") if isinstance(doc, dict) else None
+    if qc is None:
+        return None
+    if not isinstance(qc, dict):
+        raise CheckpointError(f"{cfg_file}: quantization_config must be an object, got {type(qc).__name__}")
+    method = qc.get("quant_method")
+    if method != "fbgemm_fp8":
+        raise CheckpointError(f"{cfg_file}: quantization_config.quant_method is {method!r}; workbench reads "
+                              f"'fbgemm_fp8' checkpoints (Maverick's official FP8 format) and quantizes float "
+                              f"checkpoints itself (load_model(..., quantize='fp8' | 'int4'))")
+    skip = qc.get("modules_to_not_convert")
+    if skip is not None and (not isinstance(skip, list) or not all(isinstance(x, str) for x in skip)):
+        raise CheckpointError(f"{cfg_file}: quantization_config.modules_to_not_convert must be a list of module "
+                              f"names, got {skip!r:.200}")
+    return qc
+
+
+def _part_of(name: str) -> str:
+    """Which part of the model a module name belongs to (for provenance and messages)."""
+    for part, needle in (("experts", ".feed_forward.experts"), ("shared_expert", ".shared_expert."),
+                         ("router", ".feed_forward.router"), ("attention", ".self_attn."),
+                         ("vision_model", "vision_model."), ("multi_modal_projector", "multi_modal_projector."),
+                         ("lm_head", "lm_head"), ("dense_mlp", ".feed_forward.")):
+        if needle in name or name.startswith(needle.lstrip(".")):
+            return part
+    return "other"
+
+
+class _QuantPlan:
+    """What load_model quantizes: nothing, a float checkpoint on the fly, or an FP8 checkpoint's
+    modules read as stored. ``to_quantize``: {float checkpoint key: (module name, attribute)};
+    ``stored_dtypes``: {key: safetensors dtype} of an FP8 checkpoint's quantized tensors."""
+
+    def __init__(self) -> None:
+        self.kind: str | None = None
+        self.group_size = INT4_GROUP_SIZE
+        self.selected: dict[str, str] = {}
+        self.prequantized = False
+        self.parts: tuple[str, ...] = ()
+        self.to_quantize: dict[str, tuple[str, str]] = {}
+        self.stored_dtypes: dict[str, str] = {}
+        self.skip: list[str] | None = None
+        self.where = ""
+
+    @classmethod
+    def make(cls, model: nn.Module, quantize, quantize_modules, group_size, qconfig, path: Path) -> "_QuantPlan":
+        from workbench.quant.modules import apply_structure, fbgemm_converts, parse_modules, select_modules
+
+        plan = cls()
+        if qconfig is not None:
+            if quantize_modules is not None:
+                raise CheckpointError(f"{path / 'config.json'}: an FP8 checkpoint decides which modules are quantized "
+                                      f"(quantization_config.modules_to_not_convert); quantize_modules= applies to "
+                                      f"quantize='fp8' | 'int4' on float checkpoints")
+            plan.kind, plan.prequantized, plan.where = "fp8", True, str(path / "config.json")
+            skip = qconfig.get("modules_to_not_convert")
+            plan.skip = ["lm_head"] if skip is None else skip  # transformers' default skips the output head
+            for name, m in model.named_modules():
+                if type(m).__name__ == "Llama4TextExperts" or isinstance(m, nn.Linear):
+                    if name and fbgemm_converts(name, plan.skip):
+                        plan.selected[name] = "experts" if not isinstance(m, nn.Linear) else "linear"
+            apply_structure(model, plan.selected, "fp8")
+            for name, what in plan.selected.items():
+                attrs = ("gate_up_proj", "down_proj") if what == "experts" else ("weight",)
+                for a in attrs:
+                    plan.stored_dtypes[f"{name}.{a}"] = "F8_E4M3"
+                    plan.stored_dtypes[f"{name}.{a}_scale"] = "F32"
+            routers = [n for n in plan.selected if _part_of(n) == "router"]
+            if routers:
+                warnings.warn(f"{path}: quantization_config does not exclude the router of {len(routers)} layer(s) "
+                              f"(first {routers[0]}): it is read in FP8 and routing uses its dequantized weights",
+                              stacklevel=3)
+            plan.parts = tuple(sorted({_part_of(n) for n in plan.selected}))
+            return plan
+        if quantize is None:
+            if quantize_modules is not None:
+                raise ValueError("quantize_modules= needs quantize='fp8' or 'int4'")
+            return plan
+        if quantize not in ("fp8", "int4"):
+            raise ValueError(f"quantize must be None, 'fp8' or 'int4', got {quantize!r}")
+        if not isinstance(group_size, int) or group_size < 2 or group_size % 2:
+            raise ValueError(f"group_size must be an even int >= 2, got {group_size!r}")
+        plan.kind, plan.group_size = quantize, group_size
+        plan.parts = parse_modules(quantize_modules)
+        plan.selected = select_modules(model, plan.parts)
+        for name, what in plan.selected.items():
+            for a in (("gate_up_proj", "down_proj") if what == "experts" else ("weight",)):
+                plan.to_quantize[f"{name}.{a}"] = (name, a)
+        if quantize == "int4":  # K must be even for two values per byte: say which layer is not
+            for name, what in plan.selected.items():
+                m = model.get_submodule(name)
+                ks = (m.gate_up_proj.shape[1], m.down_proj.shape[1]) if what == "experts" else (m.in_features,)
+                if any(k % 2 for k in ks):
+                    raise ValueError(f"int4 packs two values per byte along the input dimension; {name} has an "
+                                     f"odd one ({ks})")
+        return plan
+
+    def apply(self, model: nn.Module) -> None:
+        """Swap in the (empty) quantized modules for on-the-fly quantization (FP8 files: done in make)."""
+        if self.kind is not None and not self.prequantized:
+            from workbench.quant.modules import apply_structure
+
+            apply_structure(model, self.selected, self.kind, self.group_size)
+
+    def load_float(self, model: nn.Module, key: str, t: torch.Tensor) -> None:
+        name, attr = self.to_quantize[key]
+        m = model.get_submodule(name)
+        if attr == "weight":
+            m.load_float(t)
+        else:
+            m.load_float(attr, t)
+
+    def unexpected_scale(self, key: str, file: Path) -> None:
+        """CheckpointError for a ``*_scale`` tensor whose module is not quantized."""
+        base = key.removesuffix("_scale")
+        module = base.rpartition(".")[0]
+        why = (f"quantization_config.modules_to_not_convert ({self.where}) keeps {module!r} unquantized"
+               if self.prequantized else "config.json has no quantization_config (a float checkpoint)")
+        raise CheckpointError(f"tensor {key!r} in {file.name} is a quantization scale for a module that is not "
+                              f"quantized: {why}")
+
+    def provenance(self, fingerprint: str) -> dict:
+        if self.kind is None:
+            return {}
+        parts = ",".join(self.parts)
+        if self.prequantized:
+            n = len(self.selected)
+            return {"quantize": "fp8", "quantize_modules": parts,
+                    "quantize_format": f"fbgemm_fp8 checkpoint ({n} modules FP8, per output channel)"}
+        fmt = ("fp8 e4m3 per output channel" if self.kind == "fp8"
+               else f"int4 symmetric, group {self.group_size} along the input dim, 2 per byte")
+        tag = self.kind + (f"-g{self.group_size}" if self.kind == "int4" else "")
+        return {"fingerprint": f"{fingerprint}+{tag}:{parts}", "quantize": self.kind, "quantize_modules": parts,
+                "quantize_format": f"on the fly: {fmt}"}
+
+
+def _check_headers(by_file: dict[Path, list[str]], expected: dict[str, torch.Tensor],
+                   stored_dtypes: dict[str, str] | None = None) -> None:
+    """Shapes and dtypes of every tensor, from the safetensors headers (no tensor data is read).
+
+    ``stored_dtypes``: {key: safetensors dtype} of the quantized tensors of an FP8 checkpoint
+    (data F8_E4M3, scales F32): those must have exactly that dtype and are left out of the rule
+    that all other tensors share one floating dtype."""
+    stored_dtypes = stored_dtypes or {}
     found: dict[str, tuple[str, Path]] = {}
     for file, keys in sorted(by_file.items()):
         with _open(file) as f:
@@ -273,6 +466,15 @@ def _check_headers(by_file: dict[Path, list[str]], expected: dict[str, torch.Ten
                 if got != want:
                     raise CheckpointError(f"tensor {k!r} in {file.name} has shape {got}, the config needs {want}")
                 found[k] = (sl.get_dtype(), file)
+    for k in [k for k in found if k in stored_dtypes]:
+        dt, file = found.pop(k)
+        if dt != stored_dtypes[k]:
+            what = ("quantization scale" if k.endswith("_scale")
+                    else "FP8 weight (quantization_config converts its module)")
+            raise CheckpointError(f"tensor {k!r} in {file.name} has dtype {dt}; as a {what} it must be "
+                                  f"{stored_dtypes[k]} (transformers' fbgemm_fp8 layout)"
+                                  + ("; list the module in quantization_config.modules_to_not_convert if it is "
+                                     "stored unquantized" if not k.endswith("_scale") else ""))
     for k, (dt, file) in found.items():
         if expected[k].is_floating_point() and dt not in _FLOAT_DTYPES:
             raise CheckpointError(f"tensor {k!r} in {file.name} has dtype {dt}; a floating-point tensor "
@@ -297,15 +499,29 @@ def fresh_tensor(name: str, shape, gen: torch.Generator, std: float) -> torch.Te
 
 
 def random_model(config: ModelConfig, dtype=torch.float32, device=None, seed: int = 0,
-                 std: float = 0.02) -> nn.Module:
-    """A model with random N(0, std) weights and unit norms: for shapes, speed and tests."""
+                 std: float = 0.02, *, quantize: str | None = None, quantize_modules=None,
+                 group_size: int = INT4_GROUP_SIZE) -> nn.Module:
+    """A model with random N(0, std) weights and unit norms: for shapes, speed and tests.
+
+    ``quantize`` / ``quantize_modules`` / ``group_size`` as in :func:`load_model`: each tensor is
+    drawn (the same values as without quantization), cast to ``dtype`` and quantized on ``device``
+    one at a time."""
     gen = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         model = build_model(config)
-    for name, p in _expected_tensors(model).items():
-        t = fresh_tensor(name, p.shape, gen, std)
-        _set_param(model, name, t.to(device=device, dtype=_as_dtype(dtype)))
+    expected = _expected_tensors(model)
+    plan = _QuantPlan.make(model, quantize, quantize_modules, group_size, None, Path("."))
+    plan.apply(model)
+    for name, p in expected.items():
+        t = fresh_tensor(name, p.shape, gen, std).to(device=device, dtype=_as_dtype(dtype))
+        if name in plan.to_quantize:
+            plan.load_float(model, name, t)
+        else:
+            _set_param(model, name, t)
+        del t
     _retie(model, config)
+    if plan.kind is not None:  # random weights: no path or fingerprint, but the quantization is recorded
+        model.source = {k: v for k, v in plan.provenance("random").items() if k != "fingerprint"}
     return model.eval()
 
 
@@ -314,6 +530,11 @@ def save_model(model: nn.Module, path: str | os.PathLike, config: ModelConfig, *
     """Write ``model`` as an HF-format checkpoint (config.json + safetensors, sharded if asked)."""
     from safetensors.torch import save_file
 
+    from workbench.quant.modules import QuantizedTextExperts, QuantLinear
+
+    if any(isinstance(m, (QuantizedTextExperts, QuantLinear)) for m in model.modules()):
+        raise ValueError("save_model writes float checkpoints; this model holds quantized modules (load the float "
+                         "checkpoint with quantize= instead of saving the quantized weights)")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in _expected_tensors(model).items()}
