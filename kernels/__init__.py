@@ -6,6 +6,9 @@ Public entry point: :func:`moe_experts`. It dispatches to
   no host synchronization, CUDA-graph capturable) for CUDA tensors when triton imports, and
 * the torch path (``moe_torch``: sorted dispatch + per-expert loop or ``torch._grouped_mm``)
   otherwise (CPU, or CUDA without triton).
+
+:func:`moe_expert_outputs` returns each (token, slot) assignment's output instead of their sum
+(what ``Llama4TextMoe.hook_experts`` shows); it always runs the torch path.
 """
 from __future__ import annotations
 
@@ -15,9 +18,11 @@ import os
 
 import torch
 
-from .moe_torch import moe_experts_torch
+from workbench.quant.weights import QuantizedWeight
 
-__all__ = ["moe_experts", "triton_available"]
+from .moe_torch import moe_expert_outputs_torch, moe_experts_torch
+
+__all__ = ["moe_experts", "moe_expert_outputs", "triton_available"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -38,14 +43,15 @@ def triton_available() -> bool:
 
 
 def _shape(t) -> str:
-    return f"{tuple(t.shape)} {t.dtype}"
+    return f"{tuple(t.shape)} {t.kind if isinstance(t, QuantizedWeight) else t.dtype}"
 
 
 def _validate(x, topk_ids, topk_weights, gate_up_proj, down_proj, scale, backend, out):
     for name, t in (("x", x), ("topk_ids", topk_ids), ("topk_weights", topk_weights),
                     ("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not isinstance(t, torch.Tensor) and not (name.endswith("proj") and isinstance(t, QuantizedWeight)):
+            raise ValueError(f"{name} must be a torch.Tensor" + (" or a workbench.quant weight (Fp8Weight, "
+                             "Int4Weight)" if name.endswith("proj") else "") + f", got {type(t).__name__}")
     if scale not in ("input", "output"):
         raise ValueError(f"scale must be 'input' or 'output', got {scale!r}")
     if backend not in (None, "torch", "triton"):
@@ -81,6 +87,10 @@ def _validate(x, topk_ids, topk_weights, gate_up_proj, down_proj, scale, backend
         raise ValueError(f"down_proj must be (E, I, H) = {(E, I, H)} to match gate_up_proj {tuple(gate_up_proj.shape)} "
                          f"and x {tuple(x.shape)}, got shape {_shape(down_proj)}")
     for name, t in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
+        if isinstance(t, QuantizedWeight):
+            if t.layout != "kn":
+                raise ValueError(f"{name} must be quantized in the experts' x @ W layout ('kn'), got {t.layout!r}")
+            continue  # dequantized to x's dtype
         if t.dtype != x.dtype:
             raise ValueError(f"{name} dtype {t.dtype} must equal x dtype {x.dtype}")
     for name, t in (("topk_ids", topk_ids), ("topk_weights", topk_weights),
@@ -116,6 +126,10 @@ def moe_experts(x, topk_ids, topk_weights, gate_up_proj, down_proj, *, scale: st
         topk_weights: (T, k) floating, router score of each (token, slot) as the model applies it.
         gate_up_proj: (E, H, 2I), dtype of x; columns [0, I) are the gate, [I, 2I) the up projection.
         down_proj: (E, I, H), dtype of x.
+            Either weight may instead be a quantized weight of that logical shape in the "kn"
+            layout (:class:`workbench.quant.Fp8Weight`, :class:`workbench.quant.Int4Weight`): the
+            torch path dequantizes one expert at a time to x's dtype (the reference), the Triton
+            path dequantizes inside the grouped GEMMs (W8A16 / W4A16, fp32 accumulation).
         scale: ``"input"`` (Llama 4): y = sum_j SwiGLU_e(w_j * x), the product w_j * x taken in
             x's dtype; ``"output"`` (Mixtral): y = sum_j w_j * SwiGLU_e(x).
             SwiGLU_e(z) = (silu(z @ Wg_e) * (z @ Wu_e)) @ Wd_e.
@@ -162,3 +176,21 @@ def moe_experts(x, topk_ids, topk_weights, gate_up_proj, down_proj, *, scale: st
                                   scale=scale, out=out, **backend_options)
     return moe_experts_torch(x, topk_ids, topk_weights, gate_up_proj, down_proj,
                              scale=scale, out=out, **backend_options)
+
+
+def moe_expert_outputs(x, topk_ids, topk_weights, gate_up_proj, down_proj, *, scale: str = "input",
+                       check_ids: bool = True, method: str | None = None) -> torch.Tensor:
+    """Each routed assignment's output: (T, k, H) in x's dtype, slot j of token t holding
+    SwiGLU_{e}(w_tj * x_t) for e = topk_ids[t, j] (``scale="input"``, Llama 4) or
+    w_tj * SwiGLU_e(x_t) (``"output"``). Arguments as :func:`moe_experts`; the sum over slots is
+    :func:`moe_experts`'s result (bit for bit on the torch path for k <= 2 with ``scale="input"``:
+    float32 sum of the slots, cast to x's dtype).
+
+    Always the torch path (sorted dispatch): the Triton kernels add the slots up in their epilogue.
+    On CUDA its per-expert loop (used when ``torch._grouped_mm`` cannot take the operands, e.g.
+    float32) reads the expert counts on the host, a synchronization; bf16 on sm90+ does not.
+    """
+    _validate(x, topk_ids, topk_weights, gate_up_proj, down_proj, scale, "torch", None)
+    if check_ids and not (x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        _check_ids_range(topk_ids, gate_up_proj.shape[0])
+    return moe_expert_outputs_torch(x, topk_ids, topk_weights, gate_up_proj, down_proj, scale=scale, method=method)

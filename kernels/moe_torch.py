@@ -12,6 +12,9 @@ Two ways to run the per-expert matmuls on the sorted rows:
 * ``"grouped"`` -- ``torch._grouped_mm`` with int32 cumulative offsets (two calls in total).
   It needs 16-byte aligned strides; when the shapes/strides do not allow it the loop is used.
 
+Quantized weights (``workbench.quant`` Fp8Weight / Int4Weight) always take the loop, each expert
+dequantized to x's dtype right before its matmuls (one expert's float weights at a time).
+
 The default on CPU (``method=None``) is chosen from ``benchmarks/moe_cpu.py`` measurements, see
 ``benchmarks/RESULTS.md`` and ``_default_method``.
 """
@@ -20,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["moe_experts_torch", "sort_assignments", "grouped_mm_supported"]
+__all__ = ["moe_experts_torch", "moe_expert_outputs_torch", "sort_assignments", "grouped_mm_supported"]
 
 # Chosen from benchmarks/moe_cpu.py on the project's 2-core CPU machine, torch 2.13, 2026-11-26
 # (benchmarks/RESULTS.md): loop/grouped time ratios 0.85-1.28 (single-thread CPU time, fp32 and
@@ -66,6 +69,13 @@ def grouped_mm_supported(x_sorted: torch.Tensor, gate_up_proj: torch.Tensor,
     return all(_aligned(t) for t in (x_sorted, gate_up_proj, down_proj))
 
 
+def _expert_weight(w, e: int, dtype: torch.dtype) -> torch.Tensor:
+    """Expert e's (K, N) weight; a quantized one (workbench.quant) is dequantized to ``dtype`` here,
+    one expert at a time (the reference for the fused Triton dequantization)."""
+    we = w[e]
+    return we if isinstance(we, torch.Tensor) else we.dequantize(dtype)
+
+
 def _experts_loop(xs, counts_list, gate_up_proj, down_proj):
     N, H = xs.shape
     I = down_proj.shape[1]
@@ -74,8 +84,8 @@ def _experts_loop(xs, counts_list, gate_up_proj, down_proj):
     for e, c in enumerate(counts_list):
         if c == 0:
             continue
-        h = xs[s:s + c] @ gate_up_proj[e]
-        ys[s:s + c] = (F.silu(h[:, :I]) * h[:, I:]) @ down_proj[e]
+        h = xs[s:s + c] @ _expert_weight(gate_up_proj, e, xs.dtype)
+        ys[s:s + c] = (F.silu(h[:, :I]) * h[:, I:]) @ _expert_weight(down_proj, e, xs.dtype)
         s += c
     return ys
 
@@ -94,6 +104,28 @@ def _default_method(device: torch.device) -> str:
     return "grouped"  # on GPUs a single grouped call avoids E small launches + the host sync
 
 
+def _sorted_outputs(x, topk_ids, topk_weights, gate_up_proj, down_proj, scale, method):
+    """Sorted dispatch: (order, tok, w, ys) with ys (T*k, H) the expert outputs of the sorted
+    assignments (input-scaled when ``scale == "input"``, not yet output-scaled)."""
+    E = gate_up_proj.shape[0]
+    order, tok, counts = sort_assignments(topk_ids, E)
+    w = topk_weights.reshape(-1)[order]
+    xs = x.index_select(0, tok)
+    if scale == "input":
+        # As transformers' Llama4TextMoe: routed_in * router_scores in the model dtype.
+        xs = xs * w.to(x.dtype)[:, None]
+
+    m = method or _default_method(x.device)
+    quantized = not (isinstance(gate_up_proj, torch.Tensor) and isinstance(down_proj, torch.Tensor))
+    if m == "grouped" and not quantized and grouped_mm_supported(xs, gate_up_proj, down_proj):
+        ys = _experts_grouped(xs, counts, gate_up_proj, down_proj)
+    elif m in ("grouped", "loop"):
+        ys = _experts_loop(xs, counts.tolist(), gate_up_proj, down_proj)
+    else:
+        raise ValueError(f"method must be None, 'loop' or 'grouped', got {method!r}")
+    return order, tok, w, ys
+
+
 def moe_experts_torch(x, topk_ids, topk_weights, gate_up_proj, down_proj, *,
                       scale: str = "input", method: str | None = None,
                       out: torch.Tensor | None = None) -> torch.Tensor:
@@ -104,27 +136,13 @@ def moe_experts_torch(x, topk_ids, topk_weights, gate_up_proj, down_proj, *,
     """
     T, H = x.shape
     k = topk_ids.shape[1]
-    E = gate_up_proj.shape[0]
     dtype = x.dtype
     if out is None:
         out = x.new_empty(T, H)
     if T == 0:
         return out
 
-    order, tok, counts = sort_assignments(topk_ids, E)
-    w = topk_weights.reshape(-1)[order]
-    xs = x.index_select(0, tok)
-    if scale == "input":
-        # As transformers' Llama4TextMoe: routed_in * router_scores in the model dtype.
-        xs = xs * w.to(dtype)[:, None]
-
-    m = method or _default_method(x.device)
-    if m == "grouped" and grouped_mm_supported(xs, gate_up_proj, down_proj):
-        ys = _experts_grouped(xs, counts, gate_up_proj, down_proj)
-    elif m in ("grouped", "loop"):
-        ys = _experts_loop(xs, counts.tolist(), gate_up_proj, down_proj)
-    else:
-        raise ValueError(f"method must be None, 'loop' or 'grouped', got {method!r}")
+    order, tok, w, ys = _sorted_outputs(x, topk_ids, topk_weights, gate_up_proj, down_proj, scale, method)
 
     if k == 1:
         if scale == "output":
@@ -138,3 +156,24 @@ def moe_experts_torch(x, topk_ids, topk_weights, gate_up_proj, down_proj, *,
     acc.index_add_(0, tok, ysf)
     out.copy_(acc)
     return out
+
+
+def moe_expert_outputs_torch(x, topk_ids, topk_weights, gate_up_proj, down_proj, *,
+                             scale: str = "input", method: str | None = None) -> torch.Tensor:
+    """Each (token, slot) assignment's routed-expert output, (T, k, H) in x's dtype (inputs validated).
+
+    Slot j of token t holds SwiGLU_e(w_tj * x_t) (``scale="input"``) or w_tj * SwiGLU_e(x_t)
+    (``"output"``), e = topk_ids[t, j]: the same products as :func:`moe_experts_torch` computes
+    before it adds the slots up, so for k == 1 ``outputs[:, 0]`` equals its result bit for bit
+    (and for k == 2 the float32 sum of the two slots, cast to x's dtype, does too).
+    """
+    T, H = x.shape
+    k = topk_ids.shape[1]
+    slots = x.new_empty(T * k, H)
+    if T == 0:
+        return slots.view(T, k, H)
+    order, _, w, ys = _sorted_outputs(x, topk_ids, topk_weights, gate_up_proj, down_proj, scale, method)
+    if scale == "output":
+        ys = ys * w.to(x.dtype)[:, None] if k == 1 else (ys.float() * w.float()[:, None]).to(x.dtype)
+    slots.index_copy_(0, order, ys)
+    return slots.view(T, k, H)

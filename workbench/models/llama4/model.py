@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workbench.hooks.points import HookPoint
-from workbench.kernels import moe_experts
+from workbench.kernels import moe_expert_outputs, moe_experts
 from workbench.models.llama4.config import ModelConfig, TextConfig, llama3_inv_freq
 from workbench.models.llama4.vision import MultiModalProjector, VisionModel
 from workbench.runtime import ForwardBatch
@@ -125,6 +125,14 @@ class Llama4TextMoe(nn.Module):
     * ``hook_router``: the decision: ``router_logits`` (N, E) as top-k saw them, ``topk_ids``
       (N, k) int64 and ``topk_weights`` (N, k) the scores as applied (model dtype); ids and
       weights are editable (forcing an expert, scaling a weight).
+    * ``hook_experts``: what the experts did: ``x`` (N, H) the block's input (the normed residual
+      stream), ``topk_ids`` / ``topk_weights`` as applied, ``expert_out`` (N, k, H) each chosen
+      expert's contribution SwiGLU_e(w * x) (the weight scales the expert's INPUT), ``shared_out``
+      (N, H) the shared expert's. The block returns shared_out + sum_k expert_out (slots summed
+      in float32). ``expert_out`` and ``shared_out`` are editable (e.g. zero one contribution and
+      keep the routing). While it has listeners the routed experts run through
+      :func:`workbench.kernels.moe_expert_outputs` (the torch path; the same products, the
+      output unchanged on the torch path for k <= 2); otherwise it costs one attribute check.
     """
 
     def __init__(self, config: TextConfig, layer_idx: int) -> None:
@@ -137,6 +145,7 @@ class Llama4TextMoe(nn.Module):
         self.shared_expert = Llama4TextMLP(config.hidden_size, config.intermediate_size)
         self.hook_router_logits = HookPoint(editable=("router_logits",))
         self.hook_router = HookPoint(editable=("topk_ids", "topk_weights"))
+        self.hook_experts = HookPoint(editable=("expert_out", "shared_out"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -152,9 +161,21 @@ class Llama4TextMoe(nn.Module):
         if self.hook_router.active:
             out = self.hook_router(router_logits=router_logits, topk_ids=topk_ids, topk_weights=topk_weights)
             topk_ids, topk_weights = out["topk_ids"], out["topk_weights"]
+        if self.hook_experts.active:
+            return self._observed_experts(x, topk_ids, topk_weights, check_ids).view(shape)
         routed = moe_experts(x, topk_ids, topk_weights, self.experts.gate_up_proj, self.experts.down_proj,
                              scale="input", check_ids=check_ids)
         return (self.shared_expert(x) + routed).view(shape)
+
+    def _observed_experts(self, x, topk_ids, topk_weights, check_ids) -> torch.Tensor:
+        """The experts with each assignment's output kept, for ``hook_experts``."""
+        expert_out = moe_expert_outputs(x, topk_ids, topk_weights, self.experts.gate_up_proj,
+                                        self.experts.down_proj, scale="input", check_ids=check_ids)
+        out = self.hook_experts(x=x, topk_ids=topk_ids, topk_weights=topk_weights, expert_out=expert_out,
+                                shared_out=self.shared_expert(x))
+        expert_out = out["expert_out"]
+        routed = expert_out[:, 0] if expert_out.shape[1] == 1 else expert_out.float().sum(1).to(x.dtype)
+        return out["shared_out"] + routed
 
 
 class Llama4TextAttention(nn.Module):
