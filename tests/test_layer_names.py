@@ -288,6 +288,25 @@ def probe_routing_flow(syn, **_):
     _raises(lambda: RoutingFlow(syn, a=1, b=4), r"\(b\): decoder layer 4 is not a MoE layer", ValueError)
 
 
+def probe_routing_shift_view(syn, tmp_path, **_):
+    from workbench.trace import TraceWriter
+    from workbench.trace.schema import routing_layout
+    from workbench.widgets import RoutingShiftView
+
+    ds = wb.open_trace(syn)
+    moved = ds["topk_expert"].values.copy()
+    moved[:5, 1] = (moved[:5, 1] + 1) % E  # the top-1 of tokens 0..4 moves at decoder layer 3 only
+    with TraceWriter.create(tmp_path / "q.zarr", **routing_layout(LAYERS, E, K)) as w:
+        w.append(**{v: ds[v].values for v in ("token_id", "sequence", "position", "modality", "topk_weight")},
+                 topk_expert=moved)
+    v = RoutingShiftView(syn, tmp_path / "q.zarr", layer=3)
+    assert v.layer == 3 and [r["change_token"] for r in v.changed_rows()] == [0, 1, 2, 3, 4]
+    v.layer = 5
+    assert v.changed_rows() == []
+    _raises(lambda: RoutingShiftView(syn, tmp_path / "q.zarr", layer=2),
+            r"decoder layer 2 is not a MoE layer.*\[1, 3, 5\]", ValueError)
+
+
 def probe_attention_view(mm, **_):
     from workbench.widgets import CrossModalAttentionView
 
@@ -330,10 +349,80 @@ def probe_plot_position(syn, **_):
     _raises(lambda: plot_position(ds, layer=2))
 
 
+def probe_paths(syn, **_):
+    A = wb.analysis
+    ds = wb.open_trace(syn)
+    top1 = ds["topk_expert"].values[:, :, 0]  # slot 0 holds the larger weight
+    p = A.routing_paths(ds, layers=[5, 3], top=None)
+    assert p["layer"].values.tolist() == [5, 3]
+    pairs, counts = np.unique(top1[:, [2, 1]], axis=0, return_counts=True)
+    assert sorted(zip(map(tuple, pairs.tolist()), counts.tolist())) == sorted(
+        zip(map(tuple, p["expert"].values.tolist()), p["count"].values.tolist()))
+    np.testing.assert_array_equal(A.token_paths(ds, layers=[3]).values[:, 0], top1[:, 1])
+    ent = A.path_entropy(ds, layers=[3])
+    assert ent["layer"].values.tolist() == [3] and int(ent["n_distinct"][0]) == len(np.unique(top1[:, 1]))
+    hits = A.path_tokens(ds, [int(top1[0, 1])], layers=[3])
+    assert hits["token"].values.tolist() == np.flatnonzero(top1[:, 1] == top1[0, 1]).tolist()
+    for fn in (A.routing_paths, A.path_entropy, A.token_paths):
+        _raises(lambda fn=fn: fn(ds, layers=[2]))
+    _raises(lambda: A.path_tokens(ds, [0], layers=[4]))
+
+
+def probe_path_explorer(syn, **_):
+    from workbench.widgets import PathExplorer
+
+    v = PathExplorer(syn, layers=[5])
+    assert v.layers == [5] and v.paths["layer"].values.tolist() == [5]
+    top = wb.open_trace(syn)["topk_expert"].values[:, 2, 0]
+    assert v.selected == [int(np.bincount(top, minlength=E).argmax())]
+    _raises(lambda: PathExplorer(syn, layers=[2]), r"decoder layer 2 is not a MoE layer.*\[1, 3, 5\]", ValueError)
+
+
+def probe_intervene(text_model, **_):
+    ids = torch.randint(3, 300, (1, 12), generator=torch.Generator().manual_seed(3))
+    chosen = {1: [], 3: []}
+    handles = [text_model.model.layers[i].feed_forward.hook_router.add(
+        lambda p, topk_ids, i=i, **kw: chosen[i].append(topk_ids.clone())) for i in (1, 3)]
+    try:
+        text_model(input_ids=ids)
+        e = int(chosen[3][0][0, 0])
+        with wb.intervene(text_model, block={3: [e]}):
+            text_model(input_ids=ids)
+        with wb.intervene(text_model, force={3: (e + 1) % 8}, scale={(3, e): 0.5}):
+            text_model(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
+    assert not (chosen[3][1] == e).any() and torch.equal(chosen[1][0], chosen[1][1])  # layer 3 only
+    assert (chosen[3][2] == (e + 1) % 8).all() and torch.equal(chosen[1][0], chosen[1][2])
+    for kw in ({"block": {2: [0]}}, {"force": {2: 0}}, {"scale": {(2, 0): 2.0}}):
+        _raises(lambda kw=kw: wb.intervene(text_model, **kw), r"layer 2 is not a MoE layer; MoE layers: \[1, 3\]")
+
+
+def probe_importance(text_model, syn, **_):
+    from workbench.export import ExportError, plot_importance
+
+    ids = torch.randint(3, 300, (1, 8), generator=torch.Generator().manual_seed(4))
+    imp = wb.analysis.expert_importance(text_model, {"input_ids": ids}, layers=[3], experts=[0, 1])
+    assert imp["layer"].values.tolist() == [3]
+    with wb.intervene(text_model, block={3: [1]}):
+        blocked = text_model(input_ids=ids).logits
+    base = text_model(input_ids=ids).logits
+    lp, lb = (torch.log_softmax(x.double()[0, :-1], -1).gather(-1, ids[0, 1:, None]).mean() for x in (blocked, base))
+    assert float(imp["delta_loss"].sel(expert=1)[0]) == pytest.approx(float(lb - lp), abs=1e-9)
+    _raises(lambda: wb.analysis.expert_importance(text_model, {"input_ids": ids}, layers=[2]),
+            r"MoE layers: \[1, 3\]")
+    both = wb.analysis.expert_importance(text_model, {"input_ids": ids}, experts=[0])
+    fig = plot_importance(both, layer=3)
+    assert "layer 3" in fig.texts[0].get_text() or any("layer 3" in t.get_text() for t in fig.texts)
+    _raises(lambda: plot_importance(both, layer=2), r"\[1, 3\]", ExportError)
+
+
 _EXPORTS_WITH_LAYERS = ["export_all", "export_load_heatmap", "export_imbalance", "export_entropy",
                         "export_token_routing", "export_transitions", "export_coactivation", "export_attention",
                         "export_layer_metrics", "export_layer_metrics_by_modality", "export_vocab_tables",
-                        "export_domain_tables", "export_netcdf", "export_parquet", "export_report", "export_position"]
+                        "export_domain_tables", "export_netcdf", "export_parquet", "export_report", "export_position",
+                        "export_routing_shift", "export_importance"]
 PROBES = {
     ("coactivation", "layer"): probe_coactivation,
     ("load_by_position", "layer"): probe_position,
@@ -371,9 +460,21 @@ PROBES = {
     ("RoutingFlow", "b"): probe_routing_flow,
     ("CrossModalAttentionView.__init__", "layer"): probe_attention_view,
     ("CrossModalAttentionView", "layer"): probe_attention_view,
+    ("RoutingShiftView.__init__", "layer"): probe_routing_shift_view,
+    ("RoutingShiftView", "layer"): probe_routing_shift_view,
+    ("routing_paths", "layers"): probe_paths,
+    ("path_entropy", "layers"): probe_paths,
+    ("path_tokens", "layers"): probe_paths,
+    ("token_paths", "layers"): probe_paths,
+    ("PathExplorer.__init__", "layers"): probe_path_explorer,
+    ("intervene", "block"): probe_intervene,
+    ("intervene", "force"): probe_intervene,
+    ("intervene", "scale"): probe_intervene,
+    ("expert_importance", "layers"): probe_importance,
+    ("plot_importance", "layer"): probe_importance,
 }
 # parameters that take layers without "layer" in their name, found by their API's name
-_BY_NAME = {("block_experts", "blocked")}
+_BY_NAME = {("block_experts", "blocked"), ("intervene", "block"), ("intervene", "force"), ("intervene", "scale")}
 
 
 def test_the_table_covers_every_layer_parameter():

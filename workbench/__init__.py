@@ -32,11 +32,13 @@ _LAZY = {
     "open_attention": "workbench.trace",
     "record": "workbench.hooks",
     "Recorder": "workbench.hooks",
+    "intervene": "workbench.hooks.interventions",
     "generate": "workbench.generation",
     "Generation": "workbench.generation",
     "KVCache": "workbench.runtime.kv_cache",
+    "plan": "workbench.runtime.plan",
 }
-_SUBMODULES = {"kernels", "hooks", "analysis", "models", "runtime", "trace", "checkpoint", "geometry", "export", "widgets", "embedded"}
+_SUBMODULES = {"quant", "kernels", "hooks", "analysis", "models", "runtime", "trace", "checkpoint", "geometry", "export", "widgets", "embedded"}
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES)
 

@@ -13,6 +13,12 @@ load, imbalance and entropy functions also take ``by_modality=True`` (adds a ``m
 the Modality codes 0/1/2). The number of experts comes from ``attrs['n_experts']`` or the
 router_logits' expert dim; pass ``n_experts=`` otherwise.
 
+Inside the experts (:mod:`workbench.analysis.paths`, :mod:`workbench.analysis.steering`): routing
+paths (:func:`routing_paths`, :func:`path_entropy`, :func:`path_tokens`; ``layers=`` decoder
+indices), steering (:func:`risk_difference` between two traces, :func:`top_experts`,
+:func:`steering_effect` of interventions on a model) and causal vs observational importance
+(:func:`expert_importance`).
+
 Position-aware analyses (:mod:`workbench.analysis.position`, for long contexts):
 :func:`load_by_position`, :func:`entropy_by_position` and :func:`same_expert_rate_by_position`
 give the load, entropy and same-expert rate per position bucket (``bucket="log2"``, an int width,
@@ -32,8 +38,11 @@ from .position import (
     load_by_position,
     same_expert_rate_by_position,
 )
+from .routing_shift import routing_shift
+from .paths import path_entropy, path_tokens, routing_paths, token_paths
 from .saturation import saturation
 from .specialization import domain_specialization, vocab_specialization
+from .steering import expert_importance, risk_difference, spearman, steering_effect, top_experts
 from .transitions import layer_transitions, repetition_rate
 
 __all__ = [
@@ -46,9 +55,19 @@ __all__ = [
     "vocab_specialization",
     "domain_specialization",
     "saturation",
+    "routing_shift",
     "expert_ablation",
     "load_by_position",
     "entropy_by_position",
     "same_expert_rate_by_position",
     "by_chunk_offset",
+    "routing_paths",
+    "path_entropy",
+    "path_tokens",
+    "token_paths",
+    "risk_difference",
+    "top_experts",
+    "steering_effect",
+    "expert_importance",
+    "spearman",
 ]

@@ -7,6 +7,7 @@
     workbench demo                 trace the bundled prompts with the embedded default model
     workbench export STORE --out DIR
     workbench verify STORE         decode every chunk of a trace; one line per problem, exit 1 if damaged
+    workbench plan MODEL --gpus 1xH100-80GB --quantize int4 --context 32k   memory plan and verdict
 
 Every error ends in one line ``workbench <command>: error: ...``, never a traceback: exit code 2
 for bad input (a flag, a file, a config, a checkpoint, a store), 1 for a failure while working
@@ -18,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from workbench.cli import demo, export, generate, info, trace, verify
+from workbench.cli import demo, export, generate, info, plan, trace, verify
 from workbench.cli._common import CLIError, read_prompts, trace_summary
 from workbench.cli.info import describe_model, describe_trace
 
@@ -28,7 +29,7 @@ __all__ = ["main", "build_parser", "describe_model", "describe_trace", "read_pro
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="workbench", description="MoE Workbench: routing analysis for Llama 4 MoE models")
     sub = ap.add_subparsers(dest="command", required=True)
-    for command in (info, trace, generate, demo, export, verify):
+    for command in (info, trace, generate, demo, export, verify, plan):
         command.add_parser(sub)
     ap.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     for p in sub.choices.values():  # also accepted after the command; SUPPRESS keeps a value given before it

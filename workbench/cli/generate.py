@@ -11,6 +11,7 @@ from pathlib import Path
 from workbench.cli._common import (
     CLIError,
     add_capture_arguments,
+    add_quantize_arguments,
     capture_options,
     check_store_out,
     check_vocab,
@@ -18,6 +19,7 @@ from workbench.cli._common import (
     device_name,
     dtype_name,
     positive_int,
+    quantize_options,
     read_prompts,
     trace_summary,
 )
@@ -39,6 +41,7 @@ def run(args) -> int:
         raise CLIError(f"--images {args.images} is not a directory")
     prompts = read_prompts(prompts_path, Path(args.images) if args.images else None)
     capture = capture_options(args) if args.out else None
+    quantize = quantize_options(args)
     if args.capture != "router" and not args.out:
         raise CLIError("--capture needs --out (the trace store to record into)")
     inputs_hash = hashlib.sha256(prompts_path.read_bytes()).hexdigest()[:16]
@@ -49,7 +52,7 @@ def run(args) -> int:
         check_writable_dir(answers.parent, "--answers")
         if answers.is_dir():
             raise CLIError(f"--answers {answers} is a directory; give a file name (e.g. answers.jsonl)")
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    model = load_model(args.model, dtype=args.dtype, device=args.device, **quantize)
     proc = load_processor(args.model)
     check_vocab(proc, model)
     if args.prefill_chunk:
@@ -127,6 +130,7 @@ def add_parser(sub) -> None:
                    help="prompt tokens per prefill block (default: the model's, 4096)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing trace at --out")
     p.add_argument("--dtype", type=dtype_name, default=None, help="float32, bfloat16, float16 (default: as stored)")
+    add_quantize_arguments(p)
     p.add_argument("--device", type=device_name, default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

@@ -20,6 +20,7 @@ __all__ = [
     "export_load_heatmap", "export_imbalance", "export_entropy", "export_token_routing", "export_transitions",
     "export_coactivation", "export_attention", "export_layer_metrics", "export_layer_metrics_by_modality",
     "export_vocab_tables", "export_domain_tables", "export_netcdf", "export_parquet", "export_report",
+    "export_routing_shift", "export_importance",
 ]
 
 
@@ -199,6 +200,53 @@ def _a_domain(ctx: ExportContext, labels=None, **_) -> list[Path]:
     return ctx.table(main) + ctx.table(shares)
 
 
+def _a_routing_shift(ctx: ExportContext, compare=None, compare_labels=("reference", "other"), **_) -> list[Path]:
+    """Routing shift of the trace ``compare`` (e.g. int4) against this one (e.g. bf16), same inputs:
+    ``tables/routing_shift.{csv,tex}`` per layer and ``tables/routing_shift_tokens.csv``."""
+    from .tables import routing_shift_tables
+
+    if compare is None:
+        raise ArtifactSkipped("routing shift skipped: no second trace of the same inputs given (compare=)")
+    other, _ = open_for_export(compare)
+    try:
+        other = ctx.sel.apply(other)
+        per_layer, tokens = routing_shift_tables(ctx.sub, other, ctx.vocab(), labels=tuple(compare_labels))
+    except (ValueError, KeyError, IndexError) as e:
+        raise ExportError(f"routing shift: {e}") from None
+    return ctx.table(per_layer) + ctx.table(tokens, tex=False)
+
+
+def _read_importance(importance):
+    """An :func:`workbench.analysis.expert_importance` Dataset, or its netCDF file."""
+    if isinstance(importance, xr.Dataset):
+        return importance
+    path = Path(importance)
+    if not path.is_file():
+        raise ExportError(f"importance: {path} is not a file (pass the Dataset of "
+                          "workbench.analysis.expert_importance or its .nc file)")
+    return xr.load_dataset(path)
+
+
+def _a_importance(ctx: ExportContext, formats=FIGURE_FORMATS, importance=None, **_) -> list[Path]:
+    """Causal vs observational expert importance (``importance=``: the Dataset of
+    :func:`workbench.analysis.expert_importance` or its netCDF file): ``tables/causal_vs_observational.{csv,tex}``
+    and ``figures/causal_vs_observational.*``, restricted to the selected MoE layers."""
+    from .figures import plot_importance
+    from .tables import importance_table
+
+    if importance is None:
+        raise ArtifactSkipped("causal vs observational importance skipped: no expert_importance result given "
+                              "(importance=)")
+    imp = _read_importance(importance)
+    selected = {int(x) for x in np.asarray(ctx.sub["layer"].values)}
+    keep = [i for i, x in enumerate(np.asarray(imp["layer"].values)) if int(x) in selected]
+    if not keep:
+        raise ArtifactSkipped("causal vs observational importance skipped: none of its layers is selected")
+    imp = imp.isel(moe_layer=keep)
+    return ctx.table(importance_table(imp)) + ctx.figure(
+        "causal_vs_observational", plot_importance(imp), "Observational vs causal expert importance", formats)
+
+
 def _a_netcdf(ctx: ExportContext, **_) -> list[Path]:
     from .data import subset_dataset, write_netcdf
 
@@ -235,6 +283,8 @@ ARTIFACTS: dict[str, Callable[..., list[Path]]] = {
     "layer_metrics_by_modality": _a_layer_metrics_by_modality,
     "vocab": _a_vocab,
     "domain": _a_domain,
+    "routing_shift": _a_routing_shift,
+    "importance": _a_importance,
     "netcdf": _a_netcdf,
     "parquet": _a_parquet,
     "report": _a_report,
@@ -242,7 +292,7 @@ ARTIFACTS: dict[str, Callable[..., list[Path]]] = {
 GROUPS: dict[str, tuple[str, ...]] = {
     "figures": ("load_heatmap", "imbalance", "entropy", "token_routing", "transitions", "coactivation", "attention",
                 "position"),
-    "tables": ("layer_metrics", "layer_metrics_by_modality", "vocab", "domain"),
+    "tables": ("layer_metrics", "layer_metrics_by_modality", "vocab", "domain", "routing_shift", "importance"),
     "data": ("netcdf", "parquet"),
     "report": ("report",),
 }
@@ -298,6 +348,8 @@ export_layer_metrics = _single("layer_metrics")
 export_layer_metrics_by_modality = _single("layer_metrics_by_modality")
 export_vocab_tables = _single("vocab")
 export_domain_tables = _single("domain")
+export_routing_shift = _single("routing_shift")
+export_importance = _single("importance")
 export_netcdf = _single("netcdf")
 export_parquet = _single("parquet")
 export_report = _single("report")
@@ -330,7 +382,8 @@ def export_all(store, out_dir, what: str | Sequence[str] = ("figures", "tables",
                transitions: tuple[int, int] | None = None, coactivation_layer: int | None = None,
                attention_layer: int | None = None, image=None, image_info=None,
                vocab_top: int = 5, vocab_min_count: int = 5, formats: Sequence[str] = FIGURE_FORMATS,
-               progress: bool = True) -> ExportResult:
+               progress: bool = True, compare=None, compare_labels: tuple[str, str] = ("reference", "other"),
+               importance=None) -> ExportResult:
     """Export figures, tables, trace subsets and the HTML report of a trace into ``out_dir``.
 
     ``what``: groups ``figures, tables, data, report`` and/or artifact names (``load_heatmap,
@@ -346,6 +399,10 @@ def export_all(store, out_dir, what: str | Sequence[str] = ("figures", "tables",
     last recorded). A bad layer is an ExportError, raised before anything is written.
     ``image``/``image_info``: draw the attention overlay on the image's pixels (see
     :func:`workbench.export.figures.plot_attention`).
+    ``compare``: a second trace of the same inputs (path or Dataset; e.g. the quantized model's) enables
+    the ``routing_shift`` tables (part of ``tables`` then), labelled ``compare_labels`` (this trace, it).
+    ``importance``: the result of :func:`workbench.analysis.expert_importance` (or its netCDF file) enables
+    the ``importance`` table and figure, causal vs observational (part of ``tables`` then).
 
     Layout: ``figures/*.{pdf,svg,png}``, ``tables/*.{csv,tex}``,
     ``data/trace_subset.{nc,parquet}``, ``report.html``, ``manifest.json`` (provenance, files,
@@ -363,15 +420,24 @@ def export_all(store, out_dir, what: str | Sequence[str] = ("figures", "tables",
             raise ExportError(f"{key} must be a positive integer, got {v!r}")
     if labels is None and "domain" in names and "domain" not in _items(what):
         names.remove("domain")  # part of the "tables" group only when labels are given
+    if compare is None and "routing_shift" in names and "routing_shift" not in _items(what):
+        names.remove("routing_shift")  # likewise, only with a second trace
+    if importance is None and "importance" in names and "importance" not in _items(what):
+        names.remove("importance")  # likewise, only with an expert_importance result
+    if importance is not None and "importance" in names:
+        importance = _read_importance(importance)  # a bad file fails before anything is written
     if isinstance(labels, (str, Path)):
         from .tables import read_labels
 
         labels = read_labels(labels)
     ctx = ExportContext.open(store, out_dir, layers=layers, sequences=sequences, tokens=tokens)
     _check_options(ctx, names, sequence, transitions, coactivation_layer, attention_layer)
+    if compare is not None and "routing_shift" in names:
+        open_for_export(compare)  # a bad second trace fails before anything is written
     opts = dict(formats=formats, sequence=sequence, transitions=transitions, coactivation_layer=coactivation_layer,
                 attention_layer=attention_layer, image=image, image_info=image_info, labels=labels,
-                vocab_top=vocab_top, vocab_min_count=vocab_min_count)
+                vocab_top=vocab_top, vocab_min_count=vocab_min_count, compare=compare, compare_labels=compare_labels,
+                importance=importance)
     result = ExportResult()
     manifest = Manifest(ctx.out, ctx.prov, ctx.ds.attrs.get("provenance") or {})
     try:

@@ -40,7 +40,7 @@ from ._common import (ArtifactSkipped, ExportError, as_index, atomic_path, check
 __all__ = [
     "STYLE", "FIGURE_FORMATS", "save_figure",
     "plot_load_heatmap", "plot_imbalance", "plot_entropy", "plot_token_routing", "plot_transitions",
-    "plot_coactivation", "plot_attention", "plot_position",
+    "plot_coactivation", "plot_attention", "plot_position", "plot_importance",
 ]
 
 FIGURE_FORMATS = ("pdf", "svg", "png")
@@ -706,4 +706,38 @@ def _attention_on_pixels(d: dict, rgb: np.ndarray, image_info: Any, norm, title:
         cb = fig.colorbar(sm, ax=ax, shrink=0.85)
         cb.set_label("attention probability")
         ax.set_title(title, fontsize=7, loc="left")
+    return fig
+
+
+def plot_importance(imp: xr.Dataset, layer: int | None = None):
+    """Causal vs observational importance (:func:`workbench.analysis.expert_importance`): two scatter
+    panels, load share and mean contribution norm (x) against the loss increase when the expert is
+    blocked (y), one point per (layer, expert) colored by expert, with the Spearman rank correlation
+    in each title. ``layer``: a decoder layer index of the dataset's MoE layers (default: all)."""
+    from workbench.analysis import spearman
+
+    layers = [int(x) for x in np.asarray(imp["layer"].values)]
+    if layer is not None:
+        value = as_index(layer)
+        if value is None or value not in layers:
+            raise ExportError(f"importance figure: decoder layer {layer} is not a MoE layer of the importance "
+                              f"data; its MoE layers: {layers}")
+        imp = imp.isel(moe_layer=[layers.index(value)])
+    E = int(imp.sizes["expert"])
+    colors = expert_palette(int(np.asarray(imp["expert"].values).max()) + 1)
+    dl = imp["delta_loss"].values
+    with _rc():
+        fig = _figure(DOUBLE * 0.75, SINGLE * 0.8)
+        axes = fig.subplots(1, 2, sharey=True)
+        for ax, key, label in ((axes[0], "load_share", "load share"), (axes[1], "mean_norm", "mean ||contribution||")):
+            x = imp[key].values
+            for xi, e in enumerate(np.asarray(imp["expert"].values)):
+                ax.scatter(x[:, xi], dl[:, xi], s=12, color=colors[int(e)], edgecolor="none",
+                           label=str(int(e)) if E <= 16 else None)
+            ax.set_xlabel(label)
+            ax.set_title(f"Spearman rho = {spearman(x, dl):.2f}", loc="left")
+        axes[0].set_ylabel("loss increase when blocked (nats)")
+        shown = [int(x) for x in imp["layer"].values]
+        which = f"layer {shown[0]}" if len(shown) == 1 else f"layers {', '.join(map(str, shown))}"
+        fig.suptitle(f"Observational vs causal expert importance, {which}", x=0.02, ha="left", fontsize=8)
     return fig

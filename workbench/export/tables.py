@@ -42,7 +42,8 @@ from workbench.trace.schema import Modality
 from ._common import ArtifactSkipped, ExportError, atomic_path
 
 __all__ = ["Table", "latex_escape", "latex_token", "csv_text", "write_csv", "write_latex", "layer_metrics_table",
-           "layer_metrics_by_modality_table", "vocab_tables", "domain_tables"]
+           "layer_metrics_by_modality_table", "vocab_tables", "domain_tables", "routing_shift_tables",
+           "importance_table"]
 
 
 @dataclass
@@ -393,3 +394,110 @@ def read_labels(path: str | Path) -> dict[int, str]:
         raise ExportError(f"{p}: no labels found (expected a JSON object sequence -> label, a JSON list, or JSONL "
                           "lines with a 'domain' or 'label' field)")
     return out
+
+
+def routing_shift_tables(ds_a: xr.Dataset, ds_b: xr.Dataset, vocab: Sequence[str] | None = None, *,
+                         labels: tuple[str, str] = ("reference", "other"),
+                         max_tokens: int | None = 100_000) -> tuple[Table, Table]:
+    """``(per-layer table, changed-tokens table)`` from :func:`~workbench.analysis.routing_shift` of
+    trace ``ds_b`` against ``ds_a`` (e.g. int4 against bf16) on the same inputs.
+
+    Per MoE layer: tokens, top-1 agreement, top-k overlap, tokens whose top-1 / top-k set changed,
+    the total absolute load change sum_i |f_b - f_a|, and the experts that gained / lost the most
+    share. Changed tokens (CSV): token row, layer, sequence, position, token id and text, top-1 and
+    top-k sets before and after (the first ``max_tokens``; a note says when the list is cut)."""
+    from workbench.analysis import routing_shift
+
+    r = routing_shift(ds_a, ds_b, vocab=vocab, max_changes=max_tokens)
+    a, b = labels
+    k = int(r.attrs["k"])
+    layers = [int(x) for x in np.asarray(r["layer"].values)]
+    d = np.asarray(r["load_change"].values)
+    cols = [Column("layer", "Layer", "int"), Column("n_tokens", "Tokens", "int"),
+            Column("top1_agreement", "Top-1 agree"), Column("overlap", f"Top-{k} overlap"),
+            Column("top1_changed", "Top-1 changed", "int"), Column("set_changed", f"Top-{k} set changed", "int"),
+            Column("load_shift", r"$\sum_i |\Delta f_i|$"), Column("max_gain_expert", "Gains most", "int"),
+            Column("max_gain", r"$\Delta f$"), Column("max_loss_expert", "Loses most", "int"),
+            Column("max_loss", r"$\Delta f$")]
+    rows = []
+    for li, layer in enumerate(layers):
+        dl = d[li]
+        finite = np.isfinite(dl).any()
+        gi = int(np.nanargmax(dl)) if finite else None
+        lo = int(np.nanargmin(dl)) if finite else None
+        rows.append([layer, int(r.attrs["n_tokens"]), float(r["top1_agreement"].values[li]),
+                     float(r["overlap"].values[li]), int(r["top1_changed"].values[li]),
+                     int(r["set_changed"].values[li]), float(np.nansum(np.abs(dl))) if finite else float("nan"),
+                     gi, float(dl[gi]) if finite else float("nan"), lo, float(dl[lo]) if finite else float("nan")])
+    notes = [f"routing shift of {b} against {a} on the same inputs ({r.attrs['n_experts']} experts, top-{k}; "
+             "workbench.analysis.routing_shift)",
+             "top1_agreement = (1/T) sum_t 1[top1_a == top1_b]; overlap = (1/T) sum_t |S_a ∩ S_b| / k; "
+             "load_shift = sum_i |f_b,i - f_a,i| with f_i = (1/kT) sum_t 1[i in S_t]"]
+    per_layer = Table("routing_shift", cols, rows, f"Routing shift per MoE layer: {b} against {a}.", notes)
+    tcols = [Column("token", "Token row", "int"), Column("layer", "Layer", "int"),
+             Column("sequence", "Seq", "int"), Column("position", "Pos", "int"), Column("token_id", "Token id", "int"),
+             Column("text", "Text", "token"), Column(f"top1_{a}", f"Top-1 {latex_escape(a)}", "int"),
+             Column(f"top1_{b}", f"Top-1 {latex_escape(b)}", "int"), Column("top1_changed", "Top-1 moved", "str"),
+             Column(f"experts_{a}", f"Top-{k} {latex_escape(a)}", "str"),
+             Column(f"experts_{b}", f"Top-{k} {latex_escape(b)}", "str")]
+    n = r.sizes["change"]
+    get = {name: np.asarray(r[name].values) for name in r.data_vars if r[name].dims and r[name].dims[0] == "change"}
+    trows = [[int(get["change_token"][i]), int(get["change_layer"][i]),
+              int(get["sequence"][i]) if "sequence" in get else None,
+              int(get["position"][i]) if "position" in get else None,
+              int(get["token_id"][i]) if "token_id" in get else None, str(get["text"][i]),
+              int(get["top1_a"][i]), int(get["top1_b"][i]), "yes" if bool(get["top1_moved"][i]) else "no",
+              " ".join(map(str, get["experts_a"][i].tolist())), " ".join(map(str, get["experts_b"][i].tolist()))]
+             for i in range(n)]
+    tnotes = [f"{r.attrs['n_changes']} (token, layer) pairs changed their top-1 expert or top-{k} set"
+              + (f"; the first {r.attrs['changes_listed']} are listed" if r.attrs["changes_truncated"] else ""),
+              notes[0]]
+    tokens = Table("routing_shift_tokens", tcols, trows, f"Tokens whose routing changed: {b} against {a}.", tnotes)
+    return per_layer, tokens
+
+
+def importance_table(imp: xr.Dataset) -> Table:
+    """Causal vs observational expert importance (:func:`workbench.analysis.expert_importance`): per
+    (MoE layer, expert) the load share, mean contribution norm, loss increase and KL when blocked, and
+    the ranks of the load share and of the loss increase within the layer (1 = largest); the
+    Spearman correlations per layer and overall are in the notes."""
+    need = ("load_share", "mean_norm", "delta_loss", "kl")
+    missing = [k for k in need if k not in imp.variables]
+    if missing:
+        raise ExportError(f"importance: the dataset lacks {missing}; pass the result of "
+                          "workbench.analysis.expert_importance (or its netCDF file)")
+    cols = [Column("layer", "Layer", "int"), Column("expert", "Expert", "int"), Column("load_share", "Load share"),
+            Column("mean_norm", r"Mean $\|c\|$"), Column("delta_loss", r"$\Delta$ loss (blocked)", digits=4),
+            Column("kl", "KL (blocked)", digits=4), Column("rank_load", "Rank load", "int"),
+            Column("rank_delta_loss", r"Rank $\Delta$ loss", "int")]
+    rows = []
+    notes = ["observational: load share f_i = (1/kT) sum_t 1[i in S_t]; mean ||c|| = mean L2 norm of the expert's "
+             "contribution SwiGLU_i(w x) where chosen (NaN: never chosen)",
+             "causal: delta loss = next-token loss (nats) with the expert blocked (router logit -inf) - plain; "
+             "KL = mean KL(p_plain || p_blocked)"]
+    for li, layer in enumerate(np.asarray(imp["layer"].values)):
+        load = imp["load_share"].values[li]
+        dl = imp["delta_loss"].values[li]
+        rank_load = _desc_rank(load)
+        rank_dl = _desc_rank(dl)
+        for xi, e in enumerate(np.asarray(imp["expert"].values)):
+            rows.append([int(layer), int(e), float(load[xi]), float(imp["mean_norm"].values[li, xi]), float(dl[xi]),
+                         float(imp["kl"].values[li, xi]), int(rank_load[xi]), int(rank_dl[xi])])
+        if "rho_load" in imp.variables:
+            notes.append(f"layer {int(layer)}: Spearman rho(load, delta loss) = {float(imp['rho_load'].values[li]):.3f}"
+                         f", rho(mean norm, delta loss) = {float(imp['rho_norm'].values[li]):.3f}")
+    for key in ("rho_load", "rho_norm", "rho_contribution"):
+        if key in imp.attrs:
+            notes.append(f"all layers: Spearman {key} = {float(imp.attrs[key]):.3f}")
+    return Table("causal_vs_observational", cols, rows,
+                 "Expert importance: observational (load, contribution norm) vs causal (loss increase when blocked).",
+                 notes)
+
+
+def _desc_rank(v: np.ndarray) -> np.ndarray:
+    """1 = the largest value (ties: first index first); NaN last."""
+    key = np.where(np.isnan(v), -np.inf, v)
+    order = np.lexsort((np.arange(v.size), -key))
+    r = np.empty(v.size, np.int64)
+    r[order] = np.arange(1, v.size + 1)
+    return r

@@ -10,6 +10,8 @@
     CrossModalAttentionView("runs/x.zarr", sequence=0, image="cat.jpg", image_info=batch.images[0])
     RoutingFlow("runs/x.zarr", a=1, b=3)           # Sankey of expert transitions (decoder layers 1 -> 3)
     TraceComparison("runs/a.zarr", "runs/b.zarr")  # side by side + difference
+    PathExplorer("runs/x.zarr", layers=[1, 3])     # frequent routing paths; pick one, see its tokens
+    RoutingShiftView("runs/bf16.zarr", "runs/int4.zarr")  # how quantization moved routing
 
 ``layer=`` (and RoutingFlow's ``a=`` / ``b=``) is a decoder layer index, as everywhere in the workbench
 (the ``layer`` coordinate of a trace's ``moe_layer`` dimension, or of the attention maps); the
@@ -34,6 +36,9 @@ _LAZY = {
     "RoutingFlow": "workbench.widgets.flow",
     "sankey_links": "workbench.widgets.flow",
     "TraceComparison": "workbench.widgets.compare",
+    "PathExplorer": "workbench.widgets.paths",
+    "path_context_html": "workbench.widgets.paths",
+    "RoutingShiftView": "workbench.widgets.shift",
 }
 
 __all__ = ["expert_color", "expert_colors", "text_color_on", *_LAZY]
