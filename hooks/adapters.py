@@ -12,10 +12,35 @@ model:
 and a :class:`RoutingSpec`: each MoE layer's routing rule, the image token, the special tokens.
 Adapters are registered by (framework, model type) (:func:`register_adapter`) and looked up by
 :func:`adapter_for`; supporting another family means one new adapter class.
+
+transformers' MoE families (forward hooks on each family's router module, :class:`TransformersAdapter`).
+In every family the ids and weights come from the router module's OUTPUT, the very tensors the MoE
+block hands its experts (so the recorded weight is the applied one, in the dtype applied, after
+renormalization and scaling); nothing is recomputed except where a router does not return it:
+
+=========================  =====================  ==============================================================
+model type                 router                 recorded
+=========================  =====================  ==============================================================
+mixtral                    MixtralTopKRouter      read: softmax, top-k, renormalized (float32)
+qwen2_moe                  Qwen2MoeTopKRouter     read: softmax, top-k, ``norm_topk_prob``; shared expert gate
+                                                  value at ``shared_gates`` (sigmoid of the gate's output)
+qwen3_moe                  Qwen3MoeTopKRouter     read: softmax, top-k, ``norm_topk_prob``
+olmoe                      OlmoeTopKRouter        read: softmax, top-k, ``norm_topk_prob``
+deepseek_v3                DeepseekV3TopkRouter   read (sigmoid, bias-corrected group-limited selection, renormalized,
+                                                  scaled); the unsorted slots ordered by selection score
+gpt_oss                    GptOssTopKRouter       read: top-k of the biased logits, softmax over them
+llama4, llama4_text        Llama4Router           ids recomputed (the router returns none) by the router's own
+                                                  ``topk`` call; weights read from its scores at those ids
+=========================  =====================  ==============================================================
+
+An unsupported model raises :class:`AdapterError` naming its class and model type and listing the
+supported ones.
 """
 from __future__ import annotations
 
+import importlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -26,7 +51,9 @@ from workbench.hooks.points import HookPoint, hook_points
 from workbench.runtime import ForwardBatch
 from workbench.trace.schema import LLAMA4_RULE, MoELayerRouting
 
-__all__ = ["RoutingSpec", "Adapter", "WorkbenchLlama4Adapter", "TransformersLlama4Adapter", "register_adapter",
+__all__ = ["RoutingSpec", "Adapter", "WorkbenchLlama4Adapter", "TransformersAdapter", "TransformersLlama4Adapter",
+           "TransformersMixtralAdapter", "TransformersQwen2MoeAdapter", "TransformersQwen3MoeAdapter",
+           "TransformersOlmoeAdapter", "TransformersDeepseekV3Adapter", "TransformersGptOssAdapter", "register_adapter",
            "adapter_for", "ADAPTERS", "AdapterError"]
 
 
@@ -157,40 +184,100 @@ class WorkbenchLlama4Adapter(Adapter):
         return [p for _, p in hook_points(self.model, "hook_router")]
 
 
-@register_adapter
-class TransformersLlama4Adapter(Adapter):
-    """transformers' ``Llama4ForCausalLM`` / ``Llama4ForConditionalGeneration`` (forward hooks).
+# ---------------------------------------------------------------------------------------------
+# transformers models
+# ---------------------------------------------------------------------------------------------
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
-    ``inputs`` fires from a pre-hook on the top module, with the call's ``input_ids`` and a
-    :class:`~workbench.runtime.ForwardBatch` built from its ``attention_mask`` and, in
-    ``generate``'s decode steps, the cache length (:func:`_hf_batch`), so decode steps continue
-    their sequences at the right positions. Each
-    ``Llama4Router``'s (scores, logits) output fires ``routers[i]``; top-k ids are recomputed from
-    the logits exactly as the router does (``torch.topk``), the applied weights as sigmoid of the
-    chosen logits.
+
+class TransformersAdapter(Adapter):
+    """Base of the adapters for transformers' MoE models: forward hooks, nothing in the model changes.
+
+    * ``inputs`` fires from a pre-hook on the top module, with the call's ``input_ids`` and a
+      :class:`~workbench.runtime.ForwardBatch` built from its ``attention_mask`` and, in
+      ``generate``'s decode steps, the cache length (:func:`_hf_batch`), so decode steps continue
+      their sequences at the right positions.
+    * ``routers[i]`` fires from a forward hook on the i-th router module (instances of the family's
+      ``router_class``, in decoder order). Each MoE layer's decoder index is read from the router's
+      place in the module tree (``...layers.<i>....``), so models mixing dense and MoE layers
+      (DeepSeek's ``first_k_dense_replace``, Qwen2-MoE's ``mlp_only_layers`` / ``decoder_sparse_step``)
+      get the decoder indices of their MoE layers. What fires is the family's :meth:`decision`
+      on the router's output: the ids and weights the MoE block passes on to its experts.
+    * ``shared_gates[i]`` (families whose shared expert is gated, ``shared_gate_attr``): fires
+      ``shared_gate`` (N, 1), the gate value the model multiplies the shared expert's output by.
+
+    A family is one subclass: registry keys, ``router_class`` ("module:Class"), ``rule`` (text),
+    :meth:`_layer_routing` (its :class:`MoELayerRouting`) and :meth:`decision`.
     """
 
-    frameworks_and_types = (("transformers", "llama4"), ("transformers", "llama4_text"))
+    router_class: ClassVar[str] = ""
+    rule: ClassVar[str] = ""
+    shared_gate_attr: ClassVar[str | None] = None
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         self._inputs = HookPoint()
         self._routers: list[HookPoint] = []
+        self._shared: list[HookPoint] = []
         self._handles: list = []
+        self._found: list[tuple[int, str, nn.Module]] | None = None
 
+    # -- what the subclasses define ------------------------------------------------------------
+    def _layer_routing(self, layer: int, router: nn.Module) -> MoELayerRouting:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def decision(self, router: nn.Module, out) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(router_logits (N, E), topk_ids (N, k), topk_weights (N, k)) from the router's output.
+        Default: transformers' ``*TopKRouter`` modules return (logits, applied weights, ids)."""
+        logits, weights, ids = out
+        return logits, ids, weights
+
+    def image_token_id(self) -> int | None:
+        return None
+
+    # -- shared machinery ----------------------------------------------------------------------
     def _text_config(self):
         c = self.model.config
-        return getattr(c, "text_config", c)
+        return getattr(c, "text_config", None) or c
+
+    def _router_type(self) -> type:
+        module, _, name = self.router_class.partition(":")
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as e:
+            raise AdapterError(f"{type(self).__name__}: this transformers version has no {name} ({e})") from None
+
+    def router_modules(self) -> list[tuple[int, str, nn.Module]]:
+        """(decoder index, qualified name, module) of each router, in decoder order."""
+        if self._found is None:
+            cls = self._router_type()
+            found = []
+            for name, m in self.model.named_modules():
+                if isinstance(m, cls):
+                    idx = _LAYER_INDEX.findall(name + ".")
+                    if not idx:
+                        raise AdapterError(f"{type(self.model).__name__}: router {name} ({cls.__name__}) is not "
+                                           f"inside a decoder layer (no 'layers.N' in its name)")
+                    found.append((int(idx[-1]), name, m))
+            if not found:
+                raise AdapterError(f"{type(self.model).__name__} has no {cls.__name__} module: it has no MoE layer "
+                                   f"to record")
+            found.sort(key=lambda x: x[0])
+            layers = [i for i, _, _ in found]
+            if len(set(layers)) != len(layers):
+                raise AdapterError(f"{type(self.model).__name__}: several routers in one decoder layer "
+                                   f"({[n for _, n, _ in found]}); no adapter handles that layout")
+            self._found = found
+        return self._found
 
     def spec(self) -> RoutingSpec:
-        t = self._text_config()
-        c = self.model.config
-        image_id = getattr(c, "image_token_index", None) if hasattr(c, "text_config") else None
-        layers = [MoELayerRouting(int(i), t.num_local_experts, t.num_experts_per_tok) for i in t.moe_layers]
-        return RoutingSpec(layers=layers, image_token_id=image_id,
-                           special_ids=_special(t.eos_token_id, t.bos_token_id, t.pad_token_id),
+        t, c = self._text_config(), self.model.config
+        layers = [self._layer_routing(i, m) for i, _, m in self.router_modules()]
+        return RoutingSpec(layers=layers, image_token_id=self.image_token_id(),
+                           special_ids=_special(getattr(t, "eos_token_id", None), getattr(t, "bos_token_id", None),
+                                                getattr(t, "pad_token_id", None)),
                            config=json.loads(c.to_json_string(use_diff=False)),
-                           model_type=f"transformers {c.model_type}", rule=LLAMA4_RULE)
+                           model_type=f"transformers {c.model_type}", rule=self.rule)
 
     @property
     def inputs(self) -> HookPoint:
@@ -202,41 +289,208 @@ class TransformersLlama4Adapter(Adapter):
         self._install()
         return self._routers
 
+    @property
+    def shared_gates(self) -> list[HookPoint]:
+        """One point per MoE layer firing ``shared_gate`` (N, 1) (empty: the family has no gated shared expert)."""
+        self._install()
+        return self._shared
+
     def _install(self) -> None:
         if self._handles:
             return
-        k = self._text_config().num_experts_per_tok
         point = self._inputs
 
         def pre(module, args, kwargs):
             if point.active:
                 ids = kwargs.get("input_ids", args[0] if args else None)
-                shape = tuple(ids.shape if ids is not None else kwargs["inputs_embeds"].shape[:2])
-                device = (ids if ids is not None else kwargs["inputs_embeds"]).device
-                point(input_ids=ids, batch=_hf_batch(shape, device, kwargs.get("attention_mask"),
+                ref = ids if ids is not None else kwargs.get("inputs_embeds")
+                if ref is None:
+                    raise AdapterError(f"{type(module).__name__} was called without input_ids or inputs_embeds")
+                point(input_ids=ids, batch=_hf_batch(tuple(ref.shape[:2]), ref.device, kwargs.get("attention_mask"),
                                                       kwargs.get("cache_position")))
 
+        found = self.router_modules()
         self._handles.append(self.model.register_forward_pre_hook(pre, with_kwargs=True))
-        from transformers.models.llama4.modeling_llama4 import Llama4Router
-
-        routers = [m for m in self.model.modules() if isinstance(m, Llama4Router)]
-        for r in routers:
+        modules = dict(self.model.named_modules())
+        for _, name, r in found:
             p = HookPoint()
             self._routers.append(p)
 
             def hook(module, args, out, p=p):
                 if p.active:
-                    logits = out[1]
-                    vals, ids = torch.topk(logits, k, dim=-1)
-                    p(router_logits=logits, topk_ids=ids, topk_weights=torch.sigmoid(vals.float()).to(logits.dtype))
+                    logits, ids, weights = self.decision(module, out)
+                    p(router_logits=logits, topk_ids=ids, topk_weights=weights)
             self._handles.append(r.register_forward_hook(hook))
+            gate = getattr(modules.get(name.rpartition(".")[0]), self.shared_gate_attr or "", None)
+            if self.shared_gate_attr and gate is not None:
+                q = HookPoint()
+                self._shared.append(q)
+
+                def gate_hook(module, args, out, q=q):
+                    if q.active:
+                        q(shared_gate=torch.sigmoid(out))  # what the block computes: F.sigmoid(gate(x))
+                self._handles.append(gate.register_forward_hook(gate_hook))
 
     def close(self) -> None:
         for h in self._handles:
             h.remove()
-        self._handles = []
-        self._routers = []
+        self._handles, self._routers, self._shared = [], [], []
 
+
+@register_adapter
+class TransformersLlama4Adapter(TransformersAdapter):
+    """transformers' ``Llama4ForCausalLM`` / ``Llama4ForConditionalGeneration``.
+
+    ``Llama4Router`` returns (scores (N, E): sigmoid of the chosen logits, -inf->0 elsewhere,
+    logits). The ids are not part of its output: they are recomputed from the logits by the same
+    call the router makes (``torch.topk(logits, k, dim=1)``: identical ids), and the weights READ
+    from its scores at those ids (the values the block multiplies the expert inputs by).
+    """
+
+    frameworks_and_types = (("transformers", "llama4"), ("transformers", "llama4_text"))
+    router_class = "transformers.models.llama4.modeling_llama4:Llama4Router"
+    rule = LLAMA4_RULE
+
+    def image_token_id(self) -> int | None:
+        c = self.model.config
+        return getattr(c, "image_token_index", None) if hasattr(c, "text_config") else None
+
+    def _layer_routing(self, layer: int, router: nn.Module) -> MoELayerRouting:
+        return MoELayerRouting(layer, router.num_experts, router.top_k)
+
+    def decision(self, router, out):
+        scores, logits = out
+        ids = torch.topk(logits, router.top_k, dim=1).indices
+        return logits, ids, scores.gather(1, ids)
+
+
+SOFTMAX_TOPK_RULE = ("logits = x W_r^T; p = softmax(logits) over all experts (float32); top-k of p; weight = p of "
+                     "each chosen expert{norm}, applied to the expert OUTPUT: y = {shared}sum_k w_k SwiGLU_e(x)")
+
+
+class _SoftmaxTopKAdapter(TransformersAdapter):
+    """softmax over all experts, then top-k, renormalized when the router's ``norm_topk_prob`` (or
+    always, ``always_renormalize``). Weights READ from the router's output (its ``router_scores``:
+    exactly what the block hands the experts, in the dtype it hands them)."""
+
+    always_renormalize: ClassVar[bool] = False
+    shared_expert: ClassVar[bool] = False
+
+    def _layer_routing(self, layer: int, router: nn.Module) -> MoELayerRouting:
+        return MoELayerRouting(layer, router.num_experts, router.top_k, score="softmax",
+                               renormalize=self._renormalize(router), weight_applied_to="output",
+                               shared_expert=self.shared_expert, shared_expert_gate=self.shared_gate_attr is not None)
+
+    def _renormalize(self, router) -> bool:
+        return self.always_renormalize or bool(getattr(router, "norm_topk_prob", False))
+
+    def spec(self) -> RoutingSpec:
+        s = super().spec()
+        renorm = {r.renormalize for r in s.layers}
+        norm = (" / sum of the chosen p" if renorm == {True} else "" if renorm == {False} else
+                " (divided by the sum of the chosen p on layers with renormalize)")
+        s.rule = SOFTMAX_TOPK_RULE.format(norm=norm, shared="sigmoid(x w_s) shared(x) + " if self.shared_gate_attr
+                                          else "shared(x) + " if self.shared_expert else "")
+        return s
+
+
+@register_adapter
+class TransformersMixtralAdapter(_SoftmaxTopKAdapter):
+    """Mixtral (``MixtralTopKRouter``): softmax, top-k, always renormalized (= softmax over the chosen logits)."""
+
+    frameworks_and_types = (("transformers", "mixtral"),)
+    router_class = "transformers.models.mixtral.modeling_mixtral:MixtralTopKRouter"
+    always_renormalize = True
+
+
+@register_adapter
+class TransformersQwen2MoeAdapter(_SoftmaxTopKAdapter):
+    """Qwen2-MoE (``Qwen2MoeTopKRouter``): softmax, top-k, ``norm_topk_prob``; a shared expert whose
+    output is scaled by sigmoid(``shared_expert_gate``(x)) (``shared_gates`` hook points). Dense
+    layers (``mlp_only_layers``, ``decoder_sparse_step``) have no router and are not MoE layers."""
+
+    frameworks_and_types = (("transformers", "qwen2_moe"),)
+    router_class = "transformers.models.qwen2_moe.modeling_qwen2_moe:Qwen2MoeTopKRouter"
+    shared_expert = True
+    shared_gate_attr = "shared_expert_gate"
+
+
+@register_adapter
+class TransformersQwen3MoeAdapter(_SoftmaxTopKAdapter):
+    """Qwen3-MoE (``Qwen3MoeTopKRouter``): softmax, top-k, ``norm_topk_prob``; no shared expert."""
+
+    frameworks_and_types = (("transformers", "qwen3_moe"),)
+    router_class = "transformers.models.qwen3_moe.modeling_qwen3_moe:Qwen3MoeTopKRouter"
+
+
+@register_adapter
+class TransformersOlmoeAdapter(_SoftmaxTopKAdapter):
+    """OLMoE (``OlmoeTopKRouter``): softmax, top-k, ``norm_topk_prob`` (False in the released model)."""
+
+    frameworks_and_types = (("transformers", "olmoe"),)
+    router_class = "transformers.models.olmoe.modeling_olmoe:OlmoeTopKRouter"
+
+
+GPT_OSS_RULE = ("logits = x W_r^T + b_r; top-k of the logits; weight = softmax over the k chosen logits (= softmax "
+                "over all experts renormalized over the chosen), applied to the expert OUTPUT: y = sum_k w_k "
+                "expert_e(x) (clamped SwiGLU with biases)")
+
+
+@register_adapter
+class TransformersGptOssAdapter(TransformersAdapter):
+    """gpt-oss (``GptOssTopKRouter``): top-k of the (biased) logits, softmax over the chosen ones.
+    Weights READ from the router's output. (transformers can swap ``GptOssMLP.forward`` for a hub
+    kernel, ``use_kernels=True``, that routes inside one fused call: the router module never runs,
+    and the recorder then reports that it saw no router decisions. Load without ``use_kernels``.)"""
+
+    frameworks_and_types = (("transformers", "gpt_oss"),)
+    router_class = "transformers.models.gpt_oss.modeling_gpt_oss:GptOssTopKRouter"
+    rule = GPT_OSS_RULE
+
+    def _layer_routing(self, layer: int, router: nn.Module) -> MoELayerRouting:
+        return MoELayerRouting(layer, router.num_experts, router.top_k, score="softmax", renormalize=True,
+                               weight_applied_to="output", shared_expert=False)
+
+
+DEEPSEEK_V3_RULE = ("logits = x W_r^T (float32); s = sigmoid(logits); experts CHOSEN by s + b (the learned "
+                    "e_score_correction_bias): the n_group groups are ranked by the sum of their two best s + b, only "
+                    "the topk_group best may be chosen, then top-k of s + b within them; weight = s of each chosen "
+                    "expert (without b){norm}, times scale (routed_scaling_factor), applied to the expert OUTPUT: "
+                    "y = shared(x) + sum_k w_k SwiGLU_e(x). Slots are ordered by s + b, best first (the model's "
+                    "top-k is unsorted)")
+
+
+@register_adapter
+class TransformersDeepseekV3Adapter(TransformersAdapter):
+    """DeepSeek-V3 (``DeepseekV3TopkRouter``): sigmoid scores, selection by score + correction bias,
+    group-limited top-k, renormalized (``norm_topk_prob``), scaled by ``routed_scaling_factor``.
+
+    Ids and weights are READ from the router's output. The router's top-k is unsorted
+    (``sorted=False``): the adapter orders each token's slots by the selection score s + b, best
+    first (the order ``sorted=True`` would give), so slot 0 is the top choice as in every other
+    family; the set of experts and each expert's weight are the model's, unchanged. The first
+    ``first_k_dense_replace`` layers are dense (no router)."""
+
+    frameworks_and_types = (("transformers", "deepseek_v3"),)
+    router_class = "transformers.models.deepseek_v3.modeling_deepseek_v3:DeepseekV3TopkRouter"
+
+    def _layer_routing(self, layer: int, router: nn.Module) -> MoELayerRouting:
+        shared = bool(getattr(self._text_config(), "n_shared_experts", 0) or 0)
+        return MoELayerRouting(layer, router.num_experts, router.top_k, score="sigmoid",
+                               renormalize=bool(router.norm_topk_prob), weight_applied_to="output",
+                               shared_expert=shared, selection_bias=True, n_group=int(router.num_group),
+                               topk_group=int(router.topk_group), scale=float(router.routed_scaling_factor))
+
+    def spec(self) -> RoutingSpec:
+        s = super().spec()
+        s.rule = DEEPSEEK_V3_RULE.format(norm=" / their sum" if all(r.renormalize for r in s.layers) else "")
+        return s
+
+    def decision(self, router, out):
+        logits, weights, ids = out
+        choice = (torch.sigmoid(logits) + router.e_score_correction_bias).gather(1, ids)
+        order = torch.argsort(choice, dim=1, descending=True, stable=True)
+        return logits, ids.gather(1, order), weights.gather(1, order)
 
 
 def _hf_batch(shape: tuple[int, int], device, attention_mask, cache_position) -> ForwardBatch:

@@ -158,6 +158,27 @@ def probe_block_experts(text_model, **_):
     _raises(lambda: block_experts(text_model, {2: [0]}), r"layer 2 is not a MoE layer; MoE layers: \[1, 3\]")
 
 
+def probe_expert_out_vector_layers(text_model, tmp_path, **_):
+    from workbench.hooks import ExpertOutCapture, RecorderError
+
+    ids = torch.randint(3, 300, (1, 6), generator=torch.Generator().manual_seed(4))
+    seen = {}
+    h = text_model.model.layers[3].feed_forward.hook_experts.add(
+        lambda p, expert_out, shared_out, **kw: seen.update(routed=expert_out.clone(), shared=shared_out.clone()))
+    try:
+        with wb.record(text_model, tmp_path / "vec.zarr", capture=[ExpertOutCapture(vector_layers=[3])]):
+            text_model(input_ids=ids)
+    finally:
+        h.remove()
+    vec = wb.open_trace(tmp_path / "vec.zarr")["expert_out_vec"].values  # (token, vector_layer, part, hidden)
+    assert vec.shape[1] == 1
+    k = seen["routed"].shape[1]
+    np.testing.assert_allclose(vec[:, 0, :k], seen["routed"].numpy(), rtol=1e-3, atol=1e-3)  # layer 3's, float16
+    np.testing.assert_allclose(vec[:, 0, k], seen["shared"].numpy(), rtol=1e-3, atol=1e-3)
+    _raises(lambda: wb.record(text_model, tmp_path / "bad.zarr", capture=[ExpertOutCapture(vector_layers=[2])]),
+            r"vector_layers \[2\] are not MoE layers; MoE layers: \[1, 3\]", RecorderError)
+
+
 def probe_attention_capture(mm, **_):
     att = wb.open_attention(mm, 0)
     assert att["layer"].values.tolist() == [1, 3]  # decoder indices (all layers have attention)
@@ -435,6 +456,7 @@ PROBES = {
     ("expert_ablation", "layer"): probe_expert_ablation,
     ("block_experts", "blocked"): probe_block_experts,  # {decoder layer: experts}; found by name below
     ("AttentionCapture.__init__", "layers"): probe_attention_capture,
+    ("ExpertOutCapture.__init__", "vector_layers"): probe_expert_out_vector_layers,
     ("MoELayerRouting.__init__", "layer"): probe_moe_layer_routing,
     ("TraceWriter", "moe_layers"): probe_moe_layers_properties,
     ("RoutingSpec", "moe_layers"): probe_moe_layers_properties,

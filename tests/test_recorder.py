@@ -226,11 +226,11 @@ def test_two_recorders_and_an_ablation_at_once(text_ckpt, tmp_path):
 
 
 def test_models_without_an_adapter_get_a_clear_error(tmp_path):
-    from transformers import MixtralConfig, MixtralForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    m = MixtralForCausalLM(MixtralConfig(vocab_size=32, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1, num_local_experts=4))
-    with pytest.raises(RecorderError, match=r"no routing adapter knows MixtralForCausalLM \(transformers model type "
-                                            r"'mixtral'\); supported: .*transformers llama4.*workbench llama4"):
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1))  # a dense model: no routing
+    with pytest.raises(RecorderError, match=r"no routing adapter knows LlamaForCausalLM \(transformers model type "
+                                            r"'llama'\); supported: .*transformers mixtral.*workbench llama4"):
         wb.record(m, tmp_path / "x.zarr")
     assert not (tmp_path / "x.zarr").exists()

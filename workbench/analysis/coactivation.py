@@ -8,8 +8,11 @@ import xarray as xr
 from . import _common as C
 
 
+CONVENTIONS = ("pinned", "olmoe")
+
+
 def coactivation(ds: xr.Dataset, layer: int, *, counts: bool = False, modality=None,
-                 n_experts: int | None = None) -> xr.DataArray:
+                 n_experts: int | None = None, convention: str = "pinned") -> xr.DataArray:
     """Co-activation matrix of one MoE layer, dims ``(expert, expert_j)``.
 
     ``layer`` is a decoder layer index (a value of the ``layer`` coordinate); one that is not a MoE
@@ -24,8 +27,17 @@ def coactivation(ds: xr.Dataset, layer: int, *, counts: bool = False, modality=N
     NaN on rows with N_i = 0 and NaN on the diagonal (i = j is not a pair). With ``counts=True``
     returns the integer matrix N_ij instead (diagonal 0). Coordinate ``n_i`` (dim expert) holds N_i.
     With k = 1 there are no pairs: C is 0 off the diagonal on used rows.
+
+    ``convention="olmoe"`` reproduces OLMoE's analysis script (``run_moe_analysis.py``,
+    ``do_correlation_analysis``): only NEIGHBOURING pairs of each token's ranked top-k list count,
+    (S_t[a], S_t[a+1]) for a = 0 .. k-2, both directions (a list adds 2(k-1) ordered pairs), so
+    N_ij = #{t, a : {S_t[a], S_t[a+1]} = {i, j}} and C_ij = N_ij / N_i as above. The ranking is the
+    slot order of the trace (slot 0 = the highest router score; OLMoE's script ranks by logit,
+    the same order). For k <= 2 both conventions agree. The convention is in ``attrs``.
     """
     who = "coactivation"
+    if convention not in CONVENTIONS:
+        raise ValueError(f"{who}: convention must be one of {CONVENTIONS}, got {convention!r}")
     code = C.resolve_modality(modality, who)
     C.require(ds, "topk_expert", who=who)
     E = C.get_n_experts(ds, n_experts, who)
@@ -42,6 +54,11 @@ def coactivation(ds: xr.Dataset, layer: int, *, counts: bool = False, modality=N
         if code is not None:
             e = e[blk["modality"] == code]
         ni += np.bincount(e.ravel(), minlength=E)
+        if convention == "olmoe":
+            for a in range(k - 1):
+                nij += np.bincount(e[:, a] * E + e[:, a + 1], minlength=E * E)
+                nij += np.bincount(e[:, a + 1] * E + e[:, a], minlength=E * E)
+            continue
         for a in range(k):
             for b in range(k):
                 if a != b:
@@ -49,11 +66,17 @@ def coactivation(ds: xr.Dataset, layer: int, *, counts: bool = False, modality=N
     nij = nij.reshape(E, E)
     coords = {"expert": np.arange(E), "expert_j": np.arange(E), "n_i": ("expert", ni),
               "layer": int(ds["layer"].values[li])}
-    attrs = {"k": k, "n_experts": E, "modality_filter": C.modality_attr(code), "n_tokens": int(ni.sum() // k) if k else 0}
+    attrs = {"k": k, "n_experts": E, "modality_filter": C.modality_attr(code),
+             "n_tokens": int(ni.sum() // k) if k else 0, "convention": convention}
+    pairs = ("neighbouring slots {S_t[a], S_t[a+1]} = {i, j} of the ranked list (OLMoE)" if convention == "olmoe"
+             else "i in S_t and j in S_t")
     if counts:
-        attrs["definition"] = "N_ij = #{t : i in S_t and j in S_t}, i != j (diagonal 0)"
+        attrs["definition"] = f"N_ij = #{{t : {pairs}}}, i != j (diagonal 0)"
         return xr.DataArray(nij, dims=("expert", "expert_j"), coords=coords, name="coactivation_count", attrs=attrs)
     cond = C.safe_div(nij, ni[:, None])
     np.fill_diagonal(cond, np.nan)
-    attrs["definition"] = "C_ij = N_ij / N_i = P(j in S_t | i in S_t), i != j; NaN if N_i = 0 or i = j"
+    attrs["definition"] = ("C_ij = N_ij / N_i = P(j in S_t | i in S_t), i != j; NaN if N_i = 0 or i = j"
+                           if convention == "pinned" else
+                           f"C_ij = N_ij / N_i, N_ij = #{{t, a : {pairs}}}, N_i = #{{t : i in S_t}}; NaN if N_i = 0 "
+                           f"or i = j")
     return xr.DataArray(cond, dims=("expert", "expert_j"), coords=coords, name="coactivation", attrs=attrs)

@@ -41,8 +41,11 @@ def _kl_rows(p, f):
     return t.sum(axis=-1)
 
 
-def vocab_specialization(ds: xr.Dataset, *, target: str = "input", min_count: int = 5, modality=None,
-                         n_experts: int | None = None) -> xr.Dataset:
+CONVENTIONS = ("pinned", "olmoe")
+
+
+def vocab_specialization(ds: xr.Dataset, *, target: str = "input", min_count: int | None = None, modality=None,
+                         n_experts: int | None = None, convention: str = "pinned") -> xr.Dataset:
     """Expert share per token id and a per-layer vocabulary-specialization score.
 
     Token t is keyed by v(t) = its own ``token_id`` (``target="input"``) or the ``token_id`` of the
@@ -61,11 +64,24 @@ def vocab_specialization(ds: xr.Dataset, *, target: str = "input", min_count: in
     - ``score_normalized`` = score / H(f), in [0, 1] (Theil's uncertainty coefficient: the fraction
       of the expert entropy explained by the token id; NaN when H(f) = 0).
 
-    Small n_v inflate the score (a rare id looks specialized); ``min_count`` guards against this.
-    Loads the 1-D ``token_id`` (and for "next" ``sequence``/``position``) columns whole, streams
-    top-k blocks; memory ~ 16 bytes x kept ids x layers x experts.
+    Small n_v inflate the score (a rare id looks specialized); ``min_count`` (default 5) guards
+    against this. Loads the 1-D ``token_id`` (and for "next" ``sequence``/``position``) columns
+    whole, streams top-k blocks; memory ~ 16 bytes x kept ids x layers x experts.
+
+    ``convention="olmoe"`` reproduces OLMoE's token analysis (``run_moe_analysis.py``,
+    ``do_token_analysis``): only each token's TOP-1 expert (slot 0) counts; for each kept id v,
+    ``top_expert`` (token_id, moe_layer) = its most frequent top-1 expert (ties: the lowest index;
+    OLMoE's script takes the one seen first, the share is the same) and ``top_share`` = the share
+    of v's occurrences routed to it, max_i #{t: v(t)=v, S_t[0]=i} / n_v; ``score`` (moe_layer) =
+    the UNWEIGHTED mean of ``top_share`` over the kept ids. ``min_count`` defaults to 10 there
+    (OLMoE lists ids seen >= 10 times; its printed "Average probability" averages every id:
+    ``min_count=1``). Every output names its convention in ``attrs``.
     """
     who = "vocab_specialization"
+    if convention not in CONVENTIONS:
+        raise ValueError(f"{who}: convention must be one of {CONVENTIONS}, got {convention!r}")
+    if min_count is None:
+        min_count = 10 if convention == "olmoe" else 5
     code = C.resolve_modality(modality, who)
     if target not in ("input", "next"):
         raise ValueError(f"{who}: target must be 'input' or 'next', got {target!r}")
@@ -93,6 +109,10 @@ def vocab_specialization(ds: xr.Dataset, *, target: str = "input", min_count: in
     group[valid] = remap[inv.ravel()]
     ids, n_v = ids[kept], cnt[kept]
     U = ids.shape[0]
+    if convention == "olmoe":
+        return _olmoe_vocab(ds, group, ids, n_v, E, who, dict(k=k, n_experts=E, target=target, min_count=int(min_count),
+                                                               n_tokens=int(n_v.sum()),
+                                                               modality_filter=C.modality_attr(code)))
     counts = _grouped_counts(ds, group, U, E, who)
     del group
     share = counts / (k * n_v)[:, None, None].astype(np.float64) if U else np.zeros((0, L, E))
@@ -119,7 +139,30 @@ def vocab_specialization(ds: xr.Dataset, *, target: str = "input", min_count: in
     out["score"].attrs["definition"] = "sum_v (n_v/N) KL(p(.|v) || f) [nats] = I(token id; expert)"
     out["score_normalized"].attrs["definition"] = "score / H(f) (uncertainty coefficient)"
     out.attrs.update({"k": k, "n_experts": E, "target": target, "min_count": int(min_count),
-                      "n_tokens": N, "modality_filter": C.modality_attr(code)})
+                      "n_tokens": N, "modality_filter": C.modality_attr(code), "convention": "pinned"})
+    return out
+
+
+def _olmoe_vocab(ds, group, ids, n_v, E, who, attrs) -> xr.Dataset:
+    """The ``olmoe`` convention of :func:`vocab_specialization` (top-1 share of each id's most frequent expert)."""
+    L = ds.sizes["moe_layer"]
+    U = ids.shape[0]
+    counts = _grouped_counts(ds.isel(k=[0]), group, U, E, who)  # (U, L, E): top-1 slots only
+    top_expert = counts.argmax(axis=-1) if U else np.zeros((0, L), np.int64)
+    top_share = counts.max(axis=-1) / n_v[:, None].astype(np.float64) if U else np.zeros((0, L))
+    score = top_share.mean(axis=0) if U else np.full(L, np.nan)
+    out = xr.Dataset(
+        {
+            "top_expert": (("token_id", "moe_layer"), top_expert.astype(np.int64)),
+            "top_share": (("token_id", "moe_layer"), top_share),
+            "score": (("moe_layer",), score),
+        },
+        coords={"token_id": ids, "count": ("token_id", n_v), **C.layer_coords(ds)},
+    )
+    out["top_expert"].attrs["definition"] = "argmax_i #{t: v(t)=v, S_t[0]=i} (top-1 expert; ties: lowest index)"
+    out["top_share"].attrs["definition"] = "max_i #{t: v(t)=v, S_t[0]=i} / n_v"
+    out["score"].attrs["definition"] = "unweighted mean of top_share over the kept ids (OLMoE's token analysis)"
+    out.attrs.update({**attrs, "convention": "olmoe"})
     return out
 
 

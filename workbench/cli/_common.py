@@ -12,7 +12,7 @@ from workbench.trace._util import format_ranges
 
 __all__ = ["CLIError", "read_prompts", "trace_summary", "add_capture_arguments", "capture_options", "format_ranges",
            "positive_int", "dtype_name", "device_name", "DTYPE_CHOICES", "check_writable_dir", "check_store_out",
-           "check_vocab"]
+           "check_vocab", "checkpoint_loader", "load_transformers_checkpoint", "TransformersTextProcessor"]
 
 
 class CLIError(Exception):
@@ -193,6 +193,8 @@ def check_vocab(processor, model) -> None:
     tokenizer.json from another checkpoint): each such id would fail deep in the forward pass."""
     tok = getattr(processor, "tokenizer", None)
     vocab = getattr(getattr(model, "text_config", None), "vocab_size", None)
+    if vocab is None and hasattr(getattr(model, "config", None), "get_text_config"):  # a transformers model
+        vocab = getattr(model.config.get_text_config(), "vocab_size", None)
     if tok is None or vocab is None or not hasattr(tok, "get_vocab_size"):
         return
     n = tok.get_vocab_size(with_added_tokens=True)
@@ -269,3 +271,145 @@ def trace_summary(store: Path, run: dict | None = None) -> str:
     for i, layer in enumerate(imb["layer"].values):
         lines.append(f"  layer {int(layer):3d}: CV {float(imb['cv'][i]):.3f}  max/mean {float(imb['max_over_mean'][i]):.2f}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers checkpoints (every MoE family with a routing adapter)
+# ---------------------------------------------------------------------------------------------
+WORKBENCH_MODEL_TYPES = ("llama4", "llama4_text")
+
+
+def checkpoint_loader(path: Path, loader: str = "auto") -> str:
+    """"workbench" or "transformers": who loads the checkpoint directory ``path``. ``auto``: Llama 4
+    checkpoints load with workbench's own model, every other model type with a routing adapter
+    (:func:`workbench.hooks.adapters.adapter_for`) with transformers; anything else is a CLIError
+    listing the supported model types."""
+    if loader not in ("auto", "workbench", "transformers"):
+        raise CLIError(f"--loader must be auto, workbench or transformers, got {loader!r}")
+    cfg_file = Path(path) / "config.json"
+    if loader == "workbench" or not cfg_file.is_file():
+        return "workbench"  # the workbench loader reports a missing directory / config itself
+    try:
+        model_type = json.loads(cfg_file.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return "workbench"  # ... and a corrupt config.json
+    if loader == "auto" and model_type in WORKBENCH_MODEL_TYPES:
+        return "workbench"
+    from workbench.hooks.adapters import ADAPTERS
+
+    known = sorted(t for f, t in ADAPTERS if f == "transformers")
+    if model_type not in known:
+        raise CLIError(f"{cfg_file}: model_type {model_type!r} has no routing adapter; supported transformers model "
+                       f"types: {', '.join(known)}")
+    return "transformers"
+
+
+class TransformersTextProcessor:
+    """A transformers tokenizer as the recorder's processor (text prompts): called like workbench's
+    processor (``text=[...], padding=True, return_tensors="pt"``), padding on the RIGHT (a forward
+    pass without ``position_ids`` then gives every real token the positions of an unpadded run),
+    with ``tokenizer`` (the ``tokenizers`` backend: the trace's vocabulary and special ids) and
+    ``tokenizer_hash``."""
+
+    def __init__(self, hf_tokenizer) -> None:
+        import hashlib
+
+        self.hf = hf_tokenizer
+        self.hf.padding_side = "right"
+        if self.hf.pad_token is None:  # Mixtral, DeepSeek...: padding is masked out, any id will do
+            self.hf.pad_token = self.hf.eos_token or self.hf.unk_token
+        self.tokenizer = getattr(hf_tokenizer, "backend_tokenizer", None)
+        self.tokenizer_hash = (hashlib.sha256(self.tokenizer.to_str().encode()).hexdigest()[:16]
+                               if self.tokenizer is not None else None)
+
+    def __call__(self, text, images=None, **kw):
+        if images is not None and any(images):
+            raise CLIError("prompts with images need a multimodal Llama 4 checkpoint (loaded with workbench)")
+        kw.pop("padding_side", None)
+        max_length = kw.get("max_length")
+        if max_length is not None and not kw.get("truncation"):  # longer is an error, as with workbench's processor
+            kw.pop("max_length")
+            out = self.hf(text=text, **kw)
+            lengths = out["attention_mask"].sum(-1).tolist()
+            long = [i for i, n in enumerate(lengths) if n > max_length]
+            if long:
+                raise CLIError(f"prompt {long[0]} of the batch has {lengths[long[0]]} tokens, more than --max-tokens "
+                               f"{max_length} (pass --truncate to cut it)")
+            return out
+        return self.hf(text=text, **kw)
+
+
+def load_transformers_checkpoint(path: Path, *, dtype: str | None, device: str | None, device_map: str | None,
+                                 progress: bool = True):
+    """(model, processor) of a transformers checkpoint directory: ``AutoModelForCausalLM`` (or
+    ``AutoModelForImageTextToText`` for a multimodal config) in eval mode, ``dtype`` (default: as
+    stored), on ``device`` or spread by ``device_map`` ("auto", "balanced", ...), with
+    ``model.source`` (path, checkpoint fingerprint: resume compares it), and the tokenizer."""
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from workbench.checkpoint import checkpoint_fingerprint
+
+    if device is not None and device_map is not None:
+        raise CLIError("give --device or --device-map, not both")
+    try:
+        cfg = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as e:
+        raise CLIError(f"{path}: transformers cannot read its config.json ({_first_line(e)})") from None
+    kw = {"dtype": getattr(torch, dtype) if dtype else "auto"}
+    if device_map is not None:
+        kw["device_map"] = device_map
+    auto = AutoModelForCausalLM
+    if hasattr(cfg, "text_config") and cfg.model_type not in transformers.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        auto = transformers.AutoModelForImageTextToText
+    if not progress:
+        transformers.utils.logging.disable_progress_bar()
+    try:
+        model = auto.from_pretrained(str(path), **kw)
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as e:
+        raise CLIError(f"{path}: transformers cannot load it ({_first_line(e)})") from None
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    model.source = {"path": str(Path(path).resolve()), "fingerprint": checkpoint_fingerprint(path)}
+    return model, TransformersTextProcessor(tok)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantized loading on the command line (#14): --quantize / --quantize-modules
+# ---------------------------------------------------------------------------------------------
+def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
+    """``--quantize none|fp8|int4`` and ``--quantize-modules`` (parts besides the routed experts)."""
+    p.add_argument("--quantize", choices=("none", "fp8", "int4"), default="none",
+                   help="quantize the weights while loading a float checkpoint: fp8 (per output channel) or int4 "
+                        "(group 128); routed experts always, router/norms/embeddings/vision never (default: none; "
+                        "an FP8 checkpoint is read as stored)")
+    p.add_argument("--quantize-modules", default=None, metavar="PARTS",
+                   help="also quantize: comma list of shared_expert, dense_mlp, attention")
+
+
+def quantize_options(args: argparse.Namespace) -> dict:
+    """``load_model`` keyword arguments from the quantize flags ({} without --quantize); CLIError for
+    a module list without --quantize or an unknown / never-quantized part."""
+    q = getattr(args, "quantize", "none") or "none"
+    mods = getattr(args, "quantize_modules", None)
+    if q == "none":
+        if mods:
+            raise CLIError("--quantize-modules needs --quantize fp8 or int4")
+        return {}
+    from workbench.quant.modules import parse_modules
+
+    try:
+        return {"quantize": q, "quantize_modules": parse_modules(mods)}
+    except ValueError as e:
+        raise CLIError(f"--quantize-modules: {e}") from None
+
+
+__all__ += ["add_quantize_arguments", "quantize_options"]

@@ -1,4 +1,8 @@
-"""``workbench trace MODEL --prompts FILE.jsonl --out STORE``: record a prompt set into a trace."""
+"""``workbench trace MODEL --prompts FILE.jsonl --out STORE``: record a prompt set into a trace.
+
+MODEL: a Llama 4 checkpoint (workbench's own model) or a transformers checkpoint of any MoE family
+with a routing adapter (loaded with transformers; ``--device-map``, ``--dtype``; ``--loader``).
+"""
 from __future__ import annotations
 
 import hashlib
@@ -10,8 +14,10 @@ from workbench.cli._common import (
     capture_options,
     check_store_out,
     check_vocab,
+    checkpoint_loader,
     device_name,
     dtype_name,
+    load_transformers_checkpoint,
     positive_int,
     read_prompts,
     trace_summary,
@@ -36,11 +42,23 @@ def run(args) -> int:
     inputs_hash = hashlib.sha256(prompts_path.read_bytes()).hexdigest()[:16]
     out = Path(args.out)
     check_store_out(out, resume=args.resume, overwrite=args.overwrite, inputs_hash=inputs_hash)
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
-    proc = load_processor(args.model)
+    provenance = {"inputs_hash": inputs_hash, "prompts_file": str(prompts_path)}
+    if checkpoint_loader(Path(args.model), args.loader) == "transformers":
+        import transformers
+
+        if any(p["images"] for p in prompts):
+            raise CLIError("prompts with images need a multimodal Llama 4 checkpoint loaded with workbench")
+        model, proc = load_transformers_checkpoint(Path(args.model), dtype=args.dtype, device=args.device,
+                                                   device_map=args.device_map, progress=not args.quiet)
+        provenance.update(loader="transformers", transformers_version=transformers.__version__)
+    else:
+        if args.device_map is not None:
+            raise CLIError("--device-map applies to checkpoints loaded with transformers (use --device)")
+        model = load_model(args.model, dtype=args.dtype, device=args.device)
+        proc = load_processor(args.model)
     check_vocab(proc, model)
     rec = Recorder(model, out, capture, processor=proc, resume=args.resume, overwrite=args.overwrite,
-                   provenance={"inputs_hash": inputs_hash, "prompts_file": str(prompts_path)})
+                   provenance=provenance)
     ok = False
     try:
         with torch.no_grad():
@@ -55,7 +73,8 @@ def run(args) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("trace", help="record router decisions over a prompts file into a zarr trace store")
-    p.add_argument("model", help="checkpoint directory (config.json, safetensors, tokenizer.json)")
+    p.add_argument("model", help="checkpoint directory (config.json, safetensors, tokenizer.json): Llama 4, or any "
+                                 "transformers MoE family with a routing adapter (Mixtral, Qwen-MoE, OLMoE, ...)")
     p.add_argument("--prompts", required=True, help='JSONL file: {"text": ..., "images": [file, ...]} per line')
     p.add_argument("--images", help="folder the image file names resolve against (default: the prompts file's)")
     p.add_argument("--out", required=True, help="trace store to create (a directory, e.g. runs/x.zarr)")
@@ -69,5 +88,10 @@ def add_parser(sub) -> None:
     store.add_argument("--overwrite", action="store_true", help="replace an existing trace at --out")
     p.add_argument("--dtype", type=dtype_name, default=None, help="float32, bfloat16, float16 (default: as stored)")
     p.add_argument("--device", type=device_name, default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+    p.add_argument("--device-map", default=None,
+                   help="transformers checkpoints: device_map for from_pretrained (auto, balanced, ...)")
+    p.add_argument("--loader", choices=("auto", "workbench", "transformers"), default="auto",
+                   help="who loads MODEL: auto (Llama 4 with workbench, other MoE families with transformers), "
+                        "workbench, or transformers (also for Llama 4)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

@@ -299,6 +299,15 @@ class MoELayerRouting:
     the top-k taken). renormalize: the chosen weights are divided by their sum. weight_applied_to:
     ``"input"`` (y = sum_k SwiGLU_e(w_k * x), Llama 4) or ``"output"`` (y = sum_k w_k SwiGLU_e(x)).
     shared_expert: a shared expert also processes every token.
+
+    Family-specific fields (written to the ``routing`` attribute only when they differ from their
+    default, so a description without them reads as the default): selection_bias: the experts are
+    CHOSEN by score + a learned per-expert bias (DeepSeek-V3's ``e_score_correction_bias``), the
+    weights use the score without it. n_group / topk_group: group-limited selection, the experts
+    split into ``n_group`` groups and only the ``topk_group`` best groups (by the sum of their two
+    best scores) may be chosen. scale: the (renormalized) weights are multiplied by it
+    (``routed_scaling_factor``). shared_expert_gate: the shared expert's output is multiplied by a
+    per-token gate sigmoid(x w_s) (Qwen2-MoE).
     """
 
     layer: int
@@ -308,6 +317,11 @@ class MoELayerRouting:
     renormalize: bool = False
     weight_applied_to: str = "input"
     shared_expert: bool = True
+    selection_bias: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    scale: float = 1.0
+    shared_expert_gate: bool = False
 
     def __post_init__(self) -> None:
         if self.score not in SCORES:
@@ -316,11 +330,32 @@ class MoELayerRouting:
             raise ValueError(f"weight_applied_to must be one of {WEIGHT_APPLIED_TO}, got {self.weight_applied_to!r}")
         if not 1 <= int(self.top_k) <= int(self.n_experts):
             raise ValueError(f"layer {self.layer}: top_k {self.top_k} must lie in [1, n_experts={self.n_experts}]")
+        if int(self.n_group) < 1 or not 1 <= int(self.topk_group) <= int(self.n_group):
+            raise ValueError(f"layer {self.layer}: need 1 <= topk_group ({self.topk_group}) <= n_group "
+                             f"({self.n_group})")
+
+
+#: fields of MoELayerRouting written in every description; the others only when not at their default
+ROUTING_BASE_FIELDS = ("layer", "n_experts", "top_k", "score", "renormalize", "weight_applied_to", "shared_expert")
+
+
+def _layer_description(x: MoELayerRouting) -> dict:
+    d = asdict(x)
+    defaults = MoELayerRouting(0, 1, 1)
+    return {k: v for k, v in d.items() if k in ROUTING_BASE_FIELDS or v != getattr(defaults, k)}
 
 
 def routing_description(layers: Sequence[MoELayerRouting], rule: str = "") -> dict:
-    """The ``routing`` root attribute: {"layers": [per MoE layer], "rule": text}."""
-    return {"layers": [asdict(x) for x in layers], "rule": rule}
+    """The ``routing`` root attribute: {"layers": [per MoE layer], "rule": text}. Each layer lists
+    the base fields (:data:`ROUTING_BASE_FIELDS`) and the family-specific ones that apply."""
+    return {"layers": [_layer_description(x) for x in layers], "rule": rule}
+
+
+def layer_routing(d: Mapping[str, Any]) -> MoELayerRouting:
+    """A layer of a ``routing`` attribute back as a MoELayerRouting (absent fields: defaults;
+    unknown ones, from a newer writer, are ignored)."""
+    names = set(MoELayerRouting.__dataclass_fields__)
+    return MoELayerRouting(**{k: v for k, v in dict(d).items() if k in names})
 
 
 LLAMA4_RULE = ("logits = x W_r^T; top-k of the logits; weight = sigmoid(chosen logit), applied to the expert "
