@@ -741,3 +741,22 @@ def test_on_workbench_store(tmp_path):
     close(A.domain_specialization(got, {0: "a", 1: "b", 2: "a"})["jsd"],
           A.domain_specialization(ds, {0: "a", 1: "b", 2: "a"})["jsd"])
     close(A.saturation(got, ds)["overlap"], [1.0, 1.0])
+
+
+def test_router_entropy_says_what_its_probabilities_are(tmp_path):
+    """The routing rule recorded in the trace decides how softmax(logits) is described."""
+    from workbench.trace import open_trace
+    from workbench.trace.schema import MoELayerRouting, logits_variable, routing_variables
+    from workbench.trace.writer import TraceWriter
+
+    for score, phrase in (("softmax", "the router's own distribution"), ("sigmoid", "a convention")):
+        routing = [MoELayerRouting(0, 4, 1, score=score)]
+        w = TraceWriter.create(tmp_path / f"{score}.zarr", routing=routing,
+                               variables=routing_variables(1, 4, 1) + [logits_variable(1, 4, "float32")])
+        w.append(token_id=np.arange(3), sequence=np.zeros(3, int), position=np.arange(3), modality=np.zeros(3, int),
+                 topk_expert=np.zeros((3, 1, 1), int), topk_weight=np.ones((3, 1, 1)),
+                 router_logits=np.array([[[0.0, 0.0, 0.0, 0.0]]] * 3, np.float32))
+        w.close()
+        out = A.router_entropy(open_trace(tmp_path / f"{score}.zarr"))
+        assert out.attrs["routing_score"] == score and out.attrs["probabilities_are"].startswith(phrase)
+        np.testing.assert_allclose(out["mean_entropy"].values, [1.0])  # uniform logits: H = log 4 / log 4

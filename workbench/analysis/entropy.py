@@ -59,9 +59,11 @@ def router_entropy(ds: xr.Dataset, *, source: str = "auto", modality=None, by_mo
     The probabilities (recorded in ``attrs['probabilities']``):
 
     - ``"softmax(logits)"``: p_t = softmax(router_logits_t) over all E experts — used when the
-      trace records ``router_logits`` (``source="auto"`` or ``"logits"``). Llama 4 does not apply a
-      softmax (it scores the chosen experts with a sigmoid); this is the router's implied
-      distribution.
+      trace records ``router_logits`` (``source="auto"`` or ``"logits"``). For softmax routers
+      (Mixtral, Qwen-MoE, OLMoE, gpt-oss) it is the distribution the model applies; Llama 4 and
+      DeepSeek-V3 score experts with a sigmoid, so there it is the router's implied distribution.
+      The trace's ``routing`` attribute says which: ``attrs['routing_score']`` and
+      ``attrs['probabilities_are']`` carry it into the result.
     - ``"applied top-k scores normalized to sum 1"``: p_t = w_t / sum_k w_t over the k chosen experts
       (``topk_weight``, the score the model applies) — used without logits or with
       ``source="scores"``. Still divided by log E, so it is at most log k / log E.
@@ -204,4 +206,20 @@ def _entropy_dataset(ds: xr.Dataset, mean: np.ndarray, ntok: np.ndarray, per_tok
         out.attrs["n_tokens"] = int(ntok[0])
     if prob == PROB_SCORES:
         out.attrs["note"] = "scores cover only the k chosen experts: values are at most log k / log E"
+    score = _routing_score(ds)
+    if score is not None:
+        out.attrs["routing_score"] = score
+        if prob == PROB_LOGITS:
+            out.attrs["probabilities_are"] = (
+                "the router's own distribution (the model applies a softmax over the logits)" if score == "softmax"
+                else f"a convention: the model scores experts with a {score}, not a softmax over all experts, so "
+                     "softmax(logits) is the router's implied distribution, not one it applies")
     return out
+
+
+def _routing_score(ds: xr.Dataset) -> str | None:
+    """How the recorded model turns router logits into weights ("softmax", "sigmoid"), from the trace's
+    ``routing`` attribute (the same for every MoE layer), or None when the trace does not say."""
+    layers = ((ds.attrs.get("routing") or {}).get("layers")) or []
+    scores = {str(x.get("score")) for x in layers if isinstance(x, dict) and x.get("score")}
+    return scores.pop() if len(scores) == 1 else None
