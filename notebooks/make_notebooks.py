@@ -4,6 +4,7 @@ Keeping the source here makes diffs readable; the .ipynb files are what users op
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import nbformat as nbf
@@ -38,26 +39,36 @@ NOTEBOOKS = {
                  "for t in range(first.sizes['token']):\n"
                  "    print(repr(str(first['token_text'][t].values)).ljust(14), first['topk_expert'][t, :, 0].values)"),
         ("code", "from workbench.analysis import expert_load, load_imbalance\n"
-                 "print(expert_load(ds).round(3).to_pandas())\n"
-                 "load_imbalance(ds)"),
+                 "load_imbalance(ds).to_dataframe().style.format(precision=3)"),
+        ("md", "## Expert load at a glance\nShare of the routed tokens per expert (columns) and MoE layer (rows); the "
+               "strip above the heatmap gives each expert its fixed color, the one every view uses."),
+        ("code", "from workbench.export.figures import plot_load_heatmap\nplot_load_heatmap(ds)"),
+        ("md", "## What next\n* **02_live_expert_load** - watch the load while a run streams, then filter it, read "
+               "tokens colored by expert and the routing flow between layers.\n"
+               "* **03_cross_modal_attention** - where a text token looks in an image.\n"
+               "* **04_analyses_and_export** - the routing metrics, and figures / tables / a report for a paper.\n"
+               "* **05_real_llama4_checkpoint** - the same on a real Scout or Maverick checkpoint."),
     ],
     "02_live_expert_load.ipynb": [
         ("md", "# Live expert-load dashboard\n\nThe dashboard watches a running `Recorder`: the MoE layer x "
-               "expert heatmap and the imbalance panel refresh (at most twice a second) while the prompts stream "
-               "into the trace. Afterwards the same views open on the stored trace, lazily."),
+               "expert heatmap and the imbalance panel refresh at least once a second (at most twice) while the "
+               "prompts stream into the trace, and the status line shows the progress (tokens committed, tokens "
+               "per second). The recorder commits every half second here (`commit_every_seconds=0.5`), and the "
+               "dashboard redraws once per commit. Afterwards the same views open on the stored trace, lazily."),
         ("code", SETUP + "\nfrom IPython.display import display\n"
                  "from workbench.widgets import ExpertLoadDashboard, TokenRoutingView, RoutingFlow"),
         ("code", "model, proc = wb.load_model(MODEL), wb.load_processor(MODEL)\n"
                  "prompts = [p for p in demo_prompts() if not p['images']] * 4\n"
                  "store = f'{RUNS}/live.zarr'\n"
-                 "rec = wb.record(model, store, processor=proc, overwrite=True)\n"
+                 "rec = wb.record(model, store, processor=proc, overwrite=True, commit_every_seconds=0.5)\n"
                  "dash = ExpertLoadDashboard(rec)     # live mode: refreshes while the run streams\n"
                  "display(dash)"),
         ("code", "with rec:\n    summary = rec.run(model, proc, prompts, batch_size=2)\n"
                  "dash.stop()\nprint(summary['tokens'], 'tokens;', rec.loads().sum().item(), 'routed slots')"),
         ("md", "## The stored trace\nFilter by modality or sequence range; toggle count / share / deviation from uniform."),
         ("code", "ExpertLoadDashboard(store)"),
-        ("code", "TokenRoutingView(store)   # tokens colored by top-1 expert; layer slider; click a token to pin its path"),
+        ("code", "TokenRoutingView(store)   # tokens colored by top-1 expert; the key counts them; click the key to "
+                 "highlight experts,\n                          # a token to pin its path"),
         ("code", "layers = wb.open_trace(store)['layer'].values\n"
                  "RoutingFlow(store, a=int(layers[0]), b=int(layers[-1]))"),
     ],
@@ -78,23 +89,51 @@ NOTEBOOKS = {
                  "with wb.record(model, store, capture=('router', 'attention'), processor=proc, overwrite=True):\n"
                  "    model(**batch)\n"
                  "att = wb.open_attention(store, sequence=0)\natt"),
-        ("md", "## Which quadrant does each digit's predicting token attend to?\nHead-mean over the last two layers; "
-               "quadrant of each patch from its (row, col) on the tile's token grid."),
-        ("code", "ds = wb.open_trace(store, tokens=True)\n"
+        ("md", "## Which quadrant does each digit's predicting token attend to?\nFor each digit of the caption, the "
+               "token just before it (the one that predicts the digit) and the share of its head-mean attention on "
+               "each quadrant of the image (quadrant of a patch from its (row, col) on the tile's token grid), per "
+               "layer. Chance is 25%."),
+        ("code", "import re, pandas as pd\n"
+                 "ds = wb.open_trace(store, tokens=True)\n"
                  "text = [str(t) for t in ds['token_text'].values]\n"
-                 "a = att.sel(layer=att['layer'].values[-2:]).mean(('layer', 'head')).values   # (query, patch)\n"
+                 "A = att.mean('head').values.astype(float)                # (layer, query, patch)\n"
                  "rows, cols = att['row'].values, att['col'].values\n"
                  "half = (rows.max() + 1) / 2\n"
                  "quadrant = (rows >= half) * 2 + (cols >= half)            # 0 TL, 1 TR, 2 BL, 3 BR\n"
                  "names = ['top left', 'top right', 'bottom left', 'bottom right']\n"
+                 "caption = [(f'{m[1]} {m[2]}', m[3])                      # ('top left', '3'), ... in order\n"
+                 "           for m in re.finditer(r'(top|bottom) (left|right) (\\d)', item['text'])]\n"
                  "q_tokens = att['query_token'].values\n"
-                 "for qi, t in enumerate(q_tokens[:-1]):\n"
-                 "    nxt = text[t + 1].strip()\n"
-                 "    if nxt.isdigit():\n"
-                 "        mass = np.bincount(quadrant, weights=a[qi], minlength=4)\n"
-                 "        print(f'before digit {nxt}: most attention on {names[int(mass.argmax())]:12s}', np.round(mass / mass.sum(), 2))"),
-        ("md", "## Interactive overlay\nPick a text token; the heat map is drawn on the pixels of the picture you gave."),
-        ("code", "CrossModalAttentionView(store, sequence=0, image=image, image_info=batch.images[0])"),
+                 "predicting = [qi for qi, t in enumerate(q_tokens[:-1]) if text[t + 1].strip().isdigit()]\n"
+                 "def shares(layer_pos, qi):\n"
+                 "    m = np.bincount(quadrant, weights=A[layer_pos, qi], minlength=4)\n"
+                 "    return m / m.sum()\n"
+                 "layers = [int(x) for x in att['layer'].values]\n"
+                 "right = pd.DataFrame({f'L{l}': [shares(li, qi)[names.index(where)] for qi, (where, _) in "
+                 "zip(predicting, caption)] for li, l in enumerate(layers)},\n"
+                 "                     index=[f'{where} {digit}' for where, digit in caption])\n"
+                 "right.style.format('{:.0%}').background_gradient(cmap='viridis', vmin=0, vmax=1)"),
+        ("md", "## The layers that carry the signal\nA layer carries the signal when the predicting tokens put on "
+               "average at least half of their image attention (twice chance) on the quadrant the caption names. "
+               "The summary below averages over those layers only: averaging in a layer that attends almost "
+               "uniformly (here, typically, the last one) would only dilute the answer."),
+        ("code", "mean_right = right.mean()\n"
+                 "signal = ([i for i, l in enumerate(layers) if mean_right[f'L{l}'] >= 0.5]\n"
+                 "          or [int(np.argmax(mean_right.values))])         # none reaches 50%: the best one\n"
+                 "print('mean share on the named quadrant per layer:',\n"
+                 "      ', '.join(f'{k} {v:.0%}' for k, v in mean_right.items()))\n"
+                 "print('layers carrying the signal:', ', '.join(f'L{layers[i]}' for i in signal), "
+                 "'(>= 50% on the named quadrant; chance 25%)')\n"
+                 "for qi, (where, digit) in zip(predicting, caption):\n"
+                 "    m = np.mean([shares(li, qi) for li in signal], axis=0)\n"
+                 "    print(f'before digit {digit} ({where:12s}): most attention on {names[int(m.argmax())]:12s}',\n"
+                 "          np.round(m, 2))"),
+        ("md", "## Interactive overlay\nThe view opens on the token before the first digit, at the layer where its "
+               "attention is most peaked; the bars beside the picture give the share per quadrant. Query labels show "
+               "each token in context (`left ␣ -> 3`: the word before, the token, the next token). Pick another "
+               "token or layer; the heat map is drawn on the pixels of the picture you gave."),
+        ("code", "view = CrossModalAttentionView(store, sequence=0, image=image, image_info=batch.images[0])\n"
+                 "print('opens on', view.query_labels[view.w_query.value], 'at layer', view.layer)\nview"),
     ],
     "04_analyses_and_export.ipynb": [
         ("md", "# Routing analyses and paper export\n\nTrace the bundled prompts (prose, code, arithmetic), compute "
@@ -122,7 +161,8 @@ NOTEBOOKS = {
                  "print('chunk size', jump.attrs['chunk_size'], 'pairs (inside, edge):', jump['jump_n_pairs'].values)\n"
                  "jump['jump_same_top1_rate'].to_pandas()"),
         ("code", "layers = ds['layer'].values\n"
-                 "A.layer_transitions(ds, int(layers[0]), int(layers[-1])).round(2).to_pandas()"),
+                 "(A.layer_transitions(ds, int(layers[0]), int(layers[-1])).to_pandas()\n"
+                 " .style.format('{:.2f}').background_gradient(cmap='viridis', axis=None))"),
         ("code", "labels = {i: p['domain'] for i, p in enumerate(prompts)}\n"
                  "dom = A.domain_specialization(ds, labels)\n"
                  "dom['jsd_normalized'].to_pandas()"),
@@ -133,7 +173,21 @@ NOTEBOOKS = {
                "NetCDF/Parquet subsets and a self-contained HTML report; every file carries provenance."),
         ("code", "from workbench.export import export_all\n"
                  "files = export_all(store, f'{RUNS}/paper', labels=labels, progress=False)\n"
-                 "sorted(str(f.relative_to(f'{RUNS}/paper')) for f in files)"),
+                 "kinds = sorted({f.suffix for f in files})\n"
+                 "print(len(files), 'files under', f'{RUNS}/paper', '-', ', '.join(kinds), '(report.html opens offline)')"),
+        ("md", "### The key figures\nThe same figures as the exported PDF/SVG files, shown here."),
+        ("code", "from IPython.display import display\n"
+                 "from workbench.export import figures as F\n"
+                 "for fig in (F.plot_load_heatmap(ds), F.plot_imbalance(ds), F.plot_token_routing(ds, 0, 64)):\n"
+                 "    display(fig)"),
+        ("md", "### Transitions between the first and last MoE layer\nP(expert at the last layer | expert at the first), "
+               "as a heatmap (color scale from 0 to the largest probability)."),
+        ("code", "F.plot_transitions(ds, int(layers[0]), int(layers[-1]))"),
+        ("md", "### Tables\nThe per-layer metrics table the export writes as CSV and LaTeX."),
+        ("code", "from workbench.export.tables import layer_metrics_table\n"
+                 "t = layer_metrics_table(ds)\n"
+                 "import pandas as pd\n"
+                 "pd.DataFrame(t.rows, columns=[c.key for c in t.columns]).style.format(precision=3).hide(axis='index')"),
     ],
     "05_real_llama4_checkpoint.ipynb": [
         ("md", "# A real Llama 4 Scout / Maverick checkpoint\n\nSet `WB_CHECKPOINT` to an HF-format directory "
@@ -169,6 +223,8 @@ def build() -> None:
         nb = nbf.v4.new_notebook()
         nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
         nb.cells = [nbf.v4.new_markdown_cell(src) if kind == "md" else nbf.v4.new_code_cell(src) for kind, src in cells]
+        for i, cell in enumerate(nb.cells):  # stable ids: rebuilding leaves unchanged notebooks unchanged
+            cell.id = hashlib.sha1(f"{name}:{i}:{cell.source}".encode()).hexdigest()[:8]
         nbf.write(nb, HERE / name)
 
 

@@ -565,3 +565,185 @@ def test_client_side_mode_switch_equals_the_python_values(tmp_path):
     assert [k for _, k in out[6]["draws"]] == ["patch", "patch"]  # layer: both figures patched
     assert "local" in [k for _, k in out[16]["draws"]]  # the kernel's patch, then the page's mode on top
     assert out[17]["draws"] == []
+
+
+# ------------------------------------------------------------------------------ legibility (issue 17)
+def make_legibility_traces(root: Path) -> None:
+    """A routing trace whose first tokens are `"`, `<`, `&` and friends; a 16-expert top-1 trace with
+    many transitions (Sankey); the demo digit-grid prompt through the embedded model (attention); a
+    tiny checkpoint for a live recording."""
+    import numpy as np
+    import torch
+
+    import workbench as wb
+    from tests.hf_reference import hf_text_model
+    from workbench.embedded import default_model_dir, demo_prompts, is_trained_default
+    from workbench.trace import TraceWriter
+    from workbench.trace.schema import routing_layout
+
+    vocab = ['"', 'say "hi"', "<b>x</b>", "a & b", "it's", "&quot;"] + [f"w{i}" for i in range(30)]
+    rng = np.random.default_rng(0)
+    n = 40  # the first six tokens are the quote-ish ones
+    ids = rng.integers(0, len(vocab), n).astype(np.int32)
+    ids[:6] = np.arange(6)
+    with TraceWriter.create(root / "quoty.zarr", **routing_layout([1, 3], 8, 2), vocab=vocab) as w:
+        w.append(token_id=ids, sequence=np.zeros(n, np.int32), position=np.arange(n, dtype=np.int32),
+                 modality=np.zeros(n, np.int8),
+                 topk_expert=np.stack([np.stack([rng.permutation(8)[:2] for _ in range(2)]) for _ in range(n)])
+                 .astype(np.int16), topk_weight=rng.random((n, 2, 2)).astype(np.float32))
+    n = 3000
+    a = rng.integers(0, 16, n)
+    b = np.where(rng.random(n) < 0.6, (a * 5 + 1) % 16, rng.integers(0, 16, n))
+    with TraceWriter.create(root / "flow16.zarr", **routing_layout([1, 3], 16, 1)) as w:
+        w.append(token_id=np.zeros(n, np.int32), sequence=np.zeros(n, np.int32), position=np.arange(n, dtype=np.int32),
+                 modality=np.zeros(n, np.int8), topk_expert=np.stack([a, b], 1)[:, :, None].astype(np.int16),
+                 topk_weight=np.ones((n, 2, 1), np.float32))
+    if is_trained_default():
+        from PIL import Image
+
+        model, proc = wb.load_model(default_model_dir(), progress=False), wb.load_processor(default_model_dir())
+        item = [p for p in demo_prompts() if p["images"]][0]
+        image = Image.open(item["images"][0]).convert("RGB")
+        image.save(root / "digits.png")
+        batch = proc(text=[item["text"]], images=[[image]])
+        with torch.no_grad(), wb.record(model, root / "demo_att.zarr", capture=("router", "attention"),
+                                        processor=proc):
+            model(**batch)
+    hf_text_model(seed=3, num_experts_per_tok=2, interleave_moe_layer_step=2).save_pretrained(root / "live_ck")
+
+
+LEGIBILITY_NOTEBOOK = [
+    "import json, time, numpy as np, torch, workbench as wb\n"
+    "from pathlib import Path\n"
+    "from PIL import Image\n"
+    "from workbench.widgets import TokenRoutingView, RoutingFlow, CrossModalAttentionView, ExpertLoadDashboard",
+    "tokens = TokenRoutingView('quoty.zarr', page_size=40)\ntokens",
+    "flow = RoutingFlow('flow16.zarr')\nflow",
+    "att = None\n"
+    "if Path('demo_att.zarr').exists():\n"
+    "    att = CrossModalAttentionView('demo_att.zarr', 0, image=Image.open('digits.png'))\n"
+    "    print(json.dumps({'label': att.query_labels[att.w_query.value], 'layer': att.layer}))\n"
+    "att",
+    "model = wb.load_model('live_ck', progress=False)\n"
+    "g = torch.Generator().manual_seed(0)\n"
+    "rec = wb.record(model, 'live.zarr', commit_every_seconds=0.25)\n"
+    "dash = ExpertLoadDashboard(rec, mode='share')\n"
+    "dash",
+    "# stream for ~6 s\n"
+    "t_stream = [time.time()]\n"
+    "with torch.no_grad(), rec:\n"
+    "    while time.time() - t_stream[0] < 6.0:\n"
+    "        model(input_ids=torch.randint(3, 300, (2, 64), generator=g))\n"
+    "t_stream.append(time.time())\n"
+    "dash.stop()\n"
+    "print(json.dumps({'stream_s': t_stream[1] - t_stream[0], 'kernel_redraws': dash.n_refreshes}))",
+]
+
+
+def _boxes_overlap(a, b, slack=0.5):
+    return not (a["right"] <= b["left"] + slack or b["right"] <= a["left"] + slack
+                or a["bottom"] <= b["top"] + slack or b["bottom"] <= a["top"] + slack)
+
+
+JS_TEXT_BOXES = """(sel) => [...document.querySelectorAll(sel)].filter(e => e.textContent.trim()).map(e => {
+  const r = e.getBoundingClientRect();
+  return {text: e.textContent, left: r.left, right: r.right, top: r.top, bottom: r.bottom}; })"""
+
+
+def test_legibility_key_highlight_escaping_sankey_titles_attention_and_live_cadence(tmp_path):
+    require_browser()
+    make_legibility_traces(tmp_path)
+    write_notebook(tmp_path / "legible.ipynb", LEGIBILITY_NOTEBOOK)
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    with jupyter_lab(tmp_path) as (base, token), browser() as page:
+        open_notebook(page, base, token, "legible.ipynb")
+        t_run = page.evaluate("() => performance.now()")
+        run_all(page)
+        wait_idle(page, timeout=300_000)
+        assert not cell_errors(page), cell_errors(page)
+        page.wait_for_function("() => document.querySelectorAll('.wb-routing-flow .sankey-link').length > 0")
+
+        # ---- live dashboard: >= 1 redraw per second of streaming, drawn in the page; progress shown
+        out = page.eval_on_selector_all(".jp-OutputArea-output pre", "els => els.map(e => e.innerText)")
+        live = json.loads(next(o for o in out if "stream_s" in o))
+        draws = page.evaluate("() => globalThis.__workbenchDraws.log.filter(d => d.view === "
+                              "'ExpertLoadDashboard.heatmap').map(d => d.end)")
+        assert t_run < draws[0]
+        stream = live["stream_s"]
+        # draws during the stream: the kernel's redraws arrive while the cell runs (the last one or two after)
+        assert live["kernel_redraws"] >= int(stream), live
+        assert len(draws) - 1 >= int(stream), (len(draws), stream)  # first draw: the empty dashboard
+        gaps = [b - a for a, b in zip(draws[1:], draws[2:])]
+        assert max(gaps) < 1500, gaps  # never more than 1.5 s on one frame while tokens arrive
+        status = page.locator(".wb-load-dashboard .widget-html-content").first.inner_text()
+        assert "tokens committed" in status and "tokens/s" in status, status
+
+        # ---- token view: the color key counts, a click highlights; no `&quot;` anywhere
+        key = page.locator(".wb-key")
+        assert key.locator("[data-key]").count() == 8
+        counts = page.eval_on_selector_all(".wb-tokens .wb-tok", "els => els.map(e => Number(e.dataset.e))")
+        e0 = max(set(counts), key=counts.count)
+        assert key.locator(f"[data-key='{e0}']").inner_text().split()[:2] == [str(e0), str(counts.count(e0))]
+        key.locator(f"[data-key='{e0}']").click()
+        page.wait_for_function("(e) => document.querySelectorAll('.wb-tokens .wb-hl').length > 0 && "
+                               "[...document.querySelectorAll('.wb-tokens .wb-hl')].every(x => x.dataset.e == e)",
+                               arg=str(e0))
+        assert page.locator(".wb-tokens .wb-hl").count() == counts.count(e0)
+        assert page.locator(".wb-tokens .wb-dim").count() == len(counts) - counts.count(e0)
+        assert page.locator(".wb-token-view input[type='text']").first.input_value() == str(e0)
+        page.locator(".wb-token-view").screenshot(path=str(shots / "token_key_highlight.png"))
+        for i in range(6):  # pin the quote-ish tokens: the path title shows each as itself
+            page.locator(f".wb-tokens .wb-tok[data-i='{i}']").click()
+            page.wait_for_function("([js, i]) => { const s = (new Function('view', js))('TokenRoutingView.path');"
+                                   " return s && s.title.startsWith('Token ' + i + ' '); }", arg=[JS_FIG_BODY, i])
+            shown = page.evaluate("() => [...document.querySelectorAll('.js-plotly-plot .gtitle')]"
+                                  ".map(e => e.textContent).join('\\n')")
+            assert "&quot;" not in shown.replace("'&quot;'", ""), shown
+            assert "&amp;" not in shown and "&lt;" not in shown and "&#" not in shown, shown
+            if i == 1:
+                assert "'say \"hi\"'" in shown, shown  # the token, as itself
+
+        # ---- every rendered plotly text: no escaped entity shows as text
+        texts = page.eval_on_selector_all(".js-plotly-plot svg text", "els => els.map(e => e.textContent)")
+        for t in texts:
+            assert "&quot;" not in t.replace("'&quot;'", "") and "&amp;" not in t and "&lt;" not in t, t
+
+        # ---- titles are not under the toolbar
+        for gd in page.query_selector_all(".js-plotly-plot"):
+            title = gd.query_selector(".gtitle")
+            bar = gd.query_selector(".modebar")
+            if title is None or bar is None:
+                continue
+            tb, mb = title.bounding_box(), bar.bounding_box()
+            if tb and mb and mb["width"] > 0:
+                a = {"left": tb["x"], "right": tb["x"] + tb["width"], "top": tb["y"], "bottom": tb["y"] + tb["height"]}
+                b = {"left": mb["x"], "right": mb["x"] + mb["width"], "top": mb["y"], "bottom": mb["y"] + mb["height"]}
+                assert not _boxes_overlap(a, b), (title.text_content(), a, b)
+
+        # ---- Sankey: node labels do not collide
+        labels = page.evaluate(JS_TEXT_BOXES, ".wb-routing-flow .sankey .node-label")
+        assert labels, "some nodes are labelled"
+        for i in range(len(labels)):
+            for j in range(i + 1, len(labels)):
+                assert not _boxes_overlap(labels[i], labels[j]), (labels[i], labels[j])
+        assert page.locator(".wb-routing-flow .sankey-link").count() == 40
+        page.locator(".wb-routing-flow").screenshot(path=str(shots / "sankey_default.png"))
+
+        # ---- attention on the demo image: opens on the token before the first digit, most peaked layer
+        info = next((o for o in out if '"label"' in o), None)
+        if info is not None:
+            info = json.loads(info)
+            assert info["label"].endswith("\u2423 -> 3") or " -> " in info["label"], info
+            rendered = page.evaluate("() => { const gd = [...document.querySelectorAll('.js-plotly-plot')].find(g =>"
+                                     " g.layout.meta && g.layout.meta.view === 'CrossModalAttentionView');"
+                                     " return gd.querySelector('.gtitle').textContent; }")
+            # the label with its context, shown as itself (plotly text lines join without the break's space)
+            assert info["label"].replace(" ", "") in rendered.replace(" ", ""), (info, rendered)
+            assert f"L{info['layer']}" in rendered
+            shares = fig_state(page, "CrossModalAttentionView.shares")
+            assert shares is not None and "top left" in shares["data"]
+            page.locator(".wb-attention-view").screenshot(path=str(shots / "attention_story.png"))
+    OUT.mkdir(parents=True, exist_ok=True)
+    for f in shots.glob("*.png"):
+        shutil.copy(f, OUT / f"widgets_{f.name}")

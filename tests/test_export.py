@@ -593,3 +593,82 @@ def test_read_labels_formats(tmp_path):
     assert read_labels(tmp_path / "p.jsonl") == {0: "code", 1: "prose"}
     with pytest.raises(ExportError, match="bad.jsonl:2: not valid JSON"):
         read_labels(tmp_path / "bad.jsonl")
+
+
+# ------------------------------------------------------------------- escaping once, identity colors, scales
+QUOTY = ['"', 'say "hi"', "<b>bold</b>", "a & b", "it's", "&quot;"]
+
+
+def _quoty_trace(path: Path, n_experts: int = 6, k: int = 2, n: int = 24) -> Path:
+    rng = np.random.default_rng(5)
+    vocab = [f"t{i}" for i in range(10)] + QUOTY
+    with TraceWriter.create(path, **routing_layout(LAYERS, n_experts, k), vocab=vocab) as w:
+        ids = rng.integers(0, 10, n).astype(np.int32)
+        ids[:len(QUOTY)] = np.arange(10, 10 + len(QUOTY))
+        top = np.stack([np.stack([rng.permutation(n_experts)[:k] for _ in LAYERS]) for _ in range(n)]).astype(np.int16)
+        w.append(token_id=ids, sequence=np.zeros(n, np.int32), position=np.arange(n, dtype=np.int32),
+                 modality=np.zeros(n, np.int8), topk_expert=top,
+                 topk_weight=rng.random((n, len(LAYERS), k)).astype(np.float32))
+    return path
+
+
+def test_report_plotly_text_is_escaped_exactly_once(tmp_path):
+    """Tick labels and hover text of the report's token routing figure show `"`, `<`, `&` tokens as
+    themselves: escaped once for plotly's tag parser (`& < >`), never `&quot;` (plotly does not decode it)."""
+    from workbench.export.report import _routing_figure
+
+    ds = open_trace(_quoty_trace(tmp_path / "q.zarr"), tokens=True)
+    fig = _routing_figure(ds, 0, 64)
+    ticks = list(fig.layout.xaxis.ticktext)
+    hover = [x for row in fig.data[0].text for x in row]
+    for s in ticks + hover:
+        assert "&quot;" not in s.replace("&amp;quot;", ""), s
+        assert "&#x27;" not in s and "<b>bold" not in s
+    assert ticks[:6] == ['"', 'say "hi"', "&lt;b&gt;bold&lt;/b&gt;", "a &amp; b", "it's", "&amp;quot;"]
+    assert 'say "hi"' in hover[1] and "&lt;b&gt;bold&lt;/b&gt;" in hover[2]
+
+
+def test_report_token_routing_has_a_categorical_key_not_a_colorbar(tmp_path):
+    from workbench.export.report import _routing_figure
+    from workbench.widgets._palette import CATEGORICAL, NEUTRAL
+
+    ds = open_trace(_quoty_trace(tmp_path / "q6.zarr"), tokens=True)
+    fig = _routing_figure(ds, 0, 64)
+    assert fig.data[0].showscale is False  # identity is not a magnitude: no colorbar (whose 16 ticks collided)
+    keys = [tr for tr in fig.data[1:] if tr.showlegend]
+    assert [tr.name.split(" (")[0] for tr in keys] == [f"expert {e}" for e in range(6)]
+    assert [tr.marker.color for tr in keys] == list(CATEGORICAL[:6])
+    # 128 experts: grey, the most used highlighted and named, one entry for the others
+    ds = open_trace(_quoty_trace(tmp_path / "q128.zarr", n_experts=128, k=1), tokens=True)
+    fig = _routing_figure(ds, 0, 64)
+    names = [tr.name for tr in fig.data[1:]]
+    assert len(names) == 9 and names[-1].startswith("other ") and fig.data[-1].marker.color == NEUTRAL
+
+
+def test_transitions_color_scale_fits_the_data(syn):
+    from workbench.analysis import layer_transitions
+    from workbench.export.figures import plot_transitions
+
+    ds = open_trace(syn)
+    fig = plot_transitions(ds, 1, 3)
+    im = next(i for a in fig.axes for i in a.images if i.get_array().shape == (E, E))  # not the expert strips
+    vmin, vmax = im.get_clim()
+    P = layer_transitions(ds, 1, 3).values
+    assert vmin == 0 and vmax == pytest.approx(float(np.nanmax(P))) and vmax < 1.0
+
+
+def test_token_routing_figure_with_128_experts_names_the_highlighted(tmp_path):
+    from matplotlib.colors import to_hex
+
+    from workbench.export.figures import plot_token_routing
+    from workbench.widgets._palette import CATEGORICAL
+
+    ds = open_trace(_quoty_trace(tmp_path / "r128.zarr", n_experts=128, k=1), tokens=True)
+    fig = plot_token_routing(ds, 0)
+    leg = fig.legends[0]
+    labels = [t.get_text() for t in leg.get_texts()]
+    experts = [lab for lab in labels if lab.startswith("expert ")]
+    assert len(experts) == 8 and any(lab.startswith("other ") for lab in labels)
+    colors = [to_hex(h.get_facecolor()).upper() for h, lab in zip(leg.legend_handles, labels)
+              if lab.startswith("expert ")]
+    assert colors == [c.upper() for c in CATEGORICAL[:8]]

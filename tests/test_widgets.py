@@ -27,7 +27,7 @@ from workbench.widgets import (  # noqa: E402
     sankey_links,
     text_color_on,
 )
-from workbench.widgets._palette import OKABE_ITO  # noqa: E402
+from workbench.widgets._palette import CATEGORICAL, NEUTRAL, OKABE_ITO, expert_color_map  # noqa: E402
 
 HOSTILE = ["<script>alert(1)</script>", "<img src=x onerror=alert(1)>", '" onmouseover="alert(2)', "&amp;",
            "</span><b>bold</b>", "\n"]
@@ -101,19 +101,64 @@ def hand_top1(d, t, l):
 def test_expert_colors_fixed_distinct_and_colorblind_palettes():
     assert expert_colors(8) == list(OKABE_ITO)
     assert expert_color(3, 5) == OKABE_ITO[3]
-    for n in (16, 128):
-        cols = expert_colors(n)
-        assert len(set(cols)) == n, "one color per expert"
-        assert cols == expert_colors(n), "deterministic"
-        assert all(c.startswith("#") and len(c) == 7 for c in cols)
-    # neighbouring ids are far apart (van der Corput order on viridis): 0 -> start, 1 -> middle, 2 -> 1/4
-    from workbench.widgets._palette import _viridis
-
-    assert expert_color(0, 16) == "#440154" and expert_color(1, 16) == _viridis(8 / 15)
-    assert expert_color(2, 16) == _viridis(4 / 15) and expert_color(15, 16) == _viridis(1.0)
+    cols = expert_colors(16)
+    assert cols == list(CATEGORICAL) and len(set(cols)) == 16, "one categorical color per expert up to 16"
+    assert expert_colors(16)[:8] == list(OKABE_ITO), "the same expert keeps its color from 8 to 16 experts"
+    assert all(c.startswith("#") and len(c) == 7 for c in cols)
+    # no ramp: identity colors must not be viridis (the values' scale) nor sorted by lightness with the id
+    lum = [_luminance(c) for c in cols]
+    assert lum != sorted(lum) and lum != sorted(lum, reverse=True)
+    assert not {"#440154", "#FDE725"} & set(cols)
+    # 128 experts: neutral by default, highlighted experts get the categorical colors in highlight order
+    assert set(expert_colors(128)) == {NEUTRAL}
+    m = expert_color_map(128, [70, 3, 70, 127])
+    assert (m[70], m[3], m[127]) == CATEGORICAL[:3] and m.count(NEUTRAL) == 125
+    # <= 16 experts: a highlight keeps the highlighted experts' own colors, greys the rest
+    m = expert_color_map(16, [5, 9])
+    assert m[5] == CATEGORICAL[5] and m[9] == CATEGORICAL[9] and m.count(NEUTRAL) == 14
+    assert expert_color_map(16) == cols
     with pytest.raises(ValueError, match="outside"):
         expert_color(16, 16)
+    with pytest.raises(ValueError, match="outside"):
+        expert_color_map(16, [16])
     assert text_color_on("#000000") == "#FFFFFF" and text_color_on("#F0E442") == "#000000"
+
+
+def _luminance(c):
+    rgb = [int(c[i:i + 2], 16) / 255 for i in (1, 3, 5)]
+    return sum(w * x for w, x in zip((0.2126, 0.7152, 0.0722), rgb))
+
+
+# Machado, Oliveira & Fernandes (2009) dichromacy simulation matrices (severity 1, linear RGB)
+_CVD = {"normal": np.eye(3),
+        "protanopia": np.array([[0.152286, 1.052583, -0.204868], [0.114503, 0.786281, 0.099216],
+                                [-0.003882, -0.048116, 1.051998]]),
+        "deuteranopia": np.array([[0.367322, 0.860646, -0.227968], [0.280085, 0.672501, 0.047413],
+                                  [-0.011820, 0.042940, 0.968881]]),
+        "tritanopia": np.array([[1.255528, -0.076749, -0.178779], [-0.078411, 0.930809, 0.147602],
+                                [0.004733, 0.691367, 0.303900]])}
+
+
+def _lab(colors, kind):
+    rgb = np.array([[int(c[i:i + 2], 16) for i in (1, 3, 5)] for c in colors], float) / 255
+    lin = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    lin = np.clip(lin @ _CVD[kind].T, 0, 1)
+    xyz = lin @ np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]).T
+    xyz = xyz / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > 0.008856, np.cbrt(xyz), 7.787 * xyz + 16 / 116)
+    return np.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], -1)
+
+
+@pytest.mark.parametrize("kind,floor", [("normal", 18), ("protanopia", 13), ("deuteranopia", 13), ("tritanopia", 15)])
+def test_categorical_palette_is_distinct_under_color_vision_deficiencies(kind, floor):
+    """The palette module's claim: every pair of the 16 expert colors differs by CIE76 Delta E >= floor,
+    for normal vision and simulated dichromacies; the neutral grey stands apart from all of them."""
+    lab = _lab(list(CATEGORICAL), kind)
+    d = np.linalg.norm(lab[:, None] - lab[None], axis=-1)
+    np.fill_diagonal(d, np.inf)
+    assert d.min() >= floor, (kind, d.min())
+    grey = _lab([NEUTRAL], kind)[0]
+    assert np.linalg.norm(lab - grey, axis=-1).min() >= 10
 
 
 # --------------------------------------------------------------------------------- load dashboard
@@ -310,12 +355,50 @@ def test_live_dashboard_layer_is_a_decoder_index_of_the_recorder():
 
 
 def test_live_refresh_wait_bounds_the_refresh_share_of_wall_time():
-    from workbench.widgets.load import next_refresh_wait
-    assert next_refresh_wait(0.5, 0.001) == 0.5  # cheap redraw: the period (0.001 / 0.501 < 0.5%)
-    w = next_refresh_wait(0.5, 0.02)  # a 20 ms redraw: wait 4 s - 20 ms
-    assert w == pytest.approx(3.98)
-    assert 0.02 / (0.02 + w) == pytest.approx(0.005)
+    from workbench.widgets.load import _MAX_DUTY, next_refresh_wait
+    assert _MAX_DUTY == 0.008  # 0.8% of wall time in refresh CPU: ~2% slowdown on a 2-core CPU-bound run
+    assert next_refresh_wait(0.5, 0.001) == 0.5  # cheap redraw: the period
+    assert next_refresh_wait(0.5, 0.005) == pytest.approx(0.62)  # a typical 5 ms redraw: still > 1 Hz
+    w = next_refresh_wait(0.5, 0.02)  # a 20 ms redraw: wait 2.5 s - 20 ms
+    assert w == pytest.approx(2.48)
+    assert 0.02 / (0.02 + w) == pytest.approx(0.008)
     assert next_refresh_wait(1.0, 0.01, max_duty=0.01) == pytest.approx(1.0)  # exactly at the bound
+
+
+def test_live_dashboard_redraws_at_least_once_a_second_and_shows_progress():
+    """While tokens arrive the dashboard redraws at >= 1 Hz (the cost bound is on the refresh thread's CPU
+    time, not on wall time spent waiting for the GIL) and its status shows tokens and tokens/s."""
+    import threading
+
+    rec = FakeRecorder(L=4, n_experts=16, layers=(1, 3, 5, 7))
+    dash = ExpertLoadDashboard(rec, mode="share")
+    rng = np.random.default_rng(0)
+    stop = threading.Event()
+
+    def busy():  # a CPU-bound "model" holding the GIL most of the time, as a forward pass in Python does
+        while not stop.is_set():
+            sum(i * i for i in range(20000))
+
+    th = threading.Thread(target=busy, daemon=True)
+    th.start()
+    t0 = time.perf_counter()
+    try:
+        while time.perf_counter() - t0 < 4.0:  # 100 tokens every 50 ms: 2,000 tokens/s
+            rec.add(100, rng)
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        th.join()
+    dur = time.perf_counter() - t0
+    times = [t for t in dash.refresh_times if t <= t0 + dur]
+    assert len(times) >= int(dur), (len(times), dur)
+    gaps = np.diff([t0, *times])
+    assert gaps.max() < 1.3, gaps  # never sits on one frame for long
+    rate = dash.tokens_per_second()
+    assert rate is not None and 1000 < rate < 3000, rate
+    assert "tokens/s" in dash.w_status.value and "tokens committed" in dash.w_status.value
+    rec._closed = True
+    dash.stop()
 
 
 def test_live_dashboard_on_a_real_recorder(tmp_path):
@@ -408,6 +491,82 @@ def test_token_view_colors_follow_top1_at_the_layer(tiny):
         first = int(d["topk_expert"][7, pos][int(np.argmax(w))])
         assert f"layer {lab}: top-2 expert (weight): {first} ({w.max():.3f})" in tip
         assert f"layer {lab}" in v.w_info.value
+
+
+def _key_items(key_html):
+    """(expert, count) per clickable chip of the token view's key."""
+    import re
+
+    return [(int(e), int(c)) for e, c in re.findall(r'data-key="(\d+)".*?</span> (\d+) ', key_html)]
+
+
+def test_token_view_color_key_counts_top1_per_expert(tiny):
+    p, d = tiny
+    v = TokenRoutingView(p, page_size=10, layer=3)
+    hand = np.bincount([hand_top1(d, t, 1) for t in range(10)], minlength=E)
+    assert v.key_counts() == {e: int(c) for e, c in enumerate(hand) if c}
+    items = _key_items(v.strip.key)
+    assert items == [(e, int(hand[e])) for e in range(E)], "every expert of a <= 16 palette is in the key"
+    for e in range(E):  # each chip shows the expert's own color and number
+        assert f'data-key="{e}"' in v.strip.key and f"background:{expert_color(e, E)}" in v.strip.key
+    assert "L3" in v.strip.key
+    v.page = 1  # counts follow the page
+    hand1 = np.bincount([hand_top1(d, t, 1) for t in range(10, 15)], minlength=E)
+    assert [c for _, c in _key_items(v.strip.key)] == hand1.tolist()
+
+
+def test_token_view_highlights_experts(tiny):
+    from workbench.widgets._palette import NEUTRAL
+
+    p, d = tiny
+    v = TokenRoutingView(p, page_size=10)
+    tops = [hand_top1(d, t, 0) for t in range(10)]
+    e0 = tops[0]
+    v.highlight = [e0]
+    assert v.highlight == [e0] and v.w_highlight.value == str(e0)
+    parsed = _Spans()
+    parsed.feed(v.html)
+    for row, e, style, _ in parsed.tokens:
+        if e == e0:
+            assert f"background:{expert_color(e, E)}" in style
+        else:
+            assert f"background:{NEUTRAL}" in style
+    assert v.html.count("wb-hl") == tops.count(e0) and v.html.count("wb-dim") == 10 - tops.count(e0)
+    assert "wb-key-on" in v.strip.key and f"highlighted: {e0}" in v.strip.key
+    # several, typed as text (what the "Highlight" box does); a bad id is named, the highlight kept
+    e1 = next(e for e in range(E) if e != e0)
+    v.w_highlight.value = f"{e0}, {e1}"
+    assert v.highlight == [e0, e1] and v.html.count("wb-hl") == sum(t in (e0, e1) for t in tops)
+    v.w_highlight.value = "99"
+    assert v.highlight == [e0, e1] and "expert 99 is outside [0, 4)" in v.w_info.value
+    # a click in the key (the browser sets strip.highlight) toggles
+    v.strip.highlight = [e1]
+    assert v.w_highlight.value == str(e1) and v.html.count("wb-hl") == tops.count(e1)
+    v.highlight = []
+    assert "wb-dim" not in v.html and "wb-hl" not in v.html
+    with pytest.raises(ValueError, match="outside"):
+        TokenRoutingView(p, highlight=[4])
+
+
+def test_token_view_with_128_experts_is_neutral_with_the_most_used_highlighted(tmp_path):
+    from workbench.widgets._palette import CATEGORICAL, NEUTRAL
+
+    p = tmp_path / "e128.zarr"
+    d = make_trace(p, n_experts=128, k=1, hostile_first=False)
+    v = TokenRoutingView(p, page_size=15)
+    top = d["topk_expert"][:15, 0, 0].astype(int)
+    counts = np.bincount(top, minlength=128)
+    assert v.auto_highlight and len(v.shown_highlight) == min(8, int((counts > 0).sum()))
+    assert v.shown_highlight == [int(e) for e in np.argsort(-counts, kind="stable")[:len(v.shown_highlight)]]
+    parsed = _Spans()
+    parsed.feed(v.html)
+    for _, e, style, _ in parsed.tokens:
+        want = CATEGORICAL[v.shown_highlight.index(e)] if e in v.shown_highlight else NEUTRAL
+        assert f"background:{want}" in style
+    assert "most used are highlighted" in v.strip.key and "other 12" in v.strip.key
+    v.highlight = [int(top[0])]
+    assert not v.auto_highlight and v.shown_highlight == [int(top[0])]
+    assert f"background:{CATEGORICAL[0]}" in v.html
 
 
 def test_token_view_layer_is_a_decoder_index(tiny):
@@ -507,7 +666,7 @@ def test_sankey_link_values_equal_transition_counts(tiny):
         got[src, tgt - E] += val
     np.testing.assert_array_equal(got, n)
     assert list(s.node.color) == expert_colors(E) * 2
-    assert s.node.label[0] == "e0 @L1" and s.node.label[E] == "e0 @L5"
+    assert s.node.customdata[0] == "e0 @L1" and s.node.customdata[E] == "e0 @L5"  # hover names every node
     # modality filter
     f.w_modality.value = 0
     n0 = np.zeros((E, E), np.int64)
@@ -591,6 +750,108 @@ def test_top1_routing_has_no_coactivation(tmp_path):
     f = RoutingFlow(p)
     assert f.coactivation_matrix() is None and f.w_co.disabled
     assert "none" in f.coact.layout.title.text
+    # the panel is not shown at all (no empty axes), and the status line says why
+    shown = [w for box in f.widget.children if hasattr(box, "children") for w in box.children]
+    assert f.coact.widget not in shown and f.sankey.widget in shown
+    assert f.w_co.layout.display == "none"
+    assert "co-activation panel hidden: top-1 routing has no expert pairs" in f.w_status.value
+    g = RoutingFlow(make_k2(tmp_path))
+    shown = [w for box in g.widget.children if hasattr(box, "children") for w in box.children]
+    assert g.coact.widget in shown and "hidden" not in g.w_status.value
+
+
+def make_k2(tmp_path):
+    p = tmp_path / "k2.zarr"
+    make_trace(p, k=2, hostile_first=False)
+    return p
+
+
+def _big_flow_trace(path, n_experts=16, n_tokens=3000, seed=0):
+    """top-1 routing over 2 layers with a few dominant transitions and a long tail of small ones."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, n_experts, n_tokens)
+    b = np.where(rng.random(n_tokens) < 0.6, (a * 5 + 1) % n_experts, rng.integers(0, n_experts, n_tokens))
+    with TraceWriter.create(path, **routing_layout([1, 3], n_experts, 1)) as w:
+        w.append(token_id=np.zeros(n_tokens, np.int32), sequence=np.zeros(n_tokens, np.int32),
+                 position=np.arange(n_tokens, dtype=np.int32), modality=np.zeros(n_tokens, np.int8),
+                 topk_expert=np.stack([a, b], 1)[:, :, None].astype(np.int16),
+                 topk_weight=np.ones((n_tokens, 2, 1), np.float32))
+    n = np.zeros((n_experts, n_experts), np.int64)
+    np.add.at(n, (a, b), 1)
+    return n
+
+
+def _text_only_trace(path, n=20):
+    rng = np.random.default_rng(3)
+    mod = np.zeros(n, np.int8)
+    mod[0] = 2  # one special token, the rest text
+    with TraceWriter.create(path, **routing_layout(LAYERS, E, K)) as w:
+        w.append(token_id=np.arange(n, dtype=np.int32), sequence=np.zeros(n, np.int32),
+                 position=np.arange(n, dtype=np.int32), modality=mod, topk_expert=_topk(rng, n, len(LAYERS), K, E),
+                 topk_weight=rng.random((n, len(LAYERS), K)).astype(np.float32))
+    return path
+
+
+def test_empty_states_say_why(tmp_path):
+    p = _text_only_trace(tmp_path / "text.zarr")
+    dash = ExpertLoadDashboard(p, modality="image")
+    why = dash.empty_reason()
+    assert why == ("No image patch tokens in this trace: it holds 19 text, 1 special (a text-only trace: record "
+                   "images to see image-patch routing).")
+    assert "No image patch tokens" in dash.w_status.value
+    # on the figures themselves, not empty axes
+    for fig in (dash.heatmap, dash.bars):
+        assert len(fig.layout.annotations) == 1 and "text-only trace" in fig.layout.annotations[0].text
+    dash.w_modality.value = 0  # text: the note goes away
+    assert dash.empty_reason() is None and len(dash.heatmap.layout.annotations) == 0
+    assert len(dash.bars.layout.annotations) == 0
+    # the routing flow says the same
+    f = RoutingFlow(p, modality="image")
+    assert f.empty_reason() == "No image patch tokens in this trace: it holds 19 text, 1 special."
+    assert "No image patch tokens" in f.w_status.value and "No image patch" in f.sankey.layout.title.text
+    f.w_modality.value = 0
+    assert f.empty_reason() is None and "links" in f.w_status.value
+
+
+def test_sankey_default_is_readable_top_links_threshold_and_labels(tmp_path):
+    from workbench.widgets.flow import node_labels
+
+    n = _big_flow_trace(tmp_path / "f16.zarr")
+    f = RoutingFlow(tmp_path / "f16.zarr")
+    s = f.sankey.data[0]
+    assert (n > 0).sum() > 200, "the trace has hundreds of links"
+    assert len(s.link.value) == 40 == f.w_top.value, "the default draws the 40 largest links"
+    assert sorted(s.link.value, reverse=True)[:40] == sorted(np.sort(n.ravel())[::-1][:40].tolist(), reverse=True)
+    assert "smaller links" in f.w_status.value and "40 largest links" in f.sankey.layout.title.text
+    # threshold: links under 1% of the tokens are left out
+    f.w_min.value = 0.01
+    assert min(f.sankey.data[0].link.value) >= 0.01 * n.sum()
+    assert len(f.sankey.data[0].link.value) == min(40, int((n >= np.ceil(0.01 * n.sum())).sum()))
+    f.w_min.value = 0.0
+    f.w_top.value = 5
+    assert len(f.sankey.data[0].link.value) == 5
+    # labels: only on nodes tall enough for a line of text, so neighbours never overlap
+    labels = list(f.sankey.data[0].node.label)
+    lk = f.links()
+    assert labels == node_labels(lk, 16, f._sankey_height - 100)
+    linked = set(lk["source"].tolist()) | set(lk["target"].tolist())
+    assert all(lab == "" for i, lab in enumerate(labels) if i not in linked)
+    assert all(lab in ("", f"e{i % 16}") for i, lab in enumerate(labels))
+    # the pure rule: a node gets a label iff its drawn height >= 13 px
+    toy = {"source": np.array([0, 1]), "target": np.array([2, 3]), "value": np.array([99, 1])}
+    assert node_labels(toy, 2, 400) == ["e0", "", "e0", ""]
+    assert [a.text for a in f.sankey.layout.annotations] == ["<b>L1</b> (from)", "<b>L3</b> (to)"]
+
+
+def test_sankey_with_128_experts_highlights_the_largest_outflows(tmp_path):
+    from workbench.widgets._palette import CATEGORICAL, NEUTRAL
+
+    n = _big_flow_trace(tmp_path / "f128.zarr", n_experts=128, n_tokens=4000)
+    f = RoutingFlow(tmp_path / "f128.zarr")
+    colors = list(f.sankey.data[0].node.color)
+    top = np.argsort(-n.sum(1), kind="stable")[:8]
+    assert [colors[int(e)] for e in top] == list(CATEGORICAL[:8])
+    assert colors.count(NEUTRAL) == 2 * 128 - 16
 
 
 # --------------------------------------------------------------------------------- comparison
@@ -711,8 +972,8 @@ def test_attention_layer_is_a_decoder_index_of_the_recorded_maps(mm_trace, mm_tr
     v.layer = 1
     np.testing.assert_allclose(np.asarray(v.fig.data[-1].z, float), overlay_from_full(1, q), rtol=1e-5, atol=1e-7)
     assert "L1" in v.fig.layout.title.text
-    d = CrossModalAttentionView(mm_trace_layers_1_3, 0, image=img, image_info=info)  # default: first recorded
-    assert d.layer == 1
+    d = CrossModalAttentionView(mm_trace_layers_1_3, 0, image=img, image_info=info)  # default: the most peaked
+    assert d.layer == [1, 3][int(np.argmax(d.peakedness()))]
     for bad in (0, 2, 4):
         with pytest.raises(ValueError, match=rf"decoder layer {bad} has no attention maps.*\[1, 3\]"):
             CrossModalAttentionView(mm_trace_layers_1_3, 0, image=img, image_info=info, layer=bad)
@@ -729,7 +990,7 @@ def test_attention_overlay_tiled_image_and_global_thumbnail(mm_trace):
             "token_grid": (2, 2), "has_global_tile": True}
     v = CrossModalAttentionView(mm_trace, 1, image=img, image_info=info)
     att = open_attention(mm_trace, 1)
-    vals = np.asarray(att.isel(layer=0, query=v.w_query.value).values, float).mean(0)
+    vals = np.asarray(att.isel(layer=int(v.w_layer.value), query=v.w_query.value).values, float).mean(0)
     assert list(v.parts) == ["local tiles", "global thumbnail"]
     np.testing.assert_array_equal(v.fig.data[-1].x, [0, 28, 56, 84, 112])
     z = np.asarray(v.fig.data[-1].z, float)
@@ -1088,3 +1349,83 @@ def test_plot_variants_must_list_the_same_paths():
     plot.data[0].y = [3, 4]  # a change outside the variants' paths
     plot.push()
     assert _patch(plot)["variant_only"] is False
+
+
+# --------------------------------------------------------------------------------- the attention story (demo)
+@pytest.fixture(scope="module")
+def demo_attention(tmp_path_factory):
+    """The embedded trained model on the first digit-grid demo prompt, attention recorded."""
+    pytest.importorskip("torch")
+    import workbench as wb
+    from workbench.embedded import default_model_dir, demo_prompts, is_trained_default
+
+    if not is_trained_default():
+        pytest.skip("needs the embedded trained model")
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("demo_att")
+    model, proc = wb.load_model(default_model_dir(), progress=False), wb.load_processor(default_model_dir())
+    item = [p for p in demo_prompts() if p["images"]][0]
+    image = Image.open(item["images"][0]).convert("RGB")
+    batch = proc(text=[item["text"]], images=[[image]])
+    store = d / "attention.zarr"
+    import torch
+
+    with torch.no_grad(), wb.record(model, store, capture=("router", "attention"), processor=proc):
+        model(**batch)
+    return store, item, image, batch
+
+
+def test_attention_view_opens_on_the_digit_predicting_token_at_the_most_peaked_layer(demo_attention):
+    import re
+
+    from workbench.trace import open_attention
+
+    store, item, image, batch = demo_attention
+    v = CrossModalAttentionView(store, 0, image=image, image_info=batch.images[0])
+    first = re.search(r"(top|bottom) (left|right) (\d)", item["text"])  # "top left 3": the first digit
+    label = v.query_labels[int(v.w_query.value)]
+    # the token before the first digit, labelled with its context (not a bare ' ')
+    assert label.endswith(f"{first.group(2)} \u2423 -> {first.group(3)}"), label
+    assert sum(lab.endswith(" -> " + first.group(3)) for lab in v.query_labels) >= 1
+    # at the layer where its attention over the patches is most peaked, computed by hand
+    att = open_attention(store, 0)
+    a = np.asarray(att.isel(query=int(v.w_query.value)).values, np.float64).mean(axis=1)  # (layer, patch)
+    p = a / a.sum(axis=1, keepdims=True)
+    peak = 1 + (p * np.log(p)).sum(axis=1) / np.log(p.shape[1])
+    assert v.layer == int(att["layer"].values[int(np.argmax(peak))])
+    np.testing.assert_allclose(v.peakedness(), peak, rtol=1e-6)
+    # share per quadrant beside the overlay: by (row, col) halves of the 4 x 4 token grid, by hand
+    labels, shares = v.region_shares()
+    assert labels == ["top left", "top right", "bottom left", "bottom right"]
+    rows, cols = att["row"].values, att["col"].values
+    quad = (rows >= 2) * 2 + (cols >= 2)
+    hand = np.bincount(quad, weights=a[int(np.argmax(peak))], minlength=4)
+    np.testing.assert_allclose(shares, hand / hand.sum(), rtol=1e-6)
+    assert list(v.shares.data[0].y) == labels
+    np.testing.assert_allclose(np.asarray(v.shares.data[0].x, float), shares)
+    # the story: the token that predicts the top-left digit looks at the top-left quadrant
+    assert labels[int(np.argmax(shares))] == f"{first.group(1)} {first.group(2)}"
+
+
+def test_long_titles_wrap_clear_of_the_toolbar():
+    """Plot.push wraps a title (at spaces) so no line runs under plotly's mode bar at the top right, and
+    makes the top margin tall enough for its lines; the browser test checks the rendered boxes."""
+    import json as _json
+
+    from workbench.widgets._plot import MODEBAR_PX, Plot, _visible_len, wrap_title
+
+    p = Plot(width=600, margin=dict(t=40))
+    p.add_bar(y=[1, 2])
+    p.layout.title.text = "Sequence 0, image 0: attention of pos 25: left \u2423 -> 3 &lt;b&gt; \u2014 L1, mean over heads"
+    p.push()
+    spec = _json.loads(p.widget.spec)["layout"]
+    lines = spec["title"]["text"].split("<br>")
+    assert len(lines) >= 2
+    per = int((600 - MODEBAR_PX - 20) / (0.55 * 16.8))
+    assert all(_visible_len(x) <= per for x in lines), lines
+    assert spec["margin"]["t"] >= 24 + 21 * len(lines)
+    assert "".join(lines).replace(" ", "") == p.layout.title.text.replace(" ", "")  # nothing lost or escaped again
+    # short titles and <sup> subtitles are left as they are
+    assert wrap_title("Expert load<br><sup>share — 1,234 tokens</sup>", 600) == \
+        "Expert load<br><sup>share — 1,234 tokens</sup>"

@@ -9,8 +9,10 @@ searchable, no Type 3 bitmaps). SVG uses ``svg.fonttype = "path"``: glyphs are d
 the SVG looks identical on every machine without the font installed (the price: SVG text is not
 editable as text; edit the PDF, or re-plot, to change labels). PNG: 200 dpi preview.
 
-Colors: experts always get :func:`workbench.widgets.expert_color` (Okabe-Ito up to 8 experts,
-viridis positions beyond; colorblind-safe); sequential values use viridis.
+Colors: experts always get :func:`workbench.widgets.expert_color`, the categorical colorblind-safe
+palette of :mod:`workbench.widgets._palette` (16 colors, Okabe-Ito first; more experts: neutral grey
+with the most used ones highlighted and named in the legend), never a value ramp; values use viridis
+(sequential, its range fitted to the data) or RdBu (signed).
 
 Provenance (see :func:`workbench.export._common.export_provenance`): PDF Info dictionary
 (Title, Subject = what the figure shows + the provenance as ``key: value`` lines, Keywords =
@@ -336,22 +338,22 @@ def plot_token_routing(ds: xr.Dataset, sequence: int | None = None, max_tokens: 
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
-    from workbench.widgets._palette import text_color_on
+    from workbench.widgets._palette import NEUTRAL, expert_color_map, is_categorical, text_color_on
 
     d = routing_strip_data(ds, sequence, max_tokens)
     E = int(ds.attrs.get("n_experts") or (int(d["experts"].max()) + 1))
     T, L = d["top1"].shape
-    colors = expert_palette(E)
+    counts = np.bincount(np.asarray(d["top1"], np.int64).ravel(), minlength=E)
+    # identity colors (workbench.widgets._palette): up to 16 experts each its own color; more experts
+    # are grey except the 8 most used of the shown tokens, which the legend names
+    highlight = [] if is_categorical(E) else [int(e) for e in np.argsort(-counts, kind="stable")[:8] if counts[e]]
+    colors = expert_color_map(E, highlight)
     w = min(DOUBLE, max(SINGLE, 1.0 + 0.12 * T))
     h = min(9.0, 1.3 + 0.17 * L)
     with _rc():
         fig = _figure(w, h)
-        used = sorted(set(int(x) for x in np.unique(d["top1"])))
-        key = len(used) > 16  # too many experts for a legend: a color key strip of all experts instead
-        if key:
-            gs = fig.add_gridspec(4, 1, height_ratios=[1, 0.06, 0.12, 0.05], hspace=0.02)
-        else:
-            gs = fig.add_gridspec(2, 1, height_ratios=[1, 0.06], hspace=0.02)
+        used = sorted(set(int(x) for x in np.unique(d["top1"]))) if not highlight else highlight
+        gs = fig.add_gridspec(2, 1, height_ratios=[1, 0.06], hspace=0.02)
         ax = fig.add_subplot(gs[0])
         axm = fig.add_subplot(gs[1], sharex=ax)
         ax.imshow(d["top1"].T, cmap=ListedColormap(colors), vmin=-0.5, vmax=E - 0.5, aspect="auto",
@@ -377,14 +379,10 @@ def plot_token_routing(ds: xr.Dataset, sequence: int | None = None, max_tokens: 
         axm.set_xticklabels(labels, rotation=90, fontsize=6, parse_math=False)
         for s in axm.spines.values():
             s.set_linewidth(0.4)
-        handles = [] if key else [Patch(facecolor=colors[e], edgecolor="none", label=f"expert {e}") for e in used]
-        if key:
-            axk = fig.add_subplot(gs[3])
-            _expert_strip(axk, E, "horizontal")
-            step = 8 if E <= 128 else 16
-            axk.set_xticks(np.arange(0, E, step))
-            axk.set_xticklabels([str(t) for t in range(0, E, step)], fontsize=6)
-            axk.set_xlabel("expert color key", fontsize=6)
+        handles = [Patch(facecolor=colors[e], edgecolor="#888888", lw=0.3, label=f"expert {e}") for e in used]
+        if highlight and len(highlight) < int((counts > 0).sum()):
+            handles.append(Patch(facecolor=NEUTRAL, edgecolor="#888888", lw=0.3,
+                                 label=f"other {int((counts > 0).sum()) - len(highlight)} experts"))
         handles += [Patch(facecolor=_MODALITY_SHADE[m], edgecolor="#555555", lw=0.4, label=_MODALITY_LABEL[m])
                     for m in sorted(set(Modality(int(x)) for x in d["modality"]))]
         fig.legend(handles=handles, loc="outside right upper", ncol=1 if len(handles) <= 14 else 2,
@@ -420,7 +418,11 @@ def plot_transitions(ds: xr.Dataset, a: int | None = None, b: int | None = None)
     side = SINGLE if E <= 32 else DOUBLE * 0.75
     with _rc():
         fig = _figure(side, side * 0.9)
-        ax, ax_top, ax_left, cax = _heatmap_with_strips(fig, P.values, E, E_y=E, vmin=0.0, vmax=1.0)
+        # the color scale fits the data (0 to the largest probability): a fixed 0-1 scale left most
+        # cells dark when the largest transition probability is, e.g., 0.35
+        vals = np.asarray(P.values, np.float64)
+        top = float(np.nanmax(vals)) if np.isfinite(vals).any() else 1.0
+        ax, ax_top, ax_left, cax = _heatmap_with_strips(fig, vals, E, E_y=E, vmin=0.0, vmax=max(top, 1e-9))
         _experts_axis(ax, E, "x")
         ax.set_xlabel(f"top-1 expert at layer {b}")
         ax_left.set_ylabel(f"top-1 expert at layer {a}")
@@ -583,7 +585,8 @@ def attention_source(store: Path | None, ds: xr.Dataset, sequence: int | None = 
     if value is None:
         raise ExportError(f"attention layer must be a decoder layer index (int), got {layer!r}")
     if value not in layers:
-        raise ExportError(f"attention maps of sequence {sequence} were recorded at decoder layers {layers}, not {value}")
+        raise ExportError(f"attention maps of sequence {sequence} were recorded at decoder layers {layers}, "
+                          f"not {value}")
     return int(sequence), att, value
 
 

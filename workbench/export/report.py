@@ -1,12 +1,15 @@
 """A self-contained interactive HTML report of a trace (plotly.js inlined; opens offline).
 
 Sections: provenance table, expert load heatmap, load imbalance per layer, token routing of one
-sequence (cells colored by top-1 expert with the shared expert palette; hover shows the token and
-its top-k experts and weights), per-layer metrics table, and notes on what was skipped.
+sequence (cells colored by top-1 expert with the shared categorical expert palette and a legend as
+the color key; hover shows the token and its top-k experts and weights), per-layer metrics table,
+and notes on what was skipped.
 
 Self-contained: the plotly.js bundle is inlined once (``include_plotlyjs=True`` on the first
 figure), no MathJax, no external script, stylesheet, font or image; every token string and
-provenance value is HTML-escaped before it reaches the page (plotly's hover text included).
+provenance value is escaped exactly once for where it lands: ``html.escape`` in the page's own HTML,
+:func:`workbench.widgets._text.plotly_text` (``& < >`` only) in plotly titles, tick labels and hover
+text, which plotly parses as its own tag subset (``html.escape`` there showed ``&quot;``).
 The provenance also goes into ``<meta name="workbench:KEY" content="...">`` tags.
 """
 from __future__ import annotations
@@ -18,7 +21,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import xarray as xr
 
-from ._common import ArtifactSkipped, atomic_path, expert_palette, layer_labels, visible
+from workbench.widgets._palette import NEUTRAL, expert_color_map, is_categorical
+from workbench.widgets._text import plotly_text
+
+from ._common import ArtifactSkipped, atomic_path, layer_labels, visible
 
 __all__ = ["report_html", "write_report"]
 
@@ -82,34 +88,49 @@ def _routing_figure(ds: xr.Dataset, sequence: int | None, max_tokens: int):
 
     d = routing_strip_data(ds, sequence, max_tokens)
     E = int(ds.attrs.get("n_experts") or (int(d["experts"].max()) + 1))
-    colors = expert_palette(E)
+    T, L = d["top1"].shape
+    used = np.bincount(np.asarray(d["top1"], np.int64).ravel(), minlength=E)
+    # expert identity is categorical: one band per expert in the palette of every view, and a legend
+    # (a colorbar would read as a magnitude scale, and 16 tick labels on it collide). More than 16
+    # experts: grey, with the 8 most used of the shown tokens highlighted (named in the legend).
+    highlight = [] if is_categorical(E) else [int(e) for e in np.argsort(-used, kind="stable")[:8] if used[e]]
+    colors = expert_color_map(E, highlight)
     scale = []
     for e, c in enumerate(colors):
         scale += [[e / E, c], [(e + 1) / E, c]]
-    T, L = d["top1"].shape
     labels = layer_labels(ds)
     k = d["experts"].shape[2]
     text = []
     for li in range(L):
         row = []
         for t in range(T):
-            tok = html.escape(visible(d["texts"][t]), quote=True)
+            # plotly text: escaped once, for plotly's own tag parser (see workbench.widgets._text)
+            tok = plotly_text(visible(d["texts"][t]))
             topk = ", ".join(f"{int(d['experts'][t, li, j])} ({float(d['weights'][t, li, j]):.3f})" for j in range(k))
             row.append(f"token {int(d['rows'][t])} (pos {int(d['position'][t])}): {tok}<br>top-k: {topk}")
         text.append(row)
-    ticks = [html.escape(visible(s)[:12], quote=True) for s in d["texts"]]
+    ticks = [plotly_text(visible(s)[:12]) for s in d["texts"]]
     fig = go.Figure(go.Heatmap(
         # z = e maps to (e + 0.5) / E: the middle of expert e's color band
         z=d["top1"].T, x=list(range(T)), y=labels, colorscale=scale, zmin=-0.5, zmax=E - 0.5, text=text,
-        hovertemplate="%{text}<br>layer %{y}, top-1 expert %{z}<extra></extra>",
-        colorbar={"title": {"text": "top-1 expert"}, "tickvals": list(range(E)) if E <= 32 else None,
-                  "ticktext": [str(e) for e in range(E)] if E <= 32 else None},
+        hovertemplate="%{text}<br>layer %{y}, top-1 expert %{z}<extra></extra>", showscale=False,
         xgap=1, ygap=1))
+    keyed = list(range(E)) if is_categorical(E) else highlight
+    for e in keyed:  # legend entries: the color key
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=f"expert {e} ({int(used[e])})",
+                                 marker={"color": colors[e], "symbol": "square", "size": 11,
+                                         "line": {"color": "#888", "width": 1}},
+                                 showlegend=True, hoverinfo="skip"))
+    if not is_categorical(E):
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=f"other {E - len(keyed)} experts",
+                                 marker={"color": NEUTRAL, "symbol": "square", "size": 11,
+                                         "line": {"color": "#888", "width": 1}}, showlegend=True, hoverinfo="skip"))
     step = max(1, int(np.ceil(T / 80)))
     fig.update_xaxes(tickvals=list(range(0, T, step)), ticktext=ticks[::step], tickangle=-90)
     shown = f"first {T} of {d['n_total']} tokens" if T < d["n_total"] else f"{T} tokens"
     fig.update_layout(title=f"Top-1 expert per token, sequence {d['sequence']} ({shown})",
                       yaxis_autorange="reversed", height=max(300, 160 + 22 * L),
+                      legend={"title": {"text": "top-1 expert (cells)"}, "font": {"size": 11}},
                       margin=dict(l=60, r=20, t=50, b=110))
     return fig
 
@@ -159,9 +180,10 @@ def report_html(ds: xr.Dataset, prov: Mapping[str, str], *, sequence: int | None
     meta = "\n".join(f'<meta name="workbench:{html.escape(k, quote=True)}" content="{html.escape(v, quote=True)}">'
                      for k, v in prov.items())
     note_html = "".join(f'<p class="note">{html.escape(n)}</p>' for n in notes)
+    version = html.escape(prov.get('workbench_version', ''), quote=True)
     return (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-        f"<meta name=\"generator\" content=\"MoE Workbench {html.escape(prov.get('workbench_version', ''), quote=True)}\">\n"
+        f"<meta name=\"generator\" content=\"MoE Workbench {version}\">\n"
         f"{meta}\n<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
         f"<h1>{html.escape(title)}</h1>\n"
         f"<h2>Provenance</h2>\n{_table_html(prov_rows, ['key', 'value'])}\n{note_html}\n"

@@ -35,7 +35,6 @@ import anywidget
 import ipywidgets
 import plotly
 import plotly.graph_objects as go
-import plotly.io as pio
 import traitlets as t
 
 __all__ = ["Plot", "PlotlyLibrary", "PlotView", "plotly_library", "new_figure", "TEMPLATE", "figure_patch",
@@ -497,6 +496,7 @@ class Plot:
 
         fd = self.figure.to_dict()  # numpy arrays are base64 typed-array specs here
         compact_arrays(fd)
+        fit_title(fd.get("layout", {}))
         data = fd.get("data", [])
         data_json = to_json_plotly(data)
         if data_json != self._last_data:
@@ -529,6 +529,77 @@ class Plot:
         return self.widget._repr_mimebundle_(**kwargs)
 
 
+# ------------------------------------------------------------------------------------- titles
+#: pixels at the top right of a figure that plotly's toolbar (the mode bar) covers while hovered
+MODEBAR_PX = 230
+_TITLE_PX = 16.8  # plotly's title font: 1.4 x the layout font (12 px)
+
+
+def _visible_len(line: str) -> int:
+    import re
+
+    return len(re.sub(r"<[^>]*>", "", re.sub(r"&[#\w]+;", "_", line)))
+
+
+def wrap_title(text: str, width_px: float, font_px: float = _TITLE_PX, reserve_px: float = MODEBAR_PX) -> str:
+    """``text`` with ``<br>`` inserted at spaces so that no line runs under the toolbar: each line's
+    estimated width (0.55 x font size per character; lines inside ``<sup>`` at 0.7 x) stays within
+    ``width_px - reserve_px`` less the left margin. Existing ``<br>`` breaks are kept."""
+    budget_px = max(width_px - reserve_px - 20, 120)
+    out = []
+    for line in text.split("<br>"):
+        scale = 0.7 if line.startswith("<sup>") else 1.0
+        per = max(int(budget_px / (0.55 * font_px * scale)), 12)
+        if _visible_len(line) <= per:
+            out.append(line)
+            continue
+        words, cur = line.split(" "), ""
+        for w in words:
+            if cur and _visible_len(cur + " " + w) > per:
+                out.append(cur)
+                cur = w
+            else:
+                cur = f"{cur} {w}" if cur else w
+        out.append(cur)
+    if any(x.startswith("<sup>") for x in out):  # keep a <sup>...</sup> span closed on each line
+        fixed, open_ = [], False
+        for x in out:
+            y = ("<sup>" if open_ and not x.startswith("<sup>") else "") + x
+            open_ = y.count("<sup>") > y.count("</sup>")
+            fixed.append(y + ("</sup>" if open_ else ""))
+        out = fixed
+    return "<br>".join(out)
+
+
+def fit_title(layout: dict) -> None:
+    """In place, on a figure's layout dict: wrap a left-aligned title so it does not run under the toolbar
+    (:func:`wrap_title`) and make the top margin tall enough for its lines. Figures narrower than twice
+    the toolbar get an upright toolbar at the right edge (and a right margin of at least 40 px)."""
+    title = layout.get("title")
+    if not isinstance(title, dict) or not title.get("text"):
+        return
+    width = float(layout.get("width") or 700)
+    reserve = MODEBAR_PX
+    if width < 2 * MODEBAR_PX:  # a narrow figure: the toolbar stands upright at the right edge instead
+        layout.setdefault("modebar", {})["orientation"] = "v"
+        margin = layout.setdefault("margin", {})
+        if float(margin.get("r", 80)) < 40:
+            margin["r"] = 40
+        reserve = 45
+    text = wrap_title(str(title["text"]), width, reserve_px=reserve)
+    title["text"] = text
+    lines = text.count("<br>") + 1
+    if lines > 1:
+        margin = layout.setdefault("margin", {})
+        need = 24 + 21 * lines
+        if float(margin.get("t", 100)) < need:
+            margin["t"] = need
+        title.setdefault("y", 1.0)
+        title.setdefault("yref", "container")
+        title.setdefault("yanchor", "top")
+        title.setdefault("pad", {"t": 8})
+
+
 # ------------------------------------------------------------------------------------- patches
 _F32_MIN_BYTES = 2048  # float64 arrays at least this large travel as float32 (hover shows <= 7 digits anyway)
 _SKIP_LAYOUT = ("datarevision",)  # relayout of datarevision would recompute the traces
@@ -557,7 +628,8 @@ def compact_arrays(obj) -> None:
     import numpy as np
 
     if isinstance(obj, dict):
-        if obj.get("dtype") == "f8" and isinstance(obj.get("bdata"), str) and len(obj["bdata"]) * 3 // 4 >= _F32_MIN_BYTES:
+        if (obj.get("dtype") == "f8" and isinstance(obj.get("bdata"), str)
+                and len(obj["bdata"]) * 3 // 4 >= _F32_MIN_BYTES):
             a = np.frombuffer(base64.b64decode(obj["bdata"]), np.float64)
             with np.errstate(over="ignore"):
                 a32 = a.astype(np.float32)
@@ -598,7 +670,8 @@ def _changes(old: dict, new: dict, arrays: bool) -> dict:
         if a.get(k, _MISSING) != b.get(k, _MISSING):
             out[k] = b.get(k)
     if arrays:  # a list of dicts: per-element paths when its length is unchanged, else the whole list
-        lists = {k for k in a.keys() | b.keys() if "[" not in k and (_is_dict_list(a.get(k)) or _is_dict_list(b.get(k)))}
+        lists = {k for k in a.keys() | b.keys()
+                 if "[" not in k and (_is_dict_list(a.get(k)) or _is_dict_list(b.get(k)))}
         for k in lists:
             same_len = _is_dict_list(a.get(k)) and _is_dict_list(b.get(k)) and len(a[k]) == len(b[k])
             if same_len:

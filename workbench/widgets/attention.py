@@ -14,6 +14,7 @@ from workbench.trace.schema import Modality
 
 from . import _common as W
 from ._palette import SEQUENTIAL
+from ._text import plotly_text
 
 __all__ = ["CrossModalAttentionView", "overlay_grid"]
 
@@ -81,8 +82,18 @@ class CrossModalAttentionView(W.ViewBase):
     view opens on the first generated token unless ``query`` (a position on the maps' query dim) says
     otherwise. :attr:`answer_queries` lists their query positions; :meth:`step` moves along them.
     ``layer``: a decoder layer index among the recorded attention layers (coordinate ``layer`` of
-    :func:`workbench.trace.open_attention`; default the first recorded one); another index raises
-    ValueError naming the recorded ones. The :attr:`layer` property reads and sets it.
+    :func:`workbench.trace.open_attention`); another index raises ValueError naming the recorded ones.
+    The :attr:`layer` property reads and sets it.
+
+    The view opens on the informative choice: for a prompt (no generation) the query is the token
+    just before the first digit of the text (in the demo's captions, "top left 3, ...", the token
+    that predicts a digit, which should look at that digit), else the first text token; the layer
+    is the most peaked one for that query (:meth:`peakedness`: 1 - normalized entropy of the
+    head-mean attention over the image's patches), unless ``layer=`` is given. Query labels give
+    each token its context, ``"pos 25: left ␣ -> 3"`` (the word before, the token with spaces shown
+    as ␣, the next token), since sub-word tokens alone (``' '``) say nothing. Beside the overlay, a
+    bar chart gives the share of the query's attention per image region (:meth:`region_shares`:
+    quadrants of a single-tile image, tiles of a tiled one).
     """
 
     def __init__(self, trace: Any, sequence: int, *, image: Any = None, image_info: Any = None,
@@ -95,15 +106,18 @@ class CrossModalAttentionView(W.ViewBase):
         image_info = self._resolve_picture(image, image_info)
         self._patch_geometry(image_info, config)
         query = self._read_queries(query)
+        if layer is None:  # the most peaked layer for the opening query
+            layer_pos = int(np.argmax(self.peakedness(query)))
         self._build_controls(query, layer_pos, head, opacity)
         self._build_figure(opacity)
+        self._build_shares()
         self._draw()
         self._wire_events()
         rows = [ipw.HBox([self.w_query, self.w_part])]
         if self.answer_queries.size:
             rows.append(ipw.HBox([self.w_play, self.w_answer, self.w_answer_text]))
         self.widget = ipw.VBox([*rows, ipw.HBox([self.w_layer, self.w_head, self.w_mean]),
-                                self.w_opacity, self.fig.widget])
+                                self.w_opacity, ipw.HBox([self.fig.widget, self.shares.widget])])
         self.widget.add_class("wb-attention-view")
 
     # ---------------------------------------------------------------- construction
@@ -203,18 +217,95 @@ class CrossModalAttentionView(W.ViewBase):
         self.answer_queries = np.flatnonzero(gen)  # query positions of the generated tokens, in order
         step = np.full(q_tok.size, -1)
         step[self.answer_queries] = np.arange(self.answer_queries.size)
-        self.query_labels = [f"pos {int(p)}: {t!r}" + (" (special)" if m == Modality.SPECIAL else "")
+        before, after = self._context(q_tok)
+        self.query_labels = [f"pos {int(p)}: {b}{_shown(t)} -> {a}" + (" (special)" if m == Modality.SPECIAL else "")
                              + (f" [answer {int(k) + 1}]" if k >= 0 else "")
-                             for p, t, m, k in zip(q_pos, texts, mods, step)]
+                             for p, t, m, k, b, a in zip(q_pos, texts, mods, step, before, after)]
+        self.next_texts = after
         if query is None:
             if self.answer_queries.size:  # a generation: the first token of the answer
                 query = int(self.answer_queries[0])
-            else:
+            else:  # the token before the first digit (it predicts the digit), else the first text token
+                digit = [i for i, a in enumerate(after) if a.isdigit() and mods[i] != Modality.SPECIAL]
                 text_q = np.flatnonzero(mods == Modality.TEXT)
-                query = int(text_q[0]) if text_q.size else 0
+                query = digit[0] if digit else (int(text_q[0]) if text_q.size else 0)
         if not 0 <= int(query) < q_tok.size:
             raise ValueError(f"query {query}: sequence {self.sequence} has {q_tok.size} query tokens")
         return int(query)
+
+    def _context(self, q_tok: np.ndarray) -> tuple[list[str], list[str]]:
+        """Per query token: the word before it (from up to 4 preceding tokens of its sequence, "" at the
+        start) followed by a space, and the next token (stripped; "␣" for white space, "" at the end)."""
+        ds = self.ds
+        n = int(ds.sizes["token"])
+        lo, hi = max(int(q_tok.min(initial=0)) - 4, 0), min(int(q_tok.max(initial=0)) + 2, n)
+        if hi <= lo:
+            return [""] * q_tok.size, [""] * q_tok.size
+        win = ds.isel(token=slice(lo, hi))
+        if "token_text" in win:
+            texts = [str(x) for x in np.asarray(win["token_text"].values)]
+        else:
+            texts = [f"\u27e8{int(x)}\u27e9" for x in np.asarray(win["token_id"].values)]
+        seqs = np.asarray(win["sequence"].values)
+        before, after = [], []
+        for t in q_tok.tolist():
+            i = t - lo
+            prev = "".join(texts[j] for j in range(max(i - 4, 0), i) if seqs[j] == seqs[i])
+            words = prev.split()
+            before.append(f"{words[-1]} " if words else "")
+            if i + 1 < len(texts) and seqs[i + 1] == seqs[i]:
+                nxt = texts[i + 1]
+                after.append(nxt.strip() or "\u2423")
+            else:
+                after.append("")
+        return before, after
+
+    def peakedness(self, query: int | None = None) -> np.ndarray:
+        """Per recorded layer (maps' layer order): 1 - H(p) / log n of the head-mean attention of ``query``
+        (default: the shown one) over this image's n patch tokens, normalized to sum 1. 0 = uniform over
+        the patches, 1 = all on one patch; the view opens on the layer where it is largest."""
+        q = int(self.w_query.value) if query is None else int(query)
+        a = np.asarray(self.att.isel(query=q).values, np.float64).mean(axis=1)[:, self.patch_idx]  # (layer, patch)
+        n = a.shape[1]
+        if n < 2:
+            return np.zeros(a.shape[0])
+        tot = a.sum(axis=1, keepdims=True)
+        p = np.divide(a, tot, out=np.full_like(a, 1.0 / n), where=tot > 0)
+        h = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=1)
+        return 1.0 - h / np.log(n)
+
+    def region_shares(self) -> tuple[list[str], np.ndarray]:
+        """Share of the shown attention (query, layer, head or mean) on each image region: ``(labels,
+        shares)``, shares summing to 1 over the image's patch tokens. One tile: the quadrants of the image
+        (by patch centre: top left, top right, bottom left, bottom right). Several tiles: each local tile
+        (by its row and column in the tiling) and the global thumbnail."""
+        v = self.attention()
+        tot = float(v.sum())
+        centre = (self.boxes[:, 0:2] + self.boxes[:, 2:4]) / 2.0  # (x, y)
+        H0, W0 = self.size
+        local = self.parts["local tiles"]
+        tiles = np.asarray(self.att["tile"].values)[self.patch_idx]
+        n_local = int(np.unique(tiles[local]).size)
+        if n_local <= 1:
+            right = centre[:, 0] >= W0 / 2.0
+            bottom = centre[:, 1] >= H0 / 2.0
+            region = bottom.astype(int) * 2 + right.astype(int)
+            labels = ["top left", "top right", "bottom left", "bottom right"]
+            mass = np.array([v[local][region[local] == r].sum() for r in range(4)])
+        else:
+            ids = sorted(np.unique(tiles[local]).tolist())
+            labels, mass = [], []
+            for tid in ids:
+                sel = local[tiles[local] == tid]
+                cx, cy = centre[sel, 0].mean(), centre[sel, 1].mean()
+                labels.append(f"tile {tid} ({'top' if cy < H0 / 2 else 'bottom'} "
+                              f"{'left' if cx < W0 / 2 else 'right'})" if n_local == 4 else f"tile {tid}")
+                mass.append(v[sel].sum())
+            if "global thumbnail" in self.parts:
+                labels.append("global thumbnail")
+                mass.append(v[self.parts["global thumbnail"]].sum())
+            mass = np.asarray(mass, np.float64)
+        return labels, (mass / tot if tot > 0 else np.zeros(len(labels)))
 
     def _layer_position(self, layer: int | None) -> int:
         """Position on the maps' layer dimension of decoder layer ``layer`` (None: the first recorded)."""
@@ -279,6 +370,18 @@ class CrossModalAttentionView(W.ViewBase):
                              hoverongaps=False, name="attention",
                              hovertemplate="x %{x:.0f}, y %{y:.0f}: p = %{z:.4f}<extra></extra>")
         self.fig.layout.meta = {"view": "CrossModalAttentionView"}
+
+    def _build_shares(self) -> None:
+        """The bar chart beside the overlay: share of the attention per region (:meth:`region_shares`)."""
+        labels, _ = self.region_shares()
+        self.shares = W.figure_widget(title=dict(text="Share per region", x=0.01), width=300, height=560,
+                                      margin=dict(l=130, r=20, t=70, b=50),
+                                      xaxis=dict(title="share of attention", range=[0, 1], tickformat=".0%"),
+                                      yaxis=dict(autorange="reversed"), showlegend=False)
+        self.shares.add_bar(x=np.zeros(len(labels)), y=labels, orientation="h", marker=dict(color="#0072B2"),
+                            texttemplate="%{x:.0%}", textposition="outside", cliponaxis=False,
+                            hovertemplate="%{y}: %{x:.1%} of the attention on this image<extra></extra>")
+        self.shares.layout.meta = {"view": "CrossModalAttentionView.shares"}
 
     def _wire_events(self) -> None:
         for w in (self.w_query, self.w_layer, self.w_head, self.w_mean, self.w_part):
@@ -368,8 +471,20 @@ class CrossModalAttentionView(W.ViewBase):
             hm.x, hm.y, hm.z = xs, ys, z
             hm.zmax = float(np.nanmax(z)) if np.isfinite(z).any() and np.nanmax(z) > 0 else 1.0
             self.fig.layout.title.text = (f"Sequence {self.sequence}, image {self.image_index}: attention of "
-                                          f"{html.escape(self.query_labels[q])} — "
+                                          f"{plotly_text(self.query_labels[q])} — "
                                           f"L{self.layer}, {head}")
+        labels, shares = self.region_shares()
+        with self.shares.batch_update():
+            bar = self.shares.data[0]
+            bar.x, bar.y = shares, labels
+            top = int(np.argmax(shares)) if len(shares) else 0
+            bar.marker.color = ["#D55E00" if i == top else "#0072B2" for i in range(len(labels))]
+            self.shares.layout.title.text = f"Share per region<br><sup>L{self.layer}, {head}</sup>"
+
+
+def _shown(text: str) -> str:
+    """A query token as its label shows it: spaces as ␣, newlines and tabs as ↵ / ⇥."""
+    return text.replace(" ", "\u2423").replace("\n", "\u21b5").replace("\t", "\u21e5") or "\u2205"
 
 
 def _has_global(image_info: Any, n_tiles: int) -> bool:

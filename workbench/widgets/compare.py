@@ -1,11 +1,13 @@
 """TraceComparison: two traces' expert loads side by side and their difference."""
 from __future__ import annotations
 
+import html
 from typing import Any
 
 import numpy as np
 
 from . import _common as W
+from ._text import plotly_text
 from ._palette import DIVERGING, SEQUENTIAL
 
 __all__ = ["TraceComparison"]
@@ -50,7 +52,7 @@ class TraceComparison(W.ViewBase):
         h = max(320, min(900, 14 * L + 140))
         self.figs = []
         for name in (*self.labels, f"{self.labels[1]} \u2212 {self.labels[0]}"):
-            f = W.figure_widget(title=dict(text=name, x=0.01), height=h, width=375,
+            f = W.figure_widget(title=dict(text=plotly_text(name), x=0.01), height=h, width=375,
                                 xaxis=dict(title="expert"), yaxis=dict(title="MoE layer", autorange="reversed"))
             f.add_heatmap(z=np.zeros((L, E)), x=list(range(E)), y=la, colorscale=SEQUENTIAL, hoverongaps=False,
                           colorbar=dict(title=dict(text="")))
@@ -59,7 +61,8 @@ class TraceComparison(W.ViewBase):
         self.cv = W.figure_widget(title=dict(text="Imbalance (CV) per layer", x=0.01), height=300, width=760,
                                   xaxis=dict(title="MoE layer"), yaxis=dict(title="CV = std f / mean f"))
         for name, color in zip(self.labels, ("#0072B2", "#E69F00")):
-            self.cv.add_scatter(x=la, y=np.zeros(L), mode="lines+markers", name=name, line=dict(color=color))
+            self.cv.add_scatter(x=la, y=np.zeros(L), mode="lines+markers", name=plotly_text(name),
+                                line=dict(color=color))
         self._draw()
         self.w_mode.observe(lambda ch: self._draw(), "value")
         self.w_modality.observe(lambda ch: self._draw(), "value")
@@ -104,5 +107,6 @@ class TraceComparison(W.ViewBase):
         with self.cv.batch_update():
             self.cv.data[0].y = W.imbalance(na, ta, self.loads_a.k)["cv"]
             self.cv.data[1].y = W.imbalance(nb, tb, self.loads_b.k)["cv"]
-        self.w_status.value = (f"{self.labels[0]}: {ta:,} tokens &middot; {self.labels[1]}: {tb:,} tokens "
-                               f"&middot; difference = {self.labels[1]} \u2212 {self.labels[0]} ({_MODES[mode]})")
+        la, lb = (html.escape(x) for x in self.labels)
+        self.w_status.value = (f"{la}: {ta:,} tokens &middot; {lb}: {tb:,} tokens "
+                               f"&middot; difference = {lb} \u2212 {la} ({_MODES[mode]})")

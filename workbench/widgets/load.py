@@ -1,6 +1,7 @@
 """ExpertLoadDashboard: MoE layer x expert load heatmap, filters, imbalance metrics, load by position; live mode."""
 from __future__ import annotations
 
+import html
 import threading
 import time
 from typing import Any
@@ -9,6 +10,7 @@ import numpy as np
 
 from . import _common as W
 from ._palette import DIVERGING, SEQUENTIAL, expert_colors
+from ._text import plotly_text
 
 __all__ = ["ExpertLoadDashboard"]
 
@@ -26,15 +28,21 @@ def _colorscale(name: str) -> list:
         _SCALES[name] = [list(x) for x in go.Heatmap(colorscale=name).to_plotly_json()["colorscale"]]
     return _SCALES[name]
 _MAX_HZ = 2.0
-# A live redraw may take at most this share of wall time: on a CPU-bound run the refresh thread
-# competes with the model for the cores (benchmarks/live_overhead.py measured a 3.8% median
-# slowdown at 2 Hz with 1.6% of the run's time spent refreshing, on 2 cores).
-_MAX_DUTY = 0.005
+# A live redraw may take at most this share of the run's wall time in CPU time of the refresh thread.
+# On a CPU-bound run the refresh thread competes with the model for the cores: benchmarks/live_overhead.py
+# measured a 3.8% median slowdown at a fixed 2 Hz with 1.6% of the run's time spent refreshing (2 cores),
+# i.e. about 2.4x the refresh CPU share; 0.8% keeps the slowdown within the 2% bound. A redraw costs
+# 3.5-6 ms of CPU (4 x 16 to 48 x 128 experts), so this allows 1.3-2 Hz: the dashboard moves at least
+# once a second while tokens arrive. The bound is on CPU time, not wall time: the wall time of a redraw
+# includes waiting for the GIL while the model runs (20-50 ms in notebook 02), which costs the run
+# nothing, and measuring it made the dashboard wait 5 s and more between redraws.
+_MAX_DUTY = 0.008
 
 
 def next_refresh_wait(period: float, cost: float, max_duty: float = _MAX_DUTY) -> float:
-    """Seconds to wait before the next live refresh: the period, or longer after a costly redraw,
-    so that ``cost / (cost + wait) <= max_duty`` (refreshes take at most that share of wall time)."""
+    """Seconds to wait before the next live refresh: the period, or longer after a costly redraw, so that
+    ``cost / (cost + wait) <= max_duty`` (refreshes take at most that share of wall time). ``cost``: the
+    refresh thread's CPU seconds for the last redraw (``time.thread_time``)."""
     return max(period, cost / max_duty - cost)
 
 
@@ -64,9 +72,12 @@ class ExpertLoadDashboard(W.ViewBase):
     filters. It is computed (one pass over the selected tokens, all layers) only while shown.
 
     Live mode polls ``recorder.loads()`` (a copy of the writer's running totals) in a daemon thread
-    at ``refresh_hz`` (capped at 2 Hz) and redraws only when the committed token count changed;
-    a redraw that took c seconds delays the next by at least c / 0.005, so refreshing never takes
-    more than 0.5% of the run's wall time. It stops when the recorder is closed or on :meth:`stop`.
+    at ``refresh_hz`` (capped at 2 Hz) and redraws only when the committed token count changed (so
+    at most once per recorder commit: ``wb.record(..., commit_every_seconds=0.5)`` for 2 Hz); a
+    redraw that took c seconds of the thread's CPU time delays the next by at least c / 0.008, so
+    refreshing takes at most 0.8% of the run's wall time (about 1.3-2 Hz). The status line shows the
+    progress: tokens committed, tokens per second (over the last few seconds) and redraws. It stops
+    when the recorder is closed or on :meth:`stop`.
     """
 
     def __init__(self, source: Any, *, mode: str = "share", modality: int | str | None = None,
@@ -93,6 +104,7 @@ class ExpertLoadDashboard(W.ViewBase):
         self._seen_tokens = -1
         self.compute_seconds = 0.0
         self._recompute()
+        self._opened, self._opened_tokens = time.perf_counter(), self.n_selected
         self._redraw()
         self._wire_events()
         self.widget = self._layout()
@@ -113,6 +125,8 @@ class ExpertLoadDashboard(W.ViewBase):
         if self.refresh_hz <= 0:
             raise ValueError(f"refresh_hz must be > 0, got {refresh_hz}")
         self.n_refreshes = 0
+        self.refresh_times: list[float] = []  # perf_counter() of each live redraw (redraw cadence)
+        self._progress: list[tuple[float, int]] = []  # (time, committed tokens) of recent refreshes
         self._quiet = False
         self.refresh_cpu_seconds = 0.0  # CPU time the live thread spent refreshing (its cost to the run)
 
@@ -163,8 +177,8 @@ class ExpertLoadDashboard(W.ViewBase):
         # fixed margins (no autoexpand): a control change that alters the colorbar's or the axes' label widths
         # then redraws once, instead of a second time with margins pushed to fit (also the first draw)
         fig = W.figure_widget(
-            title=dict(text="Expert load", x=0.01), height=max(320, min(900, 14 * L + 140)), width=600,
-            margin=dict(l=60, r=100, t=50, b=50, autoexpand=False),
+            title=dict(text="Expert load<br><sup> </sup>", x=0.01), height=max(320, min(900, 14 * L + 140)),
+            width=600, margin=dict(l=60, r=100, t=70, b=50, autoexpand=False),
             # at most 24 layer labels (every 2nd of 48): each redraw measures every label, a third of the
             # heatmap's drawing time with all 48; hover names the exact layer
             xaxis=dict(title="expert", constrain="domain"), yaxis=dict(title="MoE layer (decoder index)",
@@ -300,12 +314,50 @@ class ExpertLoadDashboard(W.ViewBase):
             self.counts, self.n_selected = self.loads.counts(seq_range, W.modality_code(self.w_modality.value))
         self.compute_seconds = time.perf_counter() - t0
 
+    def tokens_per_second(self, window: float = 5.0) -> float | None:
+        """Live: committed tokens per second over the last ``window`` seconds of refreshes (None before two)."""
+        pts = self._progress
+        if len(pts) < 2:
+            return None
+        t1, n1 = pts[-1]
+        t0, n0 = next(((t, n) for t, n in pts if t1 - t <= window), pts[0])
+        if t1 - t0 <= 0:
+            t0, n0 = pts[-2]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else None
+
+    def empty_reason(self) -> str | None:
+        """Why the selection holds no token (a stored trace's filters), in words; None when it holds some.
+
+        E.g. "No image patch tokens in this trace: it holds 120 text and 4 special tokens (a text-only
+        trace)" for the image-patch filter on a text-only trace."""
+        if self.live or self.n_selected > 0:
+            return None
+        seq = tuple(self.w_seq.value)
+        full = seq == self.loads.sequence_range()
+        where = "this trace" if full else f"sequences {seq[0]}\u2013{seq[1]}"
+        code = W.modality_code(self.w_modality.value)
+        if code is None:
+            return f"No tokens in {where}" + ("" if self.loads.n_tokens else " (the trace is empty)")
+        per = self.loads._by_modality(None if full else seq)
+        held = [(W.MODALITY_LABELS[m], int(per[m][1])) for m in sorted(per) if int(per[m][1]) > 0]
+        what = ", ".join(f"{n:,} {label}" for label, n in held) if held else "no tokens"
+        label = W.modality_name(code)
+        note = (" (a text-only trace: record images to see image-patch routing)"
+                if code == 1 and {lab for lab, _ in held} <= {"text", "special"} and held else "")
+        return f"No {label} tokens in {where}: it holds {what}{note}."
+
     def _status_html(self) -> str:
         if self.live:
             state = "live" if self._thread is not None and self._thread.is_alive() else "stopped"
-            return (f"<b>{state}</b> &middot; {self.n_selected:,} tokens committed &middot; "
-                    f"refresh &le; {self.refresh_hz:g} Hz &middot; {self.n_refreshes} redraws")
+            rate = self.tokens_per_second()
+            speed = f"{rate:,.0f} tokens/s" if rate is not None else "&ndash; tokens/s"
+            return (f"<b>{state}</b> &middot; <span class='wb-progress'>{self.n_selected:,} tokens committed "
+                    f"&middot; {speed}</span> &middot; refresh &le; {self.refresh_hz:g} Hz &middot; "
+                    f"{self.n_refreshes} redraws")
         mod = dict((v, k) for k, v in W.MODALITY_OPTIONS)[self.w_modality.value]
+        why = self.empty_reason()
+        if why:
+            return f"<b style='color:#D55E00'>{html.escape(why)}</b> Pick another token filter or range."
         return (f"{self.n_selected:,} of {self.loads.n_tokens:,} tokens selected ({mod}, sequences "
                 f"{self.w_seq.value[0]}-{self.w_seq.value[1]}) &middot; top-{self.k} of {self.n_experts} experts")
 
@@ -322,7 +374,8 @@ class ExpertLoadDashboard(W.ViewBase):
                          "zmid": 0 if dev else None, "zmin": -lim if dev else None, "zmax": lim if dev else None,
                          "zauto": not dev, "colorbar.title.text": title,
                          "hovertemplate": "layer %{y}, expert %{x}: " + hover + "<extra></extra>"},
-                        {"title.text": f"Expert load ({label}) — {self.n_selected:,} tokens"})
+                        # two short lines in every mode: the title fits beside the toolbar, same top margin
+                        {"title.text": f"Expert load<br><sup>{label} — {self.n_selected:,} tokens</sup>"})
             bars[mode] = ({"hovertemplate": "expert %{x}: " + hover.replace("%{z", "%{y") + "<extra></extra>"},
                           {"yaxis.title.text": title, "title.text": f"Layer {self.layers[li]}: {label} per expert"})
         return hm, bars
@@ -341,9 +394,19 @@ class ExpertLoadDashboard(W.ViewBase):
         lim = max(lim, 1e-9)
         hm_modes, bar_modes = self._variant_attrs(lim, li)
         derive = {"kind": "load", "den": int(self.k) * int(self.n_selected), "n_experts": int(self.n_experts)}
+        why = self.empty_reason()
+        # an empty selection says why on the figures themselves (not empty axes)
+        note = [dict(text=plotly_text(why).replace(": ", ":<br>", 1), xref="paper", yref="paper", x=0.5, y=0.5,
+                     showarrow=False, bgcolor="rgba(255,255,255,0.92)", font=dict(color="#D55E00", size=12))
+                ] if why else []
+
+        def annotate(fig):
+            if len(fig.layout.annotations) != len(note) or (note and fig.layout.annotations[0].text != note[0]["text"]):
+                fig.layout.annotations = note
 
         def draw_heatmap():
             with self.heatmap.batch_update():
+                annotate(self.heatmap)
                 hm = self.heatmap.data[0]
                 if heatmap:
                     hm.z = z
@@ -360,6 +423,7 @@ class ExpertLoadDashboard(W.ViewBase):
 
         def draw_bars():
             with self.bars.batch_update():
+                annotate(self.bars)
                 self.bars.data[0].y = np.asarray(z[li], np.float64)
                 self.bars.apply_variant(*bar_modes[mode])
                 self.bars.set_variants(self.w_mode, mode, bar_modes, derive={**derive, "attr": "y",
@@ -473,8 +537,14 @@ class ExpertLoadDashboard(W.ViewBase):
                 if int(self.recorder.n_tokens) == self._seen_tokens:
                     return False
                 self._recompute()
+                now = time.perf_counter()
+                if not self._progress:  # the start of the run: the tokens seen when the dashboard opened
+                    self._progress.append((self._opened, self._opened_tokens))
+                self._progress.append((now, self.n_selected))
+                self._progress = [p for p in self._progress if now - p[0] <= 30.0][-64:]
                 self._redraw()
                 self.n_refreshes += 1
+                self.refresh_times.append(now)
                 return True
             if self.path is None:
                 return False
@@ -524,14 +594,16 @@ class ExpertLoadDashboard(W.ViewBase):
         period = 1.0 / self.refresh_hz
         wait = period
         while not self._stop.wait(wait):
-            c0, t0 = time.thread_time(), time.perf_counter()
+            c0 = time.thread_time()
             try:
                 self.refresh()
             except Exception as e:  # shown, never raised into the recording thread
-                self.w_status.value = f"<span style='color:#D55E00'>refresh failed: {type(e).__name__}: {e}</span>"
+                msg = html.escape(f"{type(e).__name__}: {e}")
+                self.w_status.value = f"<span style='color:#D55E00'>refresh failed: {msg}</span>"
             finally:
-                self.refresh_cpu_seconds += time.thread_time() - c0
-            wait = next_refresh_wait(period, time.perf_counter() - t0)
+                cost = time.thread_time() - c0  # CPU time: what the refresh takes from the run
+                self.refresh_cpu_seconds += cost
+            wait = next_refresh_wait(period, cost)
             if getattr(self.recorder, "_closed", False):
                 self.refresh()
                 break

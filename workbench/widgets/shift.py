@@ -9,6 +9,7 @@ import numpy as np
 from workbench.analysis import routing_shift
 
 from . import _common as W
+from ._text import plotly_text
 from ._palette import DIVERGING, SEQUENTIAL
 
 __all__ = ["RoutingShiftView"]
@@ -52,7 +53,7 @@ class RoutingShiftView(W.ViewBase):
                                        value=W.modality_value(modality))
         self.w_status = ipw.HTML()
         self.w_table = ipw.HTML()
-        a, b = self.labels
+        a, b = (plotly_text(x) for x in self.labels)  # plotly titles: escaped once (see _text)
         self.agreement = W.figure_widget(title=dict(text=f"Routing agreement, {a} vs {b}", x=0.01), height=300,
                                          width=520, xaxis=dict(title="MoE layer", type="category"),
                                          yaxis=dict(title="fraction of tokens", range=[0, 1.02]))
@@ -127,7 +128,7 @@ class RoutingShiftView(W.ViewBase):
     def _draw_layer(self) -> None:
         r = self.current()
         li = int(self.w_layer.value)
-        a, b = self.labels
+        a, b = (plotly_text(x) for x in self.labels)
         with self.flow.batch_update():
             self.flow.data[0].z = np.asarray(r["top1_flow"].values[li])
             self.flow.layout.title.text = f"Top-1 expert at layer {self.layer}: {a} (rows) \u2192 {b} (columns)"
@@ -150,6 +151,7 @@ class RoutingShiftView(W.ViewBase):
         more = (f"<p>{len(rows) - self.max_rows:,} more not shown</p>" if len(rows) > self.max_rows else "")
         self.w_table.value = (
             f"<div style='max-height:400px;overflow:auto'><table class='wb-shift-table'>"
-            f"<thead><tr><th>token</th><th>seq</th><th>pos</th><th>text</th><th>top-1 {esc(a)} \u2192 {esc(b)}</th>"
+            f"<thead><tr><th>token</th><th>seq</th><th>pos</th><th>text</th><th>top-1 {esc(self.labels[0])} \u2192 "
+            f"{esc(self.labels[1])}</th>"
             f"<th>top-k set</th></tr></thead><tbody>{body}</tbody></table>{more}</div>"
             if rows else f"<p>No token changed its routing at layer {self.layer}.</p>")

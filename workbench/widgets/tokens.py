@@ -14,9 +14,10 @@ from workbench.analysis import _common as AC
 from workbench.trace.schema import Modality
 
 from . import _common as W
-from ._palette import expert_color, text_color_on
+from ._palette import NEUTRAL, expert_color_map, is_categorical, text_color_on
+from ._text import plotly_text
 
-__all__ = ["TokenRoutingView", "TokenStrip", "token_page_html"]
+__all__ = ["TokenRoutingView", "TokenStrip", "token_page_html", "key_html"]
 
 _VARS = ("token_id", "sequence", "position", "modality", "topk_expert", "topk_weight")
 
@@ -33,12 +34,27 @@ function render({ model, el }) {
       if (t) t.classList.add("wb-pinned");
     }
   };
+  const key = document.createElement("div");
+  key.className = "wb-key";
+  el.insertBefore(key, root);
   const draw = () => {
-    // the HTML is built by workbench.widgets.tokens.token_page_html, every token text escaped
+    // the HTML is built by workbench.widgets.tokens.token_page_html / key_html, every token text escaped
+    key.innerHTML = model.get("key");
     root.innerHTML = model.get("html");
     mark();
     root.dataset.rendered = String(model.get("revision"));
   };
+  key.addEventListener("click", (ev) => {
+    // click an expert of the key: highlight it (again: remove it); several may be highlighted
+    const k = ev.target.closest("[data-key]");
+    if (!k) return;
+    const e = parseInt(k.dataset.key, 10);
+    const hl = [...model.get("highlight")];
+    const at = hl.indexOf(e);
+    if (at >= 0) hl.splice(at, 1); else hl.push(e);
+    model.set("highlight", hl);
+    model.save_changes();
+  });
   root.addEventListener("click", (ev) => {
     const t = ev.target.closest("[data-i]");
     if (!t) return;
@@ -46,7 +62,7 @@ function render({ model, el }) {
     model.set("pinned", model.get("pinned") === i ? -1 : i);
     model.save_changes();
   });
-  model.on("change:html", draw);
+  model.on("change:html change:key", draw);
   model.on("change:pinned", mark);
   draw();
 }
@@ -63,6 +79,12 @@ _CSS = r"""
 .wb-tokens .wb-special { font-style: italic; box-shadow: inset 0 -2px 0 rgba(0,0,0,0.45); }
 .wb-tokens .wb-patch { font-size: 11px; }
 .wb-tokens .wb-pinned { outline: 3px solid #D55E00 !important; outline-offset: 1px; }
+.wb-tokens .wb-dim { opacity: 0.55; }
+.wb-tokens .wb-hl { box-shadow: 0 0 0 2px #333; font-weight: 600; }
+.wb-key { font-size: 12px; line-height: 2; margin: 2px 0 4px; }
+.wb-key .wb-key-item { cursor: pointer; margin-right: 8px; white-space: nowrap; }
+.wb-key .wb-key-item.wb-key-on .wb-swatch { box-shadow: 0 0 0 2px #333; }
+.wb-key .wb-key-item.wb-key-off { opacity: 0.55; }
 .wb-tokens .wb-seq { display: block; margin: 6px 0 2px; color: #555; font-size: 11px;
                      border-top: 1px dashed #bbb; }
 """
@@ -74,6 +96,10 @@ class TokenStrip(anywidget.AnyWidget):
     _esm = _ESM
     _css = _CSS
     html = t.Unicode("").tag(sync=True)
+    #: the color key (HTML, from :func:`key_html`); clicking an expert in it toggles it in ``highlight``
+    key = t.Unicode("").tag(sync=True)
+    #: highlighted experts, in order (empty: every expert in its color; > 16 experts: the most used)
+    highlight = t.List(t.Int()).tag(sync=True)
     pinned = t.Int(-1).tag(sync=True)
     revision = t.Int(0).tag(sync=True)
 
@@ -87,16 +113,21 @@ def _display_text(text: str, modality: int) -> str:
 
 
 def token_page_html(rows: np.ndarray, texts, sequences, positions, modality, experts, weights,
-                    layer_pos: int, layer_label: str, n_experts: int, pinned: int = -1) -> str:
+                    layer_pos: int, layer_label: str, n_experts: int, pinned: int = -1,
+                    highlight=()) -> str:
     """HTML of one page of tokens (every token string and tooltip HTML-escaped).
 
     rows: trace row of each token; texts: token strings; modality: :class:`Modality` codes;
     experts/weights: (n, moe_layer, k) top-k ids and applied weights; each token's background is
     ``expert_color(top1, n_experts)`` at ``layer_pos``, the POSITION on the ``moe_layer`` axis of these
     arrays (not a decoder index; ``layer_label`` names that layer, e.g. "L3"); top-1 = the slot with
-    the largest weight, :func:`workbench.analysis._common.top1`.
+    the largest weight, :func:`workbench.analysis._common.top1`. ``highlight``: expert ids to emphasize
+    (:func:`~workbench.widgets._palette.expert_color_map`: they keep / get a color and an outline, the other
+    tokens turn neutral grey and fade).
     """
     top = AC.top1(experts[:, layer_pos, :], weights[:, layer_pos, :])
+    hl = {int(e) for e in highlight}
+    cmap = expert_color_map(n_experts, highlight)
     out = []
     prev_seq = None
     k = experts.shape[-1]
@@ -106,7 +137,7 @@ def token_page_html(rows: np.ndarray, texts, sequences, positions, modality, exp
             out.append(f'<span class="wb-seq">sequence {seq}</span>')
             prev_seq = seq
         e = int(top[j])
-        bg = expert_color(e, n_experts)
+        bg = cmap[e]
         fg = text_color_on(bg)
         mod = int(modality[j])
         kind = W.modality_name(mod)
@@ -117,11 +148,53 @@ def token_page_html(rows: np.ndarray, texts, sequences, positions, modality, exp
                f"layer {layer_label}: top-{k} expert (weight): {topk}")
         cls = "wb-tok" + (" wb-special" if mod == Modality.SPECIAL else "") + (
             " wb-patch" if mod == Modality.IMAGE_PATCH else "") + (
-            " wb-pinned" if int(rows[j]) == pinned else "")
+            " wb-pinned" if int(rows[j]) == pinned else "") + (
+            (" wb-hl" if e in hl else " wb-dim") if hl else "")
         out.append(
             f'<span class="{cls}" data-i="{int(rows[j])}" data-e="{e}" style="background:{bg};color:{fg}" '
             f'title="{html.escape(tip, quote=True)}">{html.escape(_display_text(texts[j], mod), quote=True)}</span>')
     return "".join(out)
+
+
+def key_html(counts: np.ndarray, n_experts: int, layer_label: str, highlight=(), auto: bool = False) -> str:
+    """The token view's color key: one clickable chip per expert (its color, its number) with the number
+    of tokens of the page whose top-1 expert it is at the layer, and their share.
+
+    Up to 16 experts every expert is listed (highlighted ones outlined, the others faded while a
+    highlight is set). More experts: the highlighted ones (``auto``: picked as the page's most used),
+    then one line for all the others, drawn grey."""
+    counts = np.asarray(counts, np.int64)
+    total = max(int(counts.sum()), 1)
+    hl = [int(e) for e in highlight]
+    cmap = expert_color_map(n_experts, hl)
+
+    def item(e: int) -> str:
+        c = cmap[e]
+        state = " wb-key-on" if e in hl else (" wb-key-off" if hl else "")
+        tip = html.escape(f"expert {e}: top-1 of {int(counts[e])} of {int(counts.sum())} tokens on this page; "
+                          "click to highlight (again to remove)", quote=True)
+        return (f'<span class="wb-key-item{state}" data-key="{e}" title="{tip}">'
+                f'<span class="wb-swatch" style="background:{c};color:{text_color_on(c)};padding:0 5px;'
+                f'border-radius:3px;border:1px solid #888">{e}</span> {int(counts[e])} '
+                f'<small>({100 * counts[e] / total:.0f}%)</small></span>')
+
+    if is_categorical(n_experts):
+        items = [item(e) for e in range(n_experts)]
+        what = ("click experts to highlight them" if not hl
+                else f"highlighted: {', '.join(map(str, hl))} (click to change)")
+    else:
+        items = [item(e) for e in hl]
+        rest = int(counts.sum()) - int(counts[hl].sum()) if hl else int(counts.sum())
+        others = n_experts - len(hl)
+        items.append(f'<span class="wb-key-item" title="experts not highlighted are drawn grey">'
+                     f'<span class="wb-swatch" style="background:{NEUTRAL};padding:0 5px;border-radius:3px;'
+                     f'border:1px solid #888">other {others}</span> {rest} <small>({100 * rest / total:.0f}%)'
+                     f'</small></span>')
+        what = (f"{n_experts} experts: grey unless highlighted; "
+                + (f"the page's {len(hl)} most used are highlighted" if auto else "highlighted as chosen")
+                + " (type ids in 'Highlight')")
+    return (f'<b>Key</b> · top-1 expert at {html.escape(layer_label)}: tokens on this page '
+            f'· <small>{html.escape(what)}</small><br>' + "".join(items))
 
 
 class TokenRoutingView(W.ViewBase):
@@ -134,9 +207,17 @@ class TokenRoutingView(W.ViewBase):
     token for its top-k experts and weights at the layer; click it to pin it and plot its path
     through all MoE layers (click again to unpin). The trace is read one page (``page_size`` tokens)
     at a time.
+
+    Color key and highlight: above the tokens a key lists each expert's chip with the number (and
+    share) of the page's tokens whose top-1 expert it is at the layer. Click chips, type ids into
+    "Highlight" (``"3, 5"``) or set :attr:`highlight` (``highlight=`` at construction) to emphasize
+    experts: their tokens keep their color and get an outline, all others turn grey. With more than
+    16 experts (:mod:`~workbench.widgets._palette`) tokens are grey unless highlighted, and without a
+    chosen highlight the page's 8 most used experts are highlighted (the key says so).
     """
 
-    def __init__(self, trace: Any, *, layer: int | None = None, page_size: int = 512, page: int = 0):
+    def __init__(self, trace: Any, *, layer: int | None = None, page_size: int = 512, page: int = 0,
+                 highlight=()):
         self.ds, self.path = W.open_any(trace, tokens=True)
         AC.require(self.ds, *_VARS, who="TokenRoutingView")
         self.n_tokens = int(self.ds.sizes["token"])
@@ -160,6 +241,8 @@ class TokenRoutingView(W.ViewBase):
         self.w_prev = ipw.Button(description="\u25c0 prev", layout=ipw.Layout(width="80px"))
         self.w_next = ipw.Button(description="next \u25b6", layout=ipw.Layout(width="80px"))
         self.w_info = ipw.HTML()
+        self.w_highlight = ipw.Text(value="", description="Highlight", placeholder="expert ids, e.g. 3, 5",
+                                    continuous_update=False, layout=ipw.Layout(width="260px"))
         self.strip = TokenStrip()
         self.strip.add_class("wb-token-strip")
         self.w_path = ipw.HTML()
@@ -170,6 +253,10 @@ class TokenRoutingView(W.ViewBase):
         self._page_loaded = -1
         self.load_seconds = 0.0
         self.render_seconds = 0.0
+        self.auto_highlight = False
+        self._quiet = True
+        self.strip.highlight = self._checked_highlight(highlight)
+        self._quiet = False
         self._render()
 
         self.w_layer.observe(lambda ch: self._render(), "value")
@@ -177,12 +264,16 @@ class TokenRoutingView(W.ViewBase):
         self.w_prev.on_click(lambda b: self._step(-1))
         self.w_next.on_click(lambda b: self._step(+1))
         self.strip.observe(lambda ch: self._show_path(), "pinned")
+        self.strip.observe(self._on_highlight, "highlight")
+        self.w_highlight.observe(self._on_highlight_text, "value")
 
         legend = ipw.HTML("<small>Background = top-1 expert at the layer (one fixed colorblind-safe color "
-                          "per expert, as in every workbench view). \u25a6 = image patch token; "
+                          "per expert, as in every workbench view; the key above the tokens counts them). "
+                          "\u25a6 = image patch token; "
                           "<i>italic</i> = special token. Hover for the top-k experts and weights; click a "
                           "token to pin it and plot its path through all MoE layers.</small>")
-        self.widget = ipw.VBox([ipw.HBox([self.w_layer, self.w_prev, self.w_page, self.w_next]), self.w_info,
+        self.widget = ipw.VBox([ipw.HBox([self.w_layer, self.w_prev, self.w_page, self.w_next]),
+                                ipw.HBox([self.w_highlight, self.w_info]),
                                 legend, self.strip, self.w_path, self.w_path_box])
         self.widget.add_class("wb-token-view")
 
@@ -221,6 +312,60 @@ class TokenRoutingView(W.ViewBase):
     @page.setter
     def page(self, v: int) -> None:
         self.w_page.value = int(v)
+
+    @property
+    def highlight(self) -> list[int]:
+        """The highlighted experts (as chosen; empty: none chosen). See :attr:`shown_highlight`."""
+        return [int(e) for e in self.strip.highlight]
+
+    @highlight.setter
+    def highlight(self, experts) -> None:
+        self.strip.highlight = self._checked_highlight(experts)
+
+    @property
+    def shown_highlight(self) -> list[int]:
+        """The experts the page emphasizes: :attr:`highlight`, or with more than 16 experts and none chosen
+        the page's 8 most used top-1 experts (:attr:`auto_highlight` is then True)."""
+        return list(self._shown_hl)
+
+    def key_counts(self) -> dict[int, int]:
+        """Per expert, the number of tokens of the page whose top-1 expert it is at the layer (what the
+        key shows; experts with no token are left out)."""
+        return {e: int(c) for e, c in enumerate(self._page_counts) if c}
+
+    def _checked_highlight(self, experts) -> list[int]:
+        if isinstance(experts, (int, np.integer)):
+            experts = [experts]
+        out: list[int] = []
+        for e in experts:
+            e = int(e)
+            if not 0 <= e < self.n_experts:
+                raise ValueError(f"highlight: expert {e} is outside [0, {self.n_experts}) "
+                                 f"(the trace has {self.n_experts} experts)")
+            if e not in out:
+                out.append(e)
+        return out
+
+    def _on_highlight(self, ch) -> None:
+        if self._quiet:
+            return
+        self._quiet = True
+        try:
+            self.w_highlight.value = ", ".join(map(str, self.strip.highlight))
+        finally:
+            self._quiet = False
+        self._render()
+
+    def _on_highlight_text(self, ch) -> None:
+        if self._quiet:
+            return
+        text = str(ch["new"]).replace(",", " ").split()
+        try:
+            ids = self._checked_highlight([int(x) for x in text])
+        except ValueError as e:
+            self.w_info.value = f"<span style='color:#D55E00'>{html.escape(str(e))}</span>"
+            return
+        self.strip.highlight = ids
 
     @property
     def pinned(self) -> int:
@@ -286,10 +431,20 @@ class TokenRoutingView(W.ViewBase):
         d = self._read_page()
         t0 = time.perf_counter()
         li = int(self.w_layer.value)  # position on moe_layer
-        self.strip.html = token_page_html(d["rows"], d["token_text"], d["sequence"], d["position"], d["modality"],
-                                          d["topk_expert"], d["topk_weight"], li, self.layers[li], self.n_experts,
-                                          pinned=self.pinned)
-        self.strip.revision += 1
+        top = AC.top1(d["topk_expert"][:, li, :], d["topk_weight"][:, li, :]) if d["rows"].size else np.zeros(0, int)
+        self._page_counts = np.bincount(np.asarray(top, np.int64), minlength=self.n_experts)[:self.n_experts]
+        hl = self.highlight
+        self.auto_highlight = not hl and not is_categorical(self.n_experts)
+        if self.auto_highlight:  # > 16 experts, none chosen: the page's most used ones
+            order = np.argsort(-self._page_counts, kind="stable")
+            hl = [int(e) for e in order[:8] if self._page_counts[e] > 0]
+        self._shown_hl = hl
+        with self.strip.hold_sync():
+            self.strip.html = token_page_html(d["rows"], d["token_text"], d["sequence"], d["position"],
+                                              d["modality"], d["topk_expert"], d["topk_weight"], li, self.layers[li],
+                                              self.n_experts, pinned=self.pinned, highlight=hl)
+            self.strip.key = key_html(self._page_counts, self.n_experts, self.layers[li], hl, auto=self.auto_highlight)
+            self.strip.revision += 1
         sl = self.page_rows()
         self.w_info.value = (f"tokens {sl.start:,}\u2013{max(sl.stop - 1, sl.start):,} of {self.n_tokens:,} "
                              f"(page {self.page + 1} of {self.n_pages}) \u00b7 layer {self.layers[li]} \u00b7 "
@@ -310,6 +465,7 @@ class TokenRoutingView(W.ViewBase):
             self.w_path.value = ""
             return
         p = self.token_path(t)
+        cmap = expert_color_map(self.n_experts, self._shown_hl)
         labels = self.layers
         text = self._token_text(t)
         wmax = float(np.nanmax(p["weights"])) if np.isfinite(p["weights"]).any() else 1.0
@@ -320,17 +476,17 @@ class TokenRoutingView(W.ViewBase):
                 es = p["experts"][:, s]
                 ws = p["weights"][:, s]
                 tr.x, tr.y = labels, es.tolist()
-                tr.marker.color = [expert_color(int(e), self.n_experts) for e in es]
+                tr.marker.color = [cmap[int(e)] for e in es]
                 tr.marker.size = (8 + 14 * np.nan_to_num(ws) / max(wmax, 1e-9)).tolist()
                 tr.customdata = ws.tolist()
                 tr.hovertemplate = "layer %{x}: expert %{y}, weight %{customdata:.3f}<extra>slot " + str(s) + "</extra>"
-            fig.layout.title.text = f"Token {t} {html.escape(repr(text))}: path through the MoE layers"
+            fig.layout.title.text = f"Token {t} {plotly_text(repr(text))}: path through the MoE layers"
         items = []
         for li, lab in enumerate(labels):
             order = np.argsort(-p["weights"][li], kind="stable")
             cells = ", ".join(
-                f'<span style="background:{expert_color(int(p["experts"][li, s]), self.n_experts)};'
-                f'color:{text_color_on(expert_color(int(p["experts"][li, s]), self.n_experts))};'
+                f'<span style="background:{cmap[int(p["experts"][li, s])]};'
+                f'color:{text_color_on(cmap[int(p["experts"][li, s])])};'
                 f'padding:0 3px;border-radius:2px">{int(p["experts"][li, s])}</span> '
                 f'({float(p["weights"][li, s]):.3f})' for s in order)
             items.append(f"<b>{html.escape(lab)}</b>: {cells}")
