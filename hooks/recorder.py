@@ -7,6 +7,14 @@ Data path (no host synchronization inside the forward pass):
     (back-pressure) -> writer thread: waits for the event, drops padding, appends the core
     columns and every capture's rows to the TraceWriter, then lets captures write child groups.
 
+Tensor parallelism (a model loaded with ``tp=N``, :mod:`workbench.runtime.parallel`): every rank
+creates the same Recorder and runs the same passes; rank 0 owns the store and its lock and writes
+it; the other ranks capture nothing (routing is identical on every rank: the router is replicated,
+and checksummed) except that the captured attention layers gather their head shards to the
+listener on rank 0. The provenance records the world size and the layout
+(``tensor_parallel``, and ``tensor_parallel_parts``: first token index -> world size, so a store
+resumed with another world size says which part ran with which).
+
 Memory is bounded by ``queue_size`` passes in flight, whatever the run length. An error in the
 writer thread is raised in the caller's thread at the next forward pass or at close.
 
@@ -102,8 +110,26 @@ class Recorder:
         # the writer stages until the token rule says commit; the time rule is this recorder's
         self._commit_every = int(commit_every_tokens) or (sys.maxsize if self._commit_seconds else 0)
         self._last_commit = time.monotonic()
-        self._writer = self._open_store(overwrite, resume, provenance or {})
-        self._next_sequence = self._sequences_in_store()
+        from workbench.runtime.parallel import tp_of
+
+        self.tp = tp_of(model)
+        self._follower = self.tp is not None and self.tp.rank != 0  # a rank that only runs passes
+        self._writer = None
+        if self._follower:  # rank 0 says whether the store opened, and where the sequences continue
+            state = self.tp.broadcast_object()
+            if "error" in state:
+                raise RecorderError(state["error"])
+            self._next_sequence = state["next"]
+        else:
+            try:
+                self._writer = self._open_store(overwrite, resume, provenance or {})
+                self._next_sequence = self._sequences_in_store()
+            except BaseException as e:
+                if self.tp is not None:
+                    self.tp.broadcast_object({"error": f"rank 0 could not open the store: {e}"})
+                raise
+            if self.tp is not None:
+                self.tp.broadcast_object({"next": self._next_sequence})
         self._runner_ids: np.ndarray | None = None
         self._runner_generated: bool | None = None
         self._last_ids: np.ndarray | None = None  # sequence ids of the last pass (a continuation reuses them)
@@ -111,7 +137,8 @@ class Recorder:
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._write_loop, name="workbench-recorder", daemon=True)
-        self._thread.start()
+        if not self._follower:
+            self._thread.start()
         self._pass: Pass | None = None
         self._handles = Handles()
         self._closed = False
@@ -131,6 +158,7 @@ class Recorder:
         if self.processor is not None:
             model_prov["tokenizer_hash"] = (getattr(self.processor, "tokenizer_hash", None)
                                             or _tokenizer_hash(self.processor))
+        world = self.tp.size if self.tp is not None else 1
         if resume:
             w = TraceWriter.resume(self.store_path, min_commit_tokens=self._commit_every)
             problem = _mismatch(w, self.spec, variables, captures) or _changed_model(w.attrs.get("provenance") or {},
@@ -138,9 +166,12 @@ class Recorder:
             if problem:
                 w.close(complete=False)
                 raise RecorderError(f"cannot resume {self.store_path}: {problem}")
+            # another world size may continue a store: the layout is exact (same routing); say which part ran how
+            w.update_provenance({"tensor_parallel_parts": {str(w.n_tokens): world}})
             return w
         prov = {"model_config": self.spec.config, "model_type": self.spec.model_type,
-                "capture": list(captures), "command": " ".join(sys.argv), **model_prov}
+                "capture": list(captures), "command": " ".join(sys.argv), **model_prov,
+                "tensor_parallel_parts": {"0": world}}
         prov.update(provenance)
         return TraceWriter.create(self.store_path, routing=self.spec.layers, routing_rule=self.spec.rule,
                                   variables=variables, captures=captures, attrs=prov,
@@ -159,7 +190,10 @@ class Recorder:
         """Start recording every forward pass of the model (idempotent)."""
         if self._closed:
             raise RecorderError("this recorder is closed")
-        if not self._handles:
+        if self.tp is not None:  # every rank: the captured attention layers gather their heads
+            self.tp.gathered_layers = {int(i) for c in self.captures if c.name == "attention"
+                                       for i in getattr(c, "layers", ())}
+        if not self._handles and not self._follower:
             try:
                 self._handles.append(self.adapter.inputs.add(self._on_inputs))
                 for c in self.captures:
@@ -175,6 +209,8 @@ class Recorder:
         self._handles.remove()
         self._pass = None
         self._call_start = None
+        if self.tp is not None:
+            self.tp.gathered_layers = set()
 
     def __enter__(self) -> "Recorder":
         return self.attach()
@@ -348,7 +384,9 @@ class Recorder:
 
     # -- views ---------------------------------------------------------------------------------
     def flush(self) -> None:
-        """Wait until every recorded forward pass is committed to the store."""
+        """Wait until every recorded forward pass is committed to the store (rank 0; a no-op elsewhere)."""
+        if self._follower:
+            return
         self._queue.join()
         self._raise_pending_error()
         if self._commit_every and not self._closed:
@@ -358,14 +396,16 @@ class Recorder:
     def loads(self):
         """Running expert-load totals of what is committed: xarray (moe_layer, expert) int64.
 
-        Safe to call from a dashboard thread while a run streams.
+        Safe to call from a dashboard thread while a run streams. Rank 0 only under tensor parallelism.
         """
+        if self._follower:
+            raise RecorderError("under tensor parallelism rank 0 holds the store: call loads() there")
         return self._writer.loads()
 
     @property
     def n_tokens(self) -> int:
-        """Tokens committed to the store so far."""
-        return self._writer.n_tokens
+        """Tokens committed to the store so far (0 on the ranks other than 0 under tensor parallelism)."""
+        return 0 if self._follower else self._writer.n_tokens
 
     def close(self, complete: bool = True) -> None:
         """Detach, drain the queue, and close the store (complete unless an error happened)."""
@@ -373,9 +413,11 @@ class Recorder:
             return
         self.detach()
         self.adapter.close()
+        self._closed = True
+        if self._follower:
+            return
         self._queue.put(None)
         self._thread.join()
-        self._closed = True
         err, self._error = self._error, None
         self._writer.close(complete=complete and err is None)
         if err is not None:
@@ -389,7 +431,8 @@ class Recorder:
         inputs: strings, or dicts {"text": str, "images": [PIL.Image | path, ...]}. Each prompt's
         trace ``sequence`` is its index in ``inputs``; prompts already in the store (a resumed
         run) are skipped, so are empty prompts (counted in the summary). A tqdm bar (terminal or
-        JupyterLab) shows tokens/s.
+        JupyterLab) shows tokens/s. Under tensor parallelism every rank calls it with the same
+        inputs (rank 0 writes; the summary's token counts are rank 0's).
         """
         from tqdm.auto import tqdm
 
@@ -401,7 +444,8 @@ class Recorder:
         items = [it for it in items if (it["text"].strip() or it["images"]) and it["index"] >= done]
         self.attach()
         t0, n0, seen = time.perf_counter(), self.n_tokens, 0
-        bar = tqdm(total=len(items), desc=f"trace -> {self.store_path.name}", unit="prompt", disable=not progress)
+        bar = tqdm(total=len(items), desc=f"trace -> {self.store_path.name}", unit="prompt",
+                   disable=not progress or self._follower)
         device = next(model.parameters()).device
         try:
             with torch.no_grad():
@@ -438,7 +482,7 @@ class Recorder:
         ``image_info[str(sequence)]``: its processing geometry (the processor's ``ImageInfo`` fields)."""
         import dataclasses
 
-        if not infos:
+        if not infos or self._follower:
             return
         paths: dict[str, list] = {}
         geo: dict[str, list] = {}
@@ -514,7 +558,12 @@ def _model_provenance(model: nn.Module) -> dict[str, Any]:
     out = {"device": str(p.device), "dtype": str(p.dtype).removeprefix("torch."), "model_class": type(model).__name__}
     source = getattr(model, "source", None)
     if isinstance(source, dict):
-        out.update({f"checkpoint_{k}": v for k, v in source.items()})
+        out.update({f"checkpoint_{k}": v for k, v in source.items() if k != "tensor_parallel"})
+    tp = getattr(model, "tp", None)
+    if tp is not None:
+        from workbench.runtime.parallel import describe_layout
+
+        out["tensor_parallel"] = describe_layout(tp)
     return out
 
 

@@ -186,7 +186,7 @@ def _retie(model: nn.Module, config: ModelConfig) -> None:
 
 def load_model(path: str | os.PathLike, dtype=None, device=None, *, progress: bool = True,
                random_init: bool = False, seed: int = 0, quantize: str | None = None,
-               quantize_modules=None, group_size: int = INT4_GROUP_SIZE) -> nn.Module:
+               quantize_modules=None, group_size: int = INT4_GROUP_SIZE, tp=None) -> nn.Module:
     """Load a Llama 4 checkpoint (HF format) as a workbench model in eval mode.
 
     path: a directory with config.json and model.safetensors (or shards + model.safetensors
@@ -228,9 +228,16 @@ def load_model(path: str | os.PathLike, dtype=None, device=None, *, progress: bo
     ``quantize_format``; quantizing on the fly also appends the mode to the fingerprint
     (``<hex>+int4-g128:experts``), so a trace recorded with another quantization (which can
     change routing) refuses to resume.
+    tp: tensor parallelism (:mod:`workbench.runtime.parallel`): an int N (the world of an initialized
+      process group, which must have N ranks) or a :class:`~workbench.runtime.parallel.TensorParallel`;
+      None or 1: one process. Every rank calls ``load_model`` and reads only its slices of the split
+      tensors (safetensors ``get_slice``: heads, the experts' / MLPs' intermediate dimension, the
+      vocabulary; quantized data and scales alike), so each holds about 1/N of them; the rest is
+      replicated. ``model.source["tensor_parallel"]`` describes the layout; ``model.tp`` is the group.
     Raises CheckpointError / ConfigError naming the offending file, key, shape or dtype.
     """
     dtype = _as_dtype(dtype)
+    tp = _tensor_parallel(tp)
     device = torch.device(device) if device is not None else torch.device("cpu")
     p = Path(path)
     if not p.exists() and str(path) in ("scout", "maverick"):
@@ -248,7 +255,7 @@ def load_model(path: str | os.PathLike, dtype=None, device=None, *, progress: bo
                               f"checkpoints only: leave it out to load the stored FP8 weights")
     if random_init:
         return random_model(config, dtype=dtype or _as_dtype(config.dtype) or torch.float32, device=device, seed=seed,
-                            quantize=quantize, quantize_modules=quantize_modules, group_size=group_size)
+                            quantize=quantize, quantize_modules=quantize_modules, group_size=group_size, tp=tp)
     files = _weight_files(p)
     with torch.device("meta"):
         model = build_model(config)
@@ -275,13 +282,19 @@ def load_model(path: str | os.PathLike, dtype=None, device=None, *, progress: bo
     try:
         _check_headers(by_file, expected, plan.stored_dtypes)
         plan.apply(model)  # quantized modules replace the float ones (meta); after the checks above
-        bar = tqdm(total=len(expected), desc=f"loading {p.name}", unit="tensor", disable=not progress)
+        splits = {}
+        if tp is not None:  # local shapes (meta); each rank then reads only its slices
+            from workbench.runtime.parallel import read_shard, shard_model
+
+            splits = shard_model(model, tp)
+        bar = tqdm(total=len(expected), desc=f"loading {p.name}" + (f" (rank {tp.rank})" if tp else ""),
+                   unit="tensor", disable=not progress or (tp is not None and tp.rank != 0))
         for file, keys in sorted(by_file.items()):
             with _open(file) as f:
                 for k in keys:
-                    t = f.get_tensor(k)
+                    t = read_shard(f.get_slice(k), splits[k], tp.rank, tp.size, k) if k in splits else f.get_tensor(k)
                     if k in plan.to_quantize:  # quantized on the target device, one tensor at a time
-                        plan.load_float(model, k, t.to(device))
+                        plan.load_float(model, k, t.to(device), tp, splits.get(k))
                     elif k in plan.stored_dtypes:  # FP8 data and float32 scales, as stored
                         _set_param(model, k, t.to(device))
                     else:
@@ -295,9 +308,31 @@ def load_model(path: str | os.PathLike, dtype=None, device=None, *, progress: bo
         fingerprint.close()
     _retie(model, config)
     source.update(plan.provenance(source["fingerprint"]))
+    if tp is not None:
+        from workbench.runtime.parallel import describe_layout
+
+        source["tensor_parallel"] = describe_layout(tp)
     model.source = source
     model.eval()
     return model
+
+
+def _tensor_parallel(tp):
+    """None (one process) or the TensorParallel that ``load_model(tp=...)`` / ``random_model`` shard for."""
+    if tp is None or (isinstance(tp, int) and not isinstance(tp, bool) and tp == 1
+                      and not (torch.distributed.is_available() and torch.distributed.is_initialized())):
+        return None
+    from workbench.runtime.parallel import ParallelError, TensorParallel
+
+    if isinstance(tp, TensorParallel):
+        return tp
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"tp must be an int >= 1 or a TensorParallel, got {tp!r}")
+    group = TensorParallel()
+    if group.size != tp:
+        raise ParallelError(f"tp={tp} but the process group has {group.size} ranks: tensor parallelism uses the whole "
+                            f"group (launch with torchrun --nproc-per-node {tp})")
+    return None if tp == 1 else group
 
 
 _FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")  # safetensors names
@@ -414,9 +449,15 @@ class _QuantPlan:
 
             apply_structure(model, self.selected, self.kind, self.group_size)
 
-    def load_float(self, model: nn.Module, key: str, t: torch.Tensor) -> None:
+    def load_float(self, model: nn.Module, key: str, t: torch.Tensor, tp=None, split=None) -> None:
         name, attr = self.to_quantize[key]
         m = model.get_submodule(name)
+        if tp is not None and self.kind == "fp8" and split is not None:
+            from workbench.runtime.parallel import load_fp8_reduction_split, reduction_split
+
+            if reduction_split(split):  # per-channel scales over every rank's rows, as one process has them
+                load_fp8_reduction_split(m, attr, t, tp)
+                return
         if attr == "weight":
             m.load_float(t)
         else:
@@ -500,28 +541,42 @@ def fresh_tensor(name: str, shape, gen: torch.Generator, std: float) -> torch.Te
 
 def random_model(config: ModelConfig, dtype=torch.float32, device=None, seed: int = 0,
                  std: float = 0.02, *, quantize: str | None = None, quantize_modules=None,
-                 group_size: int = INT4_GROUP_SIZE) -> nn.Module:
+                 group_size: int = INT4_GROUP_SIZE, tp=None) -> nn.Module:
     """A model with random N(0, std) weights and unit norms: for shapes, speed and tests.
 
     ``quantize`` / ``quantize_modules`` / ``group_size`` as in :func:`load_model`: each tensor is
     drawn (the same values as without quantization), cast to ``dtype`` and quantized on ``device``
-    one at a time."""
+    one at a time. ``tp``: as in :func:`load_model`; every rank draws every tensor (the same values
+    as one process) and keeps its slices."""
+    tp = _tensor_parallel(tp)
     gen = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         model = build_model(config)
     expected = _expected_tensors(model)
     plan = _QuantPlan.make(model, quantize, quantize_modules, group_size, None, Path("."))
     plan.apply(model)
+    splits = {}
+    if tp is not None:
+        from workbench.runtime.parallel import shard_model, shard_tensor
+
+        splits = shard_model(model, tp)
     for name, p in expected.items():
-        t = fresh_tensor(name, p.shape, gen, std).to(device=device, dtype=_as_dtype(dtype))
+        t = fresh_tensor(name, p.shape, gen, std)
+        if name in splits:
+            t = shard_tensor(t, splits[name], tp.rank, tp.size, name)
+        t = t.to(device=device, dtype=_as_dtype(dtype))
         if name in plan.to_quantize:
-            plan.load_float(model, name, t)
+            plan.load_float(model, name, t, tp, splits.get(name))
         else:
             _set_param(model, name, t)
         del t
     _retie(model, config)
     if plan.kind is not None:  # random weights: no path or fingerprint, but the quantization is recorded
         model.source = {k: v for k, v in plan.provenance("random").items() if k != "fingerprint"}
+    if tp is not None:
+        from workbench.runtime.parallel import describe_layout
+
+        model.source = {**getattr(model, "source", {}), "tensor_parallel": describe_layout(tp)}
     return model.eval()
 
 

@@ -2,6 +2,8 @@
 
 MODEL: a Llama 4 checkpoint (workbench's own model) or a transformers checkpoint of any MoE family
 with a routing adapter (loaded with transformers; ``--device-map``, ``--dtype``; ``--loader``).
+``--tp N`` under ``torchrun --nproc-per-node N``: tensor parallelism (workbench.runtime.parallel);
+rank 0 writes the store, a failing rank stops every rank with its name.
 """
 from __future__ import annotations
 
@@ -27,6 +29,19 @@ __all__ = ["add_parser", "run"]
 
 
 def run(args) -> int:
+    if not getattr(args, "tp", None):
+        return _run(args, None)
+    from workbench.runtime import parallel
+
+    tp = parallel.init()
+    if tp.size != args.tp:
+        raise CLIError(f"--tp {args.tp} but {tp.size} processes were started: run under torchrun --nproc-per-node "
+                       f"{args.tp}")
+    with parallel.guard(tp):
+        return _run(args, tp)
+
+
+def _run(args, tp) -> int:
     import torch
 
     from workbench.checkpoint import load_model
@@ -41,11 +56,14 @@ def run(args) -> int:
     capture = capture_options(args)
     inputs_hash = hashlib.sha256(prompts_path.read_bytes()).hexdigest()[:16]
     out = Path(args.out)
-    check_store_out(out, resume=args.resume, overwrite=args.overwrite, inputs_hash=inputs_hash)
+    if tp is None or tp.rank == 0:  # rank 0 owns the store
+        check_store_out(out, resume=args.resume, overwrite=args.overwrite, inputs_hash=inputs_hash)
     provenance = {"inputs_hash": inputs_hash, "prompts_file": str(prompts_path)}
     if checkpoint_loader(Path(args.model), args.loader) == "transformers":
         import transformers
 
+        if tp is not None:
+            raise CLIError("--tp applies to Llama 4 checkpoints loaded with workbench")
         if any(p["images"] for p in prompts):
             raise CLIError("prompts with images need a multimodal Llama 4 checkpoint loaded with workbench")
         model, proc = load_transformers_checkpoint(Path(args.model), dtype=args.dtype, device=args.device,
@@ -54,7 +72,7 @@ def run(args) -> int:
     else:
         if args.device_map is not None:
             raise CLIError("--device-map applies to checkpoints loaded with transformers (use --device)")
-        model = load_model(args.model, dtype=args.dtype, device=args.device)
+        model = load_model(args.model, dtype=args.dtype, device=args.device or (tp.device if tp else None), tp=tp)
         proc = load_processor(args.model)
     check_vocab(proc, model)
     rec = Recorder(model, out, capture, processor=proc, resume=args.resume, overwrite=args.overwrite,
@@ -67,7 +85,8 @@ def run(args) -> int:
         ok = True
     finally:
         rec.close(complete=ok)
-    print(trace_summary(out, summary))
+    if tp is None or tp.rank == 0:
+        print(trace_summary(out, summary))
     return 0
 
 
@@ -93,5 +112,7 @@ def add_parser(sub) -> None:
     p.add_argument("--loader", choices=("auto", "workbench", "transformers"), default="auto",
                    help="who loads MODEL: auto (Llama 4 with workbench, other MoE families with transformers), "
                         "workbench, or transformers (also for Llama 4)")
+    p.add_argument("--tp", type=positive_int, default=None,
+                   help="tensor parallelism over N processes: run under torchrun --nproc-per-node N")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

@@ -17,6 +17,10 @@ Semantics reproduce transformers' ``Llama4ForConditionalGeneration`` / ``Llama4F
   configured), weightless L2 QK norm after RoPE, block-diagonal causal attention in chunks of
   ``attention_chunk_size``. NoPE layers: global causal attention, query temperature
   log1p(floor((pos+1)/floor_scale)) * attn_scale + 1 when tuning is on.
+- Tensor parallelism (:mod:`workbench.runtime.parallel`, ``load_model(path, tp=N)``): the layout
+  module splits the weights and gives layers a ``tp`` group (None: one process); the decoder
+  layer all-reduces after attention and after the feed-forward, attention gathers head shards
+  only for recorded layers, MoE layers feed the routing checksum.
 - Padding: positions come from the attention mask, so every sequence of a padded batch (left
   or right padding) computes what it computes alone. (transformers derives the NoPE temperature
   from the buffer index instead, which differs under left padding; we follow the position.)
@@ -146,6 +150,7 @@ class Llama4TextMoe(nn.Module):
         self.hook_router_logits = HookPoint(editable=("router_logits",))
         self.hook_router = HookPoint(editable=("topk_ids", "topk_weights"))
         self.hook_experts = HookPoint(editable=("expert_out", "shared_out"))
+        self.tp = None  # tensor parallelism: the routing checksum (the router itself is replicated)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -161,6 +166,8 @@ class Llama4TextMoe(nn.Module):
         if self.hook_router.active:
             out = self.hook_router(router_logits=router_logits, topk_ids=topk_ids, topk_weights=topk_weights)
             topk_ids, topk_weights = out["topk_ids"], out["topk_weights"]
+        if self.tp is not None:
+            self.tp.note_routing(self.layer_idx, topk_ids)
         if self.hook_experts.active:
             return self._observed_experts(x, topk_ids, topk_weights, check_ids).view(shape)
         routed = moe_experts(x, topk_ids, topk_weights, self.experts.gate_up_proj, self.experts.down_proj,
@@ -186,6 +193,10 @@ class Llama4TextAttention(nn.Module):
     keys the queries attend, the call's own among them), ``scale`` (float), ``allowed``
     (B, 1, T, S) bool mask, ``batch`` (the call's :class:`~workbench.runtime.ForwardBatch`) and
     ``keys`` (:class:`~workbench.runtime.Keys`: each key's stream index, position, validity).
+
+    Under tensor parallelism a rank holds its heads only (``num_heads`` / ``num_kv_heads`` stay the
+    model's); for the layers the recorder captures (``tp.gathers(layer)``) every rank gathers the
+    query/key/lse head shards, so a listener (on rank 0) sees every head.
 
     ``hook_attn_lse`` fires after the attention with ``query``, ``key``, ``scale``, ``batch``,
     ``keys`` and ``lse``: the (B, Hq, T) row log-sum-exp of the layer's softmax, or None. While it has listeners
@@ -217,15 +228,17 @@ class Llama4TextAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * D, H, bias=bias)
         self.hook_attn = HookPoint()
         self.hook_attn_lse = HookPoint()
+        self.tp = None  # tensor parallelism: gathers head shards for hook listeners
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: KVCache | None = None) -> torch.Tensor:
         """x (B, T, H) -> (B, T, H). ``cache``: the :class:`~workbench.runtime.kv_cache.KVCache` the
         call continues (its keys are stored there, and the queries see the cached ones); None: the
         keys are the call's own tokens."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        hq, hkv = self.q_proj.out_features // self.head_dim, self.k_proj.out_features // self.head_dim  # this rank's
+        q = self.q_proj(x).view(B, T, hq, self.head_dim)
+        k = self.k_proj(x).view(B, T, hkv, self.head_dim)
+        v = self.v_proj(x).view(B, T, hkv, self.head_dim)
         if self.use_rope:
             freqs_cis = batch.derived("rope", _rope_missing)
             q, k = apply_rope(q, freqs_cis), apply_rope(k, freqs_cis)
@@ -239,15 +252,21 @@ class Llama4TextAttention(nn.Module):
         keys = None  # the keys' metadata when they come from a cache (None: the call's own tokens)
         if cache is not None:
             k, v, keys = cache.update(self.layer_idx, k, v, batch)
-        if self.hook_attn.active:
-            allowed = batch.mask(self.chunk_size, keys)
-            self.hook_attn(query=q, key=k, scale=self.scale, allowed=allowed, batch=batch,
-                           keys=batch.keys() if keys is None else keys)
-        want_lse = self.hook_attn_lse.active
+        gather = self.tp is not None and self.tp.gathers(self.layer_idx)  # the same on every rank
+        if self.hook_attn.active or gather:
+            qh, kh = (self.tp.gather_heads(q, self.num_heads), self.tp.gather_heads(k, self.num_kv_heads)) \
+                if gather else (q, k)
+            if self.hook_attn.active:
+                self.hook_attn(query=qh, key=kh, scale=self.scale, allowed=batch.mask(self.chunk_size, keys),
+                               batch=batch, keys=batch.keys() if keys is None else keys)
+        want_lse = self.hook_attn_lse.active or gather
         out, lse = attend(q, k, v, batch, keys, self.chunk_size, self.scale, want_lse=want_lse)
         if want_lse:
-            self.hook_attn_lse(query=q, key=k, scale=self.scale, lse=lse, batch=batch,
-                               keys=batch.keys() if keys is None else keys)
+            if gather:
+                q, k, lse = qh, kh, self.tp.gather_heads(lse, self.num_heads)
+            if self.hook_attn_lse.active:
+                self.hook_attn_lse(query=q, key=k, scale=self.scale, lse=lse, batch=batch,
+                                   keys=batch.keys() if keys is None else keys)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -265,10 +284,15 @@ class Llama4TextDecoderLayer(nn.Module):
                              else Llama4TextMLP(config.hidden_size, config.intermediate_size_mlp))
         self.input_layernorm = Llama4TextRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = Llama4TextRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.tp = None  # tensor parallelism (workbench.runtime.parallel): each rank adds its heads' / slices' part
+
+    def reduce(self, h: torch.Tensor) -> torch.Tensor:
+        """Sum a block's partial outputs over the tensor-parallel ranks (identity in one process)."""
+        return h if self.tp is None else self.tp.all_reduce(h)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cache=None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), batch, cache)
-        return x + self.feed_forward(self.post_attention_layernorm(x))
+        x = x + self.reduce(self.self_attn(self.input_layernorm(x), batch, cache))
+        return x + self.reduce(self.feed_forward(self.post_attention_layernorm(x)))
 
 
 class Llama4TextModel(nn.Module):
@@ -285,6 +309,8 @@ class Llama4TextModel(nn.Module):
         self.layers = nn.ModuleList(Llama4TextDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = Llama4TextRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.hook_inputs = HookPoint()
+        self.tp = None  # tensor parallelism: ends each pass (routing checksum)
+        self.cache_config = config  # what a KV cache of this model holds (under TP: this rank's heads)
 
     def rope_freqs(self, position_ids: torch.Tensor) -> torch.Tensor:
         """(B, T, head_dim/2) complex64 rotations for the given positions."""
@@ -319,6 +345,8 @@ class Llama4TextModel(nn.Module):
             x = layer(x, batch, cache)
         if cache is not None:
             cache.advance(batch)
+        if self.tp is not None:
+            self.tp.end_pass()
         return self.norm(x)
 
 
@@ -336,7 +364,8 @@ class Llama4ForCausalLM(nn.Module):
 
     @property
     def text_config(self) -> TextConfig:
-        return self.config
+        """The text config as this process runs it (under tensor parallelism: its heads)."""
+        return self.model.cache_config
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, *,
                 cache: KVCache | None = None, prefill_chunk: int | None = None, logits_to_keep: int = 0,
@@ -368,7 +397,8 @@ class Llama4ForConditionalGeneration(nn.Module):
 
     @property
     def text_config(self) -> TextConfig:
-        return self.config.text
+        """The text config as this process runs it (under tensor parallelism: its heads)."""
+        return self.language_model.model.cache_config
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         """(B, T) ids (+ (N_tiles, 3, S, S) pixels) -> (B, T, H) input embeddings with images fused."""
@@ -453,7 +483,7 @@ def run_blocks(text_model: Llama4TextModel, lm_head: nn.Linear, input_ids, atten
         dtype = (inputs_embeds if inputs_embeds is not None else text_model.embed_tokens.weight).dtype
         check_fits(prefill_bytes(config, B, T, prefill_chunk, dtype, logits_to_keep), ref.device,
                    f"a {T}-token prefill of {B} row(s)")
-        cache = KVCache(config, B, T, block=prefill_chunk, dtype=dtype, device=ref.device)
+        cache = KVCache(text_model.cache_config, B, T, block=prefill_chunk, dtype=dtype, device=ref.device)
     step = min(prefill_chunk, cache.block)
     hs = []
     for t0 in range(0, T, step):
