@@ -98,8 +98,13 @@ def _experts_grouped(xs, counts, gate_up_proj, down_proj):
     return torch._grouped_mm(a, down_proj, offs=offs)
 
 
-def _default_method(device: torch.device) -> str:
+def _default_method(device: torch.device, n_assignments: int | None = None, n_experts: int | None = None) -> str:
     if device.type == "cpu":
+        # Fewer assignments than experts (decode steps): torch._grouped_mm on CPU runs one matmul
+        # and one host read per expert and projection, empty experts included (32 per layer for 16
+        # experts; benchmarks/RESULTS.md, "Decode"), while the loop skips empty experts.
+        if n_assignments is not None and n_experts is not None and n_assignments < n_experts:
+            return "loop"
         return _CPU_DEFAULT_METHOD
     return "grouped"  # on GPUs a single grouped call avoids E small launches + the host sync
 
@@ -115,7 +120,7 @@ def _sorted_outputs(x, topk_ids, topk_weights, gate_up_proj, down_proj, scale, m
         # As transformers' Llama4TextMoe: routed_in * router_scores in the model dtype.
         xs = xs * w.to(x.dtype)[:, None]
 
-    m = method or _default_method(x.device)
+    m = method or _default_method(x.device, topk_ids.numel(), E)
     quantized = not (isinstance(gate_up_proj, torch.Tensor) and isinstance(down_proj, torch.Tensor))
     if m == "grouped" and not quantized and grouped_mm_supported(xs, gate_up_proj, down_proj):
         ys = _experts_grouped(xs, counts, gate_up_proj, down_proj)

@@ -3,7 +3,12 @@
 A prompt too long for the machine should end in one clear sentence, not in the allocator asking
 for 32 GB halfway through. The estimate counts what grows with the sequence (KV cache, hidden
 states, logits) plus a bounded working set per block; it is an estimate, not a promise (the
-allocator's fragmentation and the user's own tensors are not in it).
+allocator's fragmentation and the user's own tensors are not in it). Measured on CPU
+(benchmarks/RESULTS.md, "Long context"): a 256k-token recorded prefill of the embedded model
+peaked 1.8 GiB above the loaded model where this estimate says ~0.55 GB: glibc's heap fragments
+under the per-block temporaries of the global layer while the recorder's thread allocates too
+(``MALLOC_MMAP_THRESHOLD_=131072`` in the environment brought a 64k run from 1.2 to 0.8 GiB).
+The guard therefore catches the impossible (a prompt needing tens of GB), not the marginal.
 """
 from __future__ import annotations
 
