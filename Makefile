@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 # The CPU build of torch lies on this machine's disk; an unpinned torch would pull a CUDA build.
 TORCH   ?= torch==2.13.0
 
-.PHONY: demo test install clean
+.PHONY: demo test lab install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,6 +22,20 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# JupyterLab from the project's venv (its kernel is the venv's Python), on 127.0.0.1 only, with a fresh
+# token; prints the URL to open. LAB_PORT=9999 make lab for another port (a busy port fails loudly).
+LAB_PORT ?= 8888
+lab: $(STAMP)
+	@mkdir -p runs
+	@TOKEN=$$($(BIN)/python -c "import secrets; print(secrets.token_urlsafe(24))"); \
+	echo ""; \
+	echo "JupyterLab (notebooks in notebooks/, traces under runs/):"; \
+	echo "    http://127.0.0.1:$(LAB_PORT)/lab/tree/notebooks?token=$$TOKEN"; \
+	echo ""; \
+	exec $(BIN)/jupyter lab --no-browser --ServerApp.ip=127.0.0.1 --ServerApp.port=$(LAB_PORT) \
+	    --ServerApp.port_retries=0 --IdentityProvider.token="$$TOKEN" --ServerApp.root_dir="$(CURDIR)" \
+	    $(if $(filter 0,$(shell id -u)),--allow-root)
 
 clean:
 	rm -rf $(VENV) runs

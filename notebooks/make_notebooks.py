@@ -10,11 +10,18 @@ from pathlib import Path
 import nbformat as nbf
 
 HERE = Path(__file__).parent
+#: Where traces go: WB_RUNS, else the repository's runs/ (found from the kernel's working directory or
+#: from the editable install), whatever directory the kernel was started in.
+RUNS_SETUP = '''from pathlib import Path
+_here = [Path.cwd().resolve(), *Path.cwd().resolve().parents, Path(wb.__file__).resolve().parents[1]]
+ROOT = next((p for p in _here if (p / "notebooks" / "make_notebooks.py").is_file()), Path.cwd())
+RUNS = os.environ.get("WB_RUNS") or str(ROOT / "runs")   # where traces go
+print("traces under:", RUNS)'''
 SETUP = '''import os, torch, warnings
 import workbench as wb
 from workbench.embedded import default_model_dir, demo_prompts
 torch.set_grad_enabled(False)
-RUNS = os.environ.get("WB_RUNS", "runs")          # where traces go
+''' + RUNS_SETUP + '''
 MODEL = os.environ.get("WB_MODEL") or str(default_model_dir(f"{RUNS}/random-tiny-llama4"))
 print("model:", MODEL)'''
 
@@ -190,7 +197,8 @@ NOTEBOOKS = {
                  "pd.DataFrame(t.rows, columns=[c.key for c in t.columns]).style.format(precision=3).hide(axis='index')"),
     ],
     "05_real_llama4_checkpoint.ipynb": [
-        ("md", "# A real Llama 4 Scout / Maverick checkpoint\n\nSet `WB_CHECKPOINT` to an HF-format directory "
+        ("md", "# A real Llama 4 Scout / Maverick checkpoint\n\nSet `CHECKPOINT` (next cells) or `WB_CHECKPOINT` to an "
+               "HF-format directory "
                "(e.g. a local copy of `meta-llama/Llama-4-Scout-17B-16E-Instruct`: `config.json`, sharded "
                "`model-*.safetensors` + `model.safetensors.index.json`, `tokenizer.json`). Without it this "
                "notebook runs on the embedded tiny model through exactly the same loading path.\n\n"
@@ -201,7 +209,22 @@ NOTEBOOKS = {
                "Weights are read lazily from safetensors onto a meta-device model and materialized in place: "
                "peak host memory is about one copy of the weights. Recording costs little on top "
                "(router ids/weights per token; logits add 2 bytes x experts x MoE layers per token)."),
-        ("code", SETUP + "\nCHECKPOINT = os.environ.get('WB_CHECKPOINT') or MODEL\n"
+        ("md", "## Which checkpoint\nPut the directory of a real checkpoint in `CHECKPOINT` below (or set the "
+               "`WB_CHECKPOINT` environment variable before starting JupyterLab). **Without one, this notebook runs on "
+               "the embedded tiny model** and says so in capitals: its numbers then say nothing about Scout or "
+               "Maverick."),
+        ("code", SETUP + "\nCHECKPOINT = None   # <- e.g. '/data/Llama-4-Scout-17B-16E-Instruct' (HF format); None: "
+                 "WB_CHECKPOINT, else the tiny model\n"
+                 "CHECKPOINT = CHECKPOINT or os.environ.get('WB_CHECKPOINT')\n"
+                 "if CHECKPOINT:\n"
+                 "    print('checkpoint:', CHECKPOINT)\n"
+                 "else:\n"
+                 "    CHECKPOINT = MODEL\n"
+                 "    warnings.warn('no checkpoint given: running on the embedded TINY model', stacklevel=1)\n"
+                 "    print('=' * 78 + '\\nNO CHECKPOINT GIVEN - running on the embedded TINY model, not on Llama 4 '\n"
+                 "          'Scout/Maverick:\\n  ' + MODEL +\n"
+                 "          '\\nSet CHECKPOINT in this cell (or WB_CHECKPOINT) to a real '\n"
+                 "          'checkpoint directory and run the notebook again.\\n' + '=' * 78)\n"
                  "DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'"),
         ("code", "from workbench.cli import describe_model\n"
                  "print(describe_model(wb.ModelConfig.from_pretrained(CHECKPOINT), CHECKPOINT))\n"

@@ -747,3 +747,99 @@ def test_legibility_key_highlight_escaping_sankey_titles_attention_and_live_cade
     OUT.mkdir(parents=True, exist_ok=True)
     for f in shots.glob("*.png"):
         shutil.copy(f, OUT / f"widgets_{f.name}")
+
+
+# ------------------------------------------------------------------------------ outputs that survive
+JS_STATIC = """() => [...document.querySelectorAll('.wb-static img')].map(i => {
+  const r = i.getBoundingClientRect();
+  return {w: i.naturalWidth, visible: r.width > 50 && r.height > 50 && getComputedStyle(i).visibility !== 'hidden'
+          && i.offsetParent !== null};
+})"""
+JS_ERRORS = """() => [...document.querySelectorAll('.jp-OutputArea-output')]
+  .filter(e => e.textContent.includes('model not found') && e.offsetParent !== null).length"""
+
+
+def test_saved_notebook_reopened_shows_static_figures_and_report_without_scripts(tmp_path):
+    """A notebook with views, run and saved in JupyterLab, then reopened with a fresh kernel (the widget
+    models are gone): every view's static snapshot shows, the "model not found" lines do not. While live,
+    the snapshots are hidden and the plots follow JupyterLab's dark theme. The HTML report shows its
+    static figures in Chromium with JavaScript disabled, and the interactive ones when it is enabled."""
+    require_browser()
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_widgets import make_trace
+    from workbench.export import export_all
+
+    root = tmp_path
+    make_trace(root / "trace.zarr", layers=[1, 3, 5], n_experts=8, k=2,
+               batches=[[(s, 30 + 5 * (s % 3))] for s in range(4)], seed=3)
+    write_notebook(root / "saved.ipynb", [
+        "from workbench.widgets import ExpertLoadDashboard, RoutingFlow\nExpertLoadDashboard('trace.zarr')",
+        "RoutingFlow('trace.zarr', a=1, b=5)"])
+    with jupyter_lab(root) as (base, token), browser() as page:
+        open_notebook(page, base, token, "saved.ipynb")
+        run_all(page)
+        wait_idle(page)
+        page.wait_for_function("() => document.querySelectorAll('.wb-plot[data-revision]').length >= 5",
+                               timeout=120_000)
+        assert not cell_errors(page)
+        live = page.evaluate(JS_STATIC)
+        assert len(live) >= 5 and not any(s["visible"] for s in live)  # the live views hide their snapshots
+        # dark theme: the plots take JupyterLab's background
+        page.locator(".lm-MenuBar-itemLabel", has_text="Settings").first.click()
+        page.locator(".lm-Menu-itemLabel", has_text="Theme").first.hover()
+        page.locator(".lm-Menu-itemLabel", has_text="JupyterLab Dark").first.click()
+        page.wait_for_function("() => document.body.dataset.jpThemeLight === 'false'", timeout=30_000)
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('.wb-plot')].every(d => d.dataset.theme === 'dark')", timeout=30_000)
+        bg = page.evaluate("""() => { const gd = document.querySelector('.wb-plot');
+            const v = getComputedStyle(document.body).getPropertyValue('--jp-layout-color0').trim();
+            return [gd._fullLayout.paper_bgcolor, gd._fullLayout.plot_bgcolor, v]; }""")
+        assert bg[0] == bg[1] and bg[0] not in ("#fff", "#ffffff", "white", "rgb(255, 255, 255)"), bg
+        page.screenshot(path=str(tmp_path / "dark.png"), full_page=True)
+        page.keyboard.press("Control+s")
+        page.wait_for_function("() => !document.querySelector('.jp-mod-dirty')", timeout=30_000)
+        time.sleep(1)
+        # reopen with a fresh kernel: the widget models are gone
+        req = urllib.request.Request(f"{base}/api/kernels?token={token}")
+        for k in json.loads(urllib.request.urlopen(req).read()):
+            urllib.request.urlopen(urllib.request.Request(f"{base}/api/kernels/{k['id']}?token={token}",
+                                                          method="DELETE"))
+        open_notebook(page, base, token, "saved.ipynb")
+        page.wait_for_function("() => document.querySelectorAll('.wb-static img').length >= 5", timeout=60_000)
+        time.sleep(3)  # the widget manager gives up on the models
+        shown = page.evaluate(JS_STATIC)
+        page.screenshot(path=str(tmp_path / "reopened.png"), full_page=True)
+        assert len(shown) >= 5 and all(s["visible"] and s["w"] > 200 for s in shown), shown
+        assert page.evaluate(JS_ERRORS) == 0
+        assert not page.locator(".wb-plot").count()
+    import nbformat
+
+    saved = nbformat.read(root / "saved.ipynb", as_version=4)
+    for c in saved.cells:  # what GitHub / nbviewer render: a PNG after each widget output
+        assert any("image/png" in o.get("data", {}) for o in c.outputs), c.source
+
+    paper = export_all(root / "trace.zarr", root / "paper", what="report", progress=False)
+    report = next(p for p in paper if p.name == "report.html")
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            for js in (False, True):
+                ctx = b.new_context(java_script_enabled=js, viewport={"width": 1200, "height": 900})
+                page = ctx.new_page()
+                page.goto(report.as_uri())
+                imgs = page.locator("img.wb-static")
+                assert imgs.count() == 3
+                if not js:
+                    for i in range(3):
+                        im = imgs.nth(i)
+                        assert im.is_visible() and im.evaluate("e => e.naturalWidth") > 300
+                        assert im.bounding_box()["height"] > 100
+                    assert not page.locator(".wb-live").first.is_visible()
+                    page.screenshot(path=str(tmp_path / "report_nojs.png"), full_page=True)
+                else:
+                    page.wait_for_selector(".js-plotly-plot .main-svg", timeout=60_000)
+                    assert not imgs.first.is_visible() and page.locator(".wb-live").first.is_visible()
+                ctx.close()
+        finally:
+            b.close()

@@ -377,7 +377,7 @@ def test_parquet_roundtrip(syn, tmp_path):
 class _Refs(html.parser.HTMLParser):
     def __init__(self):
         super().__init__()
-        self.refs, self.scripts, self.meta, self.tags = [], 0, {}, set()
+        self.refs, self.scripts, self.meta, self.tags, self.images = [], 0, {}, set(), []
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
@@ -385,8 +385,10 @@ class _Refs(html.parser.HTMLParser):
         if tag == "script":
             self.scripts += 1
         for key in ("src", "href", "data", "srcset", "poster", "action"):
-            if a.get(key):
-                self.refs.append((tag, key, a[key]))
+            if a.get(key) and not (tag == "img" and key == "src" and a[key].startswith("data:image/png;base64,")):
+                self.refs.append((tag, key, a[key]))  # inline images (data URIs) fetch nothing
+            elif a.get(key):
+                self.images.append(a)
         if tag == "meta" and a.get("name"):
             self.meta[a["name"]] = a.get("content")
 
@@ -410,6 +412,27 @@ def test_html_report_is_self_contained_with_provenance(syn, syn_export):
         assert f"<h2>{title}</h2>" in text
     assert "<script>alert(1)" not in text and "alert(1)" in text  # token text is escaped
     assert plotly.__version__
+
+
+def test_html_report_shows_static_figures_first(syn, syn_export):
+    """Every figure is a static PNG first (data URI), the plotly layer shown only where scripts run."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    out, _ = syn_export
+    text = (out / "report.html").read_text(encoding="utf-8")
+    p = _Refs()
+    p.feed(text)
+    static = [a for a in p.images if a.get("class") == "wb-static"]
+    assert len(static) == 3 == text.count('<div class="wb-fig">')  # load, imbalance, token routing
+    for a in static:
+        im = Image.open(io.BytesIO(base64.b64decode(a["src"].split(",", 1)[1])))
+        assert im.format == "PNG" and im.size[0] > 300
+    head = text.split("</head>")[0]
+    assert "classList.add('wb-js')" in head  # the interactive layer replaces them only when scripts run
+    assert ".wb-fig .wb-live{display:none}" in head and ".wb-js .wb-fig img.wb-static{display:none}" in head
 
 
 # ------------------------------------------------------------------- recorded multimodal

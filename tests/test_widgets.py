@@ -1048,6 +1048,99 @@ def test_views_display_as_their_widget(tiny):
         assert b["application/vnd.jupyter.widget-view+json"]["model_id"] == v.widget.model_id
 
 
+
+# --------------------------------------------------------------------------------- static fallbacks
+def _static_images(bundle):
+    import base64
+    import re
+
+    pngs = re.findall(r"src='data:image/png;base64,([^']+)'", bundle["text/html"])
+    return [base64.b64decode(x) for x in pngs]
+
+
+def test_every_view_has_a_static_snapshot_with_its_figures(tiny, tmp_path):
+    from PIL import Image
+    import io
+
+    from workbench.widgets import PathExplorer, RoutingShiftView
+    from workbench.widgets._static import STATIC_CLASS
+
+    p, _ = tiny
+    pb = tmp_path / "b.zarr"
+    make_trace(pb, seed=2, hostile_first=False)
+    views = {ExpertLoadDashboard(p): 3, TokenRoutingView(p): 0, RoutingFlow(p): 2, TraceComparison(p, pb): 4,
+             RoutingShiftView(p, p): 3, PathExplorer(p): 0}
+    for v, n_plots in views.items():
+        b = v.static_bundle()
+        name = type(v).__name__
+        assert f"class='{STATIC_CLASS}'" in b["text/html"] and name in b["text/plain"]
+        imgs = _static_images(b)
+        assert len(imgs) >= n_plots, name
+        for png in imgs:
+            im = Image.open(io.BytesIO(png))
+            assert im.format == "PNG" and im.size[0] > 200 and im.size[1] > 100
+            a = np.asarray(im.convert("L"))
+            assert a.std() > 5, f"{name}: a blank static image"
+        if imgs:
+            assert "image/png" in b
+    # the token view's page (HTML) travels too, escaped as in the live view
+    tb = TokenRoutingView(p).static_bundle()["text/html"]
+    assert "<script>alert(1)</script>" not in tb and "&lt;script&gt;" in tb
+
+
+def test_static_snapshot_follows_the_figure(tiny):
+    from workbench.widgets._static import figure_png
+
+    p, d = tiny
+    dash = ExpertLoadDashboard(p)
+    before = figure_png(dash.heatmap.figure)
+    dash.w_mode.value = "count"
+    assert figure_png(dash.heatmap.figure) != before
+
+
+def test_display_emits_the_widget_then_its_static_twin(tiny, monkeypatch):
+    import IPython.display as D
+
+    p, _ = tiny
+    shown = []
+    monkeypatch.setattr(D, "display", lambda obj, raw=False, display_id=None, **kw: shown.append((obj, display_id)))
+    updates = []
+    monkeypatch.setattr(D, "update_display", lambda obj, raw=False, display_id=None, **kw: updates.append(display_id))
+    v = ExpertLoadDashboard(p)
+    v._ipython_display_()
+    (w, wid), (s, sid) = shown
+    assert w["application/vnd.jupyter.widget-view+json"]["model_id"] == v.widget.model_id and wid is None
+    assert "needs its kernel" in w["text/plain"]
+    assert "image/png" in s and sid == v._static_id
+    assert v.update_static() and updates == [sid]
+    monkeypatch.setenv("WB_STATIC", "0")
+    shown.clear()
+    v._ipython_display_()
+    assert shown == [(v.widget, None)]
+
+
+def test_figure_png_draws_every_trace_kind():
+    import io
+
+    import plotly.graph_objects as go
+    from PIL import Image
+
+    from workbench.widgets._static import figure_png
+
+    fig = go.Figure()
+    fig.add_heatmap(z=[[1, 2], [3, float("nan")]], x=["a", "b"], y=["L1", "L3"], colorscale="Viridis")
+    fig.add_bar(x=[0, 1, 2], y=[1, 3, 2], marker_color=["#0072B2", "rgb(230,159,0)", "rgba(0,0,0,0.5)"],
+                xaxis="x2", yaxis="y2")
+    fig.add_scatter(x=[0, 1, None, 2], y=[1, None, 2, 3], mode="lines+markers", xaxis="x2", yaxis="y2")
+    fig.update_layout(xaxis={"domain": [0, 0.45]}, xaxis2={"domain": [0.55, 1]}, yaxis2={"anchor": "x2"},
+                      title='a &lt;b&gt; "title" & more', width=600, height=300)
+    im = Image.open(io.BytesIO(figure_png(fig)))
+    assert im.size == (576, 288)
+    s = go.Figure(go.Sankey(node=dict(label=["e0", "e1", "e0'", "e1'"], color=["#0072B2"] * 4),
+                            link=dict(source=[0, 0, 1], target=[2, 3, 3], value=[5, 1, 3])))
+    assert Image.open(io.BytesIO(figure_png(s))).size[0] > 100
+
+
 # --------------------------------------------------------------------------------- edge cases, plumbing
 def test_empty_trace_views_do_not_crash(tmp_path):
     import json as _json

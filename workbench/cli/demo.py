@@ -33,7 +33,10 @@ def _record(model_dir: Path, store: Path, prompts: list[dict], batch_size: int, 
 
     model = load_model(model_dir, progress=False)
     proc = load_processor(model_dir)
-    rec = Recorder(model, store, ("router",), processor=proc, overwrite=True, provenance={"command": "workbench demo"})
+    # router logits (entropy figure) and cross-modal attention (attention overlay) too: the report and the
+    # paper export then skip nothing that the demo prompts can show
+    rec = Recorder(model, store, ("router", "logits", "attention"), processor=proc, overwrite=True,
+                   provenance={"command": "workbench demo"})
     ok = False
     try:
         with torch.no_grad():
@@ -56,7 +59,7 @@ def _print_domains(store: Path, labels: dict[int, str]) -> None:
         top = np.argsort(-row)[:3]
         print(f"  {str(label):6s}: " + ", ".join(f"expert {e} {row[e]:.0%}" for e in top))
     print("domain specialization (normalized JSD, 0 = same routing everywhere): "
-          + ", ".join(f"layer {int(l)} {v:.2f}" for l, v in zip(spec['layer'].values, spec['jsd_normalized'].values)))
+          + ", ".join(f"layer {int(i)} {v:.2f}" for i, v in zip(spec['layer'].values, spec['jsd_normalized'].values)))
 
 
 def run(args) -> int:

@@ -5,6 +5,11 @@ sequence (cells colored by top-1 expert with the shared categorical expert palet
 the color key; hover shows the token and its top-k experts and weights), per-layer metrics table,
 and notes on what was skipped.
 
+Static first: every figure is a PNG (the paper figure of :mod:`workbench.export.figures`, drawn by
+matplotlib) embedded as a data URI, shown when scripts may not run (JupyterLab's HTML viewer before "Trust
+HTML", mail clients, browsers with JavaScript off). A one-line script in the head marks the page
+``wb-js``; then the interactive plotly layer is shown in the image's place. Nothing is fetched.
+
 Self-contained: the plotly.js bundle is inlined once (``include_plotlyjs=True`` on the first
 figure), no MathJax, no external script, stylesheet, font or image; every token string and
 provenance value is escaped exactly once for where it lands: ``html.escape`` in the page's own HTML,
@@ -36,7 +41,32 @@ table{border-collapse:collapse;font-size:.85em} td,th{padding:2px 10px;border-bo
 vertical-align:top} th{background:#f6f6f6} td.num{text-align:right;font-variant-numeric:tabular-nums}
 .note{color:#7a5b00;background:#fff8e1;padding:4px 8px;border-left:3px solid #e6a700;margin:4px 0;font-size:.9em}
 code{font-size:.9em}
+.wb-fig img.wb-static{max-width:100%;height:auto;display:block} .wb-fig .wb-live{display:none}
+.wb-js .wb-fig .wb-live{display:block} .wb-js .wb-fig img.wb-static{display:none}
 """
+#: runs first (in the head): the interactive layer replaces the static images only where scripts run
+_JS_FLAG = "<script>document.documentElement.classList.add('wb-js')</script>"
+
+
+def _static_png(make, *args, dpi: int = 150) -> str | None:
+    """A paper figure (``make(*args)``, matplotlib) as a PNG data URI; None when it does not apply."""
+    import base64
+    import io
+
+    try:
+        fig = make(*args)
+    except ArtifactSkipped:
+        return None
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, facecolor="white")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _figure_block(heading: str, live: str, static: str | None) -> str:
+    img = (f'<img class="wb-static" src="{static}" alt="{html.escape(heading, quote=True)} (static image)">'
+           if static else "")
+    return f'<div class="wb-fig">{img}<div class="wb-live">{live}</div></div>'
+
 
 
 def _fig_html(fig, first: bool) -> str:
@@ -160,17 +190,20 @@ def report_html(ds: xr.Dataset, prov: Mapping[str, str], *, sequence: int | None
     notes = list(notes)
     parts: list[str] = []
     first = True
-    figs: list[tuple[str, Any]] = []
-    figs.append(("Expert load", _load_figure(ds)))
+    from . import figures as F
+
+    figs: list[tuple[str, Any, str | None]] = []
+    figs.append(("Expert load", _load_figure(ds), _static_png(F.plot_load_heatmap, ds)))
     imb_fig, _ = _imbalance_figure(ds)
-    figs.append(("Load imbalance", imb_fig))
+    figs.append(("Load imbalance", imb_fig, _static_png(F.plot_imbalance, ds)))
     try:
-        figs.append(("Token routing", _routing_figure(ds, sequence, max_tokens)))
+        figs.append(("Token routing", _routing_figure(ds, sequence, max_tokens),
+                     _static_png(F.plot_token_routing, ds, sequence, max_tokens)))
     except ArtifactSkipped as e:
         notes.append(str(e))
-    for heading, fig in figs:
+    for heading, fig, static in figs:
         parts.append(f"<h2>{html.escape(heading)}</h2>")
-        parts.append(_fig_html(fig, first))
+        parts.append(_figure_block(heading, _fig_html(fig, first), static))
         first = False
     table = layer_metrics_table(ds)
     parts.append("<h2>Per-layer metrics</h2>")
@@ -184,7 +217,7 @@ def report_html(ds: xr.Dataset, prov: Mapping[str, str], *, sequence: int | None
     return (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
         f"<meta name=\"generator\" content=\"MoE Workbench {version}\">\n"
-        f"{meta}\n<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        f"{meta}\n<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n{_JS_FLAG}\n</head>\n<body>\n"
         f"<h1>{html.escape(title)}</h1>\n"
         f"<h2>Provenance</h2>\n{_table_html(prov_rows, ['key', 'value'])}\n{note_html}\n"
         + "\n".join(parts) + "\n</body>\n</html>\n"

@@ -252,17 +252,49 @@ class TraceLoads:
 
 
 class ViewBase:
-    """Display protocol: every view shows its ``widget`` (an ipywidgets container)."""
+    """Display protocol: every view shows its ``widget`` (an ipywidgets container), followed by a static
+    snapshot of it (:mod:`workbench.widgets._static`): a saved notebook shows its figures without the kernel.
+
+    ``WB_STATIC=0`` in the environment leaves the snapshot out."""
 
     widget: Any
+    _static_id: str | None = None
 
     def _repr_mimebundle_(self, **kwargs):
         return self.widget._repr_mimebundle_(**kwargs)
 
-    def _ipython_display_(self):  # pragma: no cover - exercised in the browser test
+    def static_bundle(self) -> dict:
+        """The static snapshot (``text/html``, ``image/png``, ``text/plain``) of the view as it is now."""
+        from ._static import static_bundle
+
+        return static_bundle(self.widget, type(self).__name__)
+
+    def _widget_bundle(self) -> dict:
+        b = dict(self.widget._repr_mimebundle_())
+        b["text/plain"] = (f"<{type(self).__name__}: interactive view; it needs its kernel - run the cell again. "
+                           "A static snapshot follows.>")
+        return b
+
+    def _ipython_display_(self):
+        import uuid
+
         from IPython.display import display
 
-        display(self.widget)
+        if os.environ.get("WB_STATIC", "1") == "0":
+            display(self.widget)
+            return
+        display(self._widget_bundle(), raw=True)
+        self._static_id = uuid.uuid4().hex
+        display(self.static_bundle(), raw=True, display_id=self._static_id)
+
+    def update_static(self) -> bool:
+        """Redraw the static snapshot shown under the view (e.g. after a live run): True when there was one."""
+        if self._static_id is None:
+            return False
+        from IPython.display import update_display
+
+        update_display(self.static_bundle(), raw=True, display_id=self._static_id)
+        return True
 
 
 def figure_widget(**layout):

@@ -104,6 +104,39 @@ function afterPaint() {
   });
 }
 
+// JupyterLab's theme: a dark theme (body[data-jp-theme-light="false"]) gets the figure's template recoloured
+// from the theme's own CSS variables (background, text, grid), so plots sit on the notebook's background.
+// Colours a view sets explicitly (data colours, annotation boxes) are kept.
+function isDark() {
+  const b = document.body;
+  return !!(b && b.dataset && b.dataset.jpThemeLight === "false");
+}
+
+function themed(layout) {
+  if (!isDark()) return layout;
+  const cs = getComputedStyle(document.body);
+  const v = (name, dflt) => (cs.getPropertyValue(name) || "").trim() || dflt;
+  const bg = v("--jp-layout-color0", "#111111"), fg = v("--jp-ui-font-color1", "#dddddd");
+  const grid = v("--jp-border-color2", "#444444");
+  const t = JSON.parse(JSON.stringify(layout.template || {}));
+  const tl = (t.layout = t.layout || {});
+  tl.paper_bgcolor = bg;
+  tl.plot_bgcolor = bg;
+  tl.font = Object.assign({}, tl.font || {}, { color: fg });
+  for (const ax of ["xaxis", "yaxis"]) {
+    tl[ax] = Object.assign({}, tl[ax] || {}, { gridcolor: grid, linecolor: grid, zerolinecolor: grid });
+  }
+  tl.legend = Object.assign({}, tl.legend || {}, { bgcolor: "rgba(0,0,0,0)" });
+  return Object.assign({}, layout, { template: t });
+}
+
+function onThemeChange(fn) {
+  if (typeof MutationObserver === "undefined" || !document.body) return () => {};
+  const obs = new MutationObserver(fn);
+  obs.observe(document.body, { attributes: true, attributeFilter: ["data-jp-theme-light", "data-jp-theme-name"] });
+  return () => obs.disconnect();
+}
+
 function schedule(fn) {
   DRAWS.tail = DRAWS.tail.then(fn).catch((e) => console.error("workbench plot:", e)).then(afterPaint);
   return DRAWS.tail;
@@ -230,7 +263,8 @@ async function render({ model, el }) {
         kind = "patch";
       } else {
         const fig = withAssets(JSON.parse(model.get("spec")), model.get("assets"));
-        const layout = fig.layout || {};
+        const layout = themed(fig.layout || {});
+        div.dataset.theme = isDark() ? "dark" : "light";
         // after client-side draws, the arrays on screen are not the spec's: make react recompute them
         if (localDraws > 0) layout.datarevision = `${layout.datarevision}:${rev}:${localDraws}`;
         await Plotly.react(div, fig.data || [], layout, { displaylogo: false, responsive: false });
@@ -280,6 +314,7 @@ async function render({ model, el }) {
   };
   model.on("change:revision", () => draw());
   model.on("change:assets", () => { full = true; draw(); });
+  const unTheme = onThemeChange(() => { full = true; draw(); });
   let unfollow = null;
   const ref = model.get("control");
   if (typeof ref === "string" && ref.startsWith(LIB_PREFIX) && model.widget_manager) {
@@ -292,6 +327,7 @@ async function render({ model, el }) {
   }
   await draw();
   return () => {
+    unTheme();
     if (unfollow) unfollow();
     try { Plotly.purge(div); } catch (e) {}
   };
@@ -373,6 +409,7 @@ class Plot:
         if layout:
             self.figure.update_layout(**layout)
         self.widget = PlotView(library=plotly_library())
+        self.widget._wb_plot = self  # the static snapshot of a view finds its figures through its widgets
         self._depth = 0
         self.pushes = 0
         self._live = False  # nothing is sent until the first push() / batch_update(): views build first

@@ -589,6 +589,7 @@ class ExpertLoadDashboard(W.ViewBase):
         if self.live:
             self.refresh()
             self.w_status.value = self._status_html()
+            self.update_static()  # the saved notebook shows the final loads, not the empty start
 
     def _loop(self) -> None:
         period = 1.0 / self.refresh_hz

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import html
+import re
 import time
 from typing import Any
 
@@ -102,6 +103,13 @@ class TokenStrip(anywidget.AnyWidget):
     highlight = t.List(t.Int()).tag(sync=True)
     pinned = t.Int(-1).tag(sync=True)
     revision = t.Int(0).tag(sync=True)
+
+    def _wb_static_html(self) -> str:
+        """The key and the page as the browser shows them (for the view's static snapshot)."""
+        # own container classes: selectors of the live strip (".wb-tokens .wb-tok") never match the snapshot
+        css = re.sub(r"\.wb-(tokens|key)\b(?!-)", r".wb-static-\1", _CSS)
+        return (f"<style>{css}</style><div class='wb-static-key'>{self.key}</div>"
+                f"<div class='wb-static-tokens'>{self.html}</div>")
 
 
 def _display_text(text: str, modality: int) -> str:
