@@ -102,7 +102,8 @@ def test_sigkill_then_resume_gives_the_clean_trace(ckpt, tmp_path):
     pfile = write_prompts(tmp_path / "p.jsonl", prompts)
     store = tmp_path / "killed.zarr"
     proc = subprocess.Popen([*WORKBENCH, "trace", str(ckpt), "--prompts", str(pfile), "--out", str(store),
-                             "--batch-size", "1", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             "--batch-size", "1", "--commit-every", "0", "--quiet"],  # each prompt durable
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while _committed(store) < 40 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)

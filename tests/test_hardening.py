@@ -528,3 +528,16 @@ def test_console_script_never_prints_a_traceback(ckpt, prompts, tmp_path):
         assert out.returncode == rc and "Traceback" not in out.stderr, out.stderr
         assert message in out.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "a.zarr").exists()  # -1 used to write a complete 0-token trace
+
+
+@pytest.mark.parametrize("value,fragment", [("-1", "must be a finite number of seconds >= 0, got -1"),
+                                            ("soon", "expected a number of seconds, got 'soon'"),
+                                            ("inf", "must be a finite number of seconds >= 0, got inf")])
+def test_commit_every_is_checked(value, fragment, capsys, tmp_path):
+    from workbench.cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('"hello"\n')
+    with pytest.raises(SystemExit) as e:
+        main(["trace", "scout", "--prompts", str(prompts), "--out", str(tmp_path / "o.zarr"), "--commit-every", value])
+    assert e.value.code == 2 and fragment in capsys.readouterr().err

@@ -413,3 +413,24 @@ def quantize_options(args: argparse.Namespace) -> dict:
 
 
 __all__ += ["add_quantize_arguments", "quantize_options"]
+
+
+def non_negative_seconds(text: str) -> float:
+    """``type=`` of --commit-every: seconds >= 0 (0: every forward pass is committed before the next)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text}")
+    return value
+
+
+def add_commit_argument(p: argparse.ArgumentParser) -> None:
+    """``--commit-every SECONDS``: the recorder's commit policy (a kill loses at most about that much)."""
+    p.add_argument("--commit-every", type=non_negative_seconds, default=1.0, metavar="SECONDS",
+                   help="commit recorded passes when this many seconds passed since the last commit (default 1; "
+                        "a kill loses at most about that much work, which --resume re-runs); 0: every pass")
+
+
+__all__ += ["non_negative_seconds", "add_commit_argument"]

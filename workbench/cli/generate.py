@@ -11,6 +11,7 @@ from pathlib import Path
 from workbench.cli._common import (
     CLIError,
     add_capture_arguments,
+    add_commit_argument,
     add_quantize_arguments,
     capture_options,
     check_store_out,
@@ -60,6 +61,7 @@ def run(args) -> int:
     rec = None
     if args.out:
         rec = Recorder(model, Path(args.out), capture, processor=proc, overwrite=args.overwrite,
+                       commit_every_seconds=args.commit_every,
                        provenance={"inputs_hash": inputs_hash, "prompts_file": str(prompts_path),
                                    "generation": {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample,
                                                   "temperature": args.temperature, "top_p": args.top_p,
@@ -120,6 +122,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", help="trace store to record prompts and answers into (a directory, e.g. runs/x.zarr)")
     p.add_argument("--answers", help="write the answers as JSONL here instead of printing them")
     add_capture_arguments(p)
+    add_commit_argument(p)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=_temperature, default=1.0, help="sampling temperature (default 1.0)")
     p.add_argument("--top-p", type=_top_p, default=1.0, help="nucleus sampling mass (default 1.0: off)")

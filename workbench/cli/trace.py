@@ -13,6 +13,7 @@ from pathlib import Path
 from workbench.cli._common import (
     CLIError,
     add_capture_arguments,
+    add_commit_argument,
     capture_options,
     check_store_out,
     check_vocab,
@@ -76,7 +77,7 @@ def _run(args, tp) -> int:
         proc = load_processor(args.model)
     check_vocab(proc, model)
     rec = Recorder(model, out, capture, processor=proc, resume=args.resume, overwrite=args.overwrite,
-                   provenance=provenance)
+                   provenance=provenance, commit_every_seconds=args.commit_every)
     ok = False
     try:
         with torch.no_grad():
@@ -98,6 +99,7 @@ def add_parser(sub) -> None:
     p.add_argument("--images", help="folder the image file names resolve against (default: the prompts file's)")
     p.add_argument("--out", required=True, help="trace store to create (a directory, e.g. runs/x.zarr)")
     add_capture_arguments(p)
+    add_commit_argument(p)
     p.add_argument("--batch-size", type=positive_int, default=8, help="prompts per forward pass (default: 8)")
     p.add_argument("--max-tokens", type=positive_int, default=None,
                    help="longest prompt allowed (tokens); longer is an error")
