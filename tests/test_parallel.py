@@ -1,6 +1,6 @@
-"""Tensor parallelism (#15): real processes over gloo (world size 2, CPU), compared with one process.
+"""Tensor parallelism (#15): real processes over gloo (world sizes 2 and 4, CPU), compared with one process.
 
-Each distributed test starts two worker processes running this file (``python tests/test_parallel.py
+Each distributed test starts two (or four) worker processes running this file (``python tests/test_parallel.py
 SCENARIO RANK WORLD INIT_FILE OUT_DIR``), joined through a file:// store; rank 0 saves what the test
 compares (tensors via ``torch.save``, read back with ``weights_only=True``). Scenarios are grouped so
 that each costs one process start-up pair.
@@ -72,25 +72,44 @@ def _forward_suite(model, proc, out: dict, prefix: str) -> None:
         out[f"{prefix}route_{layer}"] = torch.cat([i.reshape(-1) for i in ids])
 
 
+RANDOM_CASES = ("interleave1_top2", "interleave2_top2", "interleave2_top1", "top1_fp8", "interleave2_int4")
+
+
 def _random_suite(tp, out: dict) -> None:
-    """Tiny random configs: MoE interleave 1 and 2, top-1 and top-2, FP8 / int4 quantized experts."""
+    """Tiny random configs (dims divide by 4; 2 KV heads: replicated on 4 ranks): MoE interleave 1 and
+    2, top-1 and top-2, FP8 / int4 quantized experts; a left-padded batch; logits and routing."""
     from workbench.checkpoint import random_model
 
     ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
-    cases = {"interleave2_top2": (dict(interleave_moe_layer_step=2, num_experts_per_tok=2), {}),
+    cases = {"interleave1_top2": (dict(num_experts_per_tok=2), {}),
+             "interleave2_top2": (dict(interleave_moe_layer_step=2, num_experts_per_tok=2), {}),
+             "interleave2_top1": (dict(interleave_moe_layer_step=2), {}),
              "top1_fp8": ({}, dict(quantize="fp8", quantize_modules="shared_expert,dense_mlp,attention")),
              "interleave2_int4": (dict(interleave_moe_layer_step=2), dict(quantize="int4", group_size=16))}
+    assert tuple(cases) == RANDOM_CASES
     for name, (cfg, kw) in cases.items():
         config = _tiny_config(**cfg)
         m = random_model(config, dtype=torch.float32, seed=3, std=0.3, tp=tp, **kw)
+        sink: dict = {}
+        handles = _routing_listener(m, sink)
         with torch.no_grad():
             logits = m(input_ids=ids, attention_mask=mask).logits
+        for h in handles:
+            h.remove()
         if tp.rank == 0:
             ref = random_model(config, dtype=torch.float32, seed=3, std=0.3, **kw)
+            ref_sink: dict = {}
+            handles = _routing_listener(ref, ref_sink)
             with torch.no_grad():
                 out[f"rel_{name}"] = torch.tensor(_rel(logits, ref(input_ids=ids, attention_mask=mask).logits))
+            for h in handles:
+                h.remove()
+            out[f"moe_layers_{name}"] = torch.tensor(sorted(ref_sink))
+            flat = lambda d, k: torch.cat([i.reshape(-1) for i in d[k]])  # noqa: E731
+            out[f"same_routing_{name}"] = torch.tensor(sorted(sink) == sorted(ref_sink) and all(
+                torch.equal(flat(sink, k), flat(ref_sink, k)) for k in ref_sink))
 
 
 def _fp8_checkpoint_suite(tp, out_dir: Path, out: dict) -> None:
@@ -115,9 +134,75 @@ def _fp8_checkpoint_suite(tp, out_dir: Path, out: dict) -> None:
     with torch.no_grad():
         logits = m(input_ids=ids).logits
     if tp.rank == 0:
+        _spy_off()  # the reference reads whole tensors (one process)
         ref = load_model(path, dtype=torch.float32, progress=False)
         with torch.no_grad():
             out["rel_fp8_checkpoint"] = torch.tensor(_rel(logits, ref(input_ids=ids).logits))
+
+
+class _SliceSpy:
+    """A safetensors slice that records how many elements each read returns."""
+
+    def __init__(self, sl, key: str, reads: dict):
+        self._sl, self._key, self._reads = sl, key, reads
+
+    def get_shape(self):
+        return self._sl.get_shape()
+
+    def get_dtype(self):
+        return self._sl.get_dtype()
+
+    def __getitem__(self, index):
+        t = self._sl[index]
+        self._reads.setdefault(self._key, []).append(t.numel())
+        return t
+
+
+class _HandleSpy:
+    """A safe_open handle whose get_slice reads and get_tensor calls are recorded per tensor."""
+
+    def __init__(self, f, tag: str, reads: dict):
+        self._f, self._tag, self._reads = f, tag, reads
+
+    def get_slice(self, key):
+        return _SliceSpy(self._f.get_slice(key), f"{self._tag}/{key}", self._reads)
+
+    def get_tensor(self, key):
+        t = self._f.get_tensor(key)
+        self._reads.setdefault(f"{self._tag}/{key}", []).append(t.numel())
+        return t
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def _spy_on_loading(reads: dict, full: dict) -> None:
+    """Record every tensor read from safetensors by ``load_model`` on this rank: ``reads`` {tag/key: [numel
+    of each read]}, ``full`` {tag/key: numel of the whole tensor} (tag: the checkpoint folder's name)."""
+    import math
+
+    import workbench.checkpoint as ckpt
+
+    class _open(ckpt._open):
+        def __enter__(self):
+            f = super().__enter__()
+            tag = self.file.parent.name
+            for k in f.keys():
+                full[f"{tag}/{k}"] = math.prod(f.get_slice(k).get_shape())
+            return _HandleSpy(f, tag, reads)
+
+    _SPIED.append(ckpt._open)
+    ckpt._open = _open
+
+
+_SPIED: list = []
+
+
+def _spy_off() -> None:
+    import workbench.checkpoint as ckpt
+
+    if _SPIED:
+        ckpt._open = _SPIED.pop()
 
 
 def _param_bytes(model, names) -> tuple[int, int]:
@@ -135,6 +220,9 @@ def scenario_forward(tp, out_dir: Path, arg: str) -> None:
     from workbench.embedded import EMBEDDED_MODEL
     from workbench.runtime.parallel import RoutingMismatchError, param_splits
 
+    reads: dict = {}
+    full: dict = {}
+    _spy_on_loading(reads, full)
     proc = wb.load_processor(EMBEDDED_MODEL)
     model = wb.load_model(EMBEDDED_MODEL, dtype=torch.float32, tp=tp, progress=False)
     out: dict = {}
@@ -143,9 +231,12 @@ def scenario_forward(tp, out_dir: Path, arg: str) -> None:
     out["generated"] = torch.tensor([g.token_ids + [-1] * (6 - len(g.token_ids)) for g in gens])
     names = list(param_splits(model, tp.size))
     out["split_bytes"], out["split_storage"] = map(torch.tensor, _param_bytes(model, names))
+    out["expert_bytes"] = torch.tensor(_param_bytes(model, [n for n in names if ".experts." in n])[0])
     out["cache_kv_heads"] = torch.tensor(model.text_config.num_key_value_heads)
     _random_suite(tp, out)
     _fp8_checkpoint_suite(tp, out_dir, out)
+    # every rank: what it read while loading (the embedded model and the FP8 checkpoint)
+    (out_dir / f"reads-{tp.rank}.json").write_text(json.dumps({"reads": reads, "full": full}))
     # the routing checksum: perturb the router of one rank
     with torch.no_grad():
         if tp.rank == 1:
@@ -288,7 +379,12 @@ def reference():
     out["generated"] = torch.tensor([g.token_ids + [-1] * (6 - len(g.token_ids)) for g in gens])
     from workbench.runtime.parallel import param_splits
 
-    out["split_bytes"] = _param_bytes(model, list(param_splits(model, 2)))[0]
+    params = dict(model.named_parameters())
+    for n in (2, 4):  # what one rank of n holds of the split tensors (replicated KV heads: 1/2 on 4 ranks)
+        out[f"split_bytes_{n}"] = sum(
+            p.numel() // p.shape[s.dim] * s.local_size(p.shape[s.dim], 0, n) * p.element_size()
+            for name, s in param_splits(model, n).items() for p in [params[name]])
+    out["expert_bytes"] = _param_bytes(model, [n for n in param_splits(model, 2) if ".experts." in n])[0]
     return out
 
 
@@ -309,8 +405,9 @@ def test_layout_refuses_uneven_splits():
     assert Split(0, units=2, replicas=True).ranges(32, 3, 4) == [(16, 32)]
 
 
-def test_forward_generation_memory_and_checksum(tmp_path, reference):
-    results = _launch("forward", tmp_path)
+@pytest.mark.parametrize("world", [2, 4])
+def test_forward_generation_memory_and_checksum(tmp_path, reference, world):
+    results = _launch("forward", tmp_path, world=world)
     for rc, output, _ in results:
         assert rc == 0, output[-4000:]
     got = torch.load(tmp_path / "forward.pt", weights_only=True)
@@ -319,14 +416,33 @@ def test_forward_generation_memory_and_checksum(tmp_path, reference):
     routes = [k for k in reference if k.startswith("route_")]
     assert routes and all(torch.equal(got[k], reference[k]) for k in routes)
     assert torch.equal(got["generated"], reference["generated"])
-    # per-rank memory: half of the split tensors, each in its own storage (no view of a full tensor)
-    assert int(got["split_bytes"]) * 2 == reference["split_bytes"]
+    # per-rank memory: 1/N of the split tensors (KV heads: 1/2 when replicated on 4 ranks), 1/N of every
+    # expert, each in its own storage (no view of a full tensor)
+    assert int(got["split_bytes"]) == reference[f"split_bytes_{world}"]
+    assert int(got["expert_bytes"]) * world == reference["expert_bytes"]
     assert int(got["split_storage"]) == int(got["split_bytes"])
-    assert int(got["cache_kv_heads"]) == 1  # each rank caches its own KV head (2 heads / 2 ranks)
-    for name in ("interleave2_top2", "top1_fp8", "interleave2_int4", "fp8_checkpoint"):
+    assert int(got["cache_kv_heads"]) == 1  # 2 KV heads: one per rank on 2 ranks, replicated on 4
+    for name in RANDOM_CASES + ("fp8_checkpoint",):
         assert float(got[f"rel_{name}"]) <= 1e-5, name
+    for name in RANDOM_CASES:
+        assert bool(got[f"same_routing_{name}"]), name
+    assert got["moe_layers_interleave2_top2"].tolist() == [1, 3]  # interleave 2: every second layer is MoE
+    assert got["moe_layers_interleave1_top2"].tolist() == [0, 1, 2, 3]
     msg = (tmp_path / "mismatch.txt").read_text()
     assert "routed differently" in msg and "decoder layer 2" in msg and "[1]" in msg
+    # loading: no rank ever read a whole expert tensor (or any whole split tensor), only its 1/N slices
+    for rank in range(world):
+        spy = json.loads((tmp_path / f"reads-{rank}.json").read_text())
+        reads, full = spy["reads"], spy["full"]
+        experts = [k for k in reads if ".feed_forward.experts." in k and not k.endswith("_scale")]
+        assert {k.split("/")[0] for k in experts} == {"tiny-llama4", "fp8-ckpt"}, sorted(reads)[:5]
+        assert len([k for k in experts if k.startswith("tiny-llama4/")]) == 8  # gate_up + down, 4 MoE layers
+        for k in experts:
+            assert sum(reads[k]) * world == full[k], (rank, k, reads[k], full[k])
+            assert max(reads[k]) < full[k], (rank, k)
+        for k in [k for k in reads if not k.endswith("_scale") and "vision" not in k and any(s in k for s in (
+                  "q_proj", "o_proj", "embed_tokens", "lm_head", "feed_forward.down_proj", "shared_expert"))]:
+            assert max(reads[k]) * world <= full[k] and ".bias" not in k, (rank, k, reads[k], full[k])
 
 
 def _single_trace(path: Path, prompts, resume: bool = False):

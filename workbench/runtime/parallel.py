@@ -325,7 +325,6 @@ class TensorParallel:
         self._digest: torch.Tensor | None = None
         self._digest_layers: list[int] = []
         self._failed: str | None = None
-        self._store = _default_store()
         self._publish(f"pid/{self.rank}", f"{socket.gethostname()}:{os.getpid()}")
         _install_excepthook(self)
 
@@ -447,17 +446,23 @@ class TensorParallel:
             if dist.is_initialized():
                 dist.destroy_process_group()
 
+    # The process group's store is looked up at each use, never kept: a reference held past
+    # destroy_process_group (this object lives until exit through the excepthook) leaves the store's
+    # client to be destroyed at interpreter exit, after c10d's teardown. Suspected cause of a rare
+    # abort at exit of gloo ranks ("terminate called without an active exception"), not confirmed.
     def _publish(self, key: str, value: str) -> None:
-        if self._store is not None:
+        store = _default_store()
+        if store is not None:
             with contextlib.suppress(Exception):
-                self._store.set(f"{_KEY}/{key}", value)
+                store.set(f"{_KEY}/{key}", value)
 
     def _read(self, key: str) -> str | None:
-        if self._store is None:
+        store = _default_store()
+        if store is None:
             return None
         try:
-            if self._store.check([f"{_KEY}/{key}"]):
-                return self._store.get(f"{_KEY}/{key}").decode(errors="replace")
+            if store.check([f"{_KEY}/{key}"]):
+                return store.get(f"{_KEY}/{key}").decode(errors="replace")
         except Exception:
             return None
         return None
