@@ -2,9 +2,14 @@
 causal-vs-observational importance (against expert_ablation), the path explorer and the export."""
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import workbench as wb
 from tests.hf_reference import hf_text_model
@@ -73,12 +78,16 @@ def test_paths_hand_computed(small):
         path_tokens(small, [0, 1])
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_out_of_core_equals_in_memory_on_random_traces(tmp_path, monkeypatch, seed):
-    """Random traces (sizes, k, skew drawn per seed; hypothesis is not installed here) read in blocks
-    of 1024 tokens vs the paths computed from the whole arrays at once."""
-    rng = np.random.default_rng(seed)
-    n, k, n_exp = int(rng.integers(2000, 5000)), int(rng.integers(1, 3)), int(rng.integers(2, 6))
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1025, 4000), k=st.integers(1, 2), n_exp=st.integers(2, 5), seed=st.integers(0, 2**31 - 1))
+def test_out_of_core_equals_in_memory_on_random_traces(n, k, n_exp, seed):
+    """Random traces (hypothesis draws sizes, k and the expert count; the seed the skewed routing)
+    read in blocks of 1024 tokens vs the paths computed from the whole arrays at once."""
+    with tempfile.TemporaryDirectory() as d, pytest.MonkeyPatch.context() as monkeypatch:
+        _check_out_of_core(Path(d), monkeypatch, n, k, n_exp, np.random.default_rng(seed))
+
+
+def _check_out_of_core(tmp_path, monkeypatch, n, k, n_exp, rng):
     probs = rng.dirichlet(np.full(n_exp, 0.5), size=len(LAYERS))
     experts = np.stack([np.stack([rng.choice(n_exp, size=k, replace=False, p=probs[li]) for li in range(3)])
                         for _ in range(n)])
