@@ -796,6 +796,12 @@ def test_saved_notebook_reopened_shows_static_figures_and_report_without_scripts
             const v = getComputedStyle(document.body).getPropertyValue('--jp-layout-color0').trim();
             return [gd._fullLayout.paper_bgcolor, gd._fullLayout.plot_bgcolor, v]; }""")
         assert bg[0] == bg[1] and bg[0] not in ("#fff", "#ffffff", "white", "rgb(255, 255, 255)"), bg
+        # bars are outlined in the theme's text colour, so black / dark expert colours stay visible
+        outlines = page.evaluate("""() => [...document.querySelectorAll('.wb-plot')].flatMap(gd =>
+            (gd._fullData || []).filter(t => t.type === 'bar').map(t => [t.marker.line.color, t.marker.line.width]))""")
+        fg = page.evaluate("() => getComputedStyle(document.body).getPropertyValue('--jp-ui-font-color1').trim()")
+        assert outlines and all(w > 0 for _, w in outlines), outlines
+        assert all(c not in ("#444", "#444444", "rgba(0, 0, 0, 0)") for c, _ in outlines), (outlines, fg)
         page.screenshot(path=str(tmp_path / "dark.png"), full_page=True)
         page.keyboard.press("Control+s")
         page.wait_for_function("() => !document.querySelector('.jp-mod-dirty')", timeout=30_000)

@@ -127,6 +127,10 @@ function themed(layout) {
     tl[ax] = Object.assign({}, tl[ax] || {}, { gridcolor: grid, linecolor: grid, zerolinecolor: grid });
   }
   tl.legend = Object.assign({}, tl.legend || {}, { bgcolor: "rgba(0,0,0,0)" });
+  // Bars get a thin outline in the theme's text colour: the darkest expert colours (black, dark
+  // indigo, dark red) would otherwise vanish into a dark background. Identity colours stay as they are.
+  const td = (t.data = t.data || {});
+  td.bar = [{ marker: { line: { color: fg, width: 0.8 } } }];
   return Object.assign({}, layout, { template: t });
 }
 
