@@ -105,7 +105,7 @@ def fingerprint_of(store: Path) -> str:
 EXPECTED = (
     [f"figures/{n}.{e}" for n in ("load_heatmap", "imbalance", "entropy", "token_routing_seq0", "transitions_L1_L3",
                                   "coactivation_L1", "routing_by_position") for e in ("pdf", "svg", "png")]
-    + [f"tables/{n}.{e}" for n in ("layer_metrics", "layer_metrics_by_modality", "vocab_top_tokens",
+    + [f"tables/{n}.{e}" for n in ("layer_metrics", "layer_metrics_by_modality", "routing_paths", "vocab_top_tokens",
                                    "vocab_specialization", "domain_specialization", "domain_shares")
        for e in ("csv", "tex")]
     + ["data/trace_subset.nc", "data/trace_subset.parquet", "report.html", "manifest.json"]
@@ -569,7 +569,7 @@ def test_cli_export_end_to_end(syn, tmp_path):
     r = run_cli(syn, "--out", out, "--what", "transitions,attention,tables,parquet", "--layers", "1,5",
                 "--sequences", "0,2", "--formats", "pdf,png", "--quiet")
     assert r.returncode == 0, r.stderr
-    assert "skipped attention: attention overlay skipped" in r.stderr and "wrote 12 files" in r.stdout
+    assert "skipped attention: attention overlay skipped" in r.stderr and "wrote 14 files" in r.stdout
     assert (out / "figures" / "transitions_L1_L5.pdf").is_file() and not list(out.glob("figures/*.svg"))
     assert (out / "data" / "trace_subset.parquet").is_file() and not (out / "report.html").exists()
     assert not (out / "tables" / "domain_shares.csv").exists()  # no --labels: no domain tables
@@ -695,3 +695,22 @@ def test_token_routing_figure_with_128_experts_names_the_highlighted(tmp_path):
     colors = [to_hex(h.get_facecolor()).upper() for h, lab in zip(leg.legend_handles, labels)
               if lab.startswith("expert ")]
     assert colors == [c.upper() for c in CATEGORICAL[:8]]
+
+
+def test_routing_paths_table_equals_the_analysis(syn, tmp_path):
+    """The paper table lists routing_paths' top paths with their counts and shares."""
+    import workbench as wb
+    from workbench.export import export_routing_paths
+
+    files = export_routing_paths(syn, tmp_path / "out")
+    assert sorted(p.name for p in files) == ["routing_paths.csv", "routing_paths.tex"]
+    want = wb.analysis.routing_paths(wb.open_trace(syn), top=20, by_modality=True)
+    import csv
+    rows = [r for r in csv.reader((tmp_path / "out" / "tables" / "routing_paths.csv").read_text().splitlines())
+            if r and not r[0].startswith("#")]
+    body = rows[1:]
+    assert len(body) == want.sizes["path"]
+    for i, r in enumerate(body):
+        assert r[1] == " -> ".join(str(int(x)) for x in want["expert"].values[i])
+        assert int(r[2]) == int(want["count"].values[i])
+        assert float(r[3]) == pytest.approx(float(want["share"].values[i]), abs=1e-3)

@@ -443,6 +443,7 @@ _EXPORTS_WITH_LAYERS = ["export_all", "export_load_heatmap", "export_imbalance",
                         "export_token_routing", "export_transitions", "export_coactivation", "export_attention",
                         "export_layer_metrics", "export_layer_metrics_by_modality", "export_vocab_tables",
                         "export_domain_tables", "export_netcdf", "export_parquet", "export_report", "export_position",
+                        "export_routing_paths",
                         "export_routing_shift", "export_importance"]
 PROBES = {
     ("coactivation", "layer"): probe_coactivation,

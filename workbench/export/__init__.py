@@ -35,8 +35,8 @@ from ._common import (ArtifactSkipped, ExportError, ExportFailedError, ExportNot
 from .api import (ARTIFACTS, GROUPS, ExportContext, ExportResult, export_all, export_attention, export_coactivation,
                   export_domain_tables, export_entropy, export_imbalance, export_layer_metrics,
                   export_layer_metrics_by_modality, export_load_heatmap, export_netcdf, export_parquet,
-                  export_importance, export_position, export_report, export_routing_shift, export_token_routing,
-                  export_transitions, export_vocab_tables, resolve_what)
+                  export_importance, export_position, export_report, export_routing_paths, export_routing_shift,
+                  export_token_routing, export_transitions, export_vocab_tables, resolve_what)
 from .figures import (FIGURE_FORMATS, STYLE, plot_attention, plot_coactivation, plot_entropy, plot_imbalance,
                       plot_importance, plot_load_heatmap, plot_position, plot_token_routing, plot_transitions,
                       save_figure)
@@ -48,7 +48,7 @@ __all__ = [
     "ARTIFACTS", "GROUPS", "resolve_what",
     "export_load_heatmap", "export_imbalance", "export_entropy", "export_token_routing", "export_transitions",
     "export_coactivation", "export_attention", "export_layer_metrics", "export_layer_metrics_by_modality",
-    "export_vocab_tables", "export_domain_tables", "export_netcdf", "export_parquet", "export_report", "export_position",
+    "export_vocab_tables", "export_domain_tables", "export_netcdf", "export_parquet", "export_report", "export_position", "export_routing_paths",
     "export_routing_shift", "export_importance", "plot_importance",
     "export_provenance", "trace_fingerprint", "save_figure", "FIGURE_FORMATS", "STYLE",
     "plot_load_heatmap", "plot_imbalance", "plot_entropy", "plot_token_routing", "plot_transitions",

@@ -20,7 +20,7 @@ __all__ = [
     "export_load_heatmap", "export_imbalance", "export_entropy", "export_token_routing", "export_transitions",
     "export_coactivation", "export_attention", "export_layer_metrics", "export_layer_metrics_by_modality",
     "export_vocab_tables", "export_domain_tables", "export_netcdf", "export_parquet", "export_report",
-    "export_routing_shift", "export_importance",
+    "export_routing_shift", "export_importance", "export_routing_paths",
 ]
 
 
@@ -175,6 +175,12 @@ def _a_layer_metrics(ctx: ExportContext, **_) -> list[Path]:
     return ctx.table(layer_metrics_table(ctx.sub))
 
 
+def _a_routing_paths(ctx: ExportContext, **_) -> list[Path]:
+    from .tables import routing_paths_table
+
+    return ctx.table(routing_paths_table(ctx.sub))
+
+
 def _a_layer_metrics_by_modality(ctx: ExportContext, **_) -> list[Path]:
     from .tables import layer_metrics_by_modality_table
 
@@ -281,6 +287,7 @@ ARTIFACTS: dict[str, Callable[..., list[Path]]] = {
     "position": _a_position,
     "layer_metrics": _a_layer_metrics,
     "layer_metrics_by_modality": _a_layer_metrics_by_modality,
+    "routing_paths": _a_routing_paths,
     "vocab": _a_vocab,
     "domain": _a_domain,
     "routing_shift": _a_routing_shift,
@@ -292,7 +299,8 @@ ARTIFACTS: dict[str, Callable[..., list[Path]]] = {
 GROUPS: dict[str, tuple[str, ...]] = {
     "figures": ("load_heatmap", "imbalance", "entropy", "token_routing", "transitions", "coactivation", "attention",
                 "position"),
-    "tables": ("layer_metrics", "layer_metrics_by_modality", "vocab", "domain", "routing_shift", "importance"),
+    "tables": ("layer_metrics", "layer_metrics_by_modality", "routing_paths", "vocab", "domain", "routing_shift",
+               "importance"),
     "data": ("netcdf", "parquet"),
     "report": ("report",),
 }
@@ -346,6 +354,7 @@ export_attention = _single("attention")
 export_position = _single("position")
 export_layer_metrics = _single("layer_metrics")
 export_layer_metrics_by_modality = _single("layer_metrics_by_modality")
+export_routing_paths = _single("routing_paths")
 export_vocab_tables = _single("vocab")
 export_domain_tables = _single("domain")
 export_routing_shift = _single("routing_shift")

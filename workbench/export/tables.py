@@ -236,6 +236,33 @@ def layer_metrics_table(ds: xr.Dataset) -> Table:
     return Table("layer_metrics", cols, rows, "Routing metrics per MoE layer (all selected tokens).", notes)
 
 
+def routing_paths_table(ds: xr.Dataset, top: int = 20) -> Table:
+    """The ``top`` most frequent routing paths (:func:`workbench.analysis.routing_paths`: each
+    token's top-1 expert at every selected MoE layer), with count, share and the count per modality."""
+    from workbench.analysis import routing_paths
+    from workbench.trace.schema import Modality
+
+    paths = routing_paths(ds, top=top, by_modality=True)
+    if int(paths.attrs["n_tokens"]) == 0:
+        raise ArtifactSkipped("routing paths table skipped: the selection holds no tokens")
+    layers = [int(x) for x in np.asarray(paths["layer"].values)]
+    mods = list(Modality)
+    cols = [Column("rank", "Rank", "int"), Column("path", "Path (top-1 expert at layers "
+                                                   + ", ".join(map(str, layers)) + ")", "str"),
+            Column("count", "Tokens", "int"), Column("share", "Share")]
+    cols += [Column(f"count_{m.label}", f"{m.label.capitalize()} tokens", "int") for m in mods]
+    rows = []
+    for i in range(paths.sizes["path"]):
+        expert = np.asarray(paths["expert"].values[i]).tolist()
+        by_mod = np.asarray(paths["count_by_modality"].values[i]).tolist()
+        rows.append([i + 1, " -> ".join(map(str, expert)), int(paths["count"].values[i]),
+                     float(paths["share"].values[i])] + [int(by_mod[int(m)]) for m in mods])
+    notes = [str(paths.attrs.get("definition", "")),
+             f"{int(paths.attrs['n_distinct'])} distinct paths over {int(paths.attrs['n_tokens'])} tokens; "
+             f"{int(paths.attrs['other_count'])} tokens on paths outside the top {top}"]
+    return Table("routing_paths", cols, rows, f"The {top} most frequent routing paths.", notes)
+
+
 def layer_metrics_by_modality_table(ds: xr.Dataset) -> Table:
     """The metrics of :func:`layer_metrics_table` split by modality (modalities with tokens)."""
     from workbench.analysis import load_imbalance, router_entropy
