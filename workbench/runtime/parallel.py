@@ -309,7 +309,11 @@ class TensorParallel:
             raise ValueError(f"reduce_dtype must be None (the model dtype) or torch.float32, got {reduce_dtype!r}")
         if int(check_routing_every) < 0:
             raise ValueError(f"check_routing_every must be >= 0, got {check_routing_every}")
-        self.group = group if group is not None else dist.group.WORLD
+        # None means the default (world) group: collectives get group=None, so this object holds no
+        # reference to the ProcessGroup. One kept alive past destroy_process_group (this object lives
+        # until exit through the model's layers and the excepthook) is destroyed during interpreter
+        # teardown, which can abort the process ("terminate called without an active exception").
+        self.group = group
         self.rank = dist.get_rank(self.group)
         self.size = dist.get_world_size(self.group)
         self.backend = str(dist.get_backend(self.group))
