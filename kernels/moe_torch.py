@@ -20,6 +20,8 @@ The default on CPU (``method=None``) is chosen from ``benchmarks/moe_cpu.py`` me
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -79,20 +81,31 @@ def _expert_weight(w, e: int, dtype: torch.dtype) -> torch.Tensor:
 def _experts_loop(xs, counts_list, gate_up_proj, down_proj):
     N, H = xs.shape
     I = down_proj.shape[1]
+
+    def swiglu(z, e):
+        h = z @ _expert_weight(gate_up_proj, e, xs.dtype)
+        return (F.silu(h[:, :I]) * h[:, I:]) @ _expert_weight(down_proj, e, xs.dtype)
+
+    if N and max(counts_list) == N:  # one expert takes every row (a batch-1 decode step)
+        return swiglu(xs, counts_list.index(N))
     ys = xs.new_empty(N, H)
     s = 0
     for e, c in enumerate(counts_list):
         if c == 0:
             continue
-        h = xs[s:s + c] @ _expert_weight(gate_up_proj, e, xs.dtype)
-        ys[s:s + c] = (F.silu(h[:, :I]) * h[:, I:]) @ _expert_weight(down_proj, e, xs.dtype)
+        ys[s:s + c] = swiglu(xs[s:s + c], e)
         s += c
     return ys
 
 
-def _experts_grouped(xs, counts, gate_up_proj, down_proj):
+def _plain(gate_up_proj, down_proj) -> bool:
+    """Float weight tensors (not workbench.quant weights, which take the loop)."""
+    return isinstance(gate_up_proj, torch.Tensor) and isinstance(down_proj, torch.Tensor)
+
+
+def _experts_grouped(xs, offs, gate_up_proj, down_proj):
+    """offs: (E,) int32 cumulative row counts of the experts' segments of xs."""
     I = down_proj.shape[1]
-    offs = torch.cumsum(counts, 0).to(torch.int32)
     h = torch._grouped_mm(xs, gate_up_proj, offs=offs)
     a = F.silu(h[:, :I]) * h[:, I:]  # contiguous (N, I)
     return torch._grouped_mm(a, down_proj, offs=offs)
@@ -109,10 +122,62 @@ def _default_method(device: torch.device, n_assignments: int | None = None, n_ex
     return "grouped"  # on GPUs a single grouped call avoids E small launches + the host sync
 
 
+# Up to this many assignments (decode steps) on CPU, they are sorted on the host: one read of the
+# ids (the loop reads the counts anyway) instead of the device argsort, bincount and division, and a
+# single assignment skips the gather and scatter. The default method is then chosen from the number
+# of experts used: the loop up to HOST_LOOP_MAX_EXPERTS (a handful of ops per expert), else
+# torch._grouped_mm (fixed cost, then cheap per expert). Measured on decode steps of the embedded
+# model (benchmarks/RESULTS.md, "Decode step"); both give the same result bit for bit.
+HOST_SORT_MAX = 64
+HOST_LOOP_MAX_EXPERTS = 3
+
+
+def _on_host(x, topk_ids, gate_up_proj, method) -> bool:
+    """Whether the assignments are sorted on the host (few of them, on CPU)."""
+    return x.device.type == "cpu" and topk_ids.numel() <= HOST_SORT_MAX and method in (None, "loop", "grouped")
+
+
+def _sort_on_host(topk_ids: torch.Tensor, num_experts: int):
+    """:func:`sort_assignments` on the host: ``(order, token_of_sorted, counts)`` with the same
+    stable order, ``counts`` a list; ``order`` and ``token_of_sorted`` are None for a single
+    assignment (batch-1 decode with k = 1: nothing to gather or scatter)."""
+    k = topk_ids.shape[1]
+    flat = topk_ids.reshape(-1).tolist()
+    counts = [0] * num_experts
+    for e in flat:
+        counts[e] += 1
+    if len(flat) == 1:
+        return None, None, counts
+    order = sorted(range(len(flat)), key=flat.__getitem__)  # stable, as the device sort
+    dev = topk_ids.device
+    order_t = torch.tensor(order, device=dev)
+    return order_t, order_t if k == 1 else torch.tensor([f // k for f in order], device=dev), counts
+
+
+def _host_offsets(counts: list[int], device) -> torch.Tensor:
+    """torch._grouped_mm's offsets (E,) int32 (cumulative row counts) from host counts."""
+    return torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32, device=device)
+
+
 def _sorted_outputs(x, topk_ids, topk_weights, gate_up_proj, down_proj, scale, method):
     """Sorted dispatch: (order, tok, w, ys) with ys (T*k, H) the expert outputs of the sorted
-    assignments (input-scaled when ``scale == "input"``, not yet output-scaled)."""
+    assignments (input-scaled when ``scale == "input"``, not yet output-scaled). order and tok
+    are None when there is a single assignment (ys is then in token order)."""
     E = gate_up_proj.shape[0]
+    if _on_host(x, topk_ids, gate_up_proj, method):
+        order, tok, counts = _sort_on_host(topk_ids, E)
+        w = topk_weights.reshape(-1)
+        if order is not None:
+            w, xs = w.index_select(0, order), x.index_select(0, tok)
+        else:
+            xs = x
+        if scale == "input":
+            xs = xs * w.to(x.dtype)[:, None]
+        used = sum(1 for c in counts if c)
+        m = method or ("loop" if used <= HOST_LOOP_MAX_EXPERTS else "grouped")
+        if m == "grouped" and _plain(gate_up_proj, down_proj) and grouped_mm_supported(xs, gate_up_proj, down_proj):
+            return order, tok, w, _experts_grouped(xs, _host_offsets(counts, x.device), gate_up_proj, down_proj)
+        return order, tok, w, _experts_loop(xs, counts, gate_up_proj, down_proj)
     order, tok, counts = sort_assignments(topk_ids, E)
     w = topk_weights.reshape(-1)[order]
     xs = x.index_select(0, tok)
@@ -121,9 +186,8 @@ def _sorted_outputs(x, topk_ids, topk_weights, gate_up_proj, down_proj, scale, m
         xs = xs * w.to(x.dtype)[:, None]
 
     m = method or _default_method(x.device, topk_ids.numel(), E)
-    quantized = not (isinstance(gate_up_proj, torch.Tensor) and isinstance(down_proj, torch.Tensor))
-    if m == "grouped" and not quantized and grouped_mm_supported(xs, gate_up_proj, down_proj):
-        ys = _experts_grouped(xs, counts, gate_up_proj, down_proj)
+    if m == "grouped" and _plain(gate_up_proj, down_proj) and grouped_mm_supported(xs, gate_up_proj, down_proj):
+        ys = _experts_grouped(xs, torch.cumsum(counts, 0).to(torch.int32), gate_up_proj, down_proj)
     elif m in ("grouped", "loop"):
         ys = _experts_loop(xs, counts.tolist(), gate_up_proj, down_proj)
     else:
@@ -152,7 +216,10 @@ def moe_experts_torch(x, topk_ids, topk_weights, gate_up_proj, down_proj, *,
     if k == 1:
         if scale == "output":
             ys = ys * w.to(dtype)[:, None]
-        out.index_copy_(0, tok, ys)
+        if tok is None:
+            out.copy_(ys)
+        else:
+            out.index_copy_(0, tok, ys)
         return out
     acc = torch.zeros(T, H, dtype=torch.float32, device=x.device)
     ysf = ys.float()
@@ -180,5 +247,8 @@ def moe_expert_outputs_torch(x, topk_ids, topk_weights, gate_up_proj, down_proj,
     order, _, w, ys = _sorted_outputs(x, topk_ids, topk_weights, gate_up_proj, down_proj, scale, method)
     if scale == "output":
         ys = ys * w.to(x.dtype)[:, None] if k == 1 else (ys.float() * w.float()[:, None]).to(x.dtype)
-    slots.index_copy_(0, order, ys)
+    if order is None:
+        slots.copy_(ys)
+    else:
+        slots.index_copy_(0, order, ys)
     return slots.view(T, k, H)

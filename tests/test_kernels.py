@@ -180,6 +180,33 @@ def test_torch_path_gradients(scale, method):
         assert err < 1e-5, f"grad of {name}: rel err {err:.1e}"
 
 
+@pytest.mark.parametrize("method", ["loop", "grouped", None])
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("T", [1, 5, 8])
+@pytest.mark.parametrize("scale", ["input", "output"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_host_sort_equals_device_sort(T, k, scale, dtype, method, monkeypatch):
+    # Few assignments (decode steps) are sorted on the host instead of on the device: the same
+    # products in the same order, so the result must be the device-sorted path's bit for bit (and
+    # the float64 reference's within tolerance). T=1, k=1 is the batch-1 decode step; with
+    # method=None the host path picks the loop or torch._grouped_mm by the number of experts used.
+    from workbench.kernels import moe_expert_outputs, moe_torch
+    E = 6
+    x, ids, w, gu, dp = _make(T, 32, 16, E, k, dtype)
+    if T == 5:  # collisions: several tokens on one expert, in an order the sort must restore
+        ids = torch.tensor([[4, 1, 0][:k], [1, 4, 2][:k], [4, 0, 5][:k], [2, 1, 3][:k], [1, 5, 0][:k]])
+    assert moe_torch._on_host(x, ids, gu, method)
+    host = moe_experts(x, ids, w, gu, dp, scale=scale, method=method)
+    host_slots = moe_expert_outputs(x, ids, w, gu, dp, scale=scale, method=method)
+    monkeypatch.setattr(moe_torch, "HOST_SORT_MAX", 0)
+    assert not moe_torch._on_host(x, ids, gu, method)
+    device_method = method or ("loop" if len(set(ids.reshape(-1).tolist())) <= moe_torch.HOST_LOOP_MAX_EXPERTS
+                               else "grouped")
+    assert torch.equal(host, moe_experts(x, ids, w, gu, dp, scale=scale, method=device_method))
+    assert torch.equal(host_slots, moe_expert_outputs(x, ids, w, gu, dp, scale=scale, method=device_method))
+    assert _rel(host, _ref64(x, ids, w, gu, dp, scale)) < TOL[dtype]
+
+
 def test_triton_backend_refuses_autograd():
     args = _good()
     args["x"].requires_grad_(True)
