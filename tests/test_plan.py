@@ -197,9 +197,11 @@ def _scout_hand(quantize_bytes_experts: int, context: int, logits_to_keep: int =
     vision = wb.preset("scout").parameter_counts()["vision"] * 2
     weights = attention + quantize_bytes_experts + shared + router + norms + embeddings + vision
     # KV: 12 NoPE layers keep every token, 36 RoPE layers a ring of 8192 + 4096 slots; per slot and
-    # layer 2 x 8 x 128 bf16 values + position (8) + valid (1) per row + index (8)
-    slot = 2 * 8 * D * 2 + 8 + 1 + 8
-    kv = 12 * context * slot + 36 * min(context, 8192 + 4096) * slot
+    # layer 2 x 8 x 128 bf16 values; per slot, once for each kind of layer (the layers of a kind
+    # share it): position (8) + valid (1) per row + index (8)
+    slot, meta = 2 * 8 * D * 2, 8 + 1 + 8
+    ring = min(context, 8192 + 4096)
+    kv = 12 * context * slot + 36 * ring * slot + (context + ring) * meta
     hidden = 2 * context * H * 2
     logits = (context if logits_to_keep == 0 else logits_to_keep) * V * 2
     working = 12 * 4096 * (2 * 16384) * 2 + 5 * MASK_BUDGET  # widest: 2 x intermediate_size_mlp
@@ -251,8 +253,8 @@ def test_maverick_fp8_on_eight_h100_by_hand(meta_models):
     p = wb.plan("maverick", "8xH100-80GB", "fp8", context=32768, batch=1, logits_to_keep=1)
     assert p.weights_total == per_gpu
     H, V, N = 5120, 202048, 8192
-    slot = 2 * 1 * 128 * 2 + 8 + 1 + 8  # one KV head per rank
-    kv = 12 * 32768 * slot + 36 * (8192 + 4096) * slot
+    slot, meta = 2 * 1 * 128 * 2, 8 + 1 + 8  # one KV head per rank; slot metadata once per kind of layer
+    kv = 12 * 32768 * slot + 36 * (8192 + 4096) * slot + (32768 + 8192 + 4096) * meta
     assert p.kv_cache == kv
     acts = 2 * 32768 * H * 2 + V * 2 + 12 * 4096 * 2 * 16384 * 2 + 5 * MASK_BUDGET + 3 * H * (N // 8) * 2
     assert p.activations == acts

@@ -13,10 +13,13 @@ query's ``attention_chunk_size`` chunk. So
 
 Buffers are allocated once (no growth copies). Each slot carries the metadata the rule needs:
 its stream index (``-1``: empty, never allowed), position and validity; attention order does not
-matter, so a ring needs no reordering. Every row advances together (``length`` stream slots per
-row; padding fills the gaps, as with left-padded batches). ``static=True`` makes every call see the
-whole buffer (fixed shapes, what CUDA graph capture of a decode step needs); by default a call sees
-only the filled prefix of a buffer that has not wrapped (less work).
+matter, so a ring needs no reordering. The metadata is the same for every layer of a kind (ring or
+full: same slots, same tokens), so it is held once per kind and written once per call, by the
+first layer of that kind. Every row advances together (``length`` stream slots per row; padding
+fills the gaps, as with left-padded batches). ``static=True`` makes every call see the whole buffer
+(fixed shapes, what CUDA graph capture of a decode step needs); by default a call sees only what
+its queries can attend: the filled prefix of a full buffer, and of a ring the ``chunk + T - 1``
+newest slots (a decode step of a chunked layer attends ``chunk`` keys, not ``chunk + block``).
 
 Memory: ``2 x B x Hkv x D x dtype`` bytes per slot and layer; :meth:`KVCache.nbytes`.
 """
@@ -40,8 +43,10 @@ class LayerCache:
     """One attention layer's slots.
 
     key / value: (B, Hkv, S, D) in the model dtype. index: (S,) int64 stream index of each slot
-    (-1: empty). positions: (B, S) int64. valid: (B, S) bool. ``ring``: True for chunked layers
-    (slot = stream index mod S), False for global layers (slot = stream index).
+    (-1: empty). positions: (B, S) int64. valid: (B, S) bool (the three shared by the layers of
+    the same ``ring``). ``ring``: True for chunked layers whose ring is shorter than ``max_len``
+    (slot = stream index mod S), False otherwise (slot = stream index). ``chunked``: the layer
+    attends within ``attention_chunk_size`` chunks (RoPE layers).
     """
 
     key: torch.Tensor
@@ -50,6 +55,7 @@ class LayerCache:
     positions: torch.Tensor
     valid: torch.Tensor
     ring: bool
+    chunked: bool = False
 
     @property
     def slots(self) -> int:
@@ -77,17 +83,23 @@ class KVCache:
         self.length = 0  # stream slots used per row
         self.seen = torch.zeros(batch_size, dtype=torch.long, device=device)  # valid tokens per row
         chunk = config.attention_chunk_size
+        self.chunk = chunk
         B, Hkv, D = batch_size, config.num_key_value_heads, config.head_dim
+        meta: dict[bool, tuple[torch.Tensor, ...]] = {}  # ring -> (index, positions, valid), shared
         self.layers: list[LayerCache] = []
         for rope in config.uses_rope:
             ring = bool(rope) and chunk is not None and chunk + self.block < max_len
             S = chunk + self.block if ring else max_len
+            if ring not in meta:
+                meta[ring] = (torch.full((S,), -1, dtype=torch.long, device=device),
+                              torch.zeros(B, S, dtype=torch.long, device=device),
+                              torch.zeros(B, S, dtype=torch.bool, device=device))
+            index, positions, valid = meta[ring]
             self.layers.append(LayerCache(
                 key=torch.zeros(B, Hkv, S, D, dtype=dtype, device=device),
                 value=torch.zeros(B, Hkv, S, D, dtype=dtype, device=device),
-                index=torch.full((S,), -1, dtype=torch.long, device=device),
-                positions=torch.zeros(B, S, dtype=torch.long, device=device),
-                valid=torch.zeros(B, S, dtype=torch.bool, device=device), ring=ring))
+                index=index, positions=positions, valid=valid, ring=ring,
+                chunked=bool(rope) and chunk is not None))
 
     @staticmethod
     def bytes_per_slot(config, dtype: torch.dtype) -> tuple[int, int]:
@@ -97,8 +109,8 @@ class KVCache:
 
     def nbytes(self) -> int:
         """Bytes held by the buffers."""
-        return sum(t.numel() * t.element_size() for c in self.layers
-                   for t in (c.key, c.value, c.index, c.positions, c.valid))
+        seen = {id(t): t for c in self.layers for t in (c.key, c.value, c.index, c.positions, c.valid)}
+        return sum(t.numel() * t.element_size() for t in seen.values())
 
     def batch(self, shape: tuple[int, int], device, attention_mask: torch.Tensor | None = None,
               position_ids: torch.Tensor | None = None) -> ForwardBatch:
@@ -124,24 +136,56 @@ class KVCache:
         The call's own keys are written first, so a query sees itself (the rule's "itself" clause).
         """
         c = self.layers[layer_idx]
-        T = key.shape[2]
-        start = batch.start
+        slots = batch.derived(("kv_slots", id(self), c.ring), lambda: self._write_metadata(c, batch))
         if c.ring:
-            slots = batch.index % c.slots
             c.key.index_copy_(2, slots, key)
             c.value.index_copy_(2, slots, value)
+        else:
+            c.key[:, :, slots] = key
+            c.value[:, :, slots] = value
+        segments, keys = batch.derived(("kv_visible", id(self), c.ring, c.chunked), lambda: self._visible(c, batch))
+        return _take(c.key, segments), _take(c.value, segments), keys
+
+    def _write_metadata(self, c: LayerCache, batch: ForwardBatch):
+        """Once per call and kind of layer (ring / full): write the call's slot metadata, shared by
+        the layers of the kind. Returns where the call's keys go: slot indices (T,) in a ring, a
+        slice otherwise."""
+        T, start = batch.shape[1], batch.start
+        if c.ring:
+            slots = batch.index % c.slots
             c.index.index_copy_(0, slots, batch.index)
             c.positions.index_copy_(1, slots, batch.positions)
             c.valid.index_copy_(1, slots, batch.valid)
         else:
-            c.key[:, :, start:start + T] = key
-            c.value[:, :, start:start + T] = value
-            c.index[start:start + T] = batch.index
-            c.positions[:, start:start + T] = batch.positions
-            c.valid[:, start:start + T] = batch.valid
-        n = c.slots if self.static else min(c.slots, start + T)
-        return (c.key[:, :, :n], c.value[:, :, :n],
-                Keys(index=c.index[:n], positions=c.positions[:, :n], valid=c.valid[:, :n]))
+            slots = slice(start, start + T)
+            c.index[slots] = batch.index
+            c.positions[:, slots] = batch.positions
+            c.valid[:, slots] = batch.valid
+        return slots
+
+    def _visible(self, c: LayerCache, batch: ForwardBatch):
+        """The slots the call's queries may see, as one or two [a, b) ranges, and their
+        :class:`Keys`: every slot with ``static``; else the filled prefix of a global layer, and
+        of a chunked layer the newest ``chunk + T - 1`` slots. (A key in a query's chunk is fewer
+        than ``chunk`` stream slots behind it, see the module docstring: older ones, and never
+        written ones, cannot be attended.)"""
+        T, start, S = batch.shape[1], batch.start, c.slots
+        if self.static:
+            segments = [(0, S)]
+        elif not c.chunked:
+            segments = [(0, start + T)]
+        else:
+            lo = max(0, start - self.chunk + 1)
+            a, n = (lo % S, start + T - lo) if c.ring else (lo, start + T - lo)
+            if a + n <= S:
+                segments = [(a, a + n)]
+            elif S <= 2 * n:  # a wrapped ring that is small: attend all of it (masked) rather than copy
+                segments = [(0, S)]
+            else:  # a wrapped ring: its two runs, copied together (less than attending the whole ring)
+                segments = [(a, S), (0, a + n - S)]
+        keys = Keys(index=_take(c.index, segments, dim=0), positions=_take(c.positions, segments, dim=1),
+                    valid=_take(c.valid, segments, dim=1))
+        return segments, keys
 
     def advance(self, batch: ForwardBatch) -> None:
         """Count a finished call's tokens (after every layer stored its keys)."""
@@ -155,3 +199,11 @@ class KVCache:
         for c in self.layers:
             c.index.fill_(-1)
             c.valid.fill_(False)
+
+
+def _take(t: torch.Tensor, segments: list[tuple[int, int]], dim: int = 2) -> torch.Tensor:
+    """The slots ``segments`` of ``t`` along ``dim``: a view for one range, a copy for a wrapped ring."""
+    if len(segments) == 1:
+        a, b = segments[0]
+        return t.narrow(dim, a, b - a)
+    return torch.cat([t.narrow(dim, a, b - a) for a, b in segments], dim=dim)

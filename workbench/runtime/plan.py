@@ -272,12 +272,14 @@ def kv_cache_bytes(text, batch: int, context: int, block: int, dtype: Any = "bfl
     block = min(block, context)
     chunk = text.attention_chunk_size
     hkv = math.ceil(text.num_key_value_heads / tp)
-    total = 0
+    total, kinds = 0, set()
     for rope in text.uses_rope:
         ring = bool(rope) and chunk is not None and chunk + block < context
         S = chunk + block if ring else context
         total += 2 * batch * hkv * S * text.head_dim * size  # key, value
-        total += S * 8 + batch * S * 8 + batch * S  # index (int64), positions (int64), valid (bool)
+        if ring not in kinds:  # slot metadata, one set per kind of layer (ring / full)
+            kinds.add(ring)
+            total += S * 8 + batch * S * 8 + batch * S  # index (int64), positions (int64), valid (bool)
     return total
 
 
