@@ -46,7 +46,8 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, batch: F
     S = key.shape[2]
     step = max(1, budget // max(1, B * S))
     if step >= T:  # one mask; the layers of one kind share it (same slots, same metadata)
-        mask = batch.derived(("cache_mask", chunk_size, S), lambda: batch.mask(chunk_size, keys))
+        mask = batch.derived(("cache_mask", chunk_size, S, query.dtype),
+                             lambda: _additive(batch.mask(chunk_size, keys), query.dtype))
         return run(query, mask)
     outs, lses = [], []
     for t0 in range(0, T, step):
@@ -57,3 +58,15 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, batch: F
         lses.append(lse)
     lse = torch.cat(lses, dim=-1) if want_lse and all(x is not None for x in lses) else None
     return torch.cat(outs, dim=2), lse
+
+
+# Masks up to this many elements (decode steps) are shared as SDPA's additive float mask, so the
+# bool -> float conversion SDPA makes of a bool mask runs once per call instead of once per layer.
+_ADDITIVE_MAX = 1 << 16
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A small bool mask as 0 / -inf in ``dtype`` (what SDPA turns it into: the same result)."""
+    if mask.numel() > _ADDITIVE_MAX:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))

@@ -77,23 +77,27 @@ class Llama4TextRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # one call, the same arithmetic (bit for bit) as the general expression below
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        xf = x.float()  # as transformers: normalize in float32, cast, then scale in the model dtype
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
 def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Weightless RMS normalization over the last dim, computed in float32 (Llama 4 QK norm)."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+    """Weightless RMS normalization over the last dim, computed in float32 (Llama 4 QK norm):
+    x * rsqrt(mean(x^2) + eps)."""
+    return F.rms_norm(x.float(), x.shape[-1:], None, eps).type_as(x)
 
 
 def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (x[2i], x[2i+1]) as complex numbers.
 
-    x: (B, T, heads, D); freqs_cis: (B, T, D/2) complex64. Returns x's shape and dtype.
+    x: (B, T, heads, D); freqs_cis: (B, T, 1, D/2) complex64 (one rotation per token, broadcast
+    over the heads). Returns x's shape and dtype.
     """
     xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(xc * freqs_cis[:, :, None, :]).flatten(3).type_as(x)
+    return torch.view_as_real(xc * freqs_cis).flatten(3).type_as(x)
 
 
 class Llama4TextMLP(nn.Module):
@@ -171,7 +175,7 @@ class Llama4TextMoe(nn.Module):
         if self.hook_experts.active:
             return self._observed_experts(x, topk_ids, topk_weights, check_ids).view(shape)
         routed = moe_experts(x, topk_ids, topk_weights, self.experts.gate_up_proj, self.experts.down_proj,
-                             scale="input", check_ids=check_ids)
+                             scale="input", check_ids=check_ids, validate=check_ids)
         return (self.shared_expert(x) + routed).view(shape)
 
     def _observed_experts(self, x, topk_ids, topk_weights, check_ids) -> torch.Tensor:
@@ -230,6 +234,12 @@ class Llama4TextAttention(nn.Module):
         self.hook_attn_lse = HookPoint()
         self.tp = None  # tensor parallelism: gathers head shards for hook listeners
 
+    def temperature(self, batch: ForwardBatch) -> torch.Tensor:
+        """(B, T, 1, 1) float32 query temperature of NoPE layers at each token's position."""
+        pos = batch.positions.float()
+        temp = torch.log1p(torch.floor((pos + 1.0) / self.floor_scale)) * self.attn_scale + 1.0
+        return temp[:, :, None, None]
+
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: KVCache | None = None) -> torch.Tensor:
         """x (B, T, H) -> (B, T, H). ``cache``: the :class:`~workbench.runtime.kv_cache.KVCache` the
         call continues (its keys are stored there, and the queries see the cached ones); None: the
@@ -240,14 +250,14 @@ class Llama4TextAttention(nn.Module):
         k = self.k_proj(x).view(B, T, hkv, self.head_dim)
         v = self.v_proj(x).view(B, T, hkv, self.head_dim)
         if self.use_rope:
-            freqs_cis = batch.derived("rope", _rope_missing)
-            q, k = apply_rope(q, freqs_cis), apply_rope(k, freqs_cis)
-        if self.use_qk_norm:
-            q, k = l2_norm(q, self.qk_norm_eps), l2_norm(k, self.qk_norm_eps)
+            # queries and keys rotated (and normed) as one tensor: per-head ops, half the calls
+            qk = apply_rope(torch.cat([q, k], dim=2), batch.derived("rope", _rope_missing))
+            if self.use_qk_norm:
+                qk = l2_norm(qk, self.qk_norm_eps)
+            q, k = qk.split([hq, hkv], dim=2)
         if self.temperature_tuning:
-            pos = batch.positions.float()
-            temp = torch.log1p(torch.floor((pos + 1.0) / self.floor_scale)) * self.attn_scale + 1.0
-            q = (q * temp[:, :, None, None]).to(q.dtype)
+            temp = batch.derived(("nope_temperature", self.floor_scale, self.attn_scale), lambda: self.temperature(batch))
+            q = (q * temp).to(q.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         keys = None  # the keys' metadata when they come from a cache (None: the call's own tokens)
         if cache is not None:
@@ -311,11 +321,16 @@ class Llama4TextModel(nn.Module):
         self.hook_inputs = HookPoint()
         self.tp = None  # tensor parallelism: ends each pass (routing checksum)
         self.cache_config = config  # what a KV cache of this model holds (under TP: this rank's heads)
+        self._inv_freq: dict = {}  # (device, RoPE settings) -> inverse frequencies, computed once
 
     def rope_freqs(self, position_ids: torch.Tensor) -> torch.Tensor:
         """(B, T, head_dim/2) complex64 rotations for the given positions."""
         c = self.config
-        inv_freq = llama3_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling).to(position_ids.device)
+        key = (position_ids.device, c.head_dim, c.rope_theta, repr(c.rope_scaling))
+        inv_freq = self._inv_freq.get(key)
+        if inv_freq is None:
+            inv_freq = self._inv_freq[key] = llama3_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling).to(
+                position_ids.device)
         angles = position_ids[..., None].float() * inv_freq
         return torch.polar(torch.ones_like(angles), angles)
 
@@ -338,7 +353,7 @@ class Llama4TextModel(nn.Module):
             batch = ForwardBatch.build(shape, x.device, attention_mask, position_ids)
         else:
             batch = cache.batch(shape, x.device, attention_mask, position_ids)
-        batch.derived("rope", lambda: self.rope_freqs(batch.positions))
+        batch.derived("rope", lambda: self.rope_freqs(batch.positions)[:, :, None, :])  # (B, T, 1, D/2)
         if self.hook_inputs.active:
             self.hook_inputs(input_ids=input_ids, batch=batch)
         for layer in self.layers:
@@ -506,7 +521,7 @@ def _check_ids(input_ids: torch.Tensor | None, vocab_size: int) -> None:
     tensors only: on a GPU the check would cost a host sync per call (there the embedding asserts)."""
     if input_ids is None or input_ids.device.type != "cpu" or not input_ids.numel():
         return
-    lo, hi = int(input_ids.min()), int(input_ids.max())
+    lo, hi = (int(v) for v in torch.aminmax(input_ids))
     if lo < 0 or hi >= vocab_size:
         raise ValueError(f"input_ids hold token id {lo if lo < 0 else hi}, outside the model's vocabulary "
                          f"[0, {vocab_size})")
