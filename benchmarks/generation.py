@@ -16,11 +16,10 @@ Timing: each "run" is one ``generate`` call (processor call included for workben
 strings; transformers gets the processor output made once outside the clock). Two lengths are
 timed, ``--new`` and 1 new token: decode tokens/s = rows x (new - 1) / (t(new) - t(1)), i.e. the
 prefill and the per-call setup cancel; end-to-end tokens/s = rows x new / t(new) is printed too.
-A third variant, ``wb-loop`` (unless ``--no-loop-variant``): workbench with the routed experts
-run by the per-expert loop (``workbench.kernels.moe_torch._CPU_DEFAULT_METHOD = "loop"`` set around the
-call, benchmark-only): on CPU ``torch._grouped_mm`` runs one matmul (and one host read of the
-offsets) per expert and projection, empty experts included, i.e. 32 mm + 32 item() per MoE layer
-for a one-token decode step, where the loop runs 2 mm.
+A third variant, ``wb-device-sort`` (unless ``--no-sort-variant``): workbench with the decode
+steps' expert assignments sorted on the device as in a prefill (``workbench.kernels.moe_torch.
+HOST_SORT_MAX = 0`` set around the call, benchmark-only), i.e. without the host sort of few
+assignments (``kernels/moe_torch.py``): it shows what that part of the decode path is worth.
 Rounds: warm-up of every variant, then ``--rounds`` rounds; even rounds run (wb, hf), odd rounds
 (hf, wb) (ABAB), each variant as (new, 1) back to back. Per-round ratio wb/hf of decode tokens/s:
 median with a 95% bootstrap CI over rounds.
@@ -34,7 +33,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -53,8 +51,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--no-loop-variant", dest="loop_variant", action="store_false",
-                    help="skip the third variant: wb with workbench.kernels.moe_torch._CPU_DEFAULT_METHOD = 'loop'")
+    ap.add_argument("--no-sort-variant", dest="sort_variant", action="store_false",
+                    help="skip the third variant: wb with workbench.kernels.moe_torch.HOST_SORT_MAX = 0")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -94,13 +92,13 @@ def main() -> None:
         def run_wb(n):
             return wb.generate(model, proc, prompts, n, batch_size=B)
 
-        def run_wb_loop(n):  # the same, with the per-expert loop instead of torch._grouped_mm (benchmark-only switch)
-            old = moe_torch._CPU_DEFAULT_METHOD
-            moe_torch._CPU_DEFAULT_METHOD = "loop"
+        def run_wb_sort(n):  # the same, assignments sorted on the device (benchmark-only switch)
+            old = moe_torch.HOST_SORT_MAX
+            moe_torch.HOST_SORT_MAX = 0
             try:
                 return run_wb(n)
             finally:
-                moe_torch._CPU_DEFAULT_METHOD = old
+                moe_torch.HOST_SORT_MAX = old
 
         def run_hf(n):
             return hf.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False)
@@ -108,9 +106,9 @@ def main() -> None:
         # -- equality --------------------------------------------------------------------------
         a = [g.token_ids for g in run_wb(args.new)]
         b = run_hf(args.new)[:, T0:].tolist()
-        c = [g.token_ids for g in run_wb_loop(args.new)]
+        c = [g.token_ids for g in run_wb_sort(args.new)]
         assert all(len(x) == args.new for x in a) and all(len(x) == args.new for x in b), "lengths differ"
-        assert c == a, "wb-loop ids differ"
+        assert c == a, "wb-device-sort ids differ"
         hf_batched_rows_differ = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
         if hf_batched_rows_differ:
             # transformers takes the NoPE temperature from the buffer index, not the position, so its
@@ -131,8 +129,8 @@ def main() -> None:
               f"generated ids equal ({B} x {args.new})", flush=True)
 
         fns = {"wb": run_wb, "hf": run_hf}
-        if args.loop_variant:
-            fns["wb-loop"] = run_wb_loop
+        if args.sort_variant:
+            fns["wb-device-sort"] = run_wb_sort
         for k in fns:  # warm-up
             fns[k](args.new)
             fns[k](1)
@@ -156,13 +154,13 @@ def main() -> None:
             out[f"{k}_decode_tok_s"] = float(np.median(dec[k]))
             out[f"{k}_e2e_tok_s"] = float(np.median(B * args.new / full_t))
             out[f"{k}_step_ms"] = float(np.median((full_t - one_t) / (args.new - 1) * 1e3))
-        if "wb-loop" in dec:
-            lr = dec["wb-loop"] / dec["hf"]
+        if "wb-device-sort" in dec:
+            lr = dec["wb-device-sort"] / dec["hf"]
             llo, lhi = bootstrap_median_ci(lr)
-            out["ratio_decode_loop"] = {"median": float(np.median(lr)), "ci95": (llo, lhi)}
-            print(f"batch {B}: wb with the per-expert loop: decode {out['wb-loop_decode_tok_s']:.0f} tokens/s "
-                  f"({out['wb-loop_step_ms']:.2f} ms/step), ratio to hf {np.median(lr):.2f}x (95% CI {llo:.2f} .. {lhi:.2f})",
-                  flush=True)
+            out["ratio_decode_device_sort"] = {"median": float(np.median(lr)), "ci95": (llo, lhi)}
+            print(f"batch {B}: wb with the assignments sorted on the device: decode "
+                  f"{out['wb-device-sort_decode_tok_s']:.0f} tokens/s ({out['wb-device-sort_step_ms']:.2f} ms/step), "
+                  f"ratio to hf {np.median(lr):.2f}x (95% CI {llo:.2f} .. {lhi:.2f})", flush=True)
         ratio = dec["wb"] / dec["hf"]
         lo, hi = bootstrap_median_ci(ratio)
         e2e = np.array(times[("hf", args.new)]) / np.array(times[("wb", args.new)])

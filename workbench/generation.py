@@ -145,6 +145,7 @@ def _generate_batch(model, processor, items, max_new_tokens, do_sample, temperat
     reasons: list[str | None] = [None] * B
     texts: list[str | None] = [None] * B
     pad = config.pad_token_id if config.pad_token_id is not None else 0
+    all_real = torch.ones(B, 1, dtype=mask.dtype, device=device)
     while True:
         toks = nxt.tolist()  # the one host sync per step: stopping is decided on the host
         feed = [False] * B  # rows whose newest token goes through the model next
@@ -169,8 +170,11 @@ def _generate_batch(model, processor, items, max_new_tokens, do_sample, temperat
                 feed[b] = False  # its last token is run only to record its routing
         if not any(feed):
             break
-        step_ids = torch.tensor([[toks[b] if feed[b] else pad] for b in range(B)], device=device)
-        step_mask = torch.tensor([[int(f)] for f in feed], device=device)
+        if all(feed):  # every row goes on: the picked ids as they are, no host-built tensors
+            step_ids, step_mask = nxt[:, None], all_real
+        else:
+            step_ids = torch.tensor([[toks[b] if feed[b] else pad] for b in range(B)], device=device)
+            step_mask = torch.tensor([[int(f)] for f in feed], device=device)
         nxt = step(True, input_ids=step_ids, attention_mask=step_mask)
         if all(r is not None for r in reasons):
             break  # that step only recorded the last tokens
