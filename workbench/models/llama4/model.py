@@ -256,7 +256,8 @@ class Llama4TextAttention(nn.Module):
                 qk = l2_norm(qk, self.qk_norm_eps)
             q, k = qk.split([hq, hkv], dim=2)
         if self.temperature_tuning:
-            temp = batch.derived(("nope_temperature", self.floor_scale, self.attn_scale), lambda: self.temperature(batch))
+            temp = batch.derived(("nope_temperature", self.floor_scale, self.attn_scale),
+                                 lambda: self.temperature(batch))
             q = (q * temp).to(q.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         keys = None  # the keys' metadata when they come from a cache (None: the call's own tokens)
