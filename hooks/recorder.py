@@ -4,8 +4,9 @@ Data path (no host synchronization inside the forward pass):
 
     adapter's hook points (device tensors) -> captures collect per pass -> at the end of the
     forward pass, non-blocking copies into pinned host memory + a CUDA event -> bounded queue
-    (back-pressure) -> writer thread: waits for the event, drops padding, appends the core
-    columns and every capture's rows to the TraceWriter, then lets captures write child groups.
+    (back-pressure; :mod:`workbench.hooks.inbox`) -> writer thread, a batch of passes at a time
+    (time-based commits): waits for the events, drops padding, appends the core columns and every
+    capture's rows to the TraceWriter in one append, then lets captures write child groups.
 
 Tensor parallelism (a model loaded with ``tp=N``, :mod:`workbench.runtime.parallel`): every rank
 creates the same Recorder and runs the same passes; rank 0 owns the store and its lock and writes
@@ -29,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import queue
 import sys
 import threading
 import time
@@ -43,6 +43,7 @@ from torch import nn
 
 from workbench.hooks.adapters import Adapter, AdapterError, adapter_for
 from workbench.hooks.captures import Capture, Pass, RecorderError, Written, make_captures, to_host
+from workbench.hooks.inbox import Inbox
 from workbench.hooks.points import Handles
 from workbench.trace.schema import Modality
 
@@ -72,7 +73,7 @@ class Recorder:
     layout, model weights, dtype, device type and tokenizer, else RecorderError naming what
     differs).
 
-    When passes become durable (a commit, ~10-30 ms on a CPU): by default when at least
+    When passes become durable (a commit, ~1-3 ms on a CPU for a routing trace): by default when at least
     ``commit_every_seconds`` (1 s) passed since the last commit, at ``flush`` and at close, so a
     kill loses at most about that much recorded work (``resume`` re-runs it) while short passes
     cost no commit each. ``commit_every_tokens=N`` also commits as soon as N tokens are staged;
@@ -134,12 +135,17 @@ class Recorder:
         self._runner_generated: bool | None = None
         self._last_ids: np.ndarray | None = None  # sequence ids of the last pass (a continuation reuses them)
         self._call_start: int | None = None  # stream offset of the current model call's first pass
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
+        self._queue = Inbox(queue_size)
+        # time-based commits only: the writer takes passes in batches (all but one of the queue's
+        # places, so the forward pass never waits for a batch); with a token or per-pass rule each
+        # pass as it comes (a commit exactly when the rule says)
+        self._batch = max(1, int(queue_size) - 1) if self._commit_seconds and not commit_every_tokens else 1
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._write_loop, name="workbench-recorder", daemon=True)
         if not self._follower:
             self._thread.start()
         self._pass: Pass | None = None
+        self._modality_lut: np.ndarray | None = None  # built on first use
         self._handles = Handles()
         self._closed = False
 
@@ -302,21 +308,23 @@ class Recorder:
     # -- writer thread -------------------------------------------------------------------------
     def _write_loop(self) -> None:
         while True:
+            # a batch: passes wait at most half the commit interval, so staged rows are due on time
+            items = self._queue.take(self._batch, self._commit_seconds / 2 or None, self._commit_wait())
+            stop = bool(items) and items[-1] is None  # close's sentinel comes last: close detached first
+            passes = [x for x in items if x is not None]
             try:
-                item = self._queue.get(timeout=self._commit_wait())
-            except queue.Empty:  # staged rows are due: commit them even though no pass arrives
+                # without the time rule each pass is its own append (per-pass policy: its own commit)
+                groups = [passes] if self._batch > 1 else [[x] for x in passes]
+                for group in groups if passes else []:
+                    if self._error is None:
+                        self._write(group)
                 self._commit_if_due()
-                continue
-            try:
-                if item is None:
-                    return
-                if self._error is None:
-                    self._write(item)
-                    self._commit_if_due()
             except BaseException as e:  # surfaced in the caller's thread
                 self._error = e
             finally:
-                self._queue.task_done()
+                self._queue.done(len(items), urgent=len(items) - len(passes))
+            if stop:
+                return
 
     def _commit_wait(self) -> float | None:
         """How long the writer thread may wait for the next pass before staged rows are due."""
@@ -336,29 +344,52 @@ class Recorder:
                 self._error = e
             self._last_commit = time.monotonic()
 
-    def _write(self, item: _Item) -> None:
-        if item.event is not None:
-            item.event.synchronize()
-        B, T = item.valid.shape
+    def _write(self, items: list[_Item]) -> None:
+        """Append the passes' rows in one ``append`` (one validation, one copy), then let the captures
+        write what lies outside the token table, pass by pass. A pass that fails (non-finite weights,
+        bad values) is written as if alone: the passes before it are appended, it raises."""
+        for it in items:
+            if it.event is not None:
+                it.event.synchronize()
+        per_pass = [self._pass_rows(it) for it in items]
+        rows = {k: np.concatenate([r[k] for r, _ in per_pass]) for k in per_pass[0][0]} if len(items) > 1 \
+            else per_pass[0][0]
+        rows["modality"] = self._modality(rows["token_id"])
+        try:
+            self._check_finite(rows)
+            self._writer.append(rows)
+        except (RecorderError, ValueError, TypeError):  # bad values (a failed store write is not retried)
+            if len(items) == 1:
+                raise
+            for it in items:  # pass by pass: the ones before the bad pass are written, it raises
+                self._write([it])
+            return
+        writers = [i for i, c in enumerate(self.captures) if type(c).write is not Capture.write]
+        first = self._writer.n_tokens + self._writer.n_staged - len(rows["token_id"])  # this batch's first row
+        for it, (r, keep) in zip(items, per_pass):
+            n_kept = len(r["token_id"])
+            if writers:
+                index = np.full(keep.shape[0], -1, np.int64)
+                index[keep] = first + np.arange(n_kept)
+                written = Written(keep=keep, token_index=index, sequence_ids=it.sequence_ids,
+                                  positions=it.positions.numpy(), shape=tuple(it.valid.shape), generated=it.generated)
+                for i in writers:
+                    self.captures[i].write(it.payloads[i], self._writer, written)
+            first += n_kept
+
+    def _pass_rows(self, item: _Item) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The token rows of one pass's real tokens (all but ``modality``), and its keep mask (B*T,)."""
+        T = item.valid.shape[1]
         keep = item.valid.numpy().reshape(-1)
         ids = item.input_ids.numpy().reshape(-1)[keep]
         rows = {"token_id": ids, "sequence": np.repeat(item.sequence_ids, T)[keep],
-                "position": item.positions.numpy().reshape(-1)[keep], "modality": self._modality(ids),
+                "position": item.positions.numpy().reshape(-1)[keep],
                 "generated": np.full(len(ids), int(item.generated), np.int8)}
         for c, payload in zip(self.captures, item.payloads):
             rows.update(c.rows(payload, keep))
-        self._check_finite(rows, item.sequence_ids, T, keep)
-        self._writer.append(rows)
-        n_kept = len(ids)
-        first = self._writer.n_tokens + self._writer.n_staged - n_kept  # token index of this pass's first row
-        index = np.full(keep.shape[0], -1, np.int64)
-        index[keep] = first + np.arange(n_kept)
-        written = Written(keep=keep, token_index=index, sequence_ids=item.sequence_ids,
-                          positions=item.positions.numpy(), shape=(B, T), generated=item.generated)
-        for c, payload in zip(self.captures, item.payloads):
-            c.write(payload, self._writer, written)
+        return rows, keep
 
-    def _check_finite(self, rows: dict, sequence_ids: np.ndarray, T: int, keep: np.ndarray) -> None:
+    def _check_finite(self, rows: dict) -> None:
         """A NaN or infinite router weight never enters the trace: RecorderError naming where (so the
         store closes incomplete). Checked on the host copies the writer thread holds anyway: no
         device synchronization in the forward pass."""
@@ -375,12 +406,19 @@ class Recorder:
                             "(check the weights and dtype); nothing of this pass was written")
 
     def _modality(self, ids: np.ndarray) -> np.ndarray:
-        modality = np.full(ids.shape, int(Modality.TEXT), np.int8)
-        if self.spec.special_ids:
-            modality[np.isin(ids, list(self.spec.special_ids))] = Modality.SPECIAL
-        if self.spec.image_token_id is not None:
-            modality[ids == self.spec.image_token_id] = Modality.IMAGE_PATCH
-        return modality
+        """(N,) int8 Modality codes of token ids (N,): a lookup table over the special and image ids."""
+        lut = self._modality_lut
+        if lut is None:
+            special = sorted(int(i) for i in self.spec.special_ids if int(i) >= 0)
+            image = self.spec.image_token_id
+            top = max(special + ([int(image)] if image is not None else []), default=-1)
+            lut = np.full(top + 2, int(Modality.TEXT), np.int8)  # the last entry: every id above ``top``
+            lut[special] = Modality.SPECIAL
+            if image is not None:
+                lut[int(image)] = Modality.IMAGE_PATCH
+            self._modality_lut = lut
+        # negative ids are refused by the writer's range check; clip only keeps the lookup in bounds
+        return lut[np.clip(ids, 0, len(lut) - 1)]
 
     # -- views ---------------------------------------------------------------------------------
     def flush(self) -> None:
@@ -416,7 +454,7 @@ class Recorder:
         self._closed = True
         if self._follower:
             return
-        self._queue.put(None)
+        self._queue.put(None, urgent=True)
         self._thread.join()
         err, self._error = self._error, None
         self._writer.close(complete=complete and err is None)
