@@ -16,10 +16,12 @@ Timing: each "run" is one ``generate`` call (processor call included for workben
 strings; transformers gets the processor output made once outside the clock). Two lengths are
 timed, ``--new`` and 1 new token: decode tokens/s = rows x (new - 1) / (t(new) - t(1)), i.e. the
 prefill and the per-call setup cancel; end-to-end tokens/s = rows x new / t(new) is printed too.
-A third variant, ``wb-device-sort`` (unless ``--no-sort-variant``): workbench with the decode
-steps' expert assignments sorted on the device as in a prefill (``workbench.kernels.moe_torch.
-HOST_SORT_MAX = 0`` set around the call, benchmark-only), i.e. without the host sort of few
-assignments (``kernels/moe_torch.py``): it shows what that part of the decode path is worth.
+Extra workbench variants (``--variants``, default both; benchmark-only switches set around the
+call): ``wb-device-sort``: the decode steps' expert assignments sorted on the device as in a
+prefill (``workbench.kernels.moe_torch.HOST_SORT_MAX = 0``), i.e. without the host sort of few
+assignments; ``wb-all-threads``: decode steps on every torch thread
+(``workbench.generation.SINGLE_THREAD_DECODE_MACS = 0``), i.e. without the one-thread policy for
+small models. Each shows what that part of the decode path is worth.
 Rounds: warm-up of every variant, then ``--rounds`` rounds; even rounds run (wb, hf), odd rounds
 (hf, wb) (ABAB), each variant as (new, 1) back to back. Per-round ratio wb/hf of decode tokens/s:
 median with a 95% bootstrap CI over rounds.
@@ -51,8 +53,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--no-sort-variant", dest="sort_variant", action="store_false",
-                    help="skip the third variant: wb with workbench.kernels.moe_torch.HOST_SORT_MAX = 0")
+    ap.add_argument("--variants", nargs="*", default=["device-sort", "all-threads"],
+                    choices=["device-sort", "all-threads"], help="extra workbench variants (see above)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -61,6 +63,7 @@ def main() -> None:
     import transformers
 
     import workbench as wb
+    from workbench import generation
     from workbench.kernels import moe_torch
     from workbench.embedded import EMBEDDED_MODEL
 
@@ -92,13 +95,19 @@ def main() -> None:
         def run_wb(n):
             return wb.generate(model, proc, prompts, n, batch_size=B)
 
-        def run_wb_sort(n):  # the same, assignments sorted on the device (benchmark-only switch)
-            old = moe_torch.HOST_SORT_MAX
-            moe_torch.HOST_SORT_MAX = 0
-            try:
-                return run_wb(n)
-            finally:
-                moe_torch.HOST_SORT_MAX = old
+        def patched(module, name, value):
+            def run(n):
+                old = getattr(module, name)
+                setattr(module, name, value)
+                try:
+                    return run_wb(n)
+                finally:
+                    setattr(module, name, old)
+            return run
+
+        variants = {"wb-device-sort": patched(moe_torch, "HOST_SORT_MAX", 0),
+                    "wb-all-threads": patched(generation, "SINGLE_THREAD_DECODE_MACS", 0)}
+        variants = {k: v for k, v in variants.items() if k[3:] in args.variants}
 
         def run_hf(n):
             return hf.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False)
@@ -106,9 +115,9 @@ def main() -> None:
         # -- equality --------------------------------------------------------------------------
         a = [g.token_ids for g in run_wb(args.new)]
         b = run_hf(args.new)[:, T0:].tolist()
-        c = [g.token_ids for g in run_wb_sort(args.new)]
+        for name, fn in variants.items():
+            assert [g.token_ids for g in fn(args.new)] == a, f"{name} ids differ"
         assert all(len(x) == args.new for x in a) and all(len(x) == args.new for x in b), "lengths differ"
-        assert c == a, "wb-device-sort ids differ"
         hf_batched_rows_differ = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
         if hf_batched_rows_differ:
             # transformers takes the NoPE temperature from the buffer index, not the position, so its
@@ -129,8 +138,7 @@ def main() -> None:
               f"generated ids equal ({B} x {args.new})", flush=True)
 
         fns = {"wb": run_wb, "hf": run_hf}
-        if args.sort_variant:
-            fns["wb-device-sort"] = run_wb_sort
+        fns.update(variants)
         for k in fns:  # warm-up
             fns[k](args.new)
             fns[k](1)
@@ -154,13 +162,13 @@ def main() -> None:
             out[f"{k}_decode_tok_s"] = float(np.median(dec[k]))
             out[f"{k}_e2e_tok_s"] = float(np.median(B * args.new / full_t))
             out[f"{k}_step_ms"] = float(np.median((full_t - one_t) / (args.new - 1) * 1e3))
-        if "wb-device-sort" in dec:
-            lr = dec["wb-device-sort"] / dec["hf"]
+        for name in variants:
+            lr = dec[name] / dec["hf"]
             llo, lhi = bootstrap_median_ci(lr)
-            out["ratio_decode_device_sort"] = {"median": float(np.median(lr)), "ci95": (llo, lhi)}
-            print(f"batch {B}: wb with the assignments sorted on the device: decode "
-                  f"{out['wb-device-sort_decode_tok_s']:.0f} tokens/s ({out['wb-device-sort_step_ms']:.2f} ms/step), "
-                  f"ratio to hf {np.median(lr):.2f}x (95% CI {llo:.2f} .. {lhi:.2f})", flush=True)
+            out[f"ratio_decode_{name}"] = {"median": float(np.median(lr)), "ci95": (llo, lhi)}
+            print(f"batch {B}: {name}: decode {out[f'{name}_decode_tok_s']:.0f} tokens/s "
+                  f"({out[f'{name}_step_ms']:.2f} ms/step), ratio to hf {np.median(lr):.2f}x "
+                  f"(95% CI {llo:.2f} .. {lhi:.2f})", flush=True)
         ratio = dec["wb"] / dec["hf"]
         lo, hi = bootstrap_median_ci(ratio)
         e2e = np.array(times[("hf", args.new)]) / np.array(times[("wb", args.new)])

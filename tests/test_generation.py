@@ -236,6 +236,36 @@ def test_sampling_is_reproducible_and_stops(model, proc):
         wb.generate(model, proc, PROMPTS, max_new_tokens=2, do_sample=True, top_p=0)
 
 
+def test_decode_steps_of_a_small_model_run_on_one_thread(model, proc, monkeypatch):
+    """A small model's decode steps run single-threaded on CPU (the prefill keeps every thread) and
+    the caller's thread count comes back; above the threshold nothing changes. active_macs is the
+    hand count of the embedded config."""
+    from workbench import generation
+
+    c = model.text_config
+    H, D, I, E = 128, 32, 128, 16
+    per_layer = H * D * (2 * 4 + 2 * 2) + 3 * H * I * (1 + 1) + H * E  # q,o (4 heads) k,v (2); expert + shared; router
+    assert (c.hidden_size, c.head_dim, c.intermediate_size, c.num_local_experts) == (H, D, I, E)
+    assert generation.active_macs(c) == 4 * per_layer + 1024 * H
+    seen = []
+    h = model.language_model.model.hook_inputs.add(
+        lambda p, input_ids, batch: seen.append((batch.shape[1], torch.get_num_threads())))
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        ref = wb.generate(model, proc, PROMPTS[:2], max_new_tokens=4)
+        assert torch.get_num_threads() == 2
+        assert seen[0][1] == 2 and seen[0][0] > 1 and [n for T, n in seen[1:]] == [1, 1, 1], seen
+        seen.clear()
+        monkeypatch.setattr(generation, "SINGLE_THREAD_DECODE_MACS", 0)  # every model is "large"
+        got = wb.generate(model, proc, PROMPTS[:2], max_new_tokens=4)
+        assert [n for _, n in seen] == [2, 2, 2, 2] and torch.get_num_threads() == 2
+        assert [g.token_ids for g in got] == [g.token_ids for g in ref]
+    finally:
+        h.remove()
+        torch.set_num_threads(old)
+
+
 # ---------------------------------------------------------------------------------------------
 # Traces of generations
 # ---------------------------------------------------------------------------------------------

@@ -141,6 +141,14 @@ def _generate_batch(model, processor, items, max_new_tokens, do_sample, temperat
     if pixels is not None:
         inputs["pixel_values"] = pixels.to(device)
     nxt = step(False, **inputs)
+    with _decode_threads(config, B, device):
+        return _decode(step, nxt, processor, items, B, mask, config, device, max_new_tokens, stop_ids, stop_texts,
+                       recorder, seqs, bar)
+
+
+def _decode(step, nxt, processor, items, B, mask, config, device, max_new_tokens, stop_ids, stop_texts, recorder,
+            seqs, bar) -> list[Generation]:
+    """The decode loop of one batch, from the prefill's picked ids ``nxt`` (B,)."""
     answers: list[list[int]] = [[] for _ in range(B)]
     reasons: list[str | None] = [None] * B
     texts: list[str | None] = [None] * B
@@ -186,6 +194,44 @@ def _generate_batch(model, processor, items, max_new_tokens, do_sample, temperat
                               prompt_tokens=int(real[b]), sequence=None if seqs is None else int(seqs[b]),
                               images=list(it["images"])))
     return out
+
+
+# A CPU decode step with at most this many multiply-adds (rows x weights used per token) runs on
+# one thread: its ops are too small for a second thread to pay (benchmarks/RESULTS.md, "Decode"),
+# and every parallel region waits for all threads, which collapses when another job holds a core
+# (a 2-thread decode step of the embedded model: 2.5 ms alone, ~50 ms beside a busy process).
+SINGLE_THREAD_DECODE_MACS = 1 << 25
+
+
+def active_macs(config) -> int:
+    """Multiply-adds per token of a decode step (TextConfig): attention projections, the routed
+    experts actually run (top-k), shared experts, dense MLPs, router and LM head; attention over
+    the cache and elementwise work not counted."""
+    H, D = config.hidden_size, config.head_dim
+    attn = H * D * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+    total = config.vocab_size * H
+    for i in range(config.num_hidden_layers):
+        if config.is_moe_layer(i):
+            ffn = 3 * H * config.intermediate_size * (config.num_experts_per_tok + 1) + H * config.num_local_experts
+        else:
+            ffn = 3 * H * config.intermediate_size_mlp
+        total += attn + ffn
+    return total
+
+
+@contextlib.contextmanager
+def _decode_threads(config, rows: int, device: torch.device):
+    """One torch thread for the decode steps of a small model on CPU (SINGLE_THREAD_DECODE_MACS);
+    the caller's thread count is restored afterwards. The prefill keeps every thread."""
+    n = torch.get_num_threads()
+    if device.type != "cpu" or n == 1 or rows * active_macs(config) > SINGLE_THREAD_DECODE_MACS:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, gen) -> torch.Tensor:
