@@ -159,6 +159,78 @@ def test_static_cache_gives_the_same_logits(model):
     assert torch.allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("static", [True, False])
+def test_static_cache_steps_read_device_state_only(model, static):
+    """What a CUDA graph replay of a decode step does: the host-side values (``cache.length``,
+    ``batch.start``) stay as they were at capture while the device tensors advance. A static
+    cache must then give the eager steps' logits (its writes follow the device stream counter);
+    a default cache writes by host offsets, so frozen host values break it (this is why capture
+    needs ``static=True``, and why the default cache refuses to be captured)."""
+    ids = torch.randint(0, 1000, (2, 40))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, :5] = 0  # a left-padded row
+    outs = []
+    for freeze in (False, True):
+        cache = KVCache(model.text_config, 2, 60, block=30, dtype=torch.float32, static=static)
+        model(input_ids=ids[:, :30], attention_mask=mask[:, :30], cache=cache, prefill_chunk=30)
+        captured = cache.length
+        steps = []
+        for i in range(30, 40):
+            steps.append(model(input_ids=ids[:, i:i + 1], attention_mask=mask[:, i:i + 1], cache=cache).logits)
+            if freeze:
+                cache.length = captured  # the host side of a replayed graph does not move
+        outs.append(torch.cat(steps, dim=1))
+    assert torch.equal(outs[0], outs[1]) == static
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_of_a_decode_step_equals_eager_steps():
+    """A decode step captured once as a CUDA graph (static cache, bf16, the Triton expert kernels)
+    and replayed: each replay's logits equal an eager step's on a twin cache (the graph writes
+    each step to its own slot and reads the device counters)."""
+    from workbench.kernels import triton_available
+
+    if not triton_available():
+        pytest.skip("the captured step needs the Triton expert kernels (the torch path reads counts on the host)")
+    m = wb.load_model(EMBEDDED_MODEL, dtype=torch.bfloat16, device="cuda", progress=False).eval()
+    B, T0, n = 2, 32, 12
+    ids = torch.randint(0, 1000, (B, T0 + n), device="cuda")
+    caches = [KVCache(m.text_config, B, T0 + n + 4, block=T0, dtype=torch.bfloat16, device="cuda", static=True)
+              for _ in range(2)]
+    for c in caches:
+        m(input_ids=ids[:, :T0], cache=c, prefill_chunk=T0)
+    eager, graph_cache = caches
+    step_ids = ids[:, T0:T0 + 1].clone()
+    ones = torch.ones(B, 1, dtype=torch.long, device="cuda")
+
+    def step():
+        return m(input_ids=step_ids, attention_mask=ones, cache=graph_cache, logits_to_keep=1).logits
+
+    # warm up on a side stream (lazy allocations, autotuning) from a saved state, then restore it
+    state = [t.clone() for c in graph_cache.layers for t in (c.key, c.value, c.index, c.positions, c.valid)]
+    saved = (graph_cache.length, graph_cache.seen.clone(), graph_cache.stream.clone())
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    live = [t for c in graph_cache.layers for t in (c.key, c.value, c.index, c.positions, c.valid)]
+    for dst, src in zip(live, state):
+        dst.copy_(src)
+    graph_cache.length = saved[0]
+    graph_cache.seen.copy_(saved[1])
+    graph_cache.stream.copy_(saved[2])
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for i in range(T0, T0 + n):
+        step_ids.copy_(ids[:, i:i + 1])
+        graph.replay()
+        ref = m(input_ids=ids[:, i:i + 1], attention_mask=ones, cache=eager, logits_to_keep=1).logits
+        torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+        assert torch.equal(out.argmax(-1), ref.argmax(-1))
+
+
 def test_decode_steps_equal_one_pass(model):
     """Prefill + one-token steps with a left-padded row: each step's logits equal the whole pass's row."""
     ids = torch.randint(0, 1000, (2, 40))

@@ -53,12 +53,14 @@ class ForwardBatch:
     @classmethod
     def build(cls, shape: tuple[int, int], device, attention_mask: torch.Tensor | None = None,
               position_ids: torch.Tensor | None = None, *, start: int = 0,
-              past_valid: torch.Tensor | None = None) -> "ForwardBatch":
+              past_valid: torch.Tensor | None = None, index: torch.Tensor | None = None) -> "ForwardBatch":
         """Metadata for inputs of ``shape`` (B, T).
 
         attention_mask: (B, T), 1/True for real tokens (default: all real). position_ids: (B, T)
         (default: the count of real tokens before each token in its row, plus ``past_valid`` (B,)
-        real tokens seen by earlier calls; padding gets 0). Raises ValueError on mismatched shapes.
+        real tokens seen by earlier calls; padding gets 0). index: the (T,) stream indices as a device
+        tensor (a static KV cache: ``start`` may then be a host copy that no kernel reads); default
+        ``start + arange(T)``. Raises ValueError on mismatched shapes.
         """
         B, T = shape
         if attention_mask is None:
@@ -74,7 +76,10 @@ class ForwardBatch:
             position_ids = count.clamp(min=0) * valid
         elif tuple(position_ids.shape) != (B, T):
             raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, inputs have (B, T)={(B, T)}")
-        return cls(positions=position_ids.long(), valid=valid, start=int(start))
+        fb = cls(positions=position_ids.long(), valid=valid, start=int(start))
+        if index is not None:
+            fb._shared["index"] = index
+        return fb
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -16,10 +16,13 @@ its stream index (``-1``: empty, never allowed), position and validity; attentio
 matter, so a ring needs no reordering. The metadata is the same for every layer of a kind (ring or
 full: same slots, same tokens), so it is held once per kind and written once per call, by the
 first layer of that kind. Every row advances together (``length`` stream slots per row; padding
-fills the gaps, as with left-padded batches). ``static=True`` makes every call see the whole buffer
-(fixed shapes, what CUDA graph capture of a decode step needs); by default a call sees only what
-its queries can attend: the filled prefix of a full buffer, and of a ring the ``chunk + T - 1``
-newest slots (a decode step of a chunked layer attends ``chunk`` keys, not ``chunk + block``).
+fills the gaps, as with left-padded batches). ``static=True`` is what CUDA graph capture of a decode
+step needs: every call sees the whole buffer (fixed shapes), and where a call writes comes from
+device tensors (the stream length ``stream`` and the rows' valid counts ``seen``, advanced in
+place), so a replayed graph writes each step to its own slot; no Python number reaches a kernel.
+By default a call sees only what its queries can attend: the filled prefix of a full buffer, and
+of a ring the ``chunk + T - 1`` newest slots (a decode step of a chunked layer attends ``chunk``
+keys, not ``chunk + block``).
 
 Memory: ``2 x B x Hkv x D x dtype`` bytes per slot and layer; :meth:`KVCache.nbytes`.
 """
@@ -82,6 +85,9 @@ class KVCache:
         self.batch_size, self.max_len, self.block, self.static = batch_size, max_len, min(block, max_len), static
         self.length = 0  # stream slots used per row
         self.seen = torch.zeros(batch_size, dtype=torch.long, device=device)  # valid tokens per row
+        # static: ``length`` on the device too (advanced in place), and the call's offsets 0..T-1
+        self.stream = torch.zeros((), dtype=torch.long, device=device) if static else None
+        self._offsets: dict[int, torch.Tensor] = {}
         chunk = config.attention_chunk_size
         self.chunk = chunk
         B, Hkv, D = batch_size, config.num_key_value_heads, config.head_dim
@@ -125,8 +131,14 @@ class KVCache:
         if self.length + T > self.max_len:
             raise CacheFullError(f"the cache holds {self.max_len} tokens per row: {self.length} used, "
                                  f"{T} more do not fit")
+        if not self.static:
+            return ForwardBatch.build(shape, device, attention_mask, position_ids, start=self.length,
+                                      past_valid=self.seen if self.length else None)
+        offsets = self._offsets.get(T)
+        if offsets is None:
+            offsets = self._offsets[T] = torch.arange(T, device=self.seen.device)
         return ForwardBatch.build(shape, device, attention_mask, position_ids, start=self.length,
-                                  past_valid=self.seen if self.length else None)
+                                  past_valid=self.seen, index=self.stream + offsets)
 
     def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor,
                batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor, Keys]:
@@ -136,8 +148,11 @@ class KVCache:
         The call's own keys are written first, so a query sees itself (the rule's "itself" clause).
         """
         c = self.layers[layer_idx]
+        if not self.static and key.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("a CUDA graph of a decode step needs KVCache(static=True): this cache writes to "
+                               "slots chosen on the host, which a replayed graph would reuse")
         slots = batch.derived(("kv_slots", id(self), c.ring), lambda: self._write_metadata(c, batch))
-        if c.ring:
+        if isinstance(slots, torch.Tensor):
             c.key.index_copy_(2, slots, key)
             c.value.index_copy_(2, slots, value)
         else:
@@ -148,11 +163,11 @@ class KVCache:
 
     def _write_metadata(self, c: LayerCache, batch: ForwardBatch):
         """Once per call and kind of layer (ring / full): write the call's slot metadata, shared by
-        the layers of the kind. Returns where the call's keys go: slot indices (T,) in a ring, a
-        slice otherwise."""
+        the layers of the kind. Returns where the call's keys go: slot indices (T,) in a ring or a
+        static cache, a slice otherwise."""
         T, start = batch.shape[1], batch.start
-        if c.ring:
-            slots = batch.index % c.slots
+        if c.ring or self.static:
+            slots = batch.index % c.slots if c.ring else batch.index
             c.index.index_copy_(0, slots, batch.index)
             c.positions.index_copy_(1, slots, batch.positions)
             c.valid.index_copy_(1, slots, batch.valid)
@@ -191,11 +206,15 @@ class KVCache:
         """Count a finished call's tokens (after every layer stored its keys)."""
         self.length += batch.shape[1]
         self.seen += batch.valid.sum(-1)
+        if self.stream is not None:
+            self.stream += batch.shape[1]
 
     def reset(self) -> None:
         """Forget every row (the buffers stay allocated)."""
         self.length = 0
         self.seen.zero_()
+        if self.stream is not None:
+            self.stream.zero_()
         for c in self.layers:
             c.index.fill_(-1)
             c.valid.fill_(False)
