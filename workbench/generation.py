@@ -141,51 +141,44 @@ def _generate_batch(model, processor, items, max_new_tokens, do_sample, temperat
     if pixels is not None:
         inputs["pixel_values"] = pixels.to(device)
     nxt = step(False, **inputs)
-    with _decode_threads(config, B, device):
-        return _decode(step, nxt, processor, items, B, mask, config, device, max_new_tokens, stop_ids, stop_texts,
-                       recorder, seqs, bar)
-
-
-def _decode(step, nxt, processor, items, B, mask, config, device, max_new_tokens, stop_ids, stop_texts, recorder,
-            seqs, bar) -> list[Generation]:
-    """The decode loop of one batch, from the prefill's picked ids ``nxt`` (B,)."""
     answers: list[list[int]] = [[] for _ in range(B)]
     reasons: list[str | None] = [None] * B
     texts: list[str | None] = [None] * B
     pad = config.pad_token_id if config.pad_token_id is not None else 0
     all_real = torch.ones(B, 1, dtype=mask.dtype, device=device)
-    while True:
-        toks = nxt.tolist()  # the one host sync per step: stopping is decided on the host
-        feed = [False] * B  # rows whose newest token goes through the model next
-        for b in range(B):
-            if reasons[b] is not None:
-                continue
-            answers[b].append(toks[b])
-            bar.update(1)
-            feed[b] = True
-            if toks[b] in stop_ids["eos"]:
-                reasons[b] = "eos"
-            elif toks[b] in stop_ids["stop"]:
-                reasons[b] = "stop"
-            elif stop_texts:
-                text = processor.decode(answers[b], skip_special_tokens=True)
-                cut = min((i for i in (text.find(s) for s in stop_texts) if i >= 0), default=-1)
-                if cut >= 0:
-                    reasons[b], texts[b] = "stop", text[:cut]
-            if reasons[b] is None and len(answers[b]) >= max_new_tokens:
-                reasons[b] = "length"
-            if reasons[b] is not None and recorder is None:
-                feed[b] = False  # its last token is run only to record its routing
-        if not any(feed):
-            break
-        if all(feed):  # every row goes on: the picked ids as they are, no host-built tensors
-            step_ids, step_mask = nxt[:, None], all_real
-        else:
-            step_ids = torch.tensor([[toks[b] if feed[b] else pad] for b in range(B)], device=device)
-            step_mask = torch.tensor([[int(f)] for f in feed], device=device)
-        nxt = step(True, input_ids=step_ids, attention_mask=step_mask)
-        if all(r is not None for r in reasons):
-            break  # that step only recorded the last tokens
+    with _decode_threads(config, B, device):
+        while True:
+            toks = nxt.tolist()  # the one host sync per step: stopping is decided on the host
+            feed = [False] * B  # rows whose newest token goes through the model next
+            for b in range(B):
+                if reasons[b] is not None:
+                    continue
+                answers[b].append(toks[b])
+                bar.update(1)
+                feed[b] = True
+                if toks[b] in stop_ids["eos"]:
+                    reasons[b] = "eos"
+                elif toks[b] in stop_ids["stop"]:
+                    reasons[b] = "stop"
+                elif stop_texts:
+                    text = processor.decode(answers[b], skip_special_tokens=True)
+                    cut = min((i for i in (text.find(s) for s in stop_texts) if i >= 0), default=-1)
+                    if cut >= 0:
+                        reasons[b], texts[b] = "stop", text[:cut]
+                if reasons[b] is None and len(answers[b]) >= max_new_tokens:
+                    reasons[b] = "length"
+                if reasons[b] is not None and recorder is None:
+                    feed[b] = False  # its last token is run only to record its routing
+            if not any(feed):
+                break
+            if all(feed):  # every row goes on: the picked ids as they are, no host-built tensors
+                step_ids, step_mask = nxt[:, None], all_real
+            else:
+                step_ids = torch.tensor([[toks[b] if feed[b] else pad] for b in range(B)], device=device)
+                step_mask = torch.tensor([[int(f)] for f in feed], device=device)
+            nxt = step(True, input_ids=step_ids, attention_mask=step_mask)
+            if all(r is not None for r in reasons):
+                break  # that step only recorded the last tokens
     real = mask.sum(-1).tolist()
     out = []
     for b, it in enumerate(items):
