@@ -231,6 +231,24 @@ def test_cuda_graph_of_a_decode_step_equals_eager_steps():
         assert torch.equal(out.argmax(-1), ref.argmax(-1))
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_right_padded_prefill_continued_by_decode_steps(model, static):
+    """A row right-padded in its prefill (70 pads after 30 tokens: more than a chunk) and then
+    continued by decode steps computes what the unpadded row computes: its chunked layers must
+    still see the keys before the padding (a window of the newest slots would not)."""
+    ids = torch.randint(0, 1000, (1, 120))
+    alone = KVCache(model.text_config, 1, 200, block=100)
+    model(input_ids=ids[:, :30], cache=alone, prefill_chunk=100)
+    ref = [model(input_ids=ids[:, 100 + i:101 + i], cache=alone).logits for i in range(20)]
+    cache = KVCache(model.text_config, 1, 200, block=100, static=static)
+    mask = torch.zeros(1, 100, dtype=torch.long)
+    mask[:, :30] = 1
+    model(input_ids=ids[:, :100], attention_mask=mask, cache=cache, prefill_chunk=100)
+    for i, r in enumerate(ref):  # 20 steps: positions 30..49 (chunk 0), queries 100+ stream slots on
+        got = model(input_ids=ids[:, 100 + i:101 + i], cache=cache).logits
+        assert (got - r).abs().max() / r.abs().max() <= 1e-5, f"step {i}"
+
+
 def test_decode_steps_equal_one_pass(model):
     """Prefill + one-token steps with a left-padded row: each step's logits equal the whole pass's row."""
     ids = torch.randint(0, 1000, (2, 40))

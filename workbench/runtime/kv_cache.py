@@ -22,7 +22,7 @@ device tensors (the stream length ``stream`` and the rows' valid counts ``seen``
 place), so a replayed graph writes each step to its own slot; no Python number reaches a kernel.
 By default a call sees only what its queries can attend: the filled prefix of a full buffer, and
 of a ring the ``chunk + T - 1`` newest slots (a decode step of a chunked layer attends ``chunk``
-keys, not ``chunk + block``).
+keys, not ``chunk + block``), unless a row has padding between valid tokens (then every filled slot).
 
 Memory: ``2 x B x Hkv x D x dtype`` bytes per slot and layer; :meth:`KVCache.nbytes`.
 """
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from workbench.runtime.batch import ForwardBatch, Keys
@@ -88,6 +89,13 @@ class KVCache:
         # static: ``length`` on the device too (advanced in place), and the call's offsets 0..T-1
         self.stream = torch.zeros((), dtype=torch.long, device=device) if static else None
         self._offsets: dict[int, torch.Tensor] = {}
+        # Interior padding (a pad after a valid token, then valid tokens again: a right-padded prefill
+        # continued by decode steps) leaves keys of a query's chunk more than `chunk` stream slots
+        # behind it, so the newest-slots window would miss them: tracked on the host from CPU masks
+        # (no sync); a mask on another device turns the window off for good.
+        self._had_valid = np.zeros(batch_size, bool)
+        self._pad_after_valid = np.zeros(batch_size, bool)
+        self._window = not static
         chunk = config.attention_chunk_size
         self.chunk = chunk
         B, Hkv, D = batch_size, config.num_key_value_heads, config.head_dim
@@ -131,6 +139,8 @@ class KVCache:
         if self.length + T > self.max_len:
             raise CacheFullError(f"the cache holds {self.max_len} tokens per row: {self.length} used, "
                                  f"{T} more do not fit")
+        if self._window:
+            self._window = self._window_stays_safe(attention_mask)
         if not self.static:
             return ForwardBatch.build(shape, device, attention_mask, position_ids, start=self.length,
                                       past_valid=self.seen if self.length else None)
@@ -139,6 +149,22 @@ class KVCache:
             offsets = self._offsets[T] = torch.arange(T, device=self.seen.device)
         return ForwardBatch.build(shape, device, attention_mask, position_ids, start=self.length,
                                   past_valid=self.seen, index=self.stream + offsets)
+
+    def _window_stays_safe(self, attention_mask: torch.Tensor | None) -> bool:
+        """Whether, after this call, no row has interior padding (see ``__init__``)."""
+        if attention_mask is None:  # every token valid
+            self._had_valid[:] = True
+            return not self._pad_after_valid.any()
+        if attention_mask.device.type != "cpu":
+            return False
+        m = attention_mask.numpy().astype(bool, copy=False)
+        if m.all():
+            self._had_valid[:] = True
+            return not self._pad_after_valid.any()
+        had = self._had_valid[:, None] | np.logical_or.accumulate(m, axis=1)  # a valid token at or before
+        gap = self._pad_after_valid[:, None] | np.logical_or.accumulate(~m & had, axis=1)  # a pad after one
+        self._had_valid, self._pad_after_valid = had[:, -1].copy(), gap[:, -1].copy()
+        return not (m & gap).any()
 
     def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor,
                batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor, Keys]:
@@ -180,15 +206,15 @@ class KVCache:
 
     def _visible(self, c: LayerCache, batch: ForwardBatch):
         """The slots the call's queries may see, as one or two [a, b) ranges, and their
-        :class:`Keys`: every slot with ``static``; else the filled prefix of a global layer, and
-        of a chunked layer the newest ``chunk + T - 1`` slots. (A key in a query's chunk is fewer
-        than ``chunk`` stream slots behind it, see the module docstring: older ones, and never
-        written ones, cannot be attended.)"""
+        :class:`Keys`: every slot with ``static``; else the filled slots, and of a chunked layer
+        only the newest ``chunk + T - 1`` of them while no row has interior padding (then a key in
+        a query's chunk is fewer than ``chunk`` stream slots behind it: older ones, and never
+        written ones, cannot be attended)."""
         T, start, S = batch.shape[1], batch.start, c.slots
         if self.static:
             segments = [(0, S)]
-        elif not c.chunked:
-            segments = [(0, start + T)]
+        elif not c.chunked or not self._window:
+            segments = [(0, min(S, start + T))]
         else:
             lo = max(0, start - self.chunk + 1)
             a, n = (lo % S, start + T - lo) if c.ring else (lo, start + T - lo)
@@ -215,6 +241,9 @@ class KVCache:
         self.seen.zero_()
         if self.stream is not None:
             self.stream.zero_()
+        self._had_valid[:] = False
+        self._pad_after_valid[:] = False
+        self._window = not self.static
         for c in self.layers:
             c.index.fill_(-1)
             c.valid.fill_(False)
