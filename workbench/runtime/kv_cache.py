@@ -89,12 +89,13 @@ class KVCache:
         # static: ``length`` on the device too (advanced in place), and the call's offsets 0..T-1
         self.stream = torch.zeros((), dtype=torch.long, device=device) if static else None
         self._offsets: dict[int, torch.Tensor] = {}
-        # Interior padding (a pad after a valid token, then valid tokens again: a right-padded prefill
-        # continued by decode steps) leaves keys of a query's chunk more than `chunk` stream slots
-        # behind it, so the newest-slots window would miss them: tracked on the host from CPU masks
-        # (no sync); a mask on another device turns the window off for good.
+        # Interior padding (pads after a row's first valid token, then valid tokens again: a
+        # right-padded prefill continued by decode steps, or a mask with holes) leaves keys of a
+        # query's chunk more than `chunk` stream slots behind it: the newest-slots window would miss
+        # them (it is turned off), and a ring misses them once the pads outnumber `block` (refused).
+        # Tracked on the host from the masks (a mask on a GPU is copied: a few bytes per call).
         self._had_valid = np.zeros(batch_size, bool)
-        self._pad_after_valid = np.zeros(batch_size, bool)
+        self._pads = np.zeros(batch_size, np.int64)  # pads after the row's first valid token
         self._window = not static
         chunk = config.attention_chunk_size
         self.chunk = chunk
@@ -114,6 +115,7 @@ class KVCache:
                 value=torch.zeros(B, Hkv, S, D, dtype=dtype, device=device),
                 index=index, positions=positions, valid=valid, ring=ring,
                 chunked=bool(rope) and chunk is not None))
+        self._has_ring = any(c.ring for c in self.layers)
 
     @staticmethod
     def bytes_per_slot(config, dtype: torch.dtype) -> tuple[int, int]:
@@ -139,8 +141,7 @@ class KVCache:
         if self.length + T > self.max_len:
             raise CacheFullError(f"the cache holds {self.max_len} tokens per row: {self.length} used, "
                                  f"{T} more do not fit")
-        if self._window:
-            self._window = self._window_stays_safe(attention_mask)
+        self._note_padding(attention_mask)
         if not self.static:
             return ForwardBatch.build(shape, device, attention_mask, position_ids, start=self.length,
                                       past_valid=self.seen if self.length else None)
@@ -150,21 +151,29 @@ class KVCache:
         return ForwardBatch.build(shape, device, attention_mask, position_ids, start=self.length,
                                   past_valid=self.seen, index=self.stream + offsets)
 
-    def _window_stays_safe(self, attention_mask: torch.Tensor | None) -> bool:
-        """Whether, after this call, no row has interior padding (see ``__init__``)."""
-        if attention_mask is None:  # every token valid
+    def _note_padding(self, attention_mask: torch.Tensor | None) -> None:
+        """Track interior padding (see ``__init__``) before the call writes anything: the window
+        is turned off when a row has some; ValueError when a ring may have dropped keys."""
+        if attention_mask is not None and attention_mask.is_cuda and torch.cuda.is_current_stream_capturing():
+            return  # capture records kernels only; the replayed steps are checked by the caller's eager warm-up
+        m = None if attention_mask is None else attention_mask.detach().cpu().numpy().astype(bool, copy=False)
+        if m is None or m.all():
             self._had_valid[:] = True
-            return not self._pad_after_valid.any()
-        if attention_mask.device.type != "cpu":
-            return False
-        m = attention_mask.numpy().astype(bool, copy=False)
-        if m.all():
-            self._had_valid[:] = True
-            return not self._pad_after_valid.any()
-        had = self._had_valid[:, None] | np.logical_or.accumulate(m, axis=1)  # a valid token at or before
-        gap = self._pad_after_valid[:, None] | np.logical_or.accumulate(~m & had, axis=1)  # a pad after one
-        self._had_valid, self._pad_after_valid = had[:, -1].copy(), gap[:, -1].copy()
-        return not (m & gap).any()
+            interior, worst = self._pads > 0, self._pads
+        else:
+            had = self._had_valid[:, None] | np.logical_or.accumulate(m, axis=1)  # a valid token at or before
+            pads = self._pads[:, None] + np.cumsum(~m & had, axis=1)  # pads after the first valid one, so far
+            interior, worst = (m & (pads > 0)).any(axis=1), np.where(m, pads, 0).max(axis=1)
+            self._had_valid, self._pads = had[:, -1].copy(), pads[:, -1].copy()
+        if not interior.any():
+            return
+        self._window = False
+        if self._has_ring and (worst[interior] > self.block).any():
+            row = int(np.flatnonzero(interior & (worst > self.block))[0])
+            raise ValueError(f"row {row} has {int(worst[row])} padding tokens between valid tokens, more than the "
+                             f"chunked layers' ring keeps (block={self.block}): pad on the left, or use a KVCache "
+                             f"whose block or max_len covers the padding (max_len <= attention_chunk_size + block "
+                             "keeps every slot)")
 
     def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor,
                batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor, Keys]:
@@ -242,7 +251,7 @@ class KVCache:
         if self.stream is not None:
             self.stream.zero_()
         self._had_valid[:] = False
-        self._pad_after_valid[:] = False
+        self._pads[:] = 0
         self._window = not self.static
         for c in self.layers:
             c.index.fill_(-1)
