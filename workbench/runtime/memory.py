@@ -29,6 +29,20 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} GiB"  # pragma: no cover
 
 
+def prefill_kv_bytes(config, batch_size: int, tokens: int, block: int, size: int) -> int:
+    """The KV cache term of :func:`prefill_bytes`: global layers ``tokens`` slots, chunked layers
+    ``attention_chunk_size + block``; k and v of ``size``-byte elements per slot and layer, plus the
+    slots' index/position/validity once per kind of layer."""
+    per_slot = 2 * config.num_key_value_heads * config.head_dim * size
+    chunk = config.attention_chunk_size
+    kv, kinds = 0, {}
+    for rope in config.uses_rope:
+        slots = min(tokens, chunk + block) if rope and chunk is not None else tokens
+        kv += batch_size * slots * per_slot
+        kinds[slots] = batch_size * slots * 9 + slots * 8
+    return kv + sum(kinds.values())
+
+
 def prefill_bytes(config, batch_size: int, tokens: int, block: int, dtype: torch.dtype,
                   logits_to_keep: int = 0) -> int:
     """Estimated peak bytes of a blocked prefill of ``tokens`` per row (model weights excluded).
@@ -41,12 +55,7 @@ def prefill_bytes(config, batch_size: int, tokens: int, block: int, dtype: torch
 
     size = torch.empty((), dtype=dtype).element_size()
     B, T = batch_size, tokens
-    per_slot = 2 * config.num_key_value_heads * config.head_dim * size + 9  # k, v + index/position/valid
-    chunk = config.attention_chunk_size
-    kv = 0
-    for rope in config.uses_rope:
-        slots = min(T, chunk + block) if rope and chunk is not None else T
-        kv += B * slots * per_slot
+    kv = prefill_kv_bytes(config, B, T, block, size)
     hidden = 2 * B * T * config.hidden_size * size
     logits = B * (T if logits_to_keep <= 0 else min(T, logits_to_keep)) * config.vocab_size * size
     widest = max(config.hidden_size, config.intermediate_size * 2, config.intermediate_size_mlp * 2,

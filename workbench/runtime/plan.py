@@ -39,7 +39,8 @@ channels), of ``down_proj`` I (H output channels); for a Linear (out, in) it is 
 **KV cache** (``kv_cache``): exactly what :class:`~workbench.runtime.kv_cache.KVCache` allocates for
 ``batch`` rows of ``context`` slots with prefill blocks of ``block`` tokens: global (NoPE) layers
 ``context`` slots, chunked (RoPE) layers ``attention_chunk_size + block``; each slot
-``2 x Hkv x D`` values in the model dtype plus its index/position/validity.
+``2 x Hkv x D`` values in the model dtype, plus each slot's index/position/validity once per kind
+of layer (the layers of a kind share them).
 
 **Activations per prefill block** (``activations``): :func:`workbench.runtime.memory.prefill_bytes`
 without its KV term: the hidden states of every token (twice: kept, then concatenated), the logits
@@ -285,10 +286,9 @@ def kv_cache_bytes(text, batch: int, context: int, block: int, dtype: Any = "bfl
 
 def _prefill_kv_term(text, batch: int, tokens: int, block: int, size: int) -> int:
     """The KV term of :func:`workbench.runtime.memory.prefill_bytes` (to take it out of its total)."""
-    per_slot = 2 * text.num_key_value_heads * text.head_dim * size + 9
-    chunk = text.attention_chunk_size
-    return sum(batch * (min(tokens, chunk + block) if rope and chunk is not None else tokens) * per_slot
-               for rope in text.uses_rope)
+    from workbench.runtime.memory import prefill_kv_bytes
+
+    return prefill_kv_bytes(text, batch, tokens, block, size)
 
 
 # --------------------------------------------------------------------------------- the plan
