@@ -206,21 +206,22 @@ def moe_experts_torch(x, topk_ids, topk_weights, gate_up_proj, down_proj, *,
     T, H = x.shape
     k = topk_ids.shape[1]
     dtype = x.dtype
-    if out is None:
-        out = x.new_empty(T, H)
     if T == 0:
-        return out
+        return x.new_empty(T, H) if out is None else out
 
     order, tok, w, ys = _sorted_outputs(x, topk_ids, topk_weights, gate_up_proj, down_proj, scale, method)
 
     if k == 1:
         if scale == "output":
             ys = ys * w.to(dtype)[:, None]
-        if tok is None:
-            out.copy_(ys)
-        else:
-            out.index_copy_(0, tok, ys)
+        if tok is None:  # a single assignment: ys is already in token order
+            return ys if out is None else out.copy_(ys)
+        if out is None:
+            out = x.new_empty(T, H)
+        out.index_copy_(0, tok, ys)
         return out
+    if out is None:
+        out = x.new_empty(T, H)
     acc = torch.zeros(T, H, dtype=torch.float32, device=x.device)
     ysf = ys.float()
     if scale == "output":
