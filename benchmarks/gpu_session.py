@@ -26,6 +26,10 @@ is skipped once the time budget is spent):
    32k tokens with one 17-tile image (2448 patches), Scout's 40 query / 8 KV heads x 128.
 6. ``model``    -- the embedded tiny checkpoint on CUDA (fp32, bf16) vs CPU fp32; recording a
    trace on CUDA (zarr) equals recording on CPU.
+7. ``decode``   -- (issue 13) decode step time, eager with the default and the static KV cache, and
+   replayed as a CUDA graph (logits vs eager steps on a twin cache): the embedded model and a
+   Scout-shaped random model of 4 layers (3 chunked + 1 global), batch 1 and 8; a 128k-token
+   prefill of the latter with router ids captured by a hook listener: time, peak memory per token.
 
 Writes ``session.json`` (all numbers), ``moe_layer.md`` (the table) and tuned config files.
 """
@@ -670,6 +674,137 @@ def model_device(model):
     return next(model.parameters()).device
 
 
+# ----------------------------------------------------------------------------------- 7. decode
+
+def _graph_step(model, cache, step_ids, ones):
+    """Capture one decode step of ``model`` over static ``cache`` as a CUDA graph (after a warm-up
+    on a side stream from a saved state, restored before capture). Returns (graph, logits buffer)."""
+    def step():
+        return model(input_ids=step_ids, attention_mask=ones, cache=cache, logits_to_keep=1).logits
+
+    tensors = [t for c in cache.layers for t in (c.key, c.value, c.index, c.positions, c.valid)]
+    saved = ([t.clone() for t in tensors], cache.length, cache.seen.clone(), cache.stream.clone())
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    for dst, src in zip(tensors, saved[0]):
+        dst.copy_(src)
+    cache.length = saved[1]
+    cache.seen.copy_(saved[2])
+    cache.stream.copy_(saved[3])
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
+
+
+def _decode_timings(model, dev, dt, B, T0, n, t, graphs):
+    """Eager decode steps (default and static cache) and, on CUDA, a captured step replayed: ms
+    per step and the replay's logits vs eager steps on a twin cache."""
+    from workbench.runtime.kv_cache import KVCache
+    V = model.text_config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, V, (B, T0 + n), generator=g).to(dev)
+    ones = torch.ones(B, 1, dtype=torch.long, device=dev)
+    res = {}
+    for static in (False, True):
+        cache = KVCache(model.text_config, B, T0 + n + 64, block=T0, dtype=dt, device=dev, static=static)
+        model(input_ids=ids[:, :T0], cache=cache, prefill_chunk=T0, logits_to_keep=1)
+        step_ids = ids[:, T0:T0 + 1]
+
+        def eager():
+            # each call advances the cache by one slot: the timer's <= 42 calls fit its 64 spare ones
+            model(input_ids=step_ids, attention_mask=ones, cache=cache, logits_to_keep=1)
+        res["eager_static" if static else "eager"] = t(eager, 20.0, 40)
+    if graphs:
+        twin, cache = (KVCache(model.text_config, B, T0 + n + 4, block=T0, dtype=dt, device=dev, static=True)
+                       for _ in range(2))
+        for c in (twin, cache):
+            model(input_ids=ids[:, :T0], cache=c, prefill_chunk=T0, logits_to_keep=1)
+        step_ids = ids[:, T0:T0 + 1].clone()
+        graph, out = _graph_step(model, cache, step_ids, ones)
+        diffs, agree = [], []
+        for i in range(T0, T0 + n):
+            step_ids.copy_(ids[:, i:i + 1])
+            graph.replay()
+            ref = model(input_ids=ids[:, i:i + 1], attention_mask=ones, cache=twin, logits_to_keep=1).logits
+            diffs.append(float((out.float() - ref.float()).abs().max()))
+            agree.append(bool(torch.equal(out.argmax(-1), ref.argmax(-1))))
+        res["graph_vs_eager_max_abs"], res["graph_argmax_agree"] = max(diffs), all(agree)
+        res["graph"] = t(graph.replay, 20.0, 200)
+    return res
+
+
+def section_decode(dev, dry, t, budget):
+    """Issue 13 on a GPU: decode step time with and without a CUDA graph (embedded model, and a
+    Scout-shaped random model of 4 layers: 3 chunked + 1 global), replay == eager; prefill of
+    128k tokens of the Scout-shaped model with router ids captured by a hook listener: time,
+    peak memory per token."""
+    _register("workbench.hooks", ROOT / "hooks")
+    from workbench.checkpoint import load_model
+    from workbench.kernels import triton_available
+    from workbench.models.llama4.config import preset
+    from workbench.models.llama4.model import build_model
+    out = {}
+    dt = torch.float32 if dry else torch.bfloat16
+    graphs = dev == "cuda" and triton_available()  # the torch expert path reads counts on the host
+    tiny = load_model(ROOT / "data" / "models" / "tiny-llama4", dtype=dt, device=dev, progress=False)
+    for B in (1, 8):
+        out[f"tiny_b{B}"] = _decode_timings(tiny, dev, dt, B, 64 if dry else 512, 8, t, graphs)
+        log("decode", f"tiny B={B}", json.dumps(out[f"tiny_b{B}"]))
+    del tiny
+    if dry:
+        return out
+    cfg = preset("scout", num_hidden_layers=4, no_rope_layers=[1, 1, 1, 0], moe_layers=[0, 1, 2, 3])
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("meta"):
+            m = build_model(cfg)
+        m = m.to_empty(device=dev).eval()
+    finally:
+        torch.set_default_dtype(old)
+    for name, p in m.named_parameters():
+        p.requires_grad_(False)
+        p.fill_(1.0) if "norm" in name else p.normal_(0.0, 0.02)
+    text = m.language_model.model
+    for B in (1, 8):
+        out[f"scout4_b{B}"] = _decode_timings(m, dev, torch.bfloat16, B, 1024, 8, t, graphs)
+        log("decode", f"scout-shaped 4 layers B={B}", json.dumps(out[f"scout4_b{B}"]))
+    ids_seen = []
+    hs = [layer.feed_forward.hook_router.add(lambda p, router_logits, topk_ids, topk_weights:
+                                             ids_seen.append(topk_ids.to("cpu", non_blocking=True)))
+          for layer in text.layers if getattr(layer, "is_moe_layer", False)]
+    try:
+        T, wall = 16384, None
+        while T <= 131072:
+            # the global layer's time grows ~T^2: go on only when 4x the last run still fits the budget
+            if wall is not None and 4.5 * wall > left(budget) - 30:
+                out["prefill_stopped_before"] = T
+                break
+            ids = torch.randint(3, cfg.text.vocab_size, (1, T), device=dev)
+            ids_seen.clear()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            a = time.perf_counter()
+            m(input_ids=ids, logits_to_keep=1)
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - a
+            peak = torch.cuda.max_memory_allocated() - base
+            out[f"scout4_prefill_{T}"] = {"tokens": T, "seconds": wall, "tokens_per_s": T / wall,
+                                          "peak_bytes_above_weights": peak, "bytes_per_token": peak / T,
+                                          "router_ids_captured": int(sum(x.numel() for x in ids_seen))}
+            log("decode", f"scout-shaped prefill {T}", json.dumps(out[f"scout4_prefill_{T}"]))
+            T *= 2
+    finally:
+        for h in hs:
+            h.remove()
+    return out
+
+
 # ----------------------------------------------------------------------------------- main
 
 def main(argv=None):
@@ -677,7 +812,7 @@ def main(argv=None):
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out/gpu_session"))
     ap.add_argument("--budget", type=float, default=420, help="seconds; later sections are skipped past it")
     ap.add_argument("--dry-run", action="store_true")
-    ap.add_argument("--sections", default="correct,ceilings,moe,attention,model")
+    ap.add_argument("--sections", default="correct,ceilings,moe,attention,model,decode")
     ap.add_argument("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
     a = ap.parse_args(argv)
     dry = a.dry_run or not torch.cuda.is_available()
@@ -721,6 +856,7 @@ def main(argv=None):
     run("moe", lambda: section_moe(dev, dry, t, ceil, a.budget - 70, shapes, out_dir, a.workers), 60)
     run("attention", lambda: section_attention(dev, dry, t), 25)
     run("model", lambda: section_model(dev, dry), 10)
+    run("decode", lambda: section_decode(dev, dry, t, a.budget), 40)
     RES["wall_s"] = time.time() - T0
     dump(out_dir)
     print(moe_table(RES))
