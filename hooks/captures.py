@@ -73,7 +73,7 @@ class Written:
 
 def to_host(t: torch.Tensor) -> torch.Tensor:
     """Start a device->host copy without waiting (pinned memory on CUDA); CPU tensors pass through."""
-    if t.device.type == "cpu":
+    if t.is_cpu:
         return t.detach()
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     host.copy_(t.detach(), non_blocking=True)
@@ -127,10 +127,13 @@ class _PerLayer(Capture):
         return [p.add(self._listener(i)) for i, p in enumerate(adapter.routers)]
 
     def _listener(self, i: int) -> Callable:
+        keys = self.keys
+
         def on_router(point, **tensors):
-            if self._cur is None:
+            cur = self._cur
+            if cur is None:
                 raise RecorderError("a router hook point fired before the inputs of its forward pass")
-            self._cur[i] = tuple(tensors[k] for k in self.keys)
+            cur[i] = [tensors[k] for k in keys]
         return on_router
 
     def start(self, pass_: Pass) -> None:
@@ -138,10 +141,10 @@ class _PerLayer(Capture):
 
     def _stacked(self) -> list[torch.Tensor]:
         cur, self._cur = self._cur, None
-        seen = sum(x is not None for x in cur or [])
-        if seen != self._n:
+        if cur is None or None in cur:
+            seen = sum(x is not None for x in cur or [])
             raise RecorderError(f"saw {seen} router decisions for {self._n} MoE layers")
-        return [torch.stack([x[j] for x in cur], dim=1) for j in range(len(self.keys))]  # (N, L, ...)
+        return [torch.stack(x, dim=1) for x in zip(*cur)]  # (N, L, ...) per key
 
 
 @dataclass(eq=False)
@@ -157,11 +160,13 @@ class RouterCapture(_PerLayer):
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
         ids, weights = self._stacked()
-        return to_host(ids), to_host(weights.float())
+        return to_host(ids), to_host(weights if weights.dtype == torch.float32 else weights.float())
 
     def rows(self, payload, keep: np.ndarray) -> dict[str, np.ndarray]:
-        ids, weights = payload
-        return {"topk_expert": ids.numpy()[keep], "topk_weight": weights.numpy()[keep]}
+        ids, weights = payload[0].numpy(), payload[1].numpy()
+        if not keep.all():  # else the whole arrays (the writer copies what it keeps)
+            ids, weights = ids[keep], weights[keep]
+        return {"topk_expert": ids, "topk_weight": weights}
 
 
 def _dtype_option(value: str) -> str:

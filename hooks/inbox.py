@@ -5,7 +5,11 @@ Like ``queue.Queue(maxsize)``, with two differences that make recording cheap:
 * the writer takes the waiting passes in batches (:meth:`Inbox.take`: once ``min_items`` wait, or
   the oldest has waited ``max_age`` seconds, or someone joins or closes), so its per-pass Python
   work (validation, conversions, one append) is paid once per batch, and it wakes, and takes the
-  GIL from the forward pass, once per batch instead of once per pass;
+  GIL from the forward pass, once per batch instead of once per pass: :meth:`put` wakes the
+  waiting writer only when its batch is due (``min_items`` queued, or urgent); for ``max_age`` the
+  writer keeps its own clock (it waits at most ``max_age`` at a time, so a pass that reached an
+  idle writer is still taken ``max_age`` after it arrived). On a 2-core machine every wake-up of
+  the writer thread costs the forward pass a GIL hand-over and a context switch or two;
 * ``capacity`` counts every pass not yet written, the ones the writer is writing included, so
   host memory stays bounded by ``capacity`` passes (what the memory planner assumes).
 """
@@ -29,6 +33,7 @@ class Inbox:
         self._cv = threading.Condition()
         self._pending = 0  # put and not yet done: queued + being written
         self._urgent = 0  # joins waiting, or a close: take everything now
+        self._want: float = float("inf")  # the waiting taker's min_items (inf: no taker waits)
 
     def put(self, item: Any, *, urgent: bool = False) -> None:
         """Queue ``item`` (blocks while ``capacity`` items are pending: back-pressure). ``urgent``:
@@ -41,7 +46,8 @@ class Inbox:
             self._pending += 1
             if urgent:
                 self._urgent += 1
-            self._cv.notify_all()
+            if urgent or len(self._items) >= self._want:  # else the taker's batch is not due: let it sleep
+                self._cv.notify_all()
 
     def take(self, min_items: int, max_age: float | None, timeout: float | None) -> list:
         """Every queued item, once ``min_items`` are queued, the oldest is ``max_age`` s old (None:
@@ -58,11 +64,16 @@ class Inbox:
                     self._items.clear()
                     self._arrived.clear()
                     return out
-                waits = [t - now for t in (end, self._arrived[0] + max_age if n and max_age is not None else None)
-                         if t is not None]
+                # put() does not wake us for the first item: with max_age, wake at least every max_age
+                due = None if max_age is None else (self._arrived[0] if n else now) + max_age
+                waits = [t - now for t in (end, due) if t is not None]
                 if end is not None and now >= end:
                     return []
-                self._cv.wait(max(0.0, min(waits)) if waits else None)
+                self._want = min_items
+                try:
+                    self._cv.wait(max(0.0, min(waits)) if waits else None)
+                finally:
+                    self._want = float("inf")
 
     def done(self, n: int, *, urgent: int = 0) -> None:
         """``n`` taken items are written (``urgent``: of them, the close sentinels)."""

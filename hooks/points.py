@@ -75,8 +75,10 @@ class HookPoint(nn.Module):
         super().__init__()
         self.editable = tuple(editable)
         self.name = ""  # filled in by hook_points(), for messages
-        self._edits: list[list] = []
-        self._observers: list[list] = []
+        # tuples, replaced (never mutated) on add/remove: a call iterates them without a copy, and a
+        # listener that removes itself (or adds one) mid-call does not change the running call
+        self._edits: tuple[list, ...] = ()
+        self._observers: tuple[list, ...] = ()
 
     @property
     def active(self) -> bool:
@@ -93,21 +95,23 @@ class HookPoint(nn.Module):
         if edit and not self.editable:
             raise HookError(f"hook point {self.name or type(self).__name__} has no editable tensors")
         entry = [fn]  # a fresh list: identity, so the same fn can be added twice
-        (self._edits if edit else self._observers).append(entry)
+        if edit:
+            self._edits = (*self._edits, entry)
+        else:
+            self._observers = (*self._observers, entry)
         return Handle(self, entry)
 
     def _remove(self, entry: list) -> None:
-        for lst in (self._edits, self._observers):
-            if any(e is entry for e in lst):
-                lst[:] = [e for e in lst if e is not entry]
+        self._edits = tuple(e for e in self._edits if e is not entry)
+        self._observers = tuple(e for e in self._observers if e is not entry)
 
     def forward(self, **tensors):
         """Run the edits, then the observers; returns the (possibly edited) tensors as a dict."""
-        for (fn,) in tuple(self._edits):
+        for (fn,) in self._edits:
             out = fn(self, **tensors)
             if out:
                 tensors = {**tensors, **self._checked(out, tensors)}
-        for (fn,) in tuple(self._observers):
+        for (fn,) in self._observers:
             fn(self, **tensors)
         return tensors
 

@@ -24,6 +24,22 @@ def test_listeners_run_in_order_and_handles_remove_exactly_one():
     assert seen == [("a", 1), ("b", 1), ("b", 2), ("b", 3), ("c", 3)]
 
 
+def test_a_listener_added_or_removed_during_a_call_changes_only_later_calls():
+    p = HookPoint()
+    seen, handles = [], {}
+
+    def once(point, x):  # removes itself and adds another listener, mid-call
+        seen.append(("once", int(x)))
+        handles["once"].remove()
+        handles["late"] = point.add(lambda point, x: seen.append(("late", int(x))))
+
+    handles["once"] = p.add(once)
+    p.add(lambda point, x: seen.append(("b", int(x))))
+    p(x=torch.tensor(1))
+    p(x=torch.tensor(2))
+    assert seen == [("once", 1), ("b", 1), ("b", 2), ("late", 2)]
+
+
 def test_edits_run_before_observers_whatever_the_order_they_were_added():
     p = HookPoint(editable=("x",))
     seen = []

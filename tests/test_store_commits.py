@@ -164,6 +164,81 @@ def test_inbox_batches_and_bounds():
     assert joined.wait(5)
 
 
+def test_inbox_wakes_the_writer_only_when_its_batch_is_due():
+    """put() below min_items does not wake the waiting taker; a pass that reached an idle taker
+    (empty queue, no wake-up) is still taken max_age after it arrived, by the taker's own clock."""
+    box = Inbox(4)
+    got: list = []
+    wakes = []
+    cv_wait = box._cv.wait
+
+    def counting_wait(timeout=None):
+        wakes.append(timeout)
+        return cv_wait(timeout)
+
+    box._cv.wait = counting_wait
+    t = threading.Thread(target=lambda: got.append((box.take(3, None, 5.0), time.monotonic())), daemon=True)
+    t.start()
+    time.sleep(0.1)
+    box.put(1)
+    box.put(2)
+    time.sleep(0.1)
+    assert not got and len(wakes) == 1  # two puts, no wake-up: the batch of 3 is not due
+    box.put(3)
+    t.join(5)
+    assert got[0][0] == [1, 2, 3] and len(wakes) == 1
+    box.done(3)
+
+    t0 = time.monotonic()
+    t = threading.Thread(target=lambda: got.append((box.take(3, 0.3, None), time.monotonic())), daemon=True)
+    t.start()
+    time.sleep(0.1)  # the taker waits on an empty queue
+    arrived = time.monotonic()
+    box.put(4)
+    t.join(5)
+    items, at = got[1]
+    assert items == [4]
+    assert 0.28 <= at - arrived < 2.0 and at - t0 >= 0.35  # max_age after it arrived, not after the wait began
+
+
+def test_batched_passes_with_and_without_padding_match_per_pass_recording(tmp_path):
+    """The writer's all-real-tokens fast path and the padded path, mixed in one batch, give the rows
+    a per-pass recording gives (which appends and commits each pass alone)."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 1000, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0  # right padding in the second row
+    calls = [{"input_ids": ids[:1]}, {"input_ids": ids, "attention_mask": mask}, {"input_ids": ids[1:, :4]},
+             {"input_ids": ids}]
+    with torch.no_grad():
+        model = wb.load_model(EMBEDDED_MODEL, progress=False)
+        for name, kw in (("batched", {"queue_size": 8}), ("per_pass", {"commit_every_seconds": 0})):
+            with wb.record(model, tmp_path / f"{name}.zarr", **kw):
+                for c in calls:
+                    model(**c)
+    a, b = open_trace(tmp_path / "batched.zarr"), open_trace(tmp_path / "per_pass.zarr")
+    assert a.sizes["token"] == b.sizes["token"] == 9 + 9 + 6 + 4 + 18
+    for v in ("token_id", "sequence", "position", "modality", "generated", "topk_expert", "topk_weight"):
+        assert np.array_equal(a[v].values, b[v].values), v
+    assert a["sequence"].values.tolist() == [0] * 9 + [1] * 9 + [2] * 6 + [3] * 4 + [4] * 9 + [5] * 9
+    assert a["position"].values[9 + 9:9 + 9 + 6].tolist() == list(range(6))
+
+
+def test_sequence_numbers_after_runner_blocks(tmp_path):
+    """Runner numbers raise the next free number past their largest; a bare pass takes the next
+    free ones, and so does new_sequences."""
+    with torch.no_grad():
+        model = wb.load_model(EMBEDDED_MODEL, progress=False)
+        with wb.record(model, tmp_path / "t.zarr") as rec:
+            with rec.sequences([7, 3]):
+                model(input_ids=torch.tensor([[5, 6], [7, 8]]))
+            model(input_ids=torch.tensor([[9, 10]]))
+            assert rec.new_sequences(2).tolist() == [9, 10]
+            model(input_ids=torch.tensor([[11]]))
+    seq = open_trace(tmp_path / "t.zarr")["sequence"].values.tolist()
+    assert seq == [7, 7, 3, 3, 8, 8, 11]
+
+
 def test_a_bad_pass_in_a_batch_keeps_the_passes_before_it(tmp_path):
     with torch.no_grad():
         model = wb.load_model(EMBEDDED_MODEL, progress=False)
