@@ -132,6 +132,7 @@ class Recorder:
             if self.tp is not None:
                 self.tp.broadcast_object({"next": self._next_sequence})
         self._runner_ids: np.ndarray | None = None
+        self._runner_end = 0  # one past the largest of _runner_ids
         self._runner_generated: bool | None = None
         self._last_ids: np.ndarray | None = None  # sequence ids of the last pass (a continuation reuses them)
         self._call_start: int | None = None  # stream offset of the current model call's first pass
@@ -237,13 +238,14 @@ class Recorder:
         call that continues its rows (a decode step of ``generate``) are generated; those of a call
         starting at stream index 0 (all its prefill blocks) are the prompt.
         """
-        prev = self._runner_ids, self._runner_generated
+        prev = self._runner_ids, self._runner_end, self._runner_generated
         self._runner_ids = np.asarray(list(ids), dtype=np.int64)
+        self._runner_end = int(self._runner_ids.max()) + 1 if self._runner_ids.size else 0
         self._runner_generated = generated
         try:
             yield self
         finally:
-            self._runner_ids, self._runner_generated = prev
+            self._runner_ids, self._runner_end, self._runner_generated = prev
 
     def new_sequences(self, n: int) -> np.ndarray:
         """``n`` sequence numbers no pass has used yet (for a runner's ``sequences`` block)."""
@@ -283,25 +285,34 @@ class Recorder:
         generated = self._runner_generated
         if generated is None:
             generated = bool(self._call_start)
-        item = _Item(input_ids=to_host(p.input_ids), valid=to_host(p.batch.valid), positions=to_host(p.batch.positions),
-                     sequence_ids=self._take_sequence_ids(p.input_ids.shape[0], p.batch.start), generated=generated,
-                     payloads=payloads)
-        if p.input_ids.device.type == "cuda":
-            item.event = torch.cuda.Event()
-            item.event.record()
+        ids, batch = p.input_ids, p.batch
+        seq = self._take_sequence_ids(ids.shape[0], batch.start)
+        if ids.is_cpu:
+            # copies: the writer reads them later, and the caller may refill its input buffers (ids,
+            # a bool mask, long position ids: the batch holds those tensors themselves) in place
+            item = _Item(input_ids=ids.clone(), valid=batch.valid.clone(), positions=batch.positions.clone(),
+                         sequence_ids=seq, generated=generated, payloads=payloads)
+        else:
+            item = _Item(input_ids=to_host(ids), valid=to_host(batch.valid), positions=to_host(batch.positions),
+                         sequence_ids=seq, generated=generated, payloads=payloads)
+            if ids.is_cuda:
+                item.event = torch.cuda.Event()
+                item.event.record()
         self._queue.put(item)  # blocks when the writer is behind: back-pressure
 
     def _take_sequence_ids(self, rows: int, start: int) -> np.ndarray:
         """The runner's sequence numbers for this pass; else those of the pass it continues; else
         the next free ones."""
         ids = self._runner_ids
-        if ids is None and start > 0 and self._last_ids is not None and len(self._last_ids) == rows:
-            ids = self._last_ids
-        if ids is None:
+        if ids is not None:
+            if len(ids) != rows:
+                raise RecorderError(f"Recorder.sequences gave {len(ids)} sequence numbers for a pass of {rows} rows")
+            self._next_sequence = max(self._next_sequence, self._runner_end)
+        elif start > 0 and self._last_ids is not None and len(self._last_ids) == rows:
+            ids = self._last_ids  # counted in _next_sequence when it was first used
+        else:
             ids = np.arange(self._next_sequence, self._next_sequence + rows, dtype=np.int64)
-        elif len(ids) != rows:
-            raise RecorderError(f"Recorder.sequences gave {len(ids)} sequence numbers for a pass of {rows} rows")
-        self._next_sequence = max(self._next_sequence, int(ids.max()) + 1)
+            self._next_sequence += rows
         self._last_ids = ids
         return ids
 
@@ -381,9 +392,10 @@ class Recorder:
         """The token rows of one pass's real tokens (all but ``modality``), and its keep mask (B*T,)."""
         T = item.valid.shape[1]
         keep = item.valid.numpy().reshape(-1)
-        ids = item.input_ids.numpy().reshape(-1)[keep]
-        rows = {"token_id": ids, "sequence": np.repeat(item.sequence_ids, T)[keep],
-                "position": item.positions.numpy().reshape(-1)[keep],
+        ids, seq, pos = item.input_ids.numpy().reshape(-1), np.repeat(item.sequence_ids, T), item.positions.numpy()
+        if not keep.all():  # padding (else views: the append copies)
+            ids, seq, pos = ids[keep], seq[keep], pos.reshape(-1)[keep]
+        rows = {"token_id": ids, "sequence": seq, "position": pos.reshape(-1),
                 "generated": np.full(len(ids), int(item.generated), np.int8)}
         for c, payload in zip(self.captures, item.payloads):
             rows.update(c.rows(payload, keep))

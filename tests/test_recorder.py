@@ -70,6 +70,26 @@ def test_round_trip_equals_the_models_router_outputs(text_ckpt, tmp_path):
     assert all(not p.active for _, p in hook_points(model))
 
 
+def test_an_input_buffer_reused_in_place_is_recorded_as_each_pass_saw_it(text_ckpt, tmp_path):
+    """A caller that refills one input buffer (ids and a bool mask) in place for every call: the
+    writer thread takes passes later (in batches), so it must not read the caller's tensors then."""
+    d, _ = text_ckpt
+    model = wb.load_model(d, progress=False)
+    g = torch.Generator().manual_seed(5)
+    ids_buf, mask_buf = torch.zeros(2, 9, dtype=torch.long), torch.ones(2, 9, dtype=torch.bool)
+    seen = []
+    with wb.record(model, tmp_path / "t.zarr"):
+        for i in range(6):
+            ids_buf.copy_(torch.randint(3, 300, (2, 9), generator=g))
+            mask_buf.fill_(True)
+            mask_buf[1, :i] = False  # left padding of i tokens in the second row
+            seen.append(ids_buf[mask_buf].clone())
+            model(input_ids=ids_buf, attention_mask=mask_buf)
+    ds = wb.open_trace(tmp_path / "t.zarr").load()
+    np.testing.assert_array_equal(ds["token_id"].values, torch.cat(seen).numpy())
+    assert ds.attrs["n_tokens"] == sum(len(x) for x in seen)
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padding_is_never_recorded_and_rows_match_unpadded_runs(text_ckpt, tmp_path, side):
     d, _ = text_ckpt
