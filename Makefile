@@ -33,7 +33,7 @@ lab: $(STAMP)
 	echo "JupyterLab (notebooks in notebooks/, traces under runs/):"; \
 	echo "    http://127.0.0.1:$(LAB_PORT)/lab/tree/notebooks?token=$$TOKEN"; \
 	echo ""; \
-	exec $(BIN)/jupyter lab --no-browser --ServerApp.ip=127.0.0.1 --ServerApp.port=$(LAB_PORT) \
+	GOMP_SPINCOUNT=$${GOMP_SPINCOUNT:-1000} exec $(BIN)/jupyter lab --no-browser --ServerApp.ip=127.0.0.1 --ServerApp.port=$(LAB_PORT) \
 	    --ServerApp.port_retries=0 --IdentityProvider.token="$$TOKEN" --ServerApp.root_dir="$(CURDIR)" \
 	    $(if $(filter 0,$(shell id -u)),--allow-root)
 

@@ -17,7 +17,14 @@ for bad input (a flag, a file, a config, a checkpoint, a store), 1 for a failure
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+# OpenMP threads that wait for each other spin 300,000 times first (libgomp's default): when another
+# process holds a core, a 2-thread forward pass then stalls, up to 30x; 1,000 spins cost nothing on an
+# idle machine (benchmarks/RESULTS.md, "OpenMP spin-waiting"). Read when torch loads its OpenMP
+# runtime: set here, before any command imports torch (the user's own value wins).
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 from workbench.cli import demo, export, generate, info, plan, trace, verify
 from workbench.cli._common import CLIError, read_prompts, trace_summary
