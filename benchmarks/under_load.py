@@ -14,6 +14,9 @@ process start; ``torch.set_num_interop_threads`` only before the first parallel 
 * ``t2-passive``: 2 threads, ``OMP_WAIT_POLICY=PASSIVE`` (idle OpenMP threads sleep instead of spinning)
 * ``t1-passive``: 1 thread, ``OMP_WAIT_POLICY=PASSIVE``
 * ``t2-interop1``: 2 threads, ``torch.set_num_interop_threads(1)``
+* ``t2-spin1000`` / ``t2-spin10000``: 2 threads, ``GOMP_SPINCOUNT=1000`` / ``10000`` (OpenMP threads
+  spin that many times before they sleep; libgomp's default is 300,000; the ``workbench`` command
+  and ``make lab`` set 1000)
 
 In each child: a warm-up, then a quiet set and a loaded set (``--busy`` processes ``python -c
 "while True: pass"``, default 2 = one per core, started 2 s before the set and stopped after, by
@@ -47,6 +50,8 @@ POLICIES = {
     "t2-passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, 2, None),
     "t1-passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, 1, None),
     "t2-interop1": ({}, 2, 1),
+    "t2-spin1000": ({"GOMP_SPINCOUNT": "1000"}, 2, None),
+    "t2-spin10000": ({"GOMP_SPINCOUNT": "10000"}, 2, None),
 }
 
 
@@ -106,7 +111,7 @@ def child(args) -> None:
     out = {"policy": args.policy, "env": env, "threads": torch.get_num_threads(),
            "interop": torch.get_num_interop_threads(), "logits_max_abs_diff": diff,
            "hf_attn_implementation": getattr(hf.config, "_attn_implementation", None),
-           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "gomp_spincount": os.environ.get("GOMP_SPINCOUNT")}
     out["quiet"] = run_set("quiet")
     if args.busy:
         with BusyLoad(args.busy):
