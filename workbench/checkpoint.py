@@ -261,20 +261,7 @@ def load_model(path: str | os.PathLike, dtype=None, device=None, *, progress: bo
         model = build_model(config)
     plan = _QuantPlan.make(model, quantize, quantize_modules, group_size, qconfig, p)
     expected = _expected_tensors(model)  # the checkpoint's keys: float for quantize=, quantized for FP8 files
-    tied_head = config.text.tie_word_embeddings
-    missing = [k for k in expected if k not in files]
-    if missing:
-        hint = INDEX_NAME if (p / INDEX_NAME).is_file() else "model.safetensors"
-        raise CheckpointError(f"{len(missing)} tensor(s) missing from the checkpoint ({hint} in {p}), "
-                              f"first: {missing[0]!r}" + (f"; also {missing[1:4]}" if len(missing) > 1 else ""))
-    ignorable = {"lm_head.weight", "language_model.lm_head.weight"} if tied_head else set()
-    unexpected = sorted(k for k in files if k not in expected and k not in ignorable)
-    for k in unexpected:
-        if k.endswith("_scale"):
-            plan.unexpected_scale(k, files[k])
-    if unexpected:
-        raise CheckpointError(f"{len(unexpected)} unexpected tensor(s) in {p} (in {files[unexpected[0]].name}), "
-                              f"first: {unexpected[0]!r}; is config.json the one for these weights?")
+    _check_keys(p, expected, files, plan, tied_head=config.text.tie_word_embeddings)
     by_file: dict[Path, list[str]] = {}
     for k in expected:
         by_file.setdefault(files[k], []).append(k)
@@ -284,24 +271,12 @@ def load_model(path: str | os.PathLike, dtype=None, device=None, *, progress: bo
         plan.apply(model)  # quantized modules replace the float ones (meta); after the checks above
         splits = {}
         if tp is not None:  # local shapes (meta); each rank then reads only its slices
-            from workbench.runtime.parallel import read_shard, shard_model
+            from workbench.runtime.parallel import shard_model
 
             splits = shard_model(model, tp)
         bar = tqdm(total=len(expected), desc=f"loading {p.name}" + (f" (rank {tp.rank})" if tp else ""),
                    unit="tensor", disable=not progress or (tp is not None and tp.rank != 0))
-        for file, keys in sorted(by_file.items()):
-            with _open(file) as f:
-                for k in keys:
-                    t = read_shard(f.get_slice(k), splits[k], tp.rank, tp.size, k) if k in splits else f.get_tensor(k)
-                    if k in plan.to_quantize:  # quantized on the target device, one tensor at a time
-                        plan.load_float(model, k, t.to(device), tp, splits.get(k))
-                    elif k in plan.stored_dtypes:  # FP8 data and float32 scales, as stored
-                        _set_param(model, k, t.to(device))
-                    else:
-                        t = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
-                        _set_param(model, k, t)
-                    del t
-                    bar.update(1)
+        _read_tensors(model, by_file, plan, splits, tp, device, dtype, bar)
         bar.close()
         source = {"path": str(p.resolve()), "fingerprint": fingerprint.result()}
     finally:
@@ -315,6 +290,46 @@ def load_model(path: str | os.PathLike, dtype=None, device=None, *, progress: bo
     model.source = source
     model.eval()
     return model
+
+
+def _check_keys(p: Path, expected: dict, files: dict, plan, *, tied_head: bool) -> None:
+    """CheckpointError naming the first missing or unexpected tensor (a tied lm_head may be stored or
+    not); an unexpected ``*_scale`` gets the quantization plan's own error first."""
+    missing = [k for k in expected if k not in files]
+    if missing:
+        hint = INDEX_NAME if (p / INDEX_NAME).is_file() else "model.safetensors"
+        raise CheckpointError(f"{len(missing)} tensor(s) missing from the checkpoint ({hint} in {p}), "
+                              f"first: {missing[0]!r}" + (f"; also {missing[1:4]}" if len(missing) > 1 else ""))
+    ignorable = {"lm_head.weight", "language_model.lm_head.weight"} if tied_head else set()
+    unexpected = sorted(k for k in files if k not in expected and k not in ignorable)
+    for k in unexpected:
+        if k.endswith("_scale"):
+            plan.unexpected_scale(k, files[k])
+    if unexpected:
+        raise CheckpointError(f"{len(unexpected)} unexpected tensor(s) in {p} (in {files[unexpected[0]].name}), "
+                              f"first: {unexpected[0]!r}; is config.json the one for these weights?")
+
+
+def _read_tensors(model: nn.Module, by_file: dict, plan, splits: dict, tp, device: torch.device, dtype,
+                  bar) -> None:
+    """Read every tensor, file by file, into the (meta) model: this rank's slice of a split one;
+    quantized on ``device`` when the plan says so, FP8 data and scales as stored, the rest cast to
+    ``dtype`` (None: as stored). One tensor in host memory at a time."""
+    if splits:
+        from workbench.runtime.parallel import read_shard
+    for file, keys in sorted(by_file.items()):
+        with _open(file) as f:
+            for k in keys:
+                t = read_shard(f.get_slice(k), splits[k], tp.rank, tp.size, k) if k in splits else f.get_tensor(k)
+                if k in plan.to_quantize:  # quantized on the target device, one tensor at a time
+                    plan.load_float(model, k, t.to(device), tp, splits.get(k))
+                elif k in plan.stored_dtypes:  # FP8 data and float32 scales, as stored
+                    _set_param(model, k, t.to(device))
+                else:
+                    t = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+                    _set_param(model, k, t)
+                del t
+                bar.update(1)
 
 
 def _tensor_parallel(tp):
