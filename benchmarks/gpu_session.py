@@ -676,33 +676,10 @@ def model_device(model):
 
 # ----------------------------------------------------------------------------------- 7. decode
 
-def _graph_step(model, cache, step_ids, ones):
-    """Capture one decode step of ``model`` over static ``cache`` as a CUDA graph (after a warm-up
-    on a side stream from a saved state, restored before capture). Returns (graph, logits buffer)."""
-    def step():
-        return model(input_ids=step_ids, attention_mask=ones, cache=cache, logits_to_keep=1).logits
-
-    tensors = [t for c in cache.layers for t in (c.key, c.value, c.index, c.positions, c.valid)]
-    saved = ([t.clone() for t in tensors], cache.length, cache.seen.clone(), cache.stream.clone())
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    for dst, src in zip(tensors, saved[0]):
-        dst.copy_(src)
-    cache.length = saved[1]
-    cache.seen.copy_(saved[2])
-    cache.stream.copy_(saved[3])
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-    return graph, out
-
-
 def _decode_timings(model, dev, dt, B, T0, n, t, graphs):
     """Eager decode steps (default and static cache) and, on CUDA, a captured step replayed: ms
     per step and the replay's logits vs eager steps on a twin cache."""
+    from workbench.runtime.graphs import capture_decode_step
     from workbench.runtime.kv_cache import KVCache
     V = model.text_config.vocab_size
     g = torch.Generator().manual_seed(1)
@@ -726,7 +703,7 @@ def _decode_timings(model, dev, dt, B, T0, n, t, graphs):
         for c in (twin, cache):
             model(input_ids=ids[:, :T0], cache=c, prefill_chunk=T0, logits_to_keep=1)
         step_ids = ids[:, T0:T0 + 1].clone()
-        graph, out = _graph_step(model, cache, step_ids, ones)
+        graph, out = capture_decode_step(model, cache, step_ids, ones)
         diffs, agree = [], []
         for i in range(T0, T0 + n):
             step_ids.copy_(ids[:, i:i + 1])
