@@ -221,6 +221,47 @@ def test_capturing_a_decode_step_needs_a_static_cache_and_cuda_inputs(model):
         capture_decode_step(model, KVCache(model.text_config, 1, 8, static=True), ids)
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_right_padded_prefill_continued_by_decode_steps(model, static):
+    """A row right-padded in its prefill (70 pads after 30 tokens: more than a chunk) and then
+    continued by decode steps computes what the unpadded row computes: its chunked layers must
+    still see the keys before the padding (a window of the newest slots would not)."""
+    ids = torch.randint(0, 1000, (1, 120))
+    alone = KVCache(model.text_config, 1, 200, block=100)
+    model(input_ids=ids[:, :30], cache=alone, prefill_chunk=100)
+    ref = [model(input_ids=ids[:, 100 + i:101 + i], cache=alone).logits for i in range(20)]
+    cache = KVCache(model.text_config, 1, 200, block=100, static=static)
+    mask = torch.zeros(1, 100, dtype=torch.long)
+    mask[:, :30] = 1
+    model(input_ids=ids[:, :100], attention_mask=mask, cache=cache, prefill_chunk=100)
+    for i, r in enumerate(ref):  # 20 steps: positions 30..49 (chunk 0), queries 100+ stream slots on
+        got = model(input_ids=ids[:, 100 + i:101 + i], cache=cache).logits
+        assert (got - r).abs().max() / r.abs().max() <= 1e-5, f"step {i}"
+
+
+def test_padding_a_ring_cannot_hold_is_refused(model):
+    """150 pads after a row's first valid tokens, in blocks of 50: the chunked layers' ring (64 + 50
+    slots) would have dropped keys the next tokens attend (a silently wrong answer): refused with
+    a clear error before anything is written. A cache that keeps every slot serves it exactly."""
+    ids = torch.randint(0, 1000, (1, 210))
+    mask = torch.zeros(1, 200, dtype=torch.long)
+    mask[:, :10] = 1
+    cache = KVCache(model.text_config, 1, 400, block=50)
+    model(input_ids=ids[:, :200], attention_mask=mask, cache=cache, prefill_chunk=50)  # pads only: fine
+    length = cache.length
+    with pytest.raises(ValueError, match="row 0 has 190 padding tokens between valid tokens.*block=50"):
+        model(input_ids=ids[:, 200:201], cache=cache)
+    assert cache.length == length  # nothing written
+    alone = KVCache(model.text_config, 1, 400, block=50)
+    model(input_ids=ids[:, :10], cache=alone)
+    full = KVCache(model.text_config, 1, 260, block=200)  # max_len <= chunk + block: no ring
+    model(input_ids=ids[:, :200], attention_mask=mask, cache=full, prefill_chunk=200)
+    for i in range(200, 210):
+        ref = model(input_ids=ids[:, i:i + 1], cache=alone).logits
+        got = model(input_ids=ids[:, i:i + 1], cache=full).logits
+        assert (got - ref).abs().max() / ref.abs().max() <= 1e-5
+
+
 def test_decode_steps_equal_one_pass(model):
     """Prefill + one-token steps with a left-padded row: each step's logits equal the whole pass's row."""
     ids = torch.randint(0, 1000, (2, 40))
