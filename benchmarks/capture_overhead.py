@@ -16,6 +16,12 @@ float16 logits with ``--logits``) that stays open for the run and is attached ar
   before the next (the old default);
 * ``tokens``: ``commit_every_tokens=--commit-every`` (default 16384), ``commit_every_seconds=0``.
 
+Benchmark-only variants (``--variants``), each its own recorder with the default policy, run in
+the same rounds: ``rename``: chunk files written by a plain rename over the old file (the atomic
+exchange of ``workbench.trace.chunks.write_atomic`` switched off around its streaks);
+``old-commit``: that, and a store created with the previous 65536-row chunk cap
+(``workbench.trace.writer._MAX_CHUNK_ROWS``), i.e. the commit path before 2026-12-07 (round 3).
+
 Every recorded streak ends with ``rec.flush()``, so every byte is committed when the clock
 stops, while the writer thread overlaps the next forward passes as in a real run. Rounds: one
 warm-up streak of each variant, then ``--rounds`` rounds; even rounds run (plain, policies...),
@@ -23,7 +29,7 @@ odd rounds the reverse (ABAB). Reported: median ms per streak, per-round overhea
 (median and 95% bootstrap CI over rounds), 1-min load average at the start and end.
 
     python benchmarks/capture_overhead.py [--workload batches|prompts|both] [--rounds 10]
-        [--policies default per-pass] [--logits] [--threads 2]
+        [--policies default per-pass] [--variants rename old-commit] [--logits] [--threads 2]
 """
 from __future__ import annotations
 
@@ -40,6 +46,8 @@ import numpy as np
 import torch
 
 import workbench as wb
+import workbench.trace.chunks as chunks_mod
+import workbench.trace.writer as writer_mod
 from workbench.embedded import default_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,22 +85,35 @@ def run_workload(name: str, model, args, tmp: Path) -> dict:
     for pol in args.policies:
         kw = POLICY_KW[pol] if pol != "tokens" else {"commit_every_tokens": args.commit_every, "commit_every_seconds": 0}
         recs[pol] = wb.record(model, tmp / f"{name}_{pol}.zarr", capture=capture, **kw)
+    for var in args.variants:
+        cap = writer_mod._MAX_CHUNK_ROWS
+        writer_mod._MAX_CHUNK_ROWS = 1 << 16 if var == "old-commit" else cap
+        try:
+            recs[var] = wb.record(model, tmp / f"{name}_{var}.zarr", capture=capture)
+        finally:
+            writer_mod._MAX_CHUNK_ROWS = cap
 
     def streak(kind: str) -> float:
         rec = recs.get(kind)
         if rec is not None:
             rec.attach()
-        t0 = time.perf_counter()
-        for x in inputs:
-            model(**x)
-        if rec is not None:
-            rec.flush()  # the clock stops only when everything is written
-        dt = time.perf_counter() - t0
+        exchange = chunks_mod._RENAMEAT2
+        if kind in ("rename", "old-commit"):
+            chunks_mod._RENAMEAT2 = None
+        try:
+            t0 = time.perf_counter()
+            for x in inputs:
+                model(**x)
+            if rec is not None:
+                rec.flush()  # the clock stops only when everything is written
+            dt = time.perf_counter() - t0
+        finally:
+            chunks_mod._RENAMEAT2 = exchange
         if rec is not None:
             rec.detach()
         return dt
 
-    kinds = ["plain"] + list(args.policies)
+    kinds = ["plain"] + list(args.policies) + list(args.variants)
     for k in kinds:  # warm-up
         streak(k)
     times = {k: [] for k in kinds}
@@ -106,7 +127,7 @@ def run_workload(name: str, model, args, tmp: Path) -> dict:
     for rec in recs.values():
         rec.close()
     committed = {}
-    for pol in args.policies:
+    for pol in [*args.policies, *args.variants]:
         ds = wb.open_trace(tmp / f"{name}_{pol}.zarr")
         committed[pol] = int(ds.sizes["token"])
     out = {"load_start": load0, "load_end": os.getloadavg(), "seconds": time.perf_counter() - t_set,
@@ -114,7 +135,7 @@ def run_workload(name: str, model, args, tmp: Path) -> dict:
            "ms": {k: [x * 1e3 for x in v] for k, v in times.items()},
            "median_ms": {k: statistics.median(v) * 1e3 for k, v in times.items()}, "committed_tokens": committed}
     plain = np.array(times["plain"])
-    for pol in args.policies:
+    for pol in [*args.policies, *args.variants]:
         over = np.array(times[pol]) / plain - 1
         lo, hi = bootstrap_median_ci(over)
         out[f"overhead_{pol}"] = {"median": float(np.median(over)), "ci95": (lo, hi), "values": over.tolist(),
@@ -131,6 +152,8 @@ def main() -> None:
     ap.add_argument("--passes", type=int, default=8, help="forward passes per streak (batches workload)")
     ap.add_argument("--logits", action="store_true", help="also capture float16 router logits")
     ap.add_argument("--policies", nargs="+", default=["default", "per-pass"], choices=list(POLICY_KW))
+    ap.add_argument("--variants", nargs="*", default=[], choices=["rename", "old-commit"],
+                    help="benchmark-only variants of the default policy (see above)")
     ap.add_argument("--commit-every", type=int, default=16384, help="commit_every_tokens of the 'tokens' policy")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None)
@@ -154,7 +177,7 @@ def main() -> None:
                   f"plain {r['median_ms']['plain']:.0f} ms; " + "; ".join(
                       f"{p} {r['median_ms'][p]:.0f} ms, overhead {100 * r[f'overhead_{p}']['median']:+.1f}% "
                       f"(95% CI {100 * r[f'overhead_{p}']['ci95'][0]:+.1f} .. {100 * r[f'overhead_{p}']['ci95'][1]:+.1f}%)"
-                      for p in args.policies), flush=True)
+                      for p in [*args.policies, *args.variants]), flush=True)
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))
 

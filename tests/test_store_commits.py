@@ -4,6 +4,7 @@ the recorder hands passes to its writer in batches with pass-by-pass error seman
 stores on disk, no mocks."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -87,6 +88,68 @@ def test_chunks_are_byte_identical_to_zarr_writes(tmp_path):
         for i in range(-(-a.shape[0] // a.chunks[0])):
             assert files.path(i).read_bytes() == (tmp_path / "ref" / name / files.path(i).relative_to(
                 tmp_path / "t.zarr" / name)).read_bytes(), (name, i)
+
+
+def _partials(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir() if p.name.endswith(".partial"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2(RENAME_EXCHANGE) is Linux-only")
+def test_write_atomic_exchanges_an_existing_file(tmp_path):
+    """Over an existing file: the two names are swapped (one syscall, atomic) and the old file is
+    unlinked; a new file is renamed into place; no temp file is left either way."""
+    from workbench.trace import chunks
+
+    target = tmp_path / "c0"
+    target.write_bytes(b"old" * 100)
+    held = os.open(target, os.O_RDONLY)  # the old file, as a reader that opened it earlier holds it
+    try:
+        chunks.write_atomic(target, b"new" * 7)
+        assert target.read_bytes() == b"new" * 7 and _partials(tmp_path) == []
+        assert os.fstat(held).st_nlink == 0  # the old file is gone from the directory
+        assert os.pread(held, 300, 0) == b"old" * 100  # and whole for whoever holds it
+    finally:
+        os.close(held)
+    # the exchange itself (what write_atomic tries first): it works on this file system
+    other = tmp_path / "c1"
+    other.write_bytes(b"x")
+    assert chunks._exchange(other, target) is True
+    assert target.read_bytes() == b"x" and not other.exists()
+    # a new name: nothing to exchange with, renamed; the exchange stays enabled
+    assert chunks._exchange(tmp_path / "absent", tmp_path / "c2") is False and chunks._RENAMEAT2 is not None
+    chunks.write_atomic(tmp_path / "sub" / "c2", b"fresh")
+    assert (tmp_path / "sub" / "c2").read_bytes() == b"fresh" and _partials(tmp_path / "sub") == []
+
+
+@pytest.mark.parametrize("mode", ["exchange", "rename", "durable"])
+def test_write_atomic_readers_see_whole_files(tmp_path, mode, monkeypatch):
+    """A reader polling a file while it is rewritten 300 times (lengths alternating) only ever
+    sees one of the written versions, whole: with the exchange, with a plain rename (no
+    renameat2), and with fsync before the rename."""
+    from workbench.trace import chunks
+
+    if mode == "rename":
+        monkeypatch.setattr(chunks, "_RENAMEAT2", None)
+    versions = [bytes([i % 251]) * (1000 + 7 * (i % 5)) for i in range(300)]
+    target = tmp_path / "c"
+    chunks.write_atomic(target, versions[0])
+    seen, stop = [], threading.Event()
+
+    def read():
+        while not stop.is_set():
+            seen.append(target.read_bytes())
+
+    t = threading.Thread(target=read)
+    t.start()
+    try:
+        for v in versions[1:]:
+            chunks.write_atomic(target, v, durable=mode == "durable")
+    finally:
+        stop.set()
+        t.join()
+    valid = set(versions)
+    assert seen and all(x in valid for x in seen)
+    assert target.read_bytes() == versions[-1] and _partials(tmp_path) == []
 
 
 def test_arrays_grow_by_capacity_and_close_exact(tmp_path):
@@ -254,20 +317,24 @@ def test_a_bad_pass_in_a_batch_keeps_the_passes_before_it(tmp_path):
     assert ds["sequence"].values.tolist() == [0] * 4 + [1] * 4
 
 
-def test_old_layout_store_is_resumed(tmp_path):
-    """A store whose 1-D columns have the pre-cap 262144-row chunks still resumes and reads."""
+@pytest.mark.parametrize("cap,rows", [(1 << 22, 262144), (1 << 16, 65536)])
+def test_old_layout_store_is_resumed(tmp_path, cap, rows):
+    """A store whose 1-D columns have older, longer chunks (262144 rows before any cap, 65536
+    under the first cap) still resumes and reads, across its first chunk boundary of the new cap."""
     from workbench.trace import writer as W
 
+    assert W._MAX_CHUNK_ROWS == 16384
     old = W._MAX_CHUNK_ROWS
-    W._MAX_CHUNK_ROWS = 1 << 22
+    W._MAX_CHUNK_ROWS = cap
     try:
         w = TraceWriter.create(tmp_path / "t.zarr", **routing_layout(L, E, 1))
-        w.append(_rows(100))
+        w.append(_rows(16380))
         w.close(complete=False)
     finally:
         W._MAX_CHUNK_ROWS = old
-    assert zarr.open_group(tmp_path / "t.zarr", mode="r")["token_id"].chunks == (262144,)
+    assert zarr.open_group(tmp_path / "t.zarr", mode="r")["token_id"].chunks == (rows,)
     with TraceWriter.resume(tmp_path / "t.zarr") as w:
-        w.append(_rows(20, 100))
-    assert np.array_equal(open_trace(tmp_path / "t.zarr")["position"].values, np.arange(120))
+        w.append(_rows(20, 16380))
+    assert zarr.open_group(tmp_path / "t.zarr", mode="r")["token_id"].chunks == (rows,)
+    assert np.array_equal(open_trace(tmp_path / "t.zarr")["position"].values, np.arange(16400))
     assert verify_trace(tmp_path / "t.zarr").ok

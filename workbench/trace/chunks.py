@@ -16,9 +16,12 @@ creates. What zarr reads back is checked by the tests (byte-identical chunks to 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
 import shutil
+import sys
 import uuid
 from pathlib import Path
 from typing import Any, Mapping
@@ -31,10 +34,17 @@ __all__ = ["ChunkFiles", "Column", "write_atomic", "write_json"]
 _SHUFFLE = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
 
 
-def write_atomic(path: Path, data: bytes | memoryview) -> None:
+def write_atomic(path: Path, data: bytes | memoryview, *, durable: bool = False) -> None:
     """Write ``data`` to ``path`` as zarr's LocalStore does: a ``<path>.<hex>.partial`` temp file,
-    then a rename over ``path`` (so a kill leaves either file, whole; ``TraceWriter.resume``
-    removes leftover ``*.partial`` files)."""
+    then renamed to ``path`` (so a kill leaves either file, whole, and a reader never sees a torn
+    one; ``TraceWriter.resume`` removes leftover ``*.partial`` files).
+
+    Over an existing file the two names are exchanged (Linux ``renameat2(RENAME_EXCHANGE)``) and
+    the temp name, now the old file, is unlinked: as atomic as a rename over it, without the flush
+    ext4 forces on a rename over an existing file (``auto_da_alloc``: 66 -> 22 us idle, 100-200 us
+    inside a busy recording, where a commit replaces ~10 files). Where the exchange is not
+    supported, a plain rename. Neither survives a power cut without fsync: ``durable=True``
+    fsyncs the temp file before a plain rename (the caller fsyncs the directory)."""
     tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -46,19 +56,57 @@ def write_atomic(path: Path, data: bytes | memoryview) -> None:
             view = memoryview(data)
             while view:  # os.write may write less than asked
                 view = view[os.write(fd, view):]
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
+        if durable or not _exchange(tmp, path):
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
 
 
-def write_json(path: Path, doc: Mapping[str, Any]) -> None:
+def _renameat2():
+    """The C library's ``renameat2``, or None (not Linux, or a C library without it)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_RENAMEAT2 = _renameat2()
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+_NO_EXCHANGE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM, errno.EXDEV}
+
+
+def _exchange(tmp: Path, path: Path) -> bool:
+    """Swap ``tmp`` and an existing ``path`` atomically, then unlink ``tmp`` (the old file). False
+    when it did nothing: ``path`` does not exist, or the system or file system cannot exchange
+    (then no later call tries)."""
+    global _RENAMEAT2
+    fn = _RENAMEAT2
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(tmp), _AT_FDCWD, os.fsencode(path), _RENAME_EXCHANGE) != 0:
+        if ctypes.get_errno() in _NO_EXCHANGE:
+            _RENAMEAT2 = None
+        return False  # ENOENT (a new file) and anything else: the plain rename decides
+    with contextlib.suppress(OSError):  # a leftover is a *.partial file: resume removes it
+        tmp.unlink()
+    return True
+
+
+def write_json(path: Path, doc: Mapping[str, Any], *, durable: bool = False) -> None:
     """Atomically write a zarr metadata document (``zarr.json``). Compact: json's C encoder runs
     only without ``indent``, 20x faster on the root's provenance, which every commit rewrites."""
-    write_atomic(path, json.dumps(doc).encode())
+    write_atomic(path, json.dumps(doc).encode(), durable=durable)
 
 
 class ChunkFiles:
@@ -141,10 +189,11 @@ class ChunkFiles:
         """The file of chunk ``index`` (``c/<index>/0/...``)."""
         return self.dir.joinpath("c", str(int(index)), *self._suffix)
 
-    def write(self, index: int, block: np.ndarray) -> Path:
-        """Encode and atomically write chunk ``index``; returns its path."""
+    def write(self, index: int, block: np.ndarray, durable: bool = False) -> Path:
+        """Encode and atomically write chunk ``index`` (``durable``: see :func:`write_atomic`);
+        returns its path."""
         p = self.path(index)
-        write_atomic(p, self.encode(block))
+        write_atomic(p, self.encode(block), durable=durable)
         return p
 
 

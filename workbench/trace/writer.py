@@ -20,8 +20,9 @@ all data they cover, and every reader trims to them. One commit is:
 3. (``fsync=True`` only) fsync the chunk files and metadata just written;
 4. rewrite the root ``zarr.json`` with the new ``n_tokens`` / ``n_commits``.
 
-Every file is written as temp file + rename (as zarr's LocalStore does), so a chunk file is either
-the old or the new version, never torn. SIGKILL at any moment therefore leaves a store whose rows
+Every file is written as temp file + rename (as zarr's LocalStore does; over an existing file, an
+atomic exchange of the two names, :func:`workbench.trace.chunks.write_atomic`), so a chunk file is
+either the old or the new version, never torn. SIGKILL at any moment therefore leaves a store whose rows
 ``[0, n_tokens)`` are exactly the committed rows; rows past ``n_tokens`` are ignored by
 ``open_trace`` and truncated by ``TraceWriter.resume``, which also removes leftover ``*.partial``
 temp files. Without ``fsync`` a commit survives the death of the process (data is in the page
@@ -36,10 +37,11 @@ Chunking, compression, sharding
 -------------------------------
 * Chunks span the full row (all MoE layers, all k / experts) and are sized along the first
   dimension to at least ``chunk_bytes`` = 1 MiB uncompressed (the next power of two of rows), at
-  most 65536 rows; per-commit arrays to 64 KiB. A commit re-encodes each array's tail chunk, so the
-  cap keeps 1-D columns from 1M-row chunks. Scout (48 MoE layers, top-1, 16 experts): topk_expert
-  96 B/token -> 16384 tokens, router_logits float16 1536 B -> 1024, token_id 4 B and modality 1 B
-  -> 65536 (stores written before the cap have 262144 / 1048576: read the same).
+  most 16384 rows; per-commit arrays to 64 KiB. A commit re-encodes each array's tail chunk, fill
+  padding included, so the cap keeps narrow columns from huge chunks. Scout (48 MoE layers, top-1,
+  16 experts): topk_expert 96 B/token -> 16384 tokens, router_logits float16 1536 B -> 1024,
+  token_id 4 B and modality 1 B -> 16384 (stores written before the cap have 262144 / 1048576, or
+  65536 rows: read and resume the same).
 * Compression: blosc lz4 level 5. ``codec="int"`` (token ids, sequence, modality, expert ids,
   loads) uses bit-shuffle: small value ranges leave most bit planes constant (topk_expert with 16
   experts ~4x, modality ~8x); ``"sequential"`` (position: runs of consecutive integers) byte
@@ -88,8 +90,11 @@ __all__ = ["TraceWriter", "DEFAULT_CHUNK_BYTES"]
 DEFAULT_CHUNK_BYTES = 1 << 20
 # Rows per chunk: at most this many (every commit re-encodes each array's whole tail chunk, fill
 # padding included: a 1 MiB chunk of a 1-byte column would hold 1M rows for a few new ones), and
-# for the per-commit arrays (one row per commit) chunks of 64 KiB.
-_MAX_CHUNK_ROWS = 1 << 16
+# for the per-commit arrays (one row per commit) chunks of 64 KiB. 16384 rather than 65536: the
+# commit at the end of a short recording (18 prompts of the embedded model) 3.2 -> ~2.5 ms, about
+# one point of capture overhead (benchmarks/RESULTS.md, "Capture overhead, round 3"); real models'
+# wide arrays (48 layers) have <= 16384-row chunks anyway.
+_MAX_CHUNK_ROWS = 1 << 14
 _COMMIT_CHUNK_BYTES = 1 << 16
 _ARRAY_CONFIG = {"write_empty_chunks": True}  # skip zarr's all-fill check: our rows are never fill
 _COMMIT_END = Variable(COMMIT_END, (COMMIT,), (), "int64", reduce={"end": TOKEN},
@@ -527,7 +532,7 @@ class TraceWriter:
                                 for cols_, end in ((self._tok_cols, n1), (self._commit_cols, nc1))
                                 for c, cap in _capacities(cols_, end)])
             # 2. the changed chunks of every array: the tail chunk with the new rows, then new chunks
-            touched += _run_all([partial(c.files.write, i, block) for c in cols
+            touched += _run_all([partial(c.files.write, i, block, self._fsync) for c in cols
                                  for i, block in c.stage(new_rows[c.name])])
             if self._fsync:
                 _fsync_files(touched)
@@ -556,7 +561,8 @@ class TraceWriter:
         fsynced with ``fsync=True``). Without consolidated metadata: it is made at close only."""
         self._root_attrs.update(updates)
         path = self._path / "zarr.json"
-        write_json(path, {"attributes": self._root_attrs, "zarr_format": 3, "node_type": "group"})
+        write_json(path, {"attributes": self._root_attrs, "zarr_format": 3, "node_type": "group"},
+                   durable=self._fsync)
         if self._fsync:
             _fsync_files([path])
 
