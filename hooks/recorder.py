@@ -16,7 +16,8 @@ listener on rank 0. The provenance records the world size and the layout
 (``tensor_parallel``, and ``tensor_parallel_parts``: first token index -> world size, so a store
 resumed with another world size says which part ran with which).
 
-Memory is bounded by ``queue_size`` passes in flight, whatever the run length. An error in the
+Memory is bounded by ``queue_size`` passes in flight (of the largest size seen: shorter passes
+queue in proportion to their token count), whatever the run length. An error in the
 writer thread is raised in the caller's thread at the next forward pass or at close.
 
 What is recorded is declared by captures (:mod:`workbench.hooks.captures`); how a model reports
@@ -79,7 +80,8 @@ class Recorder:
     cost no commit each. ``commit_every_tokens=N`` also commits as soon as N tokens are staged;
     ``commit_every_seconds=0`` makes the token count the only rule, and with both 0 every pass
     is committed before the next. Use as a context manager (``wb.record``) or ``attach()`` /
-    ``close()``.
+    ``close()``. ``queue_size``: forward passes handed to the writer thread and not yet written
+    before the next pass waits, counted in passes of the largest token count seen (host memory).
     """
 
     def __init__(self, model: nn.Module, store: str | os.PathLike,
@@ -138,8 +140,9 @@ class Recorder:
         self._call_start: int | None = None  # stream offset of the current model call's first pass
         self._queue = Inbox(queue_size)
         # time-based commits only: the writer takes passes in batches (all but one of the queue's
-        # places, so the forward pass never waits for a batch); with a token or per-pass rule each
-        # pass as it comes (a commit exactly when the rule says)
+        # places, so the forward pass never waits for a batch; places are counted in passes of the
+        # largest size seen); with a token or per-pass rule each pass as it comes (a commit exactly
+        # when the rule says)
         self._batch = max(1, int(queue_size) - 1) if self._commit_seconds and not commit_every_tokens else 1
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._write_loop, name="workbench-recorder", daemon=True)
@@ -298,7 +301,7 @@ class Recorder:
             if ids.is_cuda:
                 item.event = torch.cuda.Event()
                 item.event.record()
-        self._queue.put(item)  # blocks when the writer is behind: back-pressure
+        self._queue.put(item, weight=ids.numel() or 1)  # blocks when the writer is behind: back-pressure
 
     def _take_sequence_ids(self, rows: int, start: int) -> np.ndarray:
         """The runner's sequence numbers for this pass; else those of the pass it continues; else

@@ -227,6 +227,36 @@ def test_inbox_batches_and_bounds():
     assert joined.wait(5)
 
 
+def test_inbox_counts_capacity_in_largest_items():
+    """Weights: capacity is in units of the largest weight put so far. Small items queue (and are
+    taken) in proportion; the pending weight never exceeds capacity x the largest; an item larger
+    than everything pending before is still accepted when nothing is pending."""
+    box = Inbox(2)
+    box.put("big", weight=10)  # unit 10: up to 20 pending
+    assert box.take(1, None, 1.0) == ["big"]  # 10 >= 1 x 10
+    for i in range(5):
+        box.put(i, weight=2)  # 10 + 10 = 20 pending: fits
+    assert box.take(1, None, 0.05) == [0, 1, 2, 3, 4]  # 10 queued >= 1 x 10
+    blocked = threading.Event()
+
+    def producer():
+        box.put("x", weight=2)  # 22 > 20: waits for a done
+        blocked.set()
+
+    threading.Thread(target=producer, daemon=True).start()
+    assert not blocked.wait(0.2)
+    box.done(1)  # "big" written: 10 pending
+    assert blocked.wait(5)
+    box.put("y", weight=4)  # 16
+    assert box.take(1, None, 0.05) == []  # 6 queued < 10: not due (timeout)
+    assert box.take(0.5, None, 1.0) == ["x", "y"]
+    box.done(7)
+    assert box._pending == 0 and box._pending_w == 0
+    box.put("huge", weight=100)  # nothing pending: accepted, the unit grows
+    assert box.take(1, None, 1.0) == ["huge"]
+    box.done(1)
+
+
 def test_inbox_wakes_the_writer_only_when_its_batch_is_due():
     """put() below min_items does not wake the waiting taker; a pass that reached an idle taker
     (empty queue, no wake-up) is still taken max_age after it arrived, by the taker's own clock."""
