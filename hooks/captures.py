@@ -112,6 +112,12 @@ class Capture:
         """The payload's token rows of the real tokens (``keep``: (B*T,) bool), per variable."""
         return {}
 
+    def concat(self, payloads: list) -> Any:
+        """Several passes' payloads as one whose ``rows`` are their token rows in pass order (the
+        keep masks joined), or None: then ``rows`` is called pass by pass (the default). The writer
+        thread joins a batch of passes this way, a few calls instead of a few per pass."""
+        return None
+
     def write(self, payload: Any, writer, written: Written) -> None:
         """Write what does not go in the token table (writer thread, after the rows were appended)."""
 
@@ -138,6 +144,13 @@ class _PerLayer(Capture):
 
     def start(self, pass_: Pass) -> None:
         self._cur = [None] * self._n
+
+    def concat(self, payloads: list) -> Any:
+        """Per-token host tensors (a tensor, or a tuple of them, rows first): joined along the rows."""
+        first = payloads[0]
+        if isinstance(first, torch.Tensor):
+            return torch.cat(payloads)
+        return tuple(torch.cat(parts) for parts in zip(*payloads))
 
     def _stacked(self) -> list[torch.Tensor]:
         cur, self._cur = self._cur, None

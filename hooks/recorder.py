@@ -365,9 +365,7 @@ class Recorder:
         for it in items:
             if it.event is not None:
                 it.event.synchronize()
-        per_pass = [self._pass_rows(it) for it in items]
-        rows = {k: np.concatenate([r[k] for r, _ in per_pass]) for k in per_pass[0][0]} if len(items) > 1 \
-            else per_pass[0][0]
+        rows, keeps = self._rows(items)
         rows["modality"] = self._modality(rows["token_id"])
         try:
             self._check_finite(rows)
@@ -379,30 +377,47 @@ class Recorder:
                 self._write([it])
             return
         writers = [i for i, c in enumerate(self.captures) if type(c).write is not Capture.write]
+        if not writers:
+            return
         first = self._writer.n_tokens + self._writer.n_staged - len(rows["token_id"])  # this batch's first row
-        for it, (r, keep) in zip(items, per_pass):
-            n_kept = len(r["token_id"])
-            if writers:
-                index = np.full(keep.shape[0], -1, np.int64)
-                index[keep] = first + np.arange(n_kept)
-                written = Written(keep=keep, token_index=index, sequence_ids=it.sequence_ids,
-                                  positions=it.positions.numpy(), shape=tuple(it.valid.shape), generated=it.generated)
-                for i in writers:
-                    self.captures[i].write(it.payloads[i], self._writer, written)
+        for it, keep in zip(items, keeps):
+            n_kept = int(np.count_nonzero(keep))
+            index = np.full(keep.shape[0], -1, np.int64)
+            index[keep] = first + np.arange(n_kept)
+            written = Written(keep=keep, token_index=index, sequence_ids=it.sequence_ids,
+                              positions=it.positions.numpy(), shape=tuple(it.valid.shape), generated=it.generated)
+            for i in writers:
+                self.captures[i].write(it.payloads[i], self._writer, written)
             first += n_kept
 
-    def _pass_rows(self, item: _Item) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """The token rows of one pass's real tokens (all but ``modality``), and its keep mask (B*T,)."""
-        T = item.valid.shape[1]
-        keep = item.valid.numpy().reshape(-1)
-        ids, seq, pos = item.input_ids.numpy().reshape(-1), np.repeat(item.sequence_ids, T), item.positions.numpy()
-        if not keep.all():  # padding (else views: the append copies)
-            ids, seq, pos = ids[keep], seq[keep], pos.reshape(-1)[keep]
-        rows = {"token_id": ids, "sequence": seq, "position": pos.reshape(-1),
-                "generated": np.full(len(ids), int(item.generated), np.int8)}
-        for c, payload in zip(self.captures, item.payloads):
-            rows.update(c.rows(payload, keep))
-        return rows, keep
+    def _rows(self, items: list[_Item]) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+        """The token rows of the passes' real tokens in pass order (all but ``modality``), and each
+        pass's keep mask (B*T,). The core columns are joined first and cut once; a capture whose
+        payloads join (:meth:`Capture.concat`) gives its rows once for the whole batch."""
+        keeps = [it.valid.numpy().reshape(-1) for it in items]
+        if len(items) == 1:  # views (the append copies)
+            it, keep = items[0], keeps[0]
+            ids, pos = it.input_ids.numpy().reshape(-1), it.positions.numpy().reshape(-1)
+            seq = np.repeat(it.sequence_ids, it.valid.shape[1])
+            gen = np.full(keep.shape[0], int(it.generated), np.int8)
+        else:
+            keep = np.concatenate(keeps)
+            ids = np.concatenate([it.input_ids.numpy().reshape(-1) for it in items])
+            pos = np.concatenate([it.positions.numpy().reshape(-1) for it in items])
+            seq = np.concatenate([np.repeat(it.sequence_ids, it.valid.shape[1]) for it in items])
+            gen = np.repeat(np.array([it.generated for it in items], np.int8), [k.shape[0] for k in keeps])
+        if not keep.all():  # padding
+            ids, seq, pos, gen = ids[keep], seq[keep], pos[keep], gen[keep]
+        rows = {"token_id": ids, "sequence": seq, "position": pos, "generated": gen}
+        for i, c in enumerate(self.captures):
+            payloads = [it.payloads[i] for it in items]
+            joined = payloads[0] if len(items) == 1 else c.concat(payloads)
+            if joined is not None:
+                rows.update(c.rows(joined, keep))
+                continue
+            parts = [c.rows(p, k) for p, k in zip(payloads, keeps)]
+            rows.update({name: np.concatenate([part[name] for part in parts]) for name in parts[0]})
+        return rows, keeps
 
     def _check_finite(self, rows: dict) -> None:
         """A NaN or infinite router weight never enters the trace: RecorderError naming where (so the

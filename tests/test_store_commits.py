@@ -296,7 +296,8 @@ def test_inbox_wakes_the_writer_only_when_its_batch_is_due():
 
 def test_batched_passes_with_and_without_padding_match_per_pass_recording(tmp_path):
     """The writer's all-real-tokens fast path and the padded path, mixed in one batch, give the rows
-    a per-pass recording gives (which appends and commits each pass alone)."""
+    a per-pass recording gives (which appends and commits each pass alone): core columns, captures
+    whose payloads are joined for the batch (router, logits) and one taken pass by pass (margin)."""
     torch.manual_seed(0)
     ids = torch.randint(0, 1000, (2, 9))
     mask = torch.ones(2, 9, dtype=torch.long)
@@ -306,12 +307,16 @@ def test_batched_passes_with_and_without_padding_match_per_pass_recording(tmp_pa
     with torch.no_grad():
         model = wb.load_model(EMBEDDED_MODEL, progress=False)
         for name, kw in (("batched", {"queue_size": 8}), ("per_pass", {"commit_every_seconds": 0})):
-            with wb.record(model, tmp_path / f"{name}.zarr", **kw):
+            with wb.record(model, tmp_path / f"{name}.zarr", capture=("router", "logits", "margin"), **kw) as rec:
+                sizes, write = [], rec._write
+                rec._write = lambda items, write=write, sizes=sizes: (sizes.append(len(items)), write(items))
                 for c in calls:
                     model(**c)
+            assert (max(sizes) > 1) == (name == "batched"), sizes  # the batched run joined passes
     a, b = open_trace(tmp_path / "batched.zarr"), open_trace(tmp_path / "per_pass.zarr")
     assert a.sizes["token"] == b.sizes["token"] == 9 + 9 + 6 + 4 + 18
-    for v in ("token_id", "sequence", "position", "modality", "generated", "topk_expert", "topk_weight"):
+    for v in ("token_id", "sequence", "position", "modality", "generated", "topk_expert", "topk_weight",
+              "router_logits", "router_margin"):
         assert np.array_equal(a[v].values, b[v].values), v
     assert a["sequence"].values.tolist() == [0] * 9 + [1] * 9 + [2] * 6 + [3] * 4 + [4] * 9 + [5] * 9
     assert a["position"].values[9 + 9:9 + 9 + 6].tolist() == list(range(6))
