@@ -97,7 +97,7 @@ def run_workload(name: str, model, args, tmp: Path) -> dict:
         rec = recs.get(kind)
         if rec is not None:
             rec.attach()
-        exchange = chunks_mod._RENAMEAT2
+        exchange = getattr(chunks_mod, "_RENAMEAT2", None)  # (absent in code before 2026-12-07)
         if kind in ("rename", "old-commit"):
             chunks_mod._RENAMEAT2 = None
         try:
@@ -108,7 +108,8 @@ def run_workload(name: str, model, args, tmp: Path) -> dict:
                 rec.flush()  # the clock stops only when everything is written
             dt = time.perf_counter() - t0
         finally:
-            chunks_mod._RENAMEAT2 = exchange
+            if kind in ("rename", "old-commit"):
+                chunks_mod._RENAMEAT2 = exchange
         if rec is not None:
             rec.detach()
         return dt
