@@ -85,6 +85,10 @@ class Capture:
     fields are their options, with a class attribute ``name``."""
 
     name: ClassVar[str] = ""
+    # The payload holds a fixed number of bytes per token of the pass (rows first): the recorder
+    # may then count its queue's places by tokens (short passes batch together) and keep host
+    # memory bounded. False (the default, e.g. attention maps): places are counted in passes.
+    payload_per_token: ClassVar[bool] = False
 
     def options(self) -> dict:
         """The options as JSON types (stored in the trace; a resumed recording must match them)."""
@@ -126,6 +130,7 @@ class _PerLayer(Capture):
     """Collects one tensor set per MoE layer from the adapter's router points during a pass."""
 
     keys: ClassVar[tuple[str, ...]] = ()
+    payload_per_token: ClassVar[bool] = True
 
     def attach(self, adapter) -> list:
         self._n = len(adapter.routers)

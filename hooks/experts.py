@@ -98,6 +98,8 @@ def _check_layout(parts: ModelParts, spec, who: str) -> None:
 class _PassCapture(Capture):
     """Per-pass bookkeeping shared by the expert captures: one slot per MoE layer, filled by listeners."""
 
+    payload_per_token: ClassVar[bool] = True  # (N, layers, ...) tensors
+
     def _begin(self, n: int) -> None:
         self._n = n
         self._cur: dict[str, list] | None = None

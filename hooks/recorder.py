@@ -16,8 +16,9 @@ listener on rank 0. The provenance records the world size and the layout
 (``tensor_parallel``, and ``tensor_parallel_parts``: first token index -> world size, so a store
 resumed with another world size says which part ran with which).
 
-Memory is bounded by ``queue_size`` passes in flight (of the largest size seen: shorter passes
-queue in proportion to their token count), whatever the run length. An error in the
+Memory is bounded by ``queue_size`` passes in flight (with per-token captures only, passes of the
+largest size seen: shorter passes queue in proportion to their token count), whatever the run
+length. An error in the
 writer thread is raised in the caller's thread at the next forward pass or at close.
 
 What is recorded is declared by captures (:mod:`workbench.hooks.captures`); how a model reports
@@ -81,7 +82,9 @@ class Recorder:
     ``commit_every_seconds=0`` makes the token count the only rule, and with both 0 every pass
     is committed before the next. Use as a context manager (``wb.record``) or ``attach()`` /
     ``close()``. ``queue_size``: forward passes handed to the writer thread and not yet written
-    before the next pass waits, counted in passes of the largest token count seen (host memory).
+    before the next pass waits (host memory); when every capture's payload is per token
+    (``Capture.payload_per_token``: not attention maps) counted in passes of the largest token
+    count seen, so short passes queue, and are written, several to a place.
     """
 
     def __init__(self, model: nn.Module, store: str | os.PathLike,
@@ -139,6 +142,7 @@ class Recorder:
         self._last_ids: np.ndarray | None = None  # sequence ids of the last pass (a continuation reuses them)
         self._call_start: int | None = None  # stream offset of the current model call's first pass
         self._queue = Inbox(queue_size)
+        self._token_places = all(c.payload_per_token for c in self.captures)
         # time-based commits only: the writer takes passes in batches (all but one of the queue's
         # places, so the forward pass never waits for a batch; places are counted in passes of the
         # largest size seen); with a token or per-pass rule each pass as it comes (a commit exactly
@@ -301,7 +305,9 @@ class Recorder:
             if ids.is_cuda:
                 item.event = torch.cuda.Event()
                 item.event.record()
-        self._queue.put(item, weight=ids.numel() or 1)  # blocks when the writer is behind: back-pressure
+        # blocks when the writer is behind (back-pressure); places counted by tokens when every
+        # capture's payload is per token (memory then grows with tokens), else in passes
+        self._queue.put(item, weight=(ids.numel() or 1) if self._token_places else 1)
 
     def _take_sequence_ids(self, rows: int, start: int) -> np.ndarray:
         """The runner's sequence numbers for this pass; else those of the pass it continues; else

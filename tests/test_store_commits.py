@@ -257,6 +257,23 @@ def test_inbox_counts_capacity_in_largest_items():
     box.done(1)
 
 
+def test_queue_places_count_tokens_only_for_per_token_captures(tmp_path):
+    """Every registered capture but the attention maps has a fixed size per token, so a recorder
+    without attention counts its queue by tokens; with attention maps (bytes per pass not
+    proportional to tokens) by passes, as the memory planner assumes."""
+    from workbench.hooks.captures import CAPTURES
+
+    import workbench.hooks.attention  # noqa: F401  (registers "attention")
+    import workbench.hooks.experts  # noqa: F401  (registers the expert captures)
+
+    assert {n for n, c in CAPTURES.items() if not c.payload_per_token} == {"attention"}
+    model = wb.load_model(EMBEDDED_MODEL, progress=False)
+    with wb.record(model, tmp_path / "a.zarr", capture=("router", "logits", "margin")) as rec:
+        assert rec._token_places
+    with wb.record(model, tmp_path / "b.zarr", capture=("router", "attention")) as rec:
+        assert not rec._token_places
+
+
 def test_inbox_wakes_the_writer_only_when_its_batch_is_due():
     """put() below min_items does not wake the waiting taker; a pass that reached an idle taker
     (empty queue, no wake-up) is still taken max_age after it arrived, by the taker's own clock."""

@@ -53,8 +53,8 @@ against the GPU): per forward pass of ``batch x block`` tokens (N), L MoE layers
 ``logits`` (N, L, E) kept per layer and stacked (``2 N L E size``); ``attention`` one (H, Q, P)
 float16 map per row with images on the device plus the kernel's 128 MiB working blocks (Q <= block
 text queries, P = ``image_tiles x tokens_per_tile`` patches). On the host, up to ``queue_size + 1``
-passes (the recorder's queue, default 4, counted in passes of the largest size it has seen, and the
-pass being built).
+passes (the recorder's queue, default 4, counted with per-token captures in passes of the largest
+size it has seen, and the pass being built).
 
 **Reserve** (``reserve``): CUDA context, library workspaces and allocator slack, 1 GiB per GPU by
 default (not a model figure: a machine one).
