@@ -100,6 +100,14 @@ def test_write_atomic_exchanges_an_existing_file(tmp_path):
     unlinked; a new file is renamed into place; no temp file is left either way."""
     from workbench.trace import chunks
 
+    a, b = tmp_path / "probe_a", tmp_path / "probe_b"
+    a.write_bytes(b"a")
+    b.write_bytes(b"b")
+    fn = chunks._renameat2()
+    if fn is None or fn(chunks._AT_FDCWD, bytes(a), chunks._AT_FDCWD, bytes(b), chunks._RENAME_EXCHANGE) != 0:
+        pytest.skip("this file system (or C library) cannot exchange two names; write_atomic renames instead")
+    assert a.read_bytes() == b"b" and b.read_bytes() == b"a"
+    assert chunks._RENAMEAT2 is not None  # nothing disabled the exchange in this process
     target = tmp_path / "c0"
     target.write_bytes(b"old" * 100)
     held = os.open(target, os.O_RDONLY)  # the old file, as a reader that opened it earlier holds it
