@@ -81,14 +81,7 @@ def routing_shift(ds_a: xr.Dataset, ds_b: xr.Dataset, *, modality=None, n_expert
     names = ["topk_expert", "topk_weight"] if "topk_weight" in ds_a.variables and "topk_weight" in ds_b.variables \
         else ["topk_expert"]
     slices = C.token_blocks(ds_a, names)
-    count_a = np.zeros((L, E), np.int64)
-    count_b = np.zeros((L, E), np.int64)
-    flow = np.zeros((L, E, E), np.int64)
-    top1_changed = np.zeros(L, np.int64)
-    set_changed = np.zeros(L, np.int64)
-    lay_idx = np.arange(L)
-    listed: list[dict[str, np.ndarray]] = []
-    n_listed = n_changes = T = 0
+    acc = _Shift(L, E, k, layers, max_changes)
     for (sl, a), (_, b) in zip(C.iter_blocks(ds_a, names, slices), C.iter_blocks(ds_b, names, slices)):
         ea = C.check_experts(a["topk_expert"], E, sl.start, f"{who} (ds_a)")
         eb = C.check_experts(b["topk_expert"], E, sl.start, f"{who} (ds_b)")
@@ -99,82 +92,112 @@ def routing_shift(ds_a: xr.Dataset, ds_b: xr.Dataset, *, modality=None, n_expert
             ea, eb, rows = ea[m], eb[m], rows[m]
             wa = None if wa is None else wa[m]
             wb = None if wb is None else wb[m]
-        if not ea.shape[0]:
-            continue
-        T += ea.shape[0]
+        if ea.shape[0]:
+            acc.add(rows, ea, eb, wa, wb)
+    return _shift_dataset(ds_a, sat, acc, code, vocab)
+
+
+class _Shift:
+    """What :func:`routing_shift` accumulates over the token blocks of the two traces."""
+
+    def __init__(self, L: int, E: int, k: int, layers: np.ndarray, max_changes: int | None):
+        self.E, self.k, self.layers, self.max_changes = E, k, layers, max_changes
+        self.count_a = np.zeros((L, E), np.int64)
+        self.count_b = np.zeros((L, E), np.int64)
+        self.flow = np.zeros((L, E, E), np.int64)
+        self.top1_changed = np.zeros(L, np.int64)
+        self.set_changed = np.zeros(L, np.int64)
+        self.listed: list[dict[str, np.ndarray]] = []
+        self.n_listed = self.n_changes = self.T = 0
+
+    def add(self, rows: np.ndarray, ea: np.ndarray, eb: np.ndarray, wa, wb) -> None:
+        """One block: ``rows`` (n,) token rows, ``ea`` / ``eb`` (n, L, k) expert ids, ``wa`` / ``wb``
+        (n, L, k) weights or None."""
+        lay_idx = np.arange(ea.shape[1])
+        self.T += ea.shape[0]
         t1a, t1b = C.top1(ea, wa), C.top1(eb, wb)
-        for x in range(k):
-            np.add.at(count_a, (lay_idx[None, :], ea[..., x]), 1)
-            np.add.at(count_b, (lay_idx[None, :], eb[..., x]), 1)
-        np.add.at(flow, (lay_idx[None, :], t1a, t1b), 1)
+        for x in range(self.k):
+            np.add.at(self.count_a, (lay_idx[None, :], ea[..., x]), 1)
+            np.add.at(self.count_b, (lay_idx[None, :], eb[..., x]), 1)
+        np.add.at(self.flow, (lay_idx[None, :], t1a, t1b), 1)
         d1 = t1a != t1b
-        ds_ = (np.sort(ea, axis=-1) != np.sort(eb, axis=-1)).any(axis=-1)
-        top1_changed += d1.sum(axis=0)
-        set_changed += ds_.sum(axis=0)
-        t_i, l_i = np.nonzero(d1 | ds_)  # C order: by token, then layer
-        n_changes += t_i.size
-        room = t_i.size if max_changes is None else max(0, min(t_i.size, int(max_changes) - n_listed))
-        if room:
-            t_i, l_i = t_i[:room], l_i[:room]
+        dset = (np.sort(ea, axis=-1) != np.sort(eb, axis=-1)).any(axis=-1)
+        self.top1_changed += d1.sum(axis=0)
+        self.set_changed += dset.sum(axis=0)
+        t_i, l_i = np.nonzero(d1 | dset)  # C order: by token, then layer
+        self.n_changes += t_i.size
+        room = t_i.size if self.max_changes is None else max(0, min(t_i.size, int(self.max_changes) - self.n_listed))
+        if not room:
+            return
+        t_i, l_i = t_i[:room], l_i[:room]
 
-            def slot_weight(w, e, t1):
-                if w is None:
-                    return np.full(t_i.size, np.nan, np.float32)
-                slot = np.argmax(e[t_i, l_i] == t1[t_i, l_i][:, None], axis=-1)
-                return np.asarray(w[t_i, l_i, slot], np.float32)
+        def slot_weight(w, e, t1):
+            if w is None:
+                return np.full(t_i.size, np.nan, np.float32)
+            slot = np.argmax(e[t_i, l_i] == t1[t_i, l_i][:, None], axis=-1)
+            return np.asarray(w[t_i, l_i, slot], np.float32)
 
-            listed.append({"change_token": rows[t_i].astype(np.int64), "change_layer": layers[l_i].astype(np.int64),
-                           "top1_a": t1a[t_i, l_i].astype(np.int16), "top1_b": t1b[t_i, l_i].astype(np.int16),
-                           "top1_changed": d1[t_i, l_i], "experts_a": ea[t_i, l_i].astype(np.int16),
-                           "experts_b": eb[t_i, l_i].astype(np.int16), "weight_a": slot_weight(wa, ea, t1a),
-                           "weight_b": slot_weight(wb, eb, t1b)})
-            n_listed += room
-    ch = {key: (np.concatenate([x[key] for x in listed]) if listed else None) for key in
-          ("change_token", "change_layer", "top1_a", "top1_b", "top1_changed", "experts_a", "experts_b",
-           "weight_a", "weight_b")}
-    if ch["change_token"] is None:
-        ch = {"change_token": np.zeros(0, np.int64), "change_layer": np.zeros(0, np.int64),
-              "top1_a": np.zeros(0, np.int16), "top1_b": np.zeros(0, np.int16), "top1_changed": np.zeros(0, bool),
-              "experts_a": np.zeros((0, k), np.int16), "experts_b": np.zeros((0, k), np.int16),
-              "weight_a": np.zeros(0, np.float32), "weight_b": np.zeros(0, np.float32)}
-    tok = ch["change_token"]
+        self.listed.append({"change_token": rows[t_i].astype(np.int64),
+                            "change_layer": self.layers[l_i].astype(np.int64),
+                            "top1_a": t1a[t_i, l_i].astype(np.int16), "top1_b": t1b[t_i, l_i].astype(np.int16),
+                            "top1_moved": d1[t_i, l_i], "experts_a": ea[t_i, l_i].astype(np.int16),
+                            "experts_b": eb[t_i, l_i].astype(np.int16), "weight_a": slot_weight(wa, ea, t1a),
+                            "weight_b": slot_weight(wb, eb, t1b)})
+        self.n_listed += room
+
+    def changes(self) -> dict[str, np.ndarray]:
+        """The listed changes, joined (empty arrays of the right dtypes and shapes when none)."""
+        empty = {"change_token": np.zeros(0, np.int64), "change_layer": np.zeros(0, np.int64),
+                 "top1_a": np.zeros(0, np.int16), "top1_b": np.zeros(0, np.int16), "top1_moved": np.zeros(0, bool),
+                 "experts_a": np.zeros((0, self.k), np.int16), "experts_b": np.zeros((0, self.k), np.int16),
+                 "weight_a": np.zeros(0, np.float32), "weight_b": np.zeros(0, np.float32)}
+        if not self.listed:
+            return empty
+        return {key: np.concatenate([x[key] for x in self.listed]) for key in empty}
+
+
+_DEFINITIONS = {
+    "top1_agreement": "(1/T) sum_t 1[top1_t^a == top1_t^b]",
+    "overlap": "(1/T) sum_t |S_t^a ∩ S_t^b| / k",
+    "top1_changed": "sum_t 1[top1_t^a != top1_t^b]",
+    "set_changed": "sum_t 1[S_t^a != S_t^b]",
+    "load_change": "f_b - f_a, f_i = (1/kT) sum_t 1[i in S_t]",
+    "top1_flow": "number of tokens with top1^a = expert and top1^b = expert_b",
+}
+
+
+def _shift_dataset(ds_a: xr.Dataset, sat: xr.Dataset, acc: _Shift, code, vocab) -> xr.Dataset:
+    """:func:`routing_shift`'s result from the accumulated counts and changes."""
+    E, k, T = acc.E, acc.k, acc.T
+    ch = acc.changes()
+    tok = ch.pop("change_token")
     meta = {name: C.load_column(ds_a, name)[tok] for name in ("token_id", "sequence", "position", "modality")
             if name in ds_a.variables}
     text = _texts(ds_a, np.asarray(meta.get("token_id", np.zeros(0, np.int64))), tok, vocab)
-    load_a, load_b = C.safe_div(count_a, k * T), C.safe_div(count_b, k * T)
-    coords = {"layer": ("moe_layer", layers), "expert": ("expert", np.arange(E)),
+    load_a, load_b = C.safe_div(acc.count_a, k * T), C.safe_div(acc.count_b, k * T)
+    coords = {"layer": ("moe_layer", acc.layers), "expert": ("expert", np.arange(E)),
               "expert_b": ("expert_b", np.arange(E))}
     data = {
         "top1_agreement": sat["top1_agreement"].variable,
         "overlap": sat["overlap"].variable,
-        "top1_changed": (("moe_layer",), top1_changed),
-        "set_changed": (("moe_layer",), set_changed),
-        "count_a": (("moe_layer", "expert"), count_a),
-        "count_b": (("moe_layer", "expert"), count_b),
+        "top1_changed": (("moe_layer",), acc.top1_changed),
+        "set_changed": (("moe_layer",), acc.set_changed),
+        "count_a": (("moe_layer", "expert"), acc.count_a),
+        "count_b": (("moe_layer", "expert"), acc.count_b),
         "load_a": (("moe_layer", "expert"), load_a),
         "load_b": (("moe_layer", "expert"), load_b),
         "load_change": (("moe_layer", "expert"), load_b - load_a),
-        "top1_flow": (("moe_layer", "expert", "expert_b"), flow),
+        "top1_flow": (("moe_layer", "expert", "expert_b"), acc.flow),
         "change_token": (("change",), tok),
-        "change_layer": (("change",), ch["change_layer"]),
+        "change_layer": (("change",), ch.pop("change_layer")),
         **{name: (("change",), v) for name, v in meta.items()},
         "text": (("change",), text),
-        "top1_a": (("change",), ch["top1_a"]),
-        "top1_b": (("change",), ch["top1_b"]),
-        "top1_moved": (("change",), ch["top1_changed"]),
-        "experts_a": (("change", "k"), ch["experts_a"]),
-        "experts_b": (("change", "k"), ch["experts_b"]),
-        "weight_a": (("change",), ch["weight_a"]),
-        "weight_b": (("change",), ch["weight_b"]),
+        **{name: (("change", "k") if v.ndim == 2 else ("change",), v) for name, v in ch.items()},
     }
     out = xr.Dataset(data, coords=coords)
-    out["top1_agreement"].attrs["definition"] = "(1/T) sum_t 1[top1_t^a == top1_t^b]"
-    out["overlap"].attrs["definition"] = "(1/T) sum_t |S_t^a ∩ S_t^b| / k"
-    out["top1_changed"].attrs["definition"] = "sum_t 1[top1_t^a != top1_t^b]"
-    out["set_changed"].attrs["definition"] = "sum_t 1[S_t^a != S_t^b]"
-    out["load_change"].attrs["definition"] = "f_b - f_a, f_i = (1/kT) sum_t 1[i in S_t]"
-    out["top1_flow"].attrs["definition"] = "number of tokens with top1^a = expert and top1^b = expert_b"
+    for name, definition in _DEFINITIONS.items():
+        out[name].attrs["definition"] = definition
     out.attrs.update({"k": k, "n_experts": E, "n_tokens": int(T), "modality_filter": C.modality_attr(code),
-                      "n_changes": int(n_changes), "changes_listed": int(n_listed),
-                      "changes_truncated": bool(n_listed < n_changes)})
+                      "n_changes": int(acc.n_changes), "changes_listed": int(acc.n_listed),
+                      "changes_truncated": bool(acc.n_listed < acc.n_changes)})
     return out
