@@ -20,7 +20,8 @@ Benchmark-only variants (``--variants``), each its own recorder with the default
 the same rounds: ``rename``: chunk files written by a plain rename over the old file (the atomic
 exchange of ``workbench.trace.chunks.write_atomic`` switched off around its streaks);
 ``old-commit``: that, and a store created with the previous 65536-row chunk cap
-(``workbench.trace.writer._MAX_CHUNK_ROWS``), i.e. the commit path before 2026-12-07 (round 3).
+(``workbench.trace.writer._MAX_CHUNK_ROWS``), i.e. the commit path before 2026-12-07 (round 3);
+``cap64k``: the 65536-row cap alone (files exchanged as by default).
 
 Every recorded streak ends with ``rec.flush()``, so every byte is committed when the clock
 stops, while the writer thread overlaps the next forward passes as in a real run. Rounds: one
@@ -87,7 +88,7 @@ def run_workload(name: str, model, args, tmp: Path) -> dict:
         recs[pol] = wb.record(model, tmp / f"{name}_{pol}.zarr", capture=capture, **kw)
     for var in args.variants:
         cap = writer_mod._MAX_CHUNK_ROWS
-        writer_mod._MAX_CHUNK_ROWS = 1 << 16 if var == "old-commit" else cap
+        writer_mod._MAX_CHUNK_ROWS = 1 << 16 if var in ("old-commit", "cap64k") else cap
         try:
             recs[var] = wb.record(model, tmp / f"{name}_{var}.zarr", capture=capture)
         finally:
@@ -153,7 +154,7 @@ def main() -> None:
     ap.add_argument("--passes", type=int, default=8, help="forward passes per streak (batches workload)")
     ap.add_argument("--logits", action="store_true", help="also capture float16 router logits")
     ap.add_argument("--policies", nargs="+", default=["default", "per-pass"], choices=list(POLICY_KW))
-    ap.add_argument("--variants", nargs="*", default=[], choices=["rename", "old-commit"],
+    ap.add_argument("--variants", nargs="*", default=[], choices=["rename", "old-commit", "cap64k"],
                     help="benchmark-only variants of the default policy (see above)")
     ap.add_argument("--commit-every", type=int, default=16384, help="commit_every_tokens of the 'tokens' policy")
     ap.add_argument("--threads", type=int, default=None)

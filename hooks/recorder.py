@@ -18,8 +18,8 @@ resumed with another world size says which part ran with which).
 
 Memory is bounded by ``queue_size`` passes in flight (with per-token captures only, passes of the
 largest size seen: shorter passes queue in proportion to their token count), whatever the run
-length. An error in the
-writer thread is raised in the caller's thread at the next forward pass or at close.
+length. An error in the writer thread is raised in the caller's thread at the next forward pass or
+at close.
 
 What is recorded is declared by captures (:mod:`workbench.hooks.captures`); how a model reports
 inputs and router decisions by its adapter (:mod:`workbench.hooks.adapters`). Listeners are
@@ -144,8 +144,8 @@ class Recorder:
         self._queue = Inbox(queue_size)
         self._token_places = all(c.payload_per_token for c in self.captures)
         # time-based commits only: the writer takes passes in batches (all but one of the queue's
-        # places, so the forward pass never waits for a batch; places are counted in passes of the
-        # largest size seen); with a token or per-pass rule each pass as it comes (a commit exactly
+        # places, so the forward pass never waits for a batch; with per-token captures, places of the
+        # largest pass seen); with a token or per-pass rule each pass as it comes (a commit exactly
         # when the rule says)
         self._batch = max(1, int(queue_size) - 1) if self._commit_seconds and not commit_every_tokens else 1
         self._error: BaseException | None = None
