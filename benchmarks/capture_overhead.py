@@ -84,7 +84,8 @@ def run_workload(name: str, model, args, tmp: Path) -> dict:
     capture = ("router", "logits") if args.logits else ("router",)
     recs = {}
     for pol in args.policies:
-        kw = POLICY_KW[pol] if pol != "tokens" else {"commit_every_tokens": args.commit_every, "commit_every_seconds": 0}
+        kw = POLICY_KW[pol] if pol != "tokens" else {"commit_every_tokens": args.commit_every,
+                                                     "commit_every_seconds": 0}
         recs[pol] = wb.record(model, tmp / f"{name}_{pol}.zarr", capture=capture, **kw)
     for var in args.variants:
         cap = writer_mod._MAX_CHUNK_ROWS
@@ -173,12 +174,13 @@ def main() -> None:
         for name in (["prompts", "batches"] if args.workload == "both" else [args.workload]):
             r = run_workload(name, model, args, Path(d))
             res["workloads"][name] = r
-            desc = (f"{r['passes_per_streak']} single-prompt forwards ({r['tokens_per_streak']} tokens)" if name == "prompts"
-                    else f"{r['passes_per_streak']} passes of {args.batch} x {args.seq} tokens")
+            desc = (f"{r['passes_per_streak']} single-prompt forwards ({r['tokens_per_streak']} tokens)"
+                    if name == "prompts" else f"{r['passes_per_streak']} passes of {args.batch} x {args.seq} tokens")
             print(f"{name}: {desc}, capture {r['capture']}, load {r['load_start'][0]:.2f} -> {r['load_end'][0]:.2f}: "
                   f"plain {r['median_ms']['plain']:.0f} ms; " + "; ".join(
                       f"{p} {r['median_ms'][p]:.0f} ms, overhead {100 * r[f'overhead_{p}']['median']:+.1f}% "
-                      f"(95% CI {100 * r[f'overhead_{p}']['ci95'][0]:+.1f} .. {100 * r[f'overhead_{p}']['ci95'][1]:+.1f}%)"
+                      f"(95% CI {100 * r[f'overhead_{p}']['ci95'][0]:+.1f} .. "
+                      f"{100 * r[f'overhead_{p}']['ci95'][1]:+.1f}%)"
                       for p in [*args.policies, *args.variants]), flush=True)
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))

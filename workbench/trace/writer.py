@@ -165,7 +165,8 @@ def _check_values(var: Variable, a: np.ndarray) -> None:
         lo, hi = var.valid_range
         mn, mx = int(a.min()), int(a.max())
         if mn < lo or mx > hi:
-            raise ValueError(f"{var.name}: values must lie in [{lo}, {hi}], got min {mn} and max {mx} (shape {a.shape})")
+            raise ValueError(f"{var.name}: values must lie in [{lo}, {hi}], got min {mn} and max {mx} "
+                             f"(shape {a.shape})")
 
 
 def _count_rows(var: Variable, source: np.ndarray) -> np.ndarray:
@@ -503,7 +504,8 @@ class TraceWriter:
                 shown = ", ".join(f"{k} {a[k].shape}" for k in names)
                 raise ValueError(f"length mismatch along the token dimension: {shown}")
             if x.shape[1:] != v.row_shape:
-                raise ValueError(f"{v.name} must have shape ({', '.join(v.dims)}) = {(n,) + v.row_shape}, got {x.shape}")
+                raise ValueError(f"{v.name} must have shape ({', '.join(v.dims)}) = {(n,) + v.row_shape}, "
+                                 f"got {x.shape}")
             _check_values(v, x)
         return {c.name: np.array(a[c.name], dtype=c.var.dtype, copy=True, order="C") for c in self._tok_cols}
 
