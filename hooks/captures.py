@@ -37,7 +37,7 @@ from workbench.runtime import ForwardBatch
 from workbench.trace.schema import LOGITS_DTYPES, Variable, logits_variable, routing_variables
 
 __all__ = ["Capture", "RouterCapture", "LogitsCapture", "Pass", "Written", "RecorderError", "CAPTURES",
-           "register_capture", "make_captures", "to_host"]
+           "register_capture", "make_captures", "to_host", "kept_rows", "host_numpy"]
 
 
 class RecorderError(RuntimeError):
@@ -69,6 +69,18 @@ class Written:
     positions: np.ndarray
     shape: tuple[int, int]
     generated: bool = False
+
+
+def kept_rows(a: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """``a``'s rows (first dim) of the real tokens (``keep``: bool): ``a`` itself when every token
+    is real (the writer copies what it appends), else a copy of the kept rows."""
+    return a if keep.all() else a[keep]
+
+
+def host_numpy(t: torch.Tensor) -> np.ndarray:
+    """A host tensor as numpy, floats numpy lacks (bfloat16) as float32; no copy otherwise."""
+    return (t if t.dtype in (torch.float32, torch.float16, torch.float64) or not t.is_floating_point()
+            else t.float()).numpy()
 
 
 def to_host(t: torch.Tensor) -> torch.Tensor:
@@ -181,10 +193,7 @@ class RouterCapture(_PerLayer):
         return to_host(ids), to_host(weights if weights.dtype == torch.float32 else weights.float())
 
     def rows(self, payload, keep: np.ndarray) -> dict[str, np.ndarray]:
-        ids, weights = payload[0].numpy(), payload[1].numpy()
-        if not keep.all():  # else the whole arrays (the writer copies what it keeps)
-            ids, weights = ids[keep], weights[keep]
-        return {"topk_expert": ids, "topk_weight": weights}
+        return {"topk_expert": kept_rows(payload[0].numpy(), keep), "topk_weight": kept_rows(payload[1].numpy(), keep)}
 
 
 def _dtype_option(value: str) -> str:
@@ -213,7 +222,7 @@ class LogitsCapture(_PerLayer):
         return to_host(logits)
 
     def rows(self, payload, keep: np.ndarray) -> dict[str, np.ndarray]:
-        return {"router_logits": payload.float().numpy()[keep]}
+        return {"router_logits": kept_rows(host_numpy(payload), keep)}  # the writer casts to ``dtype``
 
 
 CAPTURES: dict[str, type[Capture]] = {}

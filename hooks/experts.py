@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from workbench.hooks.captures import Capture, Pass, RecorderError, register_capture, to_host
+from workbench.hooks.captures import Capture, Pass, RecorderError, kept_rows, register_capture, to_host
 from workbench.trace.schema import MOE_LAYER, TOKEN, Variable
 
 __all__ = ["ExpertOutCapture", "AttributionCapture", "MarginCapture", "model_parts", "ModelParts"]
@@ -242,10 +242,11 @@ class ExpertOutCapture(_PassCapture):
         return payload
 
     def rows(self, payload, keep: np.ndarray) -> dict[str, np.ndarray]:
-        out = {"expert_out_norm": payload["expert"].numpy()[keep], "shared_out_norm": payload["shared"].numpy()[keep],
-               "resid_norm": payload["resid"].numpy()[keep]}
+        out = {"expert_out_norm": kept_rows(payload["expert"].numpy(), keep),
+               "shared_out_norm": kept_rows(payload["shared"].numpy(), keep),
+               "resid_norm": kept_rows(payload["resid"].numpy(), keep)}
         if "vec" in payload:
-            out["expert_out_vec"] = payload["vec"].numpy()[keep]
+            out["expert_out_vec"] = kept_rows(payload["vec"].numpy(), keep)
         return out
 
 
@@ -332,8 +333,8 @@ class AttributionCapture(_PassCapture):
 
     def rows(self, payload, keep: np.ndarray) -> dict[str, np.ndarray]:
         routed, shared, target = payload
-        return {"attribution": routed.numpy()[keep], "attribution_shared": shared.numpy()[keep],
-                "attribution_target": target.numpy()[keep]}
+        return {"attribution": kept_rows(routed.numpy(), keep), "attribution_shared": kept_rows(shared.numpy(), keep),
+                "attribution_target": kept_rows(target.numpy(), keep)}
 
 
 @register_capture
@@ -369,4 +370,4 @@ class MarginCapture(_PassCapture):
         return to_host(torch.stack(self._take()["margin"], 1))
 
     def rows(self, payload, keep: np.ndarray) -> dict[str, np.ndarray]:
-        return {"router_margin": payload.numpy()[keep]}
+        return {"router_margin": kept_rows(payload.numpy(), keep)}
