@@ -730,23 +730,14 @@ def _run_all(jobs: list, parallel: bool = True) -> list[Path]:
     or in the caller; re-raise the first failure after all have finished. Encoding (blosc) and
     file writes release the GIL, so two threads halve a large commit whenever a core is idle (at
     ``flush``: the model is waiting)."""
-    if not parallel:
-        out, first = [], None
-        for j in jobs:
-            try:
-                out += _paths(j())
-            except BaseException as e:
-                first = first or e
-        if first is not None:
-            raise first
-        return out
-    if len(jobs) <= 1:
-        return [p for j in jobs for p in _paths(j())]
-    futures = [_pool().submit(j) for j in jobs]
+    if parallel and len(jobs) > 1:
+        pending = [_pool().submit(j).result for j in jobs]
+    else:
+        pending = jobs  # in the caller, one after another
     out, first = [], None
-    for f in futures:
+    for run in pending:
         try:
-            out += _paths(f.result())
+            out += _paths(run())
         except BaseException as e:
             first = first or e
     if first is not None:
