@@ -420,14 +420,16 @@ def test_one_slow_live_redraw_does_not_stall_the_dashboard():
     rng = np.random.default_rng(0)
     dash.start()
     t0 = time.perf_counter()
-    while time.perf_counter() - t0 < 3.0:
+    while time.perf_counter() - t0 < 4.0:
         rec.add(100, rng)
         time.sleep(0.05)
     times = list(dash.refresh_times)
     rec._closed = True
     dash.stop()
-    assert len(times) >= 4, times
-    assert np.diff([t0, *times]).max() < 1.3, np.diff([t0, *times])
+    # the slow one is the second redraw; with the old rule the third came ~7.5 s later. The bound leaves
+    # room for slow machines (redraws of up to 16 ms), the >= 1 Hz test above is the cadence test
+    assert len(times) >= 3, times
+    assert np.diff([t0, *times]).max() < 2.0, np.diff([t0, *times])
 
 
 def test_live_dashboard_on_a_real_recorder(tmp_path):
