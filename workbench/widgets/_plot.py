@@ -685,7 +685,8 @@ _SKIP_B64 = frozenset(("geojson", "layer", "layers", "range"))  # keys plotly's 
 def figure_dict(fig: go.Figure) -> dict:
     """``fig.to_dict()``, equal to it, in one pass: plotly's deep-copies the whole figure and then walks the
     copy again to turn arrays into base64 specs (~4 ms of a ~12 ms live dashboard redraw on a 2-core CPU);
-    here the JSON-like props are copied as they are walked and arrays converted on the way."""
+    here the JSON-like props are copied as they are walked and arrays converted on the way (plotly >= 6: its
+    typed-array specs and helpers)."""
     if fig._frame_objs:  # no view here has frames; keep plotly's own path for them
         return fig.to_dict()
     return {"data": [_props_copy(tr, True) for tr in fig._data], "layout": _props_copy(fig._layout, True)}
