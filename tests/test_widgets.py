@@ -402,7 +402,7 @@ def test_live_dashboard_redraws_at_least_once_a_second_and_shows_progress():
 
 
 def test_one_slow_live_redraw_does_not_stall_the_dashboard():
-    """The wait after a redraw follows the median cost of the last redraws: one redraw that takes 60 ms of
+    """The wait after a redraw follows the lower median cost of the last redraws: one redraw that takes 60 ms of
     CPU (a GC pass, a busy core) would otherwise keep the last frame up for 7 s (60 ms / 0.8%)."""
     rec = FakeRecorder(L=4, n_experts=16, layers=(1, 3, 5, 7))
     dash = ExpertLoadDashboard(rec, mode="share", autostart=False)

@@ -28,7 +28,9 @@ gets it on exit of ``batch_update()``.
 """
 from __future__ import annotations
 
+import base64
 import contextlib
+import copy
 from pathlib import Path
 
 import anywidget
@@ -36,6 +38,8 @@ import ipywidgets
 import plotly
 import plotly.graph_objects as go
 import traitlets as t
+from _plotly_utils.basevalidators import DataArrayValidator, is_homogeneous_array
+from _plotly_utils.utils import plotlyjsShortTypes, to_typed_array_spec
 
 __all__ = ["Plot", "PlotlyLibrary", "PlotView", "plotly_library", "new_figure", "TEMPLATE", "figure_patch",
            "compact_arrays"]
@@ -519,10 +523,9 @@ class Plot:
     def set_array(self, trace: int, attr: str, values) -> None:
         """``figure.data[trace].<attr> = values`` for a data array (``z``, ``y``...) of a numeric ndarray,
         storing what plotly's validator would (a read-only contiguous copy) without its per-call machinery
-        (~0.4 ms per array on a 2-core CPU, the larger part of a live redraw). Anything else (lists, other
+        (validators, narwhals, change callbacks: a large part of a live redraw). Anything else (lists, other
         dtypes, attributes that are not plain data arrays) goes through plotly's validated set."""
         import numpy as np
-        from _plotly_utils.basevalidators import DataArrayValidator
 
         tr = self.figure.data[trace]
         if (type(values) is np.ndarray and values.dtype.kind in "uif"
@@ -602,8 +605,7 @@ def holds(props: dict, path: str, value) -> bool:
         if not isinstance(node, dict) or part not in node:
             return value is None
         node = node[part]
-    scalar = (str, int, float, bool)
-    return isinstance(value, scalar) and type(node) is type(value) and node == value
+    return isinstance(value, _SCALARS) and value is not None and type(node) is type(value) and node == value
 
 
 # ------------------------------------------------------------------------------------- titles
@@ -678,7 +680,8 @@ def fit_title(layout: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------- patches
-_NO_ARRAY = (str, int, float, bool, type(None), dict, list, tuple)  # never a plotly "homogeneous array"
+_SCALARS = (str, int, float, bool, type(None))  # bool is an int: listed for the reader
+_NO_ARRAY = (*_SCALARS, dict, list, tuple)  # never a plotly "homogeneous array"
 _SKIP_B64 = frozenset(("geojson", "layer", "layers", "range"))  # keys plotly's convert_to_base64 leaves alone
 
 
@@ -700,7 +703,7 @@ def _props_copy(obj, convert: bool):
         out = {}
         for k, v in obj.items():
             conv = convert and k not in _SKIP_B64
-            if conv and not isinstance(v, _NO_ARRAY) and _is_array(v):
+            if conv and not isinstance(v, _NO_ARRAY) and is_homogeneous_array(v):
                 out[k] = _typed_array(v)
             else:
                 out[k] = _props_copy(v, conv)
@@ -709,26 +712,15 @@ def _props_copy(obj, convert: bool):
         return [_props_copy(v, convert) for v in obj]
     if isinstance(obj, tuple):
         return tuple(_props_copy(v, convert) for v in obj)
-    if isinstance(obj, (str, int, float, bool, type(None))):
+    if isinstance(obj, _SCALARS):
         return obj
-    import copy
-
     return copy.deepcopy(obj)  # arrays inside lists, dates...: as plotly's deepcopy
-
-
-def _is_array(v) -> bool:
-    from _plotly_utils.basevalidators import is_homogeneous_array
-
-    return is_homogeneous_array(v)
 
 
 def _typed_array(v):
     """plotly's ``to_typed_array_spec``; for a numeric numpy array of a plotly.js dtype the same spec made
     directly (plotly's first makes a read-only copy through narwhals: most of the cost of small arrays)."""
-    import base64
-
     import numpy as np
-    from _plotly_utils.utils import plotlyjsShortTypes, to_typed_array_spec
 
     short = plotlyjsShortTypes.get(str(v.dtype)) if type(v) is np.ndarray and v.size else None
     if short is None:  # int64 (narrowed by plotly), empty, object, pandas...: plotly's own path
@@ -745,8 +737,6 @@ _SKIP_LAYOUT = ("datarevision",)  # relayout of datarevision would recompute the
 
 def _int_array_spec(a) -> dict:
     """An integer ndarray as a base64 typed-array spec: int32 when it fits, else float64 (exact to 2**53)."""
-    import base64
-
     import numpy as np
 
     a = np.ascontiguousarray(a)
@@ -761,8 +751,6 @@ def _int_array_spec(a) -> dict:
 def compact_arrays(obj) -> None:
     """In place: base64 float64 typed-array specs of >= 2 KB (``{"dtype": "f8", "bdata": ...}``, as
     ``Figure.to_dict()`` makes them) become float32 specs, half the bytes to send and decode."""
-    import base64
-
     import numpy as np
 
     if isinstance(obj, dict):
