@@ -11,12 +11,16 @@ Two ways to run the per-expert matmuls on the sorted rows:
   one down matmul per segment; the segment stays hot in cache between the two matmuls).
 * ``"grouped"`` -- ``torch._grouped_mm`` with int32 cumulative offsets (two calls in total).
   It needs 16-byte aligned strides; when the shapes/strides do not allow it the loop is used.
+* ``"gather"``  -- no sort: each assignment's expert weights are gathered (``index_select``) and
+  each projection is one batched matmul over the assignments (a copy of every assigned expert's
+  weights per assignment, so only for a few assignments: decode steps).
 
 Quantized weights (``workbench.quant`` Fp8Weight / Int4Weight) always take the loop, each expert
 dequantized to x's dtype right before its matmuls (one expert's float weights at a time).
 
 The default on CPU (``method=None``) is chosen from ``benchmarks/moe_cpu.py`` measurements, see
-``benchmarks/RESULTS.md`` and ``_default_method``.
+``benchmarks/RESULTS.md`` and ``_default_method``; a few assignments (decode steps) take the
+host rule of ``_host_method`` (``"gather"`` for up to ``GATHER_MAX`` on several experts).
 """
 from __future__ import annotations
 
@@ -111,6 +115,18 @@ def _experts_grouped(xs, offs, gate_up_proj, down_proj):
     return torch._grouped_mm(a, down_proj, offs=offs)
 
 
+def _experts_gathered(xs, experts, gate_up_proj, down_proj):
+    """xs (N, H) rows, experts (N,) int64: row n through SwiGLU of expert ``experts[n]``, (N, H).
+
+    Each row's expert weights are gathered, so each projection is one ``bmm`` of N single-row
+    products: no sort, no per-expert ops. It copies N x (H x 3I) weights: for a few rows only.
+    """
+    I = down_proj.shape[1]
+    h = torch.bmm(xs[:, None], gate_up_proj.index_select(0, experts))
+    a = F.silu(h[..., :I]) * h[..., I:]
+    return torch.bmm(a, down_proj.index_select(0, experts))[:, 0]
+
+
 def _default_method(device: torch.device, n_assignments: int | None = None, n_experts: int | None = None) -> str:
     if device.type == "cpu":
         # Fewer assignments than experts (decode steps): torch._grouped_mm on CPU runs one matmul
@@ -130,11 +146,40 @@ def _default_method(device: torch.device, n_assignments: int | None = None, n_ex
 # model (benchmarks/RESULTS.md, "Decode step"); both give the same result bit for bit.
 HOST_SORT_MAX = 64
 HOST_LOOP_MAX_EXPERTS = 3
+# Up to this many assignments on CPU, spread over more than one expert, the default is "gather":
+# one bmm per projection over the assignments' gathered weights beats both the loop and
+# torch._grouped_mm there (benchmarks/RESULTS.md, "Gathered experts"); a single expert keeps the
+# loop (one matmul on a view of its weights, nothing copied).
+GATHER_MAX = 16
 
 
 def _on_host(x, topk_ids, gate_up_proj, method) -> bool:
     """Whether the assignments are sorted on the host (few of them, on CPU)."""
-    return x.device.type == "cpu" and topk_ids.numel() <= HOST_SORT_MAX and method in (None, "loop", "grouped")
+    return x.device.type == "cpu" and topk_ids.numel() <= HOST_SORT_MAX and method in (None, "loop", "grouped",
+                                                                                         "gather")
+
+
+def _host_method(n_assignments: int, used: int) -> str:
+    """The CPU default for assignments sorted on the host, from how many there are and how many
+    experts they use (HOST_LOOP_MAX_EXPERTS, GATHER_MAX)."""
+    if 1 < used and n_assignments <= GATHER_MAX:
+        return "gather"
+    return "loop" if used <= HOST_LOOP_MAX_EXPERTS else "grouped"
+
+
+def _gathers_unsorted(x, topk_ids, gate_up_proj, down_proj, method) -> bool:
+    """Whether top-1 rows go through "gather" in token order, with no sort at all: asked for, or
+    the CPU default (:func:`_host_method`); float weights only (quantized ones take the loop).
+    With k > 1 the assignments are sorted first, so that each token's slots are summed in the
+    same order as on the other paths."""
+    if topk_ids.shape[1] != 1 or not _plain(gate_up_proj, down_proj) or method not in (None, "gather"):
+        return False
+    if method == "gather":
+        return True
+    n = topk_ids.numel()
+    if x.device.type != "cpu" or not 1 < n <= GATHER_MAX:
+        return False
+    return _host_method(n, len(set(topk_ids.reshape(-1).tolist()))) == "gather"  # the host read a sort makes anyway
 
 
 def _sort_on_host(topk_ids: torch.Tensor, num_experts: int):
@@ -159,6 +204,14 @@ def _host_offsets(counts: list[int], device) -> torch.Tensor:
     return torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32, device=device)
 
 
+def _unsorted_outputs(x, topk_ids, topk_weights, gate_up_proj, down_proj, scale):
+    """Top-1 rows through "gather" in token order: (w, ys), w (T,) the weights, ys (T, H) the
+    expert outputs (input-scaled when ``scale == "input"``, not yet output-scaled)."""
+    w = topk_weights.reshape(-1)
+    xs = x * w.to(x.dtype)[:, None] if scale == "input" else x
+    return w, _experts_gathered(xs, topk_ids.reshape(-1).long(), gate_up_proj, down_proj)
+
+
 def _sorted_outputs(x, topk_ids, topk_weights, gate_up_proj, down_proj, scale, method):
     """Sorted dispatch: (order, tok, w, ys) with ys (T*k, H) the expert outputs of the sorted
     assignments (input-scaled when ``scale == "input"``, not yet output-scaled). order and tok
@@ -173,8 +226,10 @@ def _sorted_outputs(x, topk_ids, topk_weights, gate_up_proj, down_proj, scale, m
             xs = x
         if scale == "input":
             xs = xs * w.to(x.dtype)[:, None]
-        used = sum(1 for c in counts if c)
-        m = method or ("loop" if used <= HOST_LOOP_MAX_EXPERTS else "grouped")
+        m = method or _host_method(len(w), sum(1 for c in counts if c))
+        if m == "gather" and _plain(gate_up_proj, down_proj):
+            experts = torch.tensor([e for e, c in enumerate(counts) for _ in range(c)], device=x.device)
+            return order, tok, w, _experts_gathered(xs, experts, gate_up_proj, down_proj)
         if m == "grouped" and _plain(gate_up_proj, down_proj) and grouped_mm_supported(xs, gate_up_proj, down_proj):
             return order, tok, w, _experts_grouped(xs, _host_offsets(counts, x.device), gate_up_proj, down_proj)
         return order, tok, w, _experts_loop(xs, counts, gate_up_proj, down_proj)
@@ -186,12 +241,14 @@ def _sorted_outputs(x, topk_ids, topk_weights, gate_up_proj, down_proj, scale, m
         xs = xs * w.to(x.dtype)[:, None]
 
     m = method or _default_method(x.device, topk_ids.numel(), E)
-    if m == "grouped" and _plain(gate_up_proj, down_proj) and grouped_mm_supported(xs, gate_up_proj, down_proj):
+    if m == "gather" and _plain(gate_up_proj, down_proj):
+        ys = _experts_gathered(xs, topk_ids.reshape(-1)[order].long(), gate_up_proj, down_proj)
+    elif m == "grouped" and _plain(gate_up_proj, down_proj) and grouped_mm_supported(xs, gate_up_proj, down_proj):
         ys = _experts_grouped(xs, torch.cumsum(counts, 0).to(torch.int32), gate_up_proj, down_proj)
-    elif m in ("grouped", "loop"):
+    elif m in ("grouped", "loop", "gather"):  # quantized weights take the loop whatever was asked
         ys = _experts_loop(xs, counts.tolist(), gate_up_proj, down_proj)
     else:
-        raise ValueError(f"method must be None, 'loop' or 'grouped', got {method!r}")
+        raise ValueError(f"method must be None, 'loop', 'grouped' or 'gather', got {method!r}")
     return order, tok, w, ys
 
 
@@ -200,8 +257,9 @@ def moe_experts_torch(x, topk_ids, topk_weights, gate_up_proj, down_proj, *,
                       out: torch.Tensor | None = None) -> torch.Tensor:
     """Torch implementation of :func:`workbench.kernels.moe_experts` (inputs already validated).
 
-    ``method``: ``None`` (measured default for the device), ``"loop"`` or ``"grouped"``
-    (falls back to the loop when ``torch._grouped_mm`` cannot take the operands).
+    ``method``: ``None`` (measured default for the device), ``"loop"``, ``"grouped"`` (falls
+    back to the loop when ``torch._grouped_mm`` cannot take the operands) or ``"gather"`` (see the
+    module docstring; quantized weights take the loop).
     """
     T, H = x.shape
     k = topk_ids.shape[1]
@@ -209,7 +267,10 @@ def moe_experts_torch(x, topk_ids, topk_weights, gate_up_proj, down_proj, *,
     if T == 0:
         return x.new_empty(T, H) if out is None else out
 
-    order, tok, w, ys = _sorted_outputs(x, topk_ids, topk_weights, gate_up_proj, down_proj, scale, method)
+    if _gathers_unsorted(x, topk_ids, gate_up_proj, down_proj, method):
+        tok, (w, ys) = None, _unsorted_outputs(x, topk_ids, topk_weights, gate_up_proj, down_proj, scale)
+    else:
+        _, tok, w, ys = _sorted_outputs(x, topk_ids, topk_weights, gate_up_proj, down_proj, scale, method)
 
     if k == 1:
         if scale == "output":
@@ -245,7 +306,10 @@ def moe_expert_outputs_torch(x, topk_ids, topk_weights, gate_up_proj, down_proj,
     slots = x.new_empty(T * k, H)
     if T == 0:
         return slots.view(T, k, H)
-    order, _, w, ys = _sorted_outputs(x, topk_ids, topk_weights, gate_up_proj, down_proj, scale, method)
+    if _gathers_unsorted(x, topk_ids, gate_up_proj, down_proj, method):
+        order, (w, ys) = None, _unsorted_outputs(x, topk_ids, topk_weights, gate_up_proj, down_proj, scale)
+    else:
+        order, _, w, ys = _sorted_outputs(x, topk_ids, topk_weights, gate_up_proj, down_proj, scale, method)
     if scale == "output":
         ys = ys * w.to(x.dtype)[:, None] if k == 1 else (ys.float() * w.float()[:, None]).to(x.dtype)
     if order is None:

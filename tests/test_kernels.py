@@ -95,7 +95,7 @@ def _ids_for(kind, T, E, k):
     return None
 
 
-@pytest.mark.parametrize("method", ["loop", "grouped"])
+@pytest.mark.parametrize("method", ["loop", "grouped", "gather"])
 @pytest.mark.parametrize("scale", ["input", "output"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", TORCH_CASES, ids=[c[0] for c in TORCH_CASES])
@@ -146,12 +146,12 @@ def test_torch_path_noncontiguous_inputs():
     x_nc = torch.stack([x, x], -1)[..., 0]                    # non-contiguous view, same values
     assert not gu_t.is_contiguous() and not x_nc.is_contiguous()
     ref = _ref64(x, ids, w, gu, dp, "output")
-    for m in ("loop", "grouped"):
+    for m in ("loop", "grouped", "gather"):
         y = moe_experts(x_nc, ids, w.t().contiguous().t(), gu_t, dp, scale="output", method=m)
         assert _rel(y, ref) < 1e-5
 
 
-@pytest.mark.parametrize("method", ["loop", "grouped"])
+@pytest.mark.parametrize("method", ["loop", "grouped", "gather"])
 @pytest.mark.parametrize("scale", ["input", "output"])
 def test_torch_path_gradients(scale, method):
     # gradients w.r.t. x, topk_weights and both weight tensors vs autograd through a float64
@@ -187,9 +187,11 @@ def test_torch_path_gradients(scale, method):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_host_sort_equals_device_sort(T, k, scale, dtype, method, monkeypatch):
     # Few assignments (decode steps) are sorted on the host instead of on the device: the same
-    # products in the same order, so the result must be the device-sorted path's bit for bit (and
-    # the float64 reference's within tolerance). T=1, k=1 is the batch-1 decode step; with
-    # method=None the host path picks the loop or torch._grouped_mm by the number of experts used.
+    # products in the same order, so the result must be the device-sorted path's bit for bit with
+    # the same method (and the float64 reference's within tolerance). T=1, k=1 is the batch-1 decode
+    # step; with method=None the host path picks the method from the assignments and the experts
+    # they use (_host_method): here "gather" on several experts (top-1 rows then skip the sort
+    # altogether, and must still equal the sorted gather), else the loop or torch._grouped_mm.
     from workbench.kernels import moe_expert_outputs, moe_torch
     E = 6
     x, ids, w, gu, dp = _make(T, 32, 16, E, k, dtype)
@@ -200,8 +202,9 @@ def test_host_sort_equals_device_sort(T, k, scale, dtype, method, monkeypatch):
     host_slots = moe_expert_outputs(x, ids, w, gu, dp, scale=scale, method=method)
     monkeypatch.setattr(moe_torch, "HOST_SORT_MAX", 0)
     assert not moe_torch._on_host(x, ids, gu, method)
-    device_method = method or ("loop" if len(set(ids.reshape(-1).tolist())) <= moe_torch.HOST_LOOP_MAX_EXPERTS
-                               else "grouped")
+    device_method = method or moe_torch._host_method(ids.numel(), len(set(ids.reshape(-1).tolist())))
+    if method is None and T * k <= moe_torch.GATHER_MAX:  # the defaults these sizes exercise
+        assert device_method == ("loop" if T * k == 1 else "gather")
     assert torch.equal(host, moe_experts(x, ids, w, gu, dp, scale=scale, method=device_method))
     assert torch.equal(host_slots, moe_expert_outputs(x, ids, w, gu, dp, scale=scale, method=device_method))
     assert _rel(host, _ref64(x, ids, w, gu, dp, scale)) < TOL[dtype]
@@ -240,7 +243,7 @@ BAD = [
     ("backend", lambda a: a.update(backend="cuda"), "backend must be None"),
     ("out-shape", lambda a: a.update(out=torch.empty(6, 31)), "out must be a (6, 32) torch.float32"),
     ("out-dtype", lambda a: a.update(out=torch.empty(6, 32, dtype=torch.float16)), "out must be a (6, 32)"),
-    ("method", lambda a: a.update(method="magic"), "method must be None, 'loop' or 'grouped'"),
+    ("method", lambda a: a.update(method="magic"), "method must be None, 'loop', 'grouped' or 'gather'"),
 ]
 
 
