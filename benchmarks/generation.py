@@ -16,12 +16,16 @@ Timing: each "run" is one ``generate`` call (processor call included for workben
 strings; transformers gets the processor output made once outside the clock). Two lengths are
 timed, ``--new`` and 1 new token: decode tokens/s = rows x (new - 1) / (t(new) - t(1)), i.e. the
 prefill and the per-call setup cancel; end-to-end tokens/s = rows x new / t(new) is printed too.
-Extra workbench variants (``--variants``, default both; benchmark-only switches set around the
-call): ``wb-device-sort``: the decode steps' expert assignments sorted on the device as in a
-prefill (``workbench.kernels.moe_torch.HOST_SORT_MAX = 0``), i.e. without the host sort of few
-assignments; ``wb-all-threads``: decode steps on every torch thread
+Extra workbench variants (``--variants``, default ``no-gather no-inference-mode``; benchmark-only
+switches set around the call): ``wb-device-sort``: the decode steps' expert assignments sorted on
+the device as in a prefill (``workbench.kernels.moe_torch.HOST_SORT_MAX = 0``), i.e. without the
+host sort of few assignments; ``wb-all-threads``: decode steps on every torch thread
 (``workbench.generation.SINGLE_THREAD_DECODE_MACS = 0``), i.e. without the one-thread policy for
-small models. Each shows what that part of the decode path is worth.
+small models; ``wb-no-gather``: the routed experts of a decode step by the loop or
+``torch._grouped_mm`` instead of the gathered-weights ``bmm`` (``moe_torch.GATHER_MAX = 0``);
+``wb-no-inference-mode``: ``wb.generate`` under ``torch.no_grad`` instead of
+``torch.inference_mode`` (``torch.inference_mode`` replaced by ``torch.no_grad`` during the call).
+Each shows what that part of the decode path is worth.
 Rounds: warm-up of every variant, then ``--rounds`` rounds; even rounds run (wb, hf), odd rounds
 (hf, wb) (ABAB), each variant as (new, 1) back to back. Per-round ratio wb/hf of decode tokens/s:
 median with a 95% bootstrap CI over rounds.
@@ -53,8 +57,9 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--variants", nargs="*", default=["device-sort", "all-threads"],
-                    choices=["device-sort", "all-threads"], help="extra workbench variants (see above)")
+    ap.add_argument("--variants", nargs="*", default=["no-gather", "no-inference-mode"],
+                    choices=["device-sort", "all-threads", "no-gather", "no-inference-mode"],
+                    help="extra workbench variants (see above)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -106,7 +111,9 @@ def main() -> None:
             return run
 
         variants = {"wb-device-sort": patched(moe_torch, "HOST_SORT_MAX", 0),
-                    "wb-all-threads": patched(generation, "SINGLE_THREAD_DECODE_MACS", 0)}
+                    "wb-all-threads": patched(generation, "SINGLE_THREAD_DECODE_MACS", 0),
+                    "wb-no-gather": patched(moe_torch, "GATHER_MAX", 0),
+                    "wb-no-inference-mode": patched(torch, "inference_mode", torch.no_grad)}
         variants = {k: v for k, v in variants.items() if k[3:] in args.variants}
 
         def run_hf(n):

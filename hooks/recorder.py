@@ -522,7 +522,7 @@ class Recorder:
                    disable=not progress or self._follower)
         device = next(model.parameters()).device
         try:
-            with torch.no_grad():
+            with torch.inference_mode():  # as wb.generate: no per-op autograd bookkeeping
                 for start in range(0, len(items), batch_size):
                     chunk = items[start:start + batch_size]
                     batch = self._processed(processor, chunk, max_tokens, truncation)

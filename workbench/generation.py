@@ -95,7 +95,9 @@ def generate(model: nn.Module, processor, prompts: str | dict | Iterable, max_ne
     if recorder is not None:
         recorder.attach()
     try:
-        with torch.no_grad():
+        # inference mode, not just no_grad: no version counters or view tracking on each op, which
+        # on CPU is ~10-20% of a small model's decode step (benchmarks/RESULTS.md, "Inference mode")
+        with torch.inference_mode():
             for b0 in range(0, len(items), batch_size):
                 chunk = items[b0:b0 + batch_size]
                 got = _generate_batch(model, processor, chunk, max_new_tokens, do_sample, temperature, top_p, gen,
