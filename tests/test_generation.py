@@ -277,6 +277,72 @@ def test_decode_steps_equal_one_pass(model):
     assert (got - ref)[real].abs().max() / ref[real].abs().max() <= 1e-5
 
 
+def test_unpadded_decode_steps_attend_exactly_their_keys_without_a_mask(model):
+    """Rows without padding: a decode step sees exactly the keys the rule allows (a chunked layer:
+    its chunk so far, through chunk boundaries and the ring's wrap) and attends them with no mask;
+    its logits and routing equal one whole pass. A padded row turns that off (masked window)."""
+    torch.manual_seed(3)
+    T0, T = 30, 160  # chunk 64, ring of 64 + 30 slots: boundaries at 64 and 128, the ring wraps at 94
+    ids = torch.randint(0, 1000, (2, T))
+    seen = []  # per decode step and layer: (layer, all_allowed, keys seen per row)
+    handles = [layer.self_attn.hook_attn.add(
+        lambda p, key, keys, layer=i, **_: seen.append((layer, keys.all_allowed, key.shape[2])))
+        for i, layer in enumerate(model.language_model.model.layers)]
+    routes = {}
+    route_handles = [m.hook_router.add(lambda p, topk_ids, **_: routes.setdefault("got", []).append(topk_ids.clone()))
+                     for m in moe_layers(model).values()]
+    try:
+        cache = KVCache(model.text_config, 2, T, block=T0, dtype=torch.float32)
+        got = [model(input_ids=ids[:, :T0], cache=cache).logits]
+        seen.clear()
+        routes.clear()
+        for t in range(T0, T):
+            got.append(model(input_ids=ids[:, t:t + 1], cache=cache).logits)
+    finally:
+        for h in handles + route_handles:
+            h.remove()
+    chunk, L = model.text_config.attention_chunk_size, len(model.language_model.model.layers)
+    uses_rope = model.text_config.uses_rope
+    assert len(seen) == L * (T - T0)
+    wrapped = 0
+    for n, (layer, exact, n_keys) in enumerate(seen):
+        t = T0 + n // L
+        if exact:
+            assert n_keys == (t % chunk + 1 if uses_rope[layer] else t + 1)
+        else:  # the ring wrapped with its runs longer than half of it: all of it, masked
+            assert uses_rope[layer] and n_keys == chunk + T0
+            wrapped += 1
+    assert 0 < wrapped < len(seen)
+    ref_routes = []
+    h = [m.hook_router.add(lambda p, topk_ids, **_: ref_routes.append(topk_ids.clone()))
+         for m in moe_layers(model).values()]
+    ref = model(input_ids=ids).logits
+    for x in h:
+        x.remove()
+    got = torch.cat(got, dim=1)
+    assert (got - ref).abs().max() / ref.abs().max() <= 1e-5
+    n_moe = len(moe_layers(model))
+    for i in range(n_moe):  # each layer's decode-step decisions equal the whole pass's
+        steps = torch.cat([routes["got"][s * n_moe + i].view(2, 1) for s in range(T - T0)], dim=1)
+        assert torch.equal(steps, ref_routes[i].view(2, T)[:, T0:])
+
+    # a left-padded row: the cache keeps its masked window
+    mask = torch.ones(2, T0 + 1, dtype=torch.long)
+    mask[0, :3] = 0
+    cache = KVCache(model.text_config, 2, T0 + 1, block=T0, dtype=torch.float32)
+    flags = []
+    handles = [layer.self_attn.hook_attn.add(lambda p, keys, **_: flags.append(keys.all_allowed))
+               for layer in model.language_model.model.layers]
+    try:
+        model(input_ids=ids[:, :T0], attention_mask=mask[:, :T0], cache=cache)
+        flags.clear()
+        model(input_ids=ids[:, T0:T0 + 1], attention_mask=mask[:, T0:], cache=cache)
+    finally:
+        for h in handles:
+            h.remove()
+    assert flags == [False] * L
+
+
 # ---------------------------------------------------------------------------------------------
 # Guards
 # ---------------------------------------------------------------------------------------------

@@ -28,11 +28,14 @@ class Keys:
     """The keys a call's queries attend, when they are not just the call's own tokens (a cache).
 
     index (Tk,) or (B, Tk) int64 stream indices, positions (B, Tk) int64, valid (B, Tk) bool.
+    all_allowed: True when the rule lets every query of the call attend every one of these keys
+    (a decode step whose cache window is exactly its allowed keys): attention then needs no mask.
     """
 
     index: torch.Tensor
     positions: torch.Tensor
     valid: torch.Tensor
+    all_allowed: bool = False
 
 
 @dataclass(eq=False)

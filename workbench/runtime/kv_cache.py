@@ -23,6 +23,8 @@ place), so a replayed graph writes each step to its own slot; no Python number r
 By default a call sees only what its queries can attend: the filled prefix of a full buffer, and
 of a ring the ``chunk + T - 1`` newest slots (a decode step of a chunked layer attends ``chunk``
 keys, not ``chunk + block``), unless a row has padding between valid tokens (then every filled slot).
+A decode step (one token per row) of rows without any padding, at positions counted by the cache,
+sees exactly the keys it may attend (a chunked layer: its chunk so far) and no mask is built.
 
 Memory: ``2 x B x Hkv x D x dtype`` bytes per slot and layer; :meth:`KVCache.nbytes`.
 """
@@ -97,6 +99,9 @@ class KVCache:
         self._had_valid = np.zeros(batch_size, bool)
         self._pads = np.zeros(batch_size, np.int64)  # pads after the row's first valid token
         self._window = not static
+        # No padding in any row so far and positions counted by the cache: every token's position
+        # is its stream index, so a decode step's allowed keys are one run of slots (no mask).
+        self._exact = not static
         chunk = config.attention_chunk_size
         self.chunk = chunk
         B, Hkv, D = batch_size, config.num_key_value_heads, config.head_dim
@@ -142,6 +147,8 @@ class KVCache:
             raise CacheFullError(f"the cache holds {self.max_len} tokens per row: {self.length} used, "
                                  f"{T} more do not fit")
         self._note_padding(attention_mask)
+        if position_ids is not None:
+            self._exact = False  # positions given by the caller need not be the stream index
         if not self.static:
             return ForwardBatch.build(shape, device, attention_mask, position_ids, start=self.length,
                                       past_valid=self.seen if self.length else None)
@@ -157,6 +164,8 @@ class KVCache:
         if attention_mask is not None and attention_mask.is_cuda and torch.cuda.is_current_stream_capturing():
             return  # capture records kernels only; the replayed steps are checked by the caller's eager warm-up
         m = None if attention_mask is None else attention_mask.detach().cpu().numpy().astype(bool, copy=False)
+        if m is not None and not m.all():
+            self._exact = False
         if m is None or m.all():
             self._had_valid[:] = True
             interior, worst = self._pads > 0, self._pads
@@ -218,23 +227,26 @@ class KVCache:
         :class:`Keys`: every slot with ``static``; else the filled slots, and of a chunked layer
         only the newest ``chunk + T - 1`` of them while no row has interior padding (then a key in
         a query's chunk is fewer than ``chunk`` stream slots behind it: older ones, and never
-        written ones, cannot be attended)."""
+        written ones, cannot be attended). A decode step while ``_exact`` holds sees its allowed
+        keys only (``Keys.all_allowed``)."""
         T, start, S = batch.shape[1], batch.start, c.slots
+        exact = self._exact and T == 1  # then the slots below are exactly the query's allowed keys
         if self.static:
             segments = [(0, S)]
         elif not c.chunked or not self._window:
             segments = [(0, min(S, start + T))]
         else:
-            lo = max(0, start - self.chunk + 1)
+            # the window: keys fewer than `chunk` slots back; exact: the query's own chunk so far
+            lo = start // self.chunk * self.chunk if exact else max(0, start - self.chunk + 1)
             a, n = (lo % S, start + T - lo) if c.ring else (lo, start + T - lo)
             if a + n <= S:
                 segments = [(a, a + n)]
             elif S <= 2 * n:  # a wrapped ring that is small: attend all of it (masked) rather than copy
-                segments = [(0, S)]
+                segments, exact = [(0, S)], False
             else:  # a wrapped ring: its two runs, copied together (less than attending the whole ring)
                 segments = [(a, S), (0, a + n - S)]
         keys = Keys(index=_take(c.index, segments, dim=0), positions=_take(c.positions, segments, dim=1),
-                    valid=_take(c.valid, segments, dim=1))
+                    valid=_take(c.valid, segments, dim=1), all_allowed=exact and not self.static)
         return segments, keys
 
     def advance(self, batch: ForwardBatch) -> None:
@@ -253,6 +265,7 @@ class KVCache:
         self._had_valid[:] = False
         self._pads[:] = 0
         self._window = not self.static
+        self._exact = not self.static
         for c in self.layers:
             c.index.fill_(-1)
             c.valid.fill_(False)
