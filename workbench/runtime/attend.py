@@ -71,4 +71,4 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A small bool mask as 0 / -inf in ``dtype`` (what SDPA turns it into: the same result)."""
     if mask.numel() > _ADDITIVE_MAX:
         return mask
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return torch.full(mask.shape, float("-inf"), dtype=dtype, device=mask.device).masked_fill_(mask, 0.0)

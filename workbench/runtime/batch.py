@@ -72,7 +72,10 @@ class ForwardBatch:
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, inputs have (B, T)={(B, T)}")
         else:
             valid = attention_mask.bool()
-        if position_ids is None:
+        if position_ids is None and T == 1 and past_valid is not None:
+            # a decode step: a real token's position is the count of real tokens before it
+            position_ids = past_valid.to(device=device, dtype=torch.long).view(B, 1) * valid
+        elif position_ids is None:
             count = valid.long().cumsum(-1) - 1
             if past_valid is not None:
                 count = count + past_valid.to(count.device).long()[:, None]

@@ -73,13 +73,23 @@ def dense_mask(q_index: torch.Tensor, q_pos: torch.Tensor, k_index: torch.Tensor
     mask is then that mask and the chunk clause: half the work). O(Tq x Tk) memory: what the
     model's SDPA call takes today.
     """
+    # operands as (rows, 1, queries, 1) and (rows, 1, 1, keys) views: one view call each (a decode
+    # step builds these masks every call, and each indexing step would be an op of its own)
     if unchunked is None:
-        qi = q_index if q_index.dim() == 2 else q_index[None]
-        ki = k_index if k_index.dim() == 2 else k_index[None]
-        unchunked = visible_rule(qi[:, None, :, None], ki[:, None, None, :], k_valid.bool()[:, None, None, :])
+        unchunked = visible_rule(_as_queries(q_index), _as_keys(k_index), _as_keys(k_valid.bool()))
     if chunk_size is None:
         return unchunked
-    return unchunked & same_chunk_rule(q_pos[:, None, :, None], k_pos[:, None, None, :], chunk_size)
+    return unchunked & same_chunk_rule(_as_queries(q_pos), _as_keys(k_pos), chunk_size)
+
+
+def _as_queries(t: torch.Tensor) -> torch.Tensor:
+    """(T,) or (B, T) -> (1 or B, 1, T, 1) view."""
+    return t.view(t.shape[0] if t.dim() == 2 else 1, 1, t.shape[-1], 1)
+
+
+def _as_keys(t: torch.Tensor) -> torch.Tensor:
+    """(T,) or (B, T) -> (1 or B, 1, 1, T) view."""
+    return t.view(t.shape[0] if t.dim() == 2 else 1, 1, 1, t.shape[-1])
 
 
 # ---------------------------------------------------------------------------------------------
