@@ -506,7 +506,9 @@ class Recorder:
         trace ``sequence`` is its index in ``inputs``; prompts already in the store (a resumed
         run) are skipped, so are empty prompts (counted in the summary). A tqdm bar (terminal or
         JupyterLab) shows tokens/s. Under tensor parallelism every rank calls it with the same
-        inputs (rank 0 writes; the summary's token counts are rank 0's).
+        inputs (rank 0 writes; the summary's token counts are rank 0's). The passes run under
+        ``torch.inference_mode``: tensors another hook listener keeps are inference tensors
+        (``clone()`` one outside the run to modify it in place or use it with autograd).
         """
         from tqdm.auto import tqdm
 

@@ -391,6 +391,25 @@ def test_greedy_generation_with_an_image_equals_transformers(model, proc, hf):
     assert g.token_ids == ref[:len(g.token_ids)] and len(g.token_ids) >= 1
 
 
+def test_tensors_kept_by_a_listener_during_generate_are_inference_tensors(model, proc):
+    """generate runs under inference mode (documented): what a listener keeps is an inference
+    tensor, and its clone, the documented way out, is a normal tensor autograd can use."""
+    kept = []
+    h = model.language_model.model.layers[0].feed_forward.hook_router.add(
+        lambda p, router_logits, **_: kept.append(router_logits))
+    try:
+        wb.generate(model, proc, "Hello there", 3)
+    finally:
+        h.remove()
+    assert len(kept) == 3 and all(t.is_inference() for t in kept)
+    with pytest.raises(RuntimeError, match="[Ii]nplace update to inference tensor"):
+        kept[0].mul_(2)
+    probe = torch.zeros(kept[0].shape[-1], requires_grad=True)
+    with torch.enable_grad():
+        (kept[0].clone() * probe).sum().backward()
+    assert torch.equal(probe.grad, kept[0].sum(0))
+
+
 def test_sampling_is_reproducible_and_stops(model, proc):
     a = wb.generate(model, proc, PROMPTS, max_new_tokens=12, do_sample=True, temperature=0.8, top_p=0.9, seed=3)
     b = wb.generate(model, proc, PROMPTS, max_new_tokens=12, do_sample=True, temperature=0.8, top_p=0.9, seed=3)

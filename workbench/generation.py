@@ -62,6 +62,10 @@ def generate(model: nn.Module, processor, prompts: str | dict | Iterable, max_ne
     or token id, or after ``max_new_tokens``. recorder: a :class:`~workbench.hooks.Recorder` of
     this model; each prompt becomes one trace sequence (see the module docstring). batch_size:
     prompts per batch (left-padded). Returns one :class:`Generation` per prompt, in order.
+
+    The passes run under ``torch.inference_mode`` (faster than ``no_grad`` on small models):
+    tensors a hook listener keeps are inference tensors; ``clone()`` one after the call to modify
+    it in place or use it with autograd (e.g. to train a probe on captured activations).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
