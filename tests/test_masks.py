@@ -34,6 +34,18 @@ def test_hand_computed_mask_left_padding_and_chunks():
     assert batch.mask(2) is batch.mask(2)  # built once per call and chunk size
 
 
+def test_positions_without_a_mask_are_each_tokens_index_after_the_past():
+    batch = ForwardBatch.build((2, 3), "cpu")
+    assert batch.positions.tolist() == [[0, 1, 2], [0, 1, 2]] and batch.positions.dtype == torch.long
+    assert batch.valid.dtype == torch.bool and batch.valid.all()
+    batch.positions[0, 0] = 7  # one tensor per row (not a broadcast view): rows stay independent
+    assert batch.positions[1, 0] == 0
+    block = ForwardBatch.build((2, 3), "cpu", start=5, past_valid=torch.tensor([5, 2]))
+    assert block.positions.tolist() == [[5, 6, 7], [2, 3, 4]]
+    step = ForwardBatch.build((2, 1), "cpu", start=8, past_valid=torch.tensor([8, 5]))
+    assert step.positions.tolist() == [[8], [5]]
+
+
 def _brute_force(index, pos, valid, chunk):
     T = len(index)
     out = np.zeros((T, T), bool)

@@ -75,11 +75,15 @@ class ForwardBatch:
         if position_ids is None and T == 1 and past_valid is not None:
             # a decode step: a real token's position is the count of real tokens before it
             position_ids = past_valid.to(device=device, dtype=torch.long).view(B, 1) * valid
+        elif position_ids is None and attention_mask is None and past_valid is None:
+            position_ids = torch.arange(T, device=device).repeat(B, 1)  # every token real: its index
         elif position_ids is None:
-            count = valid.long().cumsum(-1) - 1
+            # cumsum of a bool mask counts in int64; a padding token's count (-1 before the row's
+            # first real token) is zeroed by the product, a real token's is >= 0
+            count = valid.cumsum(-1) - 1
             if past_valid is not None:
                 count = count + past_valid.to(count.device).long()[:, None]
-            position_ids = count.clamp(min=0) * valid
+            position_ids = count * valid
         elif tuple(position_ids.shape) != (B, T):
             raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, inputs have (B, T)={(B, T)}")
         fb = cls(positions=position_ids.long(), valid=valid, start=int(start))
