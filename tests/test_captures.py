@@ -77,7 +77,8 @@ def test_a_capture_declared_in_a_test_is_written_committed_resumed_and_read_back
     model = wb.load_model(ckpt, progress=False)
     store = tmp_path / "toy.zarr"
     capture = lambda: [LogitNorm(scale=2.0), LogitsCapture(dtype="float32")]  # noqa: E731
-    rec = wb.record(model, store, capture=capture(), commit_every_tokens=30).attach()
+    # the token rule alone (no 1 s clock: a slow first pass on a loaded machine committed at 18)
+    rec = wb.record(model, store, capture=capture(), commit_every_tokens=30, commit_every_seconds=0).attach()
     for s in range(3):  # 18 tokens per pass: commits after passes 2 (36 tokens) and at close
         model(input_ids=_ids(s))
     rec.close(complete=False)  # an interrupted run: committed, not complete
