@@ -367,6 +367,54 @@ def test_a_prompt_larger_than_free_memory_is_refused_before_allocating(model):
         model(input_ids=ids)
 
 
+def test_generation_past_max_position_embeddings_or_free_memory_is_refused_before_any_step(model, proc):
+    """Prompt (left-padded to its batch's longest) + max_new_tokens is checked against the model's
+    positions and the KV cache + prefill estimate against free memory, for every batch, before the
+    first batch runs: a later batch's problem costs no work and names its prompt."""
+    from workbench.generation import check_generation
+    from workbench.runtime.memory import ContextLengthError, available_bytes, generation_bytes
+
+    prompts = ["hi", "a longer prompt, the longest of the second batch", "short"]
+    T0 = int(proc(text=prompts[1:], padding=True, return_tensors="pt")["input_ids"].shape[1])
+    limit = model.text_config.max_position_embeddings
+    ran = []
+    handle = model.language_model.model.hook_inputs.add(lambda point, **kw: ran.append(1))
+    try:
+        with pytest.raises(ContextLengthError, match=rf"^p.jsonl:2 \({T0} tokens, the longest of its batch\) with "
+                                                     rf"{limit - T0 + 1:,} new tokens needs {limit + 1:,} positions"):
+            check_generation(model, proc, prompts, limit - T0 + 1, batch_size=2,
+                             names=[f"p.jsonl:{i + 1}" for i in range(3)])
+        with pytest.raises(ContextLengthError, match=r"^prompt 1 "):
+            wb.generate(model, proc, prompts, limit - T0 + 1, batch_size=2)
+        assert not ran  # the first batch (which fits) was not run either
+        # 64 rows of ~10M slots of float32 keys and values: hundreds of GiB on any machine we run on
+        need = generation_bytes(model.text_config, 64, 3, 10_000_000, 3, torch.float32)
+        assert need > available_bytes("cpu")
+        with pytest.raises(InsufficientMemoryError, match=r"generating for prompt \d+ .* in a batch of 64 needs about"):
+            wb.generate(model, proc, ["ab"] * 64, 10_000_000, batch_size=64)
+        assert not ran
+    finally:
+        handle.remove()
+
+
+def test_generation_bytes_count_the_cache_generate_allocates(model):
+    from workbench.runtime.memory import generation_bytes, prefill_bytes, prefill_kv_bytes
+
+    cfg = model.text_config
+    for B, T0, N, block in ((1, 5, 3, 5), (3, 40, 200, 16), (2, 100, 1000, 64)):
+        cache = KVCache(cfg, B, T0 + N, block=block, dtype=torch.float32)
+        kv = prefill_kv_bytes(cfg, B, T0 + N, block, 4)
+        assert kv == cache.nbytes()
+        assert generation_bytes(cfg, B, T0, N, block, torch.float32) == (
+            prefill_bytes(cfg, B, T0, block, torch.float32, logits_to_keep=1) - prefill_kv_bytes(cfg, B, T0, block, 4)
+            + cache.nbytes())
+
+
+def test_a_prompt_without_text_is_refused(model, proc):
+    with pytest.raises(ValueError, match=r"prompt 1: expected a string or a dict with a string 'text'"):
+        wb.generate(model, proc, ["fine", {"txt": "typo"}], 2)
+
+
 # ---------------------------------------------------------------------------------------------
 # wb.generate == transformers' generate
 # ---------------------------------------------------------------------------------------------
@@ -601,3 +649,15 @@ def test_generate_command_writes_answers_and_the_trace(tmp_path, capsys, model, 
     assert "--capture needs --out" in capsys.readouterr().err
     assert main(["generate", str(EMBEDDED_MODEL), "--prompts", str(prompts), "--out", str(store)]) == 2
     assert "already holds a trace" in capsys.readouterr().err
+    # too long for the model's positions: refused after loading, before the store exists
+    fresh = tmp_path / "fresh.zarr"
+    assert main(["generate", str(EMBEDDED_MODEL), "--prompts", str(prompts), "--max-new-tokens", "20000000",
+                 "--out", str(fresh), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "max_position_embeddings is 10,485,760" in err
+    assert err.startswith("workbench generate: error: p.jsonl:2 (") and not fresh.exists()
+    # --answers in a folder that does not exist yet: created
+    nested = tmp_path / "new" / "dir" / "a.jsonl"
+    assert main(["generate", str(EMBEDDED_MODEL), "--prompts", str(prompts), "--max-new-tokens", "2",
+                 "--answers", str(nested), "--quiet"]) == 0
+    assert len(nested.read_text().splitlines()) == 2

@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from workbench.runtime.kv_cache import KVCache
+from workbench.runtime.memory import check_context, check_fits, generation_bytes
 
-__all__ = ["generate", "Generation"]
+__all__ = ["generate", "check_generation", "Generation"]
 
 
 @dataclass
@@ -81,7 +82,8 @@ def generate(model: nn.Module, processor, prompts: str | dict | Iterable, max_ne
                          "recorded in their sequences)")
     if recorder is not None and recorder.model is not model:
         raise ValueError("generate: the recorder records another model")
-    items = [_as_prompt(p, i) for i, p in enumerate([prompts] if isinstance(prompts, (str, dict)) else list(prompts))]
+    items = _as_prompts(prompts)
+    _check_batches(model, processor, items, max_new_tokens, batch_size, prefill_chunk, None)
     stop_ids, stop_texts = _stops(model, stop)
     device = next(model.parameters()).device
     gen = None
@@ -116,13 +118,53 @@ def generate(model: nn.Module, processor, prompts: str | dict | Iterable, max_ne
     return out
 
 
-def _generate_batch(model, processor, items, max_new_tokens, do_sample, temperature, top_p, gen, stop_ids,
-                    stop_texts, recorder, prefill_chunk, bar) -> list[Generation]:
+def check_generation(model: nn.Module, processor, prompts: str | dict | Iterable, max_new_tokens: int, *,
+                     batch_size: int = 8, prefill_chunk: int | None = None,
+                     names: Sequence[str] | None = None) -> None:
+    """Raise before any work when :func:`generate` could not run these prompts to ``max_new_tokens``.
+
+    Each batch of ``batch_size`` prompts is encoded as ``generate`` encodes it (left-padded to its
+    longest prompt, images expanded): ContextLengthError (a ValueError) when that length plus
+    ``max_new_tokens`` exceeds the model's ``max_position_embeddings``; InsufficientMemoryError
+    when its KV cache and prefill (:func:`~workbench.runtime.memory.generation_bytes`) need more
+    memory than is free on the model's device; the processor's own error for a prompt it cannot
+    encode. names: how messages call each prompt (default "prompt <index>"; the CLI passes
+    "FILE:LINE"). ``generate`` runs this first; run it yourself to fail before, e.g., creating a
+    trace store.
+    """
+    _check_batches(model, processor, _as_prompts(prompts), max_new_tokens, batch_size, prefill_chunk, names)
+
+
+def _check_batches(model, processor, items, max_new_tokens, batch_size, prefill_chunk, names) -> None:
+    config = model.text_config
+    param = next(model.parameters())
+    for b0 in range(0, len(items), batch_size):
+        chunk = items[b0:b0 + batch_size]
+        mask = _encode(processor, chunk)["attention_mask"]
+        B, T0 = mask.shape
+        longest = b0 + int(mask.sum(-1).argmax())
+        name = names[longest] if names is not None else f"prompt {longest}"
+        what = f"{name} ({T0:,} tokens" + (", the longest of its batch" if B > 1 else "") + \
+            f") with {max_new_tokens:,} new tokens"
+        check_context(T0 + max_new_tokens, config, what)
+        block = max(1, min(T0, prefill_chunk or getattr(model, "prefill_chunk", T0)))
+        check_fits(generation_bytes(config, B, T0, max_new_tokens, block, param.dtype), param.device,
+                   f"generating for {what} in a batch of {B}",
+                   hint="fewer new tokens, a smaller batch_size, or shorter prompts")
+
+
+def _encode(processor, items: list[dict]):
+    """A batch of prompts as ``generate`` feeds it: left-padded ids and mask (+ pixel values)."""
     kw: dict[str, Any] = dict(text=[it["text"] for it in items], padding=True, padding_side="left",
                               return_tensors="pt")
     if any(it["images"] for it in items):
         kw["images"] = [it["images"] for it in items]
-    enc = processor(**kw)
+    return processor(**kw)
+
+
+def _generate_batch(model, processor, items, max_new_tokens, do_sample, temperature, top_p, gen, stop_ids,
+                    stop_texts, recorder, prefill_chunk, bar) -> list[Generation]:
+    enc = _encode(processor, items)
     device = next(model.parameters()).device
     ids = enc["input_ids"].to(device)
     mask = enc["attention_mask"].to(device)
@@ -262,10 +304,14 @@ def _stops(model, stop) -> tuple[dict[str, set[int]], list[str]]:
     return {"eos": {int(i) for i in eos_ids}, "stop": ids}, texts
 
 
+def _as_prompts(prompts) -> list[dict[str, Any]]:
+    return [_as_prompt(p, i) for i, p in enumerate([prompts] if isinstance(prompts, (str, dict)) else list(prompts))]
+
+
 def _as_prompt(x, i: int) -> dict[str, Any]:
     if isinstance(x, str):
         return {"index": i, "text": x, "images": []}
-    if isinstance(x, dict) and isinstance(x.get("text", ""), str):
-        return {"index": i, "text": x.get("text", ""), "images": list(x.get("images") or [])}
+    if isinstance(x, dict) and isinstance(x.get("text"), str):  # no "text" is a mistake, not an empty prompt
+        return {"index": i, "text": x["text"], "images": list(x.get("images") or [])}
     raise ValueError(f"prompt {i}: expected a string or a dict with a string 'text' (and 'images'), "
                      f"got {type(x).__name__}")

@@ -32,7 +32,8 @@ def run(args) -> int:
     import torch
 
     from workbench.checkpoint import load_model
-    from workbench.generation import generate
+    from workbench.generation import check_generation, generate
+    from workbench.runtime.memory import ContextLengthError, InsufficientMemoryError
     from workbench.hooks import Recorder
     from workbench.models.llama4.processor import load_processor
 
@@ -53,11 +54,17 @@ def run(args) -> int:
         check_writable_dir(answers.parent, "--answers")
         if answers.is_dir():
             raise CLIError(f"--answers {answers} is a directory; give a file name (e.g. answers.jsonl)")
-    model = load_model(args.model, dtype=args.dtype, device=args.device, **quantize)
+    model = load_model(args.model, dtype=args.dtype, device=args.device, progress=not args.quiet, **quantize)
     proc = load_processor(args.model)
     check_vocab(proc, model)
     if args.prefill_chunk:
         model.prefill_chunk = args.prefill_chunk
+    items = [{"text": p["text"], "images": p["images"]} for p in prompts]
+    try:  # every batch fits the model's positions and this machine's memory: checked before the store exists
+        check_generation(model, proc, items, args.max_new_tokens, batch_size=args.batch_size,
+                         names=[f"{prompts_path.name}:{p['line']}" for p in prompts])
+    except (ContextLengthError, InsufficientMemoryError) as e:
+        raise CLIError(f"{e} (--max-new-tokens, --batch-size)") from None
     rec = None
     if args.out:
         rec = Recorder(model, Path(args.out), capture, processor=proc, overwrite=args.overwrite,
@@ -70,8 +77,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     try:
         with torch.no_grad():
-            results = generate(model, proc, [{"text": p["text"], "images": p["images"]} for p in prompts],
-                               args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+            results = generate(model, proc, items, args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                                top_p=args.top_p, seed=args.seed, stop=args.stop or None, recorder=rec,
                                batch_size=args.batch_size, progress=not args.quiet)
         ok = True
@@ -80,6 +86,7 @@ def run(args) -> int:
             rec.close(complete=ok)
     lines = [json.dumps({"line": p["line"], **r.to_json()}, ensure_ascii=False) for p, r in zip(prompts, results)]
     if args.answers:
+        Path(args.answers).parent.mkdir(parents=True, exist_ok=True)  # checked creatable up front
         tmp = Path(args.answers).with_name(Path(args.answers).name + ".tmp")
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
         tmp.replace(args.answers)  # all or nothing: a reader never sees half a file

@@ -14,11 +14,24 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["InsufficientMemoryError", "prefill_bytes", "available_bytes", "check_fits", "format_bytes"]
+__all__ = ["InsufficientMemoryError", "ContextLengthError", "prefill_bytes", "generation_bytes", "available_bytes",
+           "check_fits", "check_context", "format_bytes"]
 
 
 class InsufficientMemoryError(MemoryError):
     """The estimated need of a pass exceeds the memory free on its device."""
+
+
+class ContextLengthError(ValueError):
+    """An input, or a generation, longer than the model's ``max_position_embeddings``."""
+
+
+def check_context(tokens: int, config, what: str) -> None:
+    """Raise ContextLengthError naming ``what`` when ``tokens`` per row exceed the model's
+    ``max_position_embeddings`` (config: the text config)."""
+    if tokens > config.max_position_embeddings:
+        raise ContextLengthError(f"{what} needs {tokens:,} positions per row but the model's "
+                                 f"max_position_embeddings is {config.max_position_embeddings:,}")
 
 
 def format_bytes(n: float) -> str:
@@ -64,6 +77,17 @@ def prefill_bytes(config, batch_size: int, tokens: int, block: int, dtype: torch
     return kv + hidden + logits + working
 
 
+def generation_bytes(config, batch_size: int, prompt_tokens: int, new_tokens: int, block: int,
+                     dtype: torch.dtype) -> int:
+    """Estimated peak bytes of generating ``new_tokens`` after ``prompt_tokens`` per row (padding
+    included; model weights excluded): the prompt's blocked prefill (:func:`prefill_bytes`, last
+    logits only) with its KV cache sized for prompt + new tokens, as ``wb.generate`` allocates it."""
+    size = torch.empty((), dtype=dtype).element_size()
+    B, T = batch_size, prompt_tokens
+    return (prefill_bytes(config, B, T, block, dtype, logits_to_keep=1) - prefill_kv_bytes(config, B, T, block, size)
+            + prefill_kv_bytes(config, B, T + new_tokens, block, size))
+
+
 def available_bytes(device: torch.device | str) -> int | None:
     """Free memory on ``device``: the GPU's free bytes, or the host's MemAvailable; None if unknown."""
     device = torch.device(device)
@@ -81,10 +105,12 @@ def available_bytes(device: torch.device | str) -> int | None:
     return None
 
 
-def check_fits(nbytes: int, device: torch.device | str, what: str) -> None:
-    """Raise InsufficientMemoryError naming ``what`` when ``nbytes`` exceed the free memory of ``device``."""
+def check_fits(nbytes: int, device: torch.device | str, what: str,
+               hint: str = "shorter inputs, fewer rows, or logits_to_keep=1 when only the last token's logits "
+                           "are needed") -> None:
+    """Raise InsufficientMemoryError naming ``what`` (and ``hint``: what to change) when ``nbytes``
+    exceed the free memory of ``device``."""
     free = available_bytes(device)
     if free is not None and nbytes > free:
         raise InsufficientMemoryError(
-            f"{what} needs about {format_bytes(nbytes)} but only {format_bytes(free)} is free on {device} "
-            f"(shorter inputs, fewer rows, or logits_to_keep=1 when only the last token's logits are needed)")
+            f"{what} needs about {format_bytes(nbytes)} but only {format_bytes(free)} is free on {device} ({hint})")

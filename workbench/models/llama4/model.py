@@ -40,7 +40,7 @@ from workbench.models.llama4.vision import MultiModalProjector, VisionModel
 from workbench.runtime import ForwardBatch
 from workbench.runtime.attend import attend
 from workbench.runtime.kv_cache import CacheFullError, KVCache
-from workbench.runtime.memory import check_fits, prefill_bytes
+from workbench.runtime.memory import ContextLengthError, check_fits, prefill_bytes
 
 __all__ = [
     "Llama4ForCausalLM", "Llama4ForConditionalGeneration", "Llama4TextModel", "ModelOutput", "build_model",
@@ -474,16 +474,17 @@ def run_blocks(text_model: Llama4TextModel, lm_head: nn.Linear, input_ids, atten
     stream offset). attention_mask: (B, T) for this call's tokens (a (B, past + T) mask as
     transformers passes it is cut to its last T columns). logits_to_keep: 0 -> logits of every
     token; n -> of the last n only (what generation needs; a 256k-token prompt's full logits
-    alone take B x T x vocab x 4 bytes). Refuses (ValueError) inputs past the model's
-    ``max_position_embeddings`` or larger than the memory that is free, before allocating.
+    alone take B x T x vocab x 4 bytes). Refuses inputs past the model's
+    ``max_position_embeddings`` (ContextLengthError, a ValueError) or larger than the memory that
+    is free (InsufficientMemoryError), before allocating.
     """
     ref = input_ids if inputs_embeds is None else inputs_embeds
     B, T = ref.shape[:2]
     config = text_model.config
     past = 0 if cache is None else cache.length
     if past + T > config.max_position_embeddings:
-        raise ValueError(f"the input has {past + T} tokens per row (padding and cached tokens included) but the "
-                         f"model's max_position_embeddings is {config.max_position_embeddings}")
+        raise ContextLengthError(f"the input has {past + T} tokens per row (padding and cached tokens included) but "
+                                 f"the model's max_position_embeddings is {config.max_position_embeddings}")
     if cache is not None and past + T > cache.max_len:  # before any block runs: nothing half-done
         raise CacheFullError(f"the cache holds {cache.max_len} tokens per row: {past} used, {T} more do not fit")
     if attention_mask is not None and cache is not None and attention_mask.shape[-1] == past + T and past:
