@@ -196,7 +196,8 @@ class TransformersAdapter(Adapter):
     * ``inputs`` fires from a pre-hook on the top module, with the call's ``input_ids`` and a
       :class:`~workbench.runtime.ForwardBatch` built from its ``attention_mask`` and, in
       ``generate``'s decode steps, the cache length (:func:`_hf_batch`), so decode steps continue
-      their sequences at the right positions.
+      their sequences at the right positions. ``generate`` never runs its last generated token
+      through the model: the trace holds every answer token but that one.
     * ``routers[i]`` fires from a forward hook on the i-th router module (instances of the family's
       ``router_class``, in decoder order). Each MoE layer's decoder index is read from the router's
       place in the module tree (``...layers.<i>....``), so models mixing dense and MoE layers
