@@ -76,7 +76,8 @@ def test_trace_bad_inputs_are_clear_errors(ckpt, tmp_path):
 
     long = write_prompts(tmp_path / "long.jsonl", ["word " * 200])
     out = run_cli("trace", ckpt, "--prompts", long, "--out", tmp_path / "c.zarr", "--max-tokens", 32)
-    assert out.returncode == 2 and "above max_length=32" in out.stderr
+    assert out.returncode == 2 and "long.jsonl:1: the prompt is" in out.stderr
+    assert "more than --max-tokens 32" in out.stderr
     out = run_cli("trace", ckpt, "--prompts", long, "--out", tmp_path / "d.zarr", "--max-tokens", 32, "--truncate")
     assert out.returncode == 0, out.stderr
     assert wb.open_trace(tmp_path / "d.zarr").sizes["token"] == 32
@@ -147,3 +148,164 @@ def test_demo_runs_and_writes_a_trace(tmp_path):
     ds = wb.open_trace(tmp_path / "demo.zarr")
     assert ds.attrs["complete"] and ds.sizes["token"] > 0
     assert set(np.unique(ds["modality"].values)) <= {0, 1, 2}
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input in process: one line "workbench <command>: error: ..." on stderr, exit code 2
+# ---------------------------------------------------------------------------------------------
+def main_rc(capsys, *args) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of ``workbench.cli.main`` (argparse exits via SystemExit)."""
+    from workbench.cli import main
+
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+def one_error_line(err: str, command: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"workbench {command}: error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv,command,fragment", [
+    (["generate", "M", "--prompts", "p.jsonl", "--max-new-tokens", "0"], "generate",
+     "argument --max-new-tokens: must be a positive integer (1 or more), got 0"),
+    (["generate", "M", "--prompts", "p.jsonl", "--top-p", "1.5"], "generate", "argument --top-p: must be in (0, 1]"),
+    (["trace", "M", "--prompts", "p.jsonl", "--out", "s", "--max-tokens", "0"], "trace", "argument --max-tokens"),
+    (["trace", "M", "--out", "s"], "trace", "the following arguments are required: --prompts"),
+    (["trace", "M", "--prompts", "p.jsonl", "--out", "s", "--max-tokns", "3"], "trace",
+     "unrecognized arguments: --max-tokns 3"),
+    (["trace", "M", "--prompts", "p", "--out", "s", "--resume", "--overwrite"], "trace", "not allowed with"),
+    (["info"], "info", "the following arguments are required: path"),
+    ([], "", "the following arguments are required: command"),
+    (["tarce", "M"], "", "invalid choice: 'tarce'"),
+], ids=["max-new-tokens", "top-p", "max-tokens", "missing", "unknown", "exclusive", "info", "no-command", "typo"])
+def test_usage_errors_are_one_line_without_the_usage_block(capsys, argv, command, fragment):
+    code, _, err = main_rc(capsys, *argv)
+    prog = f"workbench {command}".strip()
+    line = err.strip()
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "usage:" not in err, err
+    assert line.startswith(f"{prog}: error: ") and fragment in line and line.endswith(f"(see {prog} --help)")
+
+
+def test_help_still_prints_the_usage(capsys):
+    code, out, _ = main_rc(capsys, "trace", "--help")
+    assert code == 0 and out.startswith("usage: workbench trace") and "--max-tokens" in out
+
+
+@pytest.mark.parametrize("line,got", [('{"txt": "no text key"}', "got an object without 'text'"),
+                                      ('{"text": 5}', "got 'text' of type int"),
+                                      ('["a list"]', "got a JSON array"), ("3", "got a JSON number")])
+def test_prompt_without_a_string_text_is_refused(capsys, tmp_path, line, got):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(f'"a bare string is a prompt"\n{{"text": ""}}\n{line}\n')
+    code, _, err = main_rc(capsys, "trace", tmp_path / "no-model", "--prompts", prompts, "--out", tmp_path / "s.zarr")
+    msg = one_error_line(err, "trace")
+    assert code == 2 and f"p.jsonl:3: expected an object with a string 'text'" in msg and got in msg
+    from workbench.cli import read_prompts
+
+    prompts.write_text('"a bare string is a prompt"\n{"text": "", "images": []}\n')
+    assert [p["text"] for p in read_prompts(prompts, None)] == ["a bare string is a prompt", ""]
+
+
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory):
+    """A complete trace of the embedded model holding 0 tokens (its only prompt is empty)."""
+    from workbench.cli import main
+    from workbench.embedded import EMBEDDED_MODEL
+
+    d = tmp_path_factory.mktemp("empty")
+    prompts = write_prompts(d / "p.jsonl", [{"text": ""}])
+    assert main(["trace", str(EMBEDDED_MODEL), "--prompts", str(prompts), "--out", str(d / "e.zarr"), "--quiet"]) == 0
+    return d / "e.zarr"
+
+
+def test_check_store_out_offers_resume_only_where_the_command_has_it(empty_store):
+    from workbench.cli._common import CLIError, check_store_out
+
+    with pytest.raises(CLIError, match="pass --resume to continue it or --overwrite to replace it"):
+        check_store_out(empty_store, resume=False, overwrite=False)
+    with pytest.raises(CLIError) as e:
+        check_store_out(empty_store, resume=False, overwrite=False, can_resume=False)
+    assert "--resume" not in str(e.value) and "pass --overwrite to replace it, or choose another --out" in str(e.value)
+    assert check_store_out(empty_store, resume=False, overwrite=True, can_resume=False) is None
+
+
+def test_info_on_a_store_without_tokens(capsys, empty_store):
+    code, out, _ = main_rc(capsys, "info", empty_store)
+    assert code == 0 and "0 tokens in 0 sequences" in out and "no tokens recorded" in out
+    assert "nan" not in out and "CV" not in out
+
+
+def test_trace_prompt_errors_name_the_line_and_the_flags(capsys, tmp_path):
+    from workbench.embedded import EMBEDDED_MODEL
+
+    prompts = tmp_path / "long.jsonl"
+    prompts.write_text(json.dumps("short") + "\n\n" + json.dumps("word " * 100) + "\n")  # line 3: sample 1
+    store = tmp_path / "s.zarr"
+    args = ["trace", EMBEDDED_MODEL, "--prompts", prompts, "--out", store, "--quiet", "--max-tokens", 16]
+    code, _, err = main_rc(capsys, *args)
+    msg = one_error_line(err, "trace")
+    assert code == 2 and "long.jsonl:3: the prompt is" in msg and "more than --max-tokens 16" in msg
+    assert "--truncate" in msg and "max_length" not in msg and "sample" not in msg
+    assert not store.exists()  # refused before the store was created: the rerun needs no --overwrite
+    code, out, err = main_rc(capsys, *args, "--truncate")
+    assert code == 0 and "traced 2 prompts" in out, err
+
+    images = write_prompts(tmp_path / "img.jsonl", ["fine", {"text": "<|image|> which digit?"}])
+    code, _, err = main_rc(capsys, "trace", EMBEDDED_MODEL, "--prompts", images, "--out", tmp_path / "i.zarr",
+                           "--quiet")
+    msg = one_error_line(err, "trace")
+    assert code == 2 and "img.jsonl:2: the text has 1 <|image|> placeholder(s) but the prompt has no 'images'" in msg
+    assert not (tmp_path / "i.zarr").exists()
+
+
+def test_trace_refuses_max_tokens_beyond_the_model_positions(capsys, tmp_path, monkeypatch):
+    from workbench.embedded import EMBEDDED_MODEL
+
+    limit = json.loads((EMBEDDED_MODEL / "config.json").read_text())["text_config"]["max_position_embeddings"]
+    monkeypatch.setattr("workbench.checkpoint.load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    prompts = write_prompts(tmp_path / "p.jsonl", ["hello"])
+    code, _, err = main_rc(capsys, "trace", EMBEDDED_MODEL, "--prompts", prompts, "--out", tmp_path / "s.zarr",
+                           "--max-tokens", limit + 1)
+    msg = one_error_line(err, "trace")
+    assert code == 2 and f"--max-tokens {limit + 1}" in msg and f"max_position_embeddings {limit}" in msg
+
+
+def test_trace_refuses_a_prompt_past_the_model_positions_before_the_store(capsys, tmp_path):
+    """Without --max-tokens a prompt longer than max_position_embeddings (here a copy of the
+    embedded checkpoint limited to 32 positions) is refused naming its line, before the store."""
+    import shutil
+
+    from workbench.embedded import EMBEDDED_MODEL
+
+    short = tmp_path / "short"
+    shutil.copytree(EMBEDDED_MODEL, short)
+    cfg = json.loads((short / "config.json").read_text())
+    cfg["text_config"]["max_position_embeddings"] = 32
+    (short / "config.json").write_text(json.dumps(cfg))
+    prompts = write_prompts(tmp_path / "p.jsonl", ["fine", "word " * 40])
+    store = tmp_path / "s.zarr"
+    code, _, err = main_rc(capsys, "trace", short, "--prompts", prompts, "--out", store, "--quiet")
+    msg = one_error_line(err, "trace")
+    assert code == 2 and "p.jsonl:2: the prompt is" in msg and "max_position_embeddings 32" in msg, msg
+    assert not store.exists()
+
+
+def test_info_on_a_transformers_checkpoint_of_a_traced_family(capsys, tmp_path):
+    pytest.importorskip("transformers")
+    from tests.test_families import save_checkpoint
+
+    d = tmp_path / "mixtral"
+    save_checkpoint("mixtral", d)  # 4 layers, hidden 32, 8 experts, top-2
+    for f in d.glob("*.safetensors"):
+        f.unlink()  # info reads config.json only
+    code, out, err = main_rc(capsys, "info", d)
+    assert code == 0, err
+    assert out.startswith("MixtralForCausalLM") and "model type 'mixtral'" in out and "through transformers" in out
+    assert "4 layers, hidden 32" in out and "MoE layers (4): 0-3; 8 experts, top-2" in out

@@ -648,7 +648,8 @@ def test_generate_command_writes_answers_and_the_trace(tmp_path, capsys, model, 
     assert main(["generate", str(EMBEDDED_MODEL), "--prompts", str(prompts), "--capture", "logits"]) == 2
     assert "--capture needs --out" in capsys.readouterr().err
     assert main(["generate", str(EMBEDDED_MODEL), "--prompts", str(prompts), "--out", str(store)]) == 2
-    assert "already holds a trace" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "already holds a trace" in err and "--overwrite" in err and "--resume" not in err  # generate has none
     # too long for the model's positions: refused after loading, before the store exists
     fresh = tmp_path / "fresh.zarr"
     assert main(["generate", str(EMBEDDED_MODEL), "--prompts", str(prompts), "--max-new-tokens", "20000000",

@@ -33,11 +33,21 @@ from workbench.cli.info import describe_model, describe_trace
 __all__ = ["main", "build_parser", "describe_model", "describe_trace", "read_prompts", "trace_summary", "CLIError"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line, as every other error of the CLI:
+    ``workbench <command>: error: <message> (see workbench <command> --help)``, exit code 2
+    (``prog`` of a sub-command's parser is "workbench <command>")."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="workbench", description="MoE Workbench: routing analysis for Llama 4 MoE models")
-    sub = ap.add_subparsers(dest="command", required=True)
+    ap = _Parser(prog="workbench", description="MoE Workbench: routing analysis for Llama 4 MoE models")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for command in (info, trace, generate, demo, export, verify, plan):
         command.add_parser(sub)
+    ap.commands = sub.choices  # the sub-commands' parsers by name: main blames an unknown flag on its command
     ap.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     for p in sub.choices.values():  # also accepted after the command; SUPPRESS keeps a value given before it
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -45,7 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)  # argparse reports its own errors (usage + one line, exit 2)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)  # argparse reports its own errors (one line, exit 2)
+    if unknown:  # parse_args would blame "workbench", not the command whose flags these are not
+        parser.commands[args.command].error(
+            f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -69,7 +83,8 @@ def _classify(e: Exception) -> tuple[int, str]:
     """(exit code, one-line message) of an exception that ended a command.
 
     Our own error types (CLIError, ConfigError, CheckpointError, ProcessorError, TraceError,
-    RecorderError) describe bad input: 2, unless raised ``from`` a failed write (TraceWriteError)
+    RecorderError, and an input too long for the model or the machine: ContextLengthError,
+    InsufficientMemoryError) describe bad input: 2, unless raised ``from`` a failed write (TraceWriteError)
     or an OSError other than a wrong path (EIO, ENOSPC...): 1. A bare OSError is 2 for a wrong
     path, else 1. Anything else is an internal error: 1, with a pointer to ``--debug``.
     """
@@ -77,6 +92,7 @@ def _classify(e: Exception) -> tuple[int, str]:
     from workbench.hooks import RecorderError
     from workbench.models.llama4.config import ConfigError
     from workbench.models.llama4.processor import ProcessorError
+    from workbench.runtime.memory import ContextLengthError, InsufficientMemoryError
     from workbench.trace import TraceError
     from workbench.trace.errors import TraceWriteError
 
@@ -86,7 +102,8 @@ def _classify(e: Exception) -> tuple[int, str]:
         c = c.__cause__
     failed = any(isinstance(c, TraceWriteError) or (isinstance(c, OSError) and not isinstance(c, _PATH_ERRORS))
                  for c in chain)
-    if isinstance(e, (CLIError, ConfigError, CheckpointError, ProcessorError, TraceError, RecorderError, OSError)):
+    if isinstance(e, (CLIError, ConfigError, CheckpointError, ProcessorError, TraceError, RecorderError, OSError,
+                      ContextLengthError, InsufficientMemoryError)):  # too long for the model or the machine
         return (1 if failed else 2), _one_line(str(e) or type(e).__name__)
     return 1, _one_line(f"internal error: {type(e).__name__}: {e} (run again with --debug for the traceback)")
 

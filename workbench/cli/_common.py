@@ -6,11 +6,13 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 
 from workbench.trace._util import format_ranges
 
-__all__ = ["CLIError", "read_prompts", "trace_summary", "add_capture_arguments", "capture_options", "format_ranges",
+__all__ = ["CLIError", "read_prompts", "check_prompts_process", "trace_summary", "add_capture_arguments",
+           "capture_options", "format_ranges",
            "positive_int", "dtype_name", "device_name", "DTYPE_CHOICES", "check_writable_dir", "check_store_out",
            "check_vocab", "checkpoint_loader", "load_transformers_checkpoint", "TransformersTextProcessor"]
 
@@ -19,10 +21,14 @@ class CLIError(Exception):
     """A user error the CLI reports in one line (bad prompts file, missing image...)."""
 
 
+_JSON_TYPES = {list: "array", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+
 def read_prompts(path: Path, images_dir: Path | None) -> list[dict]:
     """Read a JSONL prompts file: one object per line, {"text": str, "images": [file, ...]}.
 
-    A bare JSON string is a text prompt. Image files resolve against ``images_dir`` (default: the
+    A bare JSON string is a text prompt; an object needs a string "text" ("" is an empty prompt,
+    which trace skips). Image files resolve against ``images_dir`` (default: the
     prompts file's folder). Errors name the line: binary data (a NUL byte), bytes that are not
     UTF-8, invalid or too deeply nested JSON, a text with a lone surrogate (``"\\ud800"`` is valid
     JSON but no Unicode text: the tokenizer and the store could not take it), a missing image.
@@ -56,9 +62,13 @@ def read_prompts(path: Path, images_dir: Path | None) -> list[dict]:
             raise CLIError(f"{path}:{n}: JSON nested too deeply") from None
         if isinstance(obj, str):
             obj = {"text": obj}
-        if not isinstance(obj, dict) or not isinstance(obj.get("text", ""), str):
-            raise CLIError(f"{path}:{n}: expected an object with a string 'text' (and optional 'images')")
-        text = obj.get("text", "")
+        # a missing 'text' (a typo such as "txt") is refused, not read as an empty prompt
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            got = ("an object without 'text'" if isinstance(obj, dict) and "text" not in obj else
+                   f"'text' of type {type(obj['text']).__name__}" if isinstance(obj, dict) else
+                   f"a JSON {_JSON_TYPES.get(type(obj), type(obj).__name__)}")
+            raise CLIError(f"{path}:{n}: expected an object with a string 'text' (and optional 'images'), got {got}")
+        text = obj["text"]
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as e:
@@ -81,8 +91,69 @@ def read_prompts(path: Path, images_dir: Path | None) -> list[dict]:
     return prompts
 
 
+def check_prompts_process(processor, prompts: list[dict], path: Path, *, max_tokens: int | None,
+                          truncate: bool, max_positions: int | None = None) -> None:
+    """Run ``processor`` on each prompt of :func:`read_prompts` alone, with the arguments the
+    recorder will use, so that a prompt it refuses (longer than ``--max-tokens``, ``<|image|>``
+    placeholders that do not match ``images``, an unusable image) is a CLIError ``file:line: ...``
+    naming the CLI's flags, before an output store is created. The processor's own messages speak
+    of its API (``sample 0``, ``max_length``, ``truncation=True``). ``max_positions``: the model's
+    ``max_position_embeddings``; a longer prompt (images expanded) is refused here too, not by
+    the model after the store exists."""
+    from workbench.models.llama4.processor import ProcessorError
+
+    for p in prompts:
+        if not p["text"].strip() and not p["images"]:
+            continue  # the recorder skips empty prompts
+        kw = dict(text=[p["text"]], padding=True, return_tensors="pt")
+        if max_tokens is not None:
+            kw.update(max_length=max_tokens, truncation=truncate)
+        if p["images"]:
+            kw["images"] = [p["images"]]
+        try:
+            n = int(processor(**kw)["input_ids"].shape[-1])
+        except (ProcessorError, CLIError) as e:
+            raise CLIError(f"{path}:{p['line']}: {_in_cli_words(str(e), p, max_tokens)}") from None
+        if max_positions is not None and n > max_positions:
+            raise CLIError(f"{path}:{p['line']}: the prompt is {n} tokens long, more than the model's "
+                           f"max_position_embeddings {max_positions}; shorten it, or pass --max-tokens "
+                           f"{max_positions} --truncate")
+
+
+_IMG = re.escape("<|image|>")
+
+
+def _in_cli_words(message: str, prompt: dict, max_tokens: int | None) -> str:
+    """A processor error about one prompt (sample 0 of a batch of one) in the words of the CLI."""
+    if m := re.match(r"sample \d+ is (\d+) tokens long \(images expanded\), above max_length=(\d+);", message):
+        n, limit = m.groups()
+        n = f"{n} tokens long" + (" (images expanded)" if prompt["images"] else "")
+        if max_tokens is None:  # the limit is the tokenizer's model_max_length
+            return (f"the prompt is {n}, more than the tokenizer's limit of {limit} "
+                    f"(model_max_length); shorten it, pass a larger --max-tokens, or --max-tokens {limit} --truncate")
+        return (f"the prompt is {n}, more than --max-tokens {limit}; shorten it, "
+                f"pass a larger --max-tokens, or --truncate")
+    if m := re.match(r"prompt \d+ of the batch has (\d+) tokens, more than --max-tokens (\d+)", message):
+        return (f"the prompt is {m[1]} tokens long, more than --max-tokens {m[2]}; shorten it, pass a larger "
+                f"--max-tokens, or --truncate")
+    if m := re.match(r"truncating sample \d+ to max_length=(\d+) would cut into its image tokens "
+                     r"\((\d+) tokens before truncation\)", message):
+        return (f"--truncate to --max-tokens {m[1]} would cut into the prompt's image tokens (it is {m[2]} tokens "
+                f"long); pass a larger --max-tokens or drop its images")
+    if m := re.match(rf"sample \d+ has (\d+) {_IMG} placeholder\(s\) but no images were passed", message):
+        return (f"the text has {m[1]} <|image|> placeholder(s) but the prompt has no 'images'; each placeholder "
+                f"takes one image file, in order")
+    if m := re.match(rf"sample \d+ has (\d+) {_IMG} placeholder\(s\) in its text but (\d+) image\(s\)", message):
+        return (f"the text has {m[1]} <|image|> placeholder(s) but 'images' lists {m[2]} file(s); each placeholder "
+                f"takes one image file, in order")
+    # anything else (an image the processor cannot use): name the image file instead of the batch slot
+    images = prompt["images"]
+    return re.sub(r"image (\d+) of sample \d+",
+                  lambda m: f"image {images[int(m[1])]}" if int(m[1]) < len(images) else m[0], message)
+
+
 # ---------------------------------------------------------------------------------------------
-# Flag types (argparse reports their errors: usage line + "workbench CMD: error: argument ...")
+# Flag types (argparse reports their errors: one line "workbench CMD: error: argument ...")
 # ---------------------------------------------------------------------------------------------
 def positive_int(text: str) -> int:
     """``type=`` of counts such as --batch-size: 0 and negatives are refused (a negative batch size
@@ -160,11 +231,14 @@ def _read_only_mount(path: Path) -> bool:
         return False
 
 
-def check_store_out(out: Path, *, resume: bool, overwrite: bool, inputs_hash: str | None = None) -> dict | None:
+def check_store_out(out: Path, *, resume: bool, overwrite: bool, inputs_hash: str | None = None,
+                    can_resume: bool = True) -> dict | None:
     """Cheap checks of a trace store path for ``--out`` (before the model loads): writable; with
     ``--resume`` an incomplete trace recorded from the same inputs must be there (its root
     attributes are returned); without ``--resume``/``--overwrite`` no trace may be there. The
-    messages name this command's flags (the store's own errors speak of the Python API)."""
+    messages name this command's flags (the store's own errors speak of the Python API):
+    ``can_resume=False`` for a command without ``--resume``, whose messages then offer only
+    ``--overwrite`` or another ``--out``."""
     from workbench.trace.reader import read_root
 
     check_writable_dir(out)
@@ -183,8 +257,10 @@ def check_store_out(out: Path, *, resume: bool, overwrite: bool, inputs_hash: st
         return attrs
     if holds_trace and not overwrite:
         attrs = read_root(out)["attributes"]
+        fix = ("pass --resume to continue it or --overwrite to replace it" if can_resume else
+               "pass --overwrite to replace it, or choose another --out")
         raise CLIError(f"{out} already holds a trace (n_tokens={attrs.get('n_tokens')}, complete="
-                       f"{attrs.get('complete')}): pass --resume to continue it or --overwrite to replace it")
+                       f"{attrs.get('complete')}): {fix}")
     return None
 
 
@@ -255,7 +331,6 @@ def trace_summary(store: Path, run: dict | None = None) -> str:
     from workbench.trace import open_trace
 
     ds = open_trace(store)
-    imb = load_imbalance(ds)
     lines = []
     if run is not None:
         lines.append(f"traced {run['prompts']} prompts, {run['tokens']:,} tokens in {run['seconds']:.1f} s "
@@ -267,6 +342,10 @@ def trace_summary(store: Path, run: dict | None = None) -> str:
                          + ", ".join(str(i) for i in run["skipped_empty"][:10]))
     lines.append(f"store {store}: {ds.sizes['token']:,} tokens, {_du(store) / 1e6:.2f} MB on disk, "
                  f"complete={ds.attrs['complete']}")
+    if ds.sizes["token"] == 0:  # no load to share out: every layer's CV would be nan
+        lines.append("no tokens recorded: no load imbalance to report")
+        return "\n".join(lines)
+    imb = load_imbalance(ds)
     lines.append("load imbalance per MoE layer (CV = std/mean of load shares; max/mean = E * max share):")
     for i, layer in enumerate(imb["layer"].values):
         lines.append(f"  layer {int(layer):3d}: CV {float(imb['cv'][i]):.3f}  max/mean {float(imb['max_over_mean'][i]):.2f}")
@@ -291,7 +370,7 @@ def checkpoint_loader(path: Path, loader: str = "auto") -> str:
         return "workbench"  # the workbench loader reports a missing directory / config itself
     try:
         model_type = json.loads(cfg_file.read_text(encoding="utf-8")).get("model_type")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, AttributeError):
         return "workbench"  # ... and a corrupt config.json
     if loader == "auto" and model_type in WORKBENCH_MODEL_TYPES:
         return "workbench"
@@ -339,6 +418,22 @@ class TransformersTextProcessor:
         return self.hf(text=text, **kw)
 
 
+def transformers_config(path: Path):
+    """(config, auto model class) of a transformers checkpoint directory: ``AutoModelForCausalLM``,
+    or ``AutoModelForImageTextToText`` for a multimodal config; CLIError when transformers cannot
+    read its config.json."""
+    import transformers
+
+    try:
+        cfg = transformers.AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as e:
+        raise CLIError(f"{path}: transformers cannot read its config.json ({_first_line(e)})") from None
+    auto = transformers.AutoModelForCausalLM
+    if hasattr(cfg, "text_config") and cfg.model_type not in transformers.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        auto = transformers.AutoModelForImageTextToText
+    return cfg, auto
+
+
 def load_transformers_checkpoint(path: Path, *, dtype: str | None, device: str | None, device_map: str | None,
                                  progress: bool = True):
     """(model, processor) of a transformers checkpoint directory: ``AutoModelForCausalLM`` (or
@@ -347,22 +442,16 @@ def load_transformers_checkpoint(path: Path, *, dtype: str | None, device: str |
     ``model.source`` (path, checkpoint fingerprint: resume compares it), and the tokenizer."""
     import torch
     import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from workbench.checkpoint import checkpoint_fingerprint
 
     if device is not None and device_map is not None:
         raise CLIError("give --device or --device-map, not both")
-    try:
-        cfg = AutoConfig.from_pretrained(str(path))
-    except (OSError, ValueError, KeyError) as e:
-        raise CLIError(f"{path}: transformers cannot read its config.json ({_first_line(e)})") from None
+    _, auto = transformers_config(path)
     kw = {"dtype": getattr(torch, dtype) if dtype else "auto"}
     if device_map is not None:
         kw["device_map"] = device_map
-    auto = AutoModelForCausalLM
-    if hasattr(cfg, "text_config") and cfg.model_type not in transformers.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        auto = transformers.AutoModelForImageTextToText
     if not progress:
         transformers.utils.logging.disable_progress_bar()
     try:
@@ -412,7 +501,7 @@ def quantize_options(args: argparse.Namespace) -> dict:
         raise CLIError(f"--quantize-modules: {e}") from None
 
 
-__all__ += ["add_quantize_arguments", "quantize_options"]
+__all__ += ["add_quantize_arguments", "quantize_options", "transformers_config"]
 
 
 def non_negative_seconds(text: str) -> float:

@@ -48,7 +48,8 @@ def run(args) -> int:
         raise CLIError("--capture needs --out (the trace store to record into)")
     inputs_hash = hashlib.sha256(prompts_path.read_bytes()).hexdigest()[:16]
     if args.out:
-        check_store_out(Path(args.out), resume=False, overwrite=args.overwrite, inputs_hash=inputs_hash)
+        check_store_out(Path(args.out), resume=False, overwrite=args.overwrite, inputs_hash=inputs_hash,
+                        can_resume=False)
     if args.answers:
         answers = Path(args.answers)
         check_writable_dir(answers.parent, "--answers")

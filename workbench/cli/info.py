@@ -1,13 +1,16 @@
-"""``workbench info PATH``: a checkpoint's or preset's architecture, or what a trace holds."""
+"""``workbench info PATH``: a checkpoint's or preset's architecture, or what a trace holds.
+
+A checkpoint is a Llama 4 one (workbench's own config and model) or a transformers checkpoint of a
+family ``workbench trace`` records through transformers (Mixtral, Qwen-MoE, OLMoE, DeepSeek-V3...)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 
-from workbench.cli._common import format_ranges, trace_summary
+from workbench.cli._common import CLIError, checkpoint_loader, format_ranges, trace_summary, transformers_config
 
-__all__ = ["add_parser", "run", "describe_model", "describe_trace"]
+__all__ = ["add_parser", "run", "describe_model", "describe_trace", "describe_transformers"]
 
 
 def _b(n: int) -> str:
@@ -51,6 +54,48 @@ def describe_model(config, source: str = "") -> str:
     return "\n".join(lines)
 
 
+def describe_transformers(path: Path) -> str:
+    """`workbench info DIR` of a transformers checkpoint of a family with a routing adapter (Mixtral,
+    Qwen-MoE, DeepSeek-V3...): its decoder and MoE layers, as the adapter that traces it sees them,
+    read from config.json by building the model on the meta device (no weight is loaded)."""
+    import torch
+
+    from workbench.hooks.adapters import AdapterError, adapter_for
+
+    cfg, auto = transformers_config(path)
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no weights read
+            model = auto.from_config(cfg)
+        spec = adapter_for(model).spec()
+    except (AdapterError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CLIError(f"{path}: transformers cannot build the model of its config.json ({e})") from None
+    t = cfg.get_text_config()
+    L = t.num_hidden_layers
+    moe = spec.moe_layers
+    dense = [i for i in range(L) if i not in moe]
+    heads, kv = getattr(t, "num_attention_heads", "?"), getattr(t, "num_key_value_heads", None)
+    shared = " + shared expert" if any(r.shared_expert for r in spec.layers) else ""
+    arch = (cfg.architectures or [type(model).__name__])[0]
+    lines = [f"{arch}  ({path})",
+             f"transformers model type {cfg.model_type!r}: `workbench trace` records it through transformers "
+             f"(its routing adapter), not workbench's own model",
+             f"text decoder: {L} layers, hidden {t.hidden_size}, {heads} heads" + (f" / {kv} KV heads" if kv else "")
+             + f", vocab {t.vocab_size}, max positions {getattr(t, 'max_position_embeddings', '?')}",
+             f"  MoE layers ({len(moe)}): {format_ranges(moe)}; {spec.n_experts} experts, top-{spec.top_k}{shared}",
+             f"  dense layers ({len(dense)}): {format_ranges(dense)}",
+             f"  routing: {spec.rule}",
+             f"parameters: {_b(sum(p.numel() for p in model.parameters()))} total"]
+    return "\n".join(lines)
+
+
+def _traced_with_transformers(path: Path) -> bool:
+    """A checkpoint directory `workbench trace` loads with transformers (a family with a routing adapter)."""
+    try:
+        return path.is_dir() and checkpoint_loader(path) == "transformers"
+    except CLIError:  # no adapter for its model type: ModelConfig says what is wrong with it, as before
+        return False
+
+
 def describe_trace(store: Path) -> str:
     """`workbench info STORE`: what a trace holds, where it came from, and its load imbalance."""
     from workbench.trace import open_trace
@@ -89,6 +134,9 @@ def run(args) -> int:
 
     if not path.exists() and args.path in PRESETS:
         print(describe_model(preset(args.path), source=f"preset {args.path}"))
+        return 0
+    if _traced_with_transformers(path):
+        print(describe_transformers(path))
         return 0
     print(describe_model(ModelConfig.from_pretrained(path), source=str(path)))
     return 0

@@ -8,6 +8,7 @@ rank 0 writes the store, a failing rank stops every rank with its name.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 from workbench.cli._common import (
@@ -15,6 +16,7 @@ from workbench.cli._common import (
     add_capture_arguments,
     add_commit_argument,
     capture_options,
+    check_prompts_process,
     check_store_out,
     check_vocab,
     checkpoint_loader,
@@ -60,7 +62,9 @@ def _run(args, tp) -> int:
     if tp is None or tp.rank == 0:  # rank 0 owns the store
         check_store_out(out, resume=args.resume, overwrite=args.overwrite, inputs_hash=inputs_hash)
     provenance = {"inputs_hash": inputs_hash, "prompts_file": str(prompts_path)}
-    if checkpoint_loader(Path(args.model), args.loader) == "transformers":
+    loader = checkpoint_loader(Path(args.model), args.loader)
+    _check_max_tokens(Path(args.model), args.max_tokens)
+    if loader == "transformers":
         import transformers
 
         if tp is not None:
@@ -73,9 +77,14 @@ def _run(args, tp) -> int:
     else:
         if args.device_map is not None:
             raise CLIError("--device-map applies to checkpoints loaded with transformers (use --device)")
-        model = load_model(args.model, dtype=args.dtype, device=args.device or (tp.device if tp else None), tp=tp)
+        model = load_model(args.model, dtype=args.dtype, device=args.device or (tp.device if tp else None), tp=tp,
+                           progress=not args.quiet)
         proc = load_processor(args.model)
     check_vocab(proc, model)
+    # a prompt the processor refuses fails here, naming its line, not after Recorder created the store
+    limit = getattr(getattr(model, "text_config", None), "max_position_embeddings", None)  # workbench's Llama 4
+    check_prompts_process(proc, prompts, prompts_path, max_tokens=args.max_tokens, truncate=args.truncate,
+                          max_positions=limit)
     rec = Recorder(model, out, capture, processor=proc, resume=args.resume, overwrite=args.overwrite,
                    provenance=provenance, commit_every_seconds=args.commit_every)
     ok = False
@@ -89,6 +98,22 @@ def _run(args, tp) -> int:
     if tp is None or tp.rank == 0:
         print(trace_summary(out, summary))
     return 0
+
+
+def _check_max_tokens(model: Path, max_tokens: int | None) -> None:
+    """CLIError when ``--max-tokens`` is above the model's max_position_embeddings (config.json, or
+    its text_config): the model refuses longer inputs, after the weights loaded. A config.json
+    that cannot be read is left to the loader to report."""
+    if max_tokens is None:
+        return
+    try:
+        cfg = json.loads((model / "config.json").read_text(encoding="utf-8"))
+        limit = (cfg.get("text_config") or cfg).get("max_position_embeddings")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, AttributeError):
+        return
+    if isinstance(limit, int) and max_tokens > limit:
+        raise CLIError(f"--max-tokens {max_tokens} is more than the model's max_position_embeddings {limit} "
+                       f"({model / 'config.json'}); pass --max-tokens {limit} or less")
 
 
 def add_parser(sub) -> None:
