@@ -206,7 +206,7 @@ def test_prompt_without_a_string_text_is_refused(capsys, tmp_path, line, got):
     prompts.write_text(f'"a bare string is a prompt"\n{{"text": ""}}\n{line}\n')
     code, _, err = main_rc(capsys, "trace", tmp_path / "no-model", "--prompts", prompts, "--out", tmp_path / "s.zarr")
     msg = one_error_line(err, "trace")
-    assert code == 2 and f"p.jsonl:3: expected an object with a string 'text'" in msg and got in msg
+    assert code == 2 and "p.jsonl:3: expected an object with a string 'text'" in msg and got in msg
     from workbench.cli import read_prompts
 
     prompts.write_text('"a bare string is a prompt"\n{"text": "", "images": []}\n')

@@ -78,9 +78,9 @@ def run(args) -> int:
     t0 = time.perf_counter()
     try:
         with torch.no_grad():
-            results = generate(model, proc, items, args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
-                               top_p=args.top_p, seed=args.seed, stop=args.stop or None, recorder=rec,
-                               batch_size=args.batch_size, progress=not args.quiet)
+            results = generate(model, proc, items, args.max_new_tokens, do_sample=args.do_sample,
+                               temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=args.stop or None,
+                               recorder=rec, batch_size=args.batch_size, progress=not args.quiet)
         ok = True
     finally:
         if rec is not None:
