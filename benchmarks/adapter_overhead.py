@@ -12,6 +12,9 @@ Models: a tiny random Mixtral and Qwen3-MoE built with transformers' own config 
 * ``adapter``: the adapter's hook points alone (``adapter_for(model).routers``), a listener per
   MoE layer keeping (logits, ids, weights) for the streak: the capture path without the store,
   what nnsight's save path does;
+* ``recorder-no-floor`` (``--variants recorder-no-floor``): the same recorder with queue places of
+  one pass however short (``PLACE_TOKENS = 0``): the writer then wakes every 3 passes of fewer
+  than 256 tokens; shows what the floor is worth on short passes (``--batch 1 --seq 1``);
 * ``nnsight``: ``NNsight(model).trace(ids)`` per pass, saving the same router outputs (each gate
   module's output tuple: logits, weights, ids) with ``.output.save()``; the saved tensors are kept
   for the streak (nothing written to disk: nnsight's save path only).
@@ -29,7 +32,8 @@ __editable___moe_workbench_0_1_0_finder; __editable___moe_workbench_0_1_0_finder
 then ``/tmp/nns/bin/pip install nnsight`` (torch and transformers are found, not reinstalled).
 
     python benchmarks/adapter_overhead.py [--rounds 10] [--passes 8] [--batch 4] [--seq 256]
-        [--threads 2] [--device cpu] [--models mixtral qwen3_moe] [--json out.json]
+        [--threads 2] [--device cpu] [--models mixtral qwen3_moe] [--variants recorder-no-floor]
+        [--json out.json]
 """
 from __future__ import annotations
 
@@ -95,6 +99,17 @@ def run_model(name: str, args, tmp: Path) -> dict:
     ids = torch.randint(0, 2000, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(args.device)
     rec = wb.record(model, tmp / f"{name}.zarr", capture={"router": {}, "logits": {"dtype": "float32"}})
     rec.detach()
+    old_rec = None
+    if "recorder-no-floor" in args.variants:  # the queue as before PLACE_TOKENS: a place per pass of this size
+        import workbench.hooks.recorder as R
+
+        saved, R.PLACE_TOKENS = R.PLACE_TOKENS, 0
+        try:
+            old_rec = wb.record(model, tmp / f"{name}-nofloor.zarr",
+                                capture={"router": {}, "logits": {"dtype": "float32"}})
+        finally:
+            R.PLACE_TOKENS = saved
+        old_rec.detach()
     nn_model = NNsight(model) if NNsight is not None else None
     gates = gate_modules(model)
     kept: list = []
@@ -112,12 +127,13 @@ def run_model(name: str, args, tmp: Path) -> dict:
             if kind == "plain":
                 for _ in range(args.passes):
                     model(input_ids=ids)
-            elif kind == "recorder":
-                rec.attach()
+            elif kind in ("recorder", "recorder-no-floor"):
+                r = rec if kind == "recorder" else old_rec
+                r.attach()
                 for _ in range(args.passes):
                     model(input_ids=ids)
-                rec.flush()
-                rec.detach()
+                r.flush()
+                r.detach()
             elif kind == "adapter":
                 listeners.extend(p.add(keep) for p in adapter.routers)
                 for _ in range(args.passes):
@@ -135,7 +151,8 @@ def run_model(name: str, args, tmp: Path) -> dict:
         sync(args.device)
         return time.perf_counter() - t0
 
-    kinds = ["plain", "adapter", "recorder"] + (["nnsight"] if nn_model is not None else [])
+    kinds = ["plain", "adapter", "recorder"] + (["recorder-no-floor"] if old_rec is not None else []) \
+        + (["nnsight"] if nn_model is not None else [])
     for k in kinds:  # warm-up
         streak(k)
     times: dict[str, list[float]] = {k: [] for k in kinds}
@@ -146,6 +163,8 @@ def run_model(name: str, args, tmp: Path) -> dict:
         print(f"  {name} round {r}: " + ", ".join(f"{k} {times[k][-1] * 1e3:.0f}" for k in kinds)
               + f" ms; load {os.getloadavg()[0]:.2f}", flush=True)
     rec.close()
+    if old_rec is not None:
+        old_rec.close()
     adapter.close()
     ds = wb.open_trace(tmp / f"{name}.zarr")
     expected = (1 + args.rounds) * args.passes * args.batch * args.seq
@@ -161,9 +180,10 @@ def run_model(name: str, args, tmp: Path) -> dict:
         over = np.asarray(times[k]) / plain - 1
         lo, hi = bootstrap_median_ci(over)
         out[f"{k}_overhead"] = {"median": float(np.median(over)), "ci95": (lo, hi),
-                                "of_minima": min(times[k]) / min(times["plain"]) - 1}
+                                "of_minima": min(times[k]) / min(times["plain"]) - 1,
+                                "per_pass_ms": float(np.median(np.asarray(times[k]) - plain)) / args.passes * 1e3}
     if "nnsight" in times:
-        for k in ("recorder", "adapter"):
+        for k in ("recorder", "adapter") + (("recorder-no-floor",) if old_rec is not None else ()):
             ratio = np.asarray(times["nnsight"]) / np.asarray(times[k])
             out[f"nnsight_over_{k}"] = {"median": float(np.median(ratio)), "ci95": bootstrap_median_ci(ratio)}
     return out
@@ -179,6 +199,9 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--variants", nargs="*", default=[], choices=["recorder-no-floor"],
+                    help="recorder-no-floor: a second recorder whose queue places are passes, however short "
+                         "(workbench.hooks.inbox.PLACE_TOKENS = 0), i.e. the writer's batching before the floor")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -194,12 +217,12 @@ def main() -> None:
             r = run_model(name, args, Path(tmp))
             results["models"][name] = r
             line = f"{name}: " + ", ".join(f"{k} {v:.0f} ms" for k, v in r["ms"].items())
-            for k in ("adapter", "recorder", "nnsight"):
+            for k in ("adapter", "recorder", "recorder-no-floor", "nnsight"):
                 if f"{k}_overhead" in r:
                     o = r[f"{k}_overhead"]
                     line += (f"; {k} {o['median']:+.1%} [{o['ci95'][0]:+.1%}, {o['ci95'][1]:+.1%}] "
-                             f"(minima {o['of_minima']:+.1%})")
-            for k in ("adapter", "recorder"):
+                             f"(minima {o['of_minima']:+.1%}, {o['per_pass_ms']:+.2f} ms/pass)")
+            for k in ("adapter", "recorder", "recorder-no-floor"):
                 if f"nnsight_over_{k}" in r:
                     line += f"; nnsight/{k} {r[f'nnsight_over_{k}']['median']:.2f}x"
             print(line, flush=True)

@@ -11,10 +11,11 @@ Like ``queue.Queue(maxsize)``, with two differences that make recording cheap:
   idle writer is still taken ``max_age`` after it arrived). On a 2-core machine every wake-up of
   the writer thread costs the forward pass a GIL hand-over and a context switch or two;
 * ``capacity`` counts every pass not yet written, the ones the writer is writing included, in
-  units of the largest pass put so far (``weight``: the recorder gives a pass's token count): host
-  memory stays bounded by ``capacity`` of the largest passes (what the memory planner assumes for
-  ``capacity`` passes of the planned size), while smaller passes queue, and are batched, in
-  proportion (18 short prompts: 2-3 batches instead of 6). With equal weights it is a count.
+  units of the largest pass put so far, and at least ``min_unit`` (``weight``: the recorder gives a
+  pass's token count, and a floor of :data:`PLACE_TOKENS` tokens): host memory stays bounded by
+  ``capacity`` units (what the memory planner assumes), while smaller passes queue, and are
+  batched, in proportion (18 short prompts: 2-3 batches instead of 6; one-token decode steps:
+  hundreds to a batch). With equal weights and no floor it is a count.
 """
 from __future__ import annotations
 
@@ -23,13 +24,21 @@ import time
 from collections import deque
 from typing import Any
 
-__all__ = ["Inbox"]
+__all__ = ["Inbox", "PLACE_TOKENS"]
+
+# The recorder's floor for a queue place, in tokens (per-token captures only). Without it a place
+# of one-token passes (decode steps) is one pass, and the writer woke every few passes: each
+# wake-up takes the GIL from the forward pass many times over (its Python work interleaved with
+# the forward's ops), which cost a one-token transformers pass ~1 ms, several times the writer's
+# own CPU time (benchmarks/RESULTS.md, "Writer wake-ups"). Host memory in flight: capacity x 256
+# tokens at least, e.g. ~32 MiB of float32 router logits for 48 MoE layers x 128 experts.
+PLACE_TOKENS = 256
 
 
 class Inbox:
     """Bounded FIFO of passes; ``put`` blocks while ``capacity`` largest passes are not yet written."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, min_unit: float = 0.0):
         self._cap = max(1, int(capacity))
         self._items: deque = deque()
         self._arrived: deque = deque()  # monotonic arrival time of each queued item
@@ -38,7 +47,7 @@ class Inbox:
         self._pending = 0  # put and not yet done: queued + being written
         self._pending_w = 0.0  # their weight
         self._queued_w = 0.0  # the queued items' weight
-        self._unit = 0.0  # the largest weight put so far
+        self._unit = float(min_unit)  # the largest weight put so far, at least min_unit
         self._urgent = 0  # joins waiting, or a close: take everything now
         self._want: float = float("inf")  # the waiting taker's min_items (inf: no taker waits)
 

@@ -16,10 +16,10 @@ listener on rank 0. The provenance records the world size and the layout
 (``tensor_parallel``, and ``tensor_parallel_parts``: first token index -> world size, so a store
 resumed with another world size says which part ran with which).
 
-Memory is bounded by ``queue_size`` passes in flight (with per-token captures only, passes of the
-largest size seen: shorter passes queue in proportion to their token count), whatever the run
-length. An error in the writer thread is raised in the caller's thread at the next forward pass or
-at close.
+Memory is bounded by ``queue_size`` passes in flight (with per-token captures only, places of the
+largest size seen and at least 256 tokens: shorter passes queue in proportion to their token
+count), whatever the run length. An error in the writer thread is raised in the caller's thread
+at the next forward pass or at close.
 
 What is recorded is declared by captures (:mod:`workbench.hooks.captures`); how a model reports
 inputs and router decisions by its adapter (:mod:`workbench.hooks.adapters`). Listeners are
@@ -45,7 +45,7 @@ from torch import nn
 
 from workbench.hooks.adapters import Adapter, AdapterError, adapter_for
 from workbench.hooks.captures import Capture, Pass, RecorderError, Written, make_captures, to_host
-from workbench.hooks.inbox import Inbox
+from workbench.hooks.inbox import PLACE_TOKENS, Inbox
 from workbench.hooks.points import Handles
 from workbench.trace.schema import Modality
 
@@ -83,8 +83,10 @@ class Recorder:
     is committed before the next. Use as a context manager (``wb.record``) or ``attach()`` /
     ``close()``. ``queue_size``: forward passes handed to the writer thread and not yet written
     before the next pass waits (host memory); when every capture's payload is per token
-    (``Capture.payload_per_token``: not attention maps) counted in passes of the largest token
-    count seen, so short passes queue, and are written, several to a place.
+    (``Capture.payload_per_token``: not attention maps) counted in places of the largest token
+    count seen and at least ``PLACE_TOKENS`` (256) tokens, so short passes queue, and are written,
+    several to a place (the writer's wake-ups cost the forward pass more than its work; time-based
+    commits only).
     """
 
     def __init__(self, model: nn.Module, store: str | os.PathLike,
@@ -141,13 +143,14 @@ class Recorder:
         self._runner_generated: bool | None = None
         self._last_ids: np.ndarray | None = None  # sequence ids of the last pass (a continuation reuses them)
         self._call_start: int | None = None  # stream offset of the current model call's first pass
-        self._queue = Inbox(queue_size)
         self._token_places = all(c.payload_per_token for c in self.captures)
         # time-based commits only: the writer takes passes in batches (all but one of the queue's
         # places, so the forward pass never waits for a batch; with per-token captures, places of the
-        # largest pass seen); with a token or per-pass rule each pass as it comes (a commit exactly
-        # when the rule says)
+        # largest pass seen and at least PLACE_TOKENS tokens); with a token or per-pass rule each
+        # pass as it comes (a commit exactly when the rule says)
         self._batch = max(1, int(queue_size) - 1) if self._commit_seconds and not commit_every_tokens else 1
+        floor = PLACE_TOKENS if self._token_places and self._batch > 1 else 0
+        self._queue = Inbox(queue_size, min_unit=floor)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._write_loop, name="workbench-recorder", daemon=True)
         if not self._follower:

@@ -277,6 +277,19 @@ def test_recorder_buffers_follow_the_captures():
     assert full.recorder_host == 5 * N * L * k * 12 + 5 * N * L * E * 2 + N * L * E * 4 + 5 * L * 40 * (N - P) * P * 2
 
 
+def test_recorder_host_counts_queue_places_of_at_least_256_tokens():
+    """With per-token captures a queue place holds at least PLACE_TOKENS tokens (short passes are
+    batched for the writer), so a small block's host figure counts 4 places of 256 tokens."""
+    from workbench.hooks.inbox import PLACE_TOKENS
+
+    assert PLACE_TOKENS == 256
+    N, L, E, k = 16, 48, 16, 1
+    p = wb.plan("scout", context=8192, block=N, capture="router,logits")
+    assert p.recorder_host == (4 * 256 + N) * L * k * 12 + (4 * 256 + N) * L * E * 2 + N * L * E * 4
+    big = wb.plan("scout", context=8192, block=512, capture="router")
+    assert big.recorder_host == 5 * 512 * L * k * 12  # places of the pass's own size above the floor
+
+
 def test_gpu_specs_and_bad_requests():
     assert parse_gpus("8xH100-80GB").count == 8 and parse_gpus("1xh200-141GB").memory == CARDS["H200-141GB"] == H200
     assert parse_gpus("2xA100-40GB").memory == 40 * GiB

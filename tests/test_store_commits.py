@@ -265,6 +265,20 @@ def test_inbox_counts_capacity_in_largest_items():
     box.done(1)
 
 
+def test_inbox_floor_unit_batches_small_items_until_the_floor_is_reached():
+    """min_unit: capacity and batches count in units of at least min_unit, so 1-weight items
+    (one-token passes) gather into one batch of hundreds; a larger item raises the unit."""
+    box = Inbox(4, min_unit=256)
+    for i in range(300):
+        box.put(i)  # 300 pending <= 4 x 256: never blocks
+    assert box.take(3, None, 0.05) == []  # 300 queued < 3 x 256: not due
+    assert box.take(1, None, 0.05) == list(range(300))  # >= 1 x 256
+    box.done(300)
+    box.put("big", weight=1000)
+    assert box.take(1, None, 0.05) == ["big"] and box._unit == 1000
+    box.done(1)
+
+
 def test_queue_places_count_tokens_only_for_per_token_captures(tmp_path):
     """Every registered capture but the attention maps has a fixed size per token, so a recorder
     without attention counts its queue by tokens; with attention maps (bytes per pass not
@@ -277,9 +291,11 @@ def test_queue_places_count_tokens_only_for_per_token_captures(tmp_path):
     assert {n for n, c in CAPTURES.items() if not c.payload_per_token} == {"attention"}
     model = wb.load_model(EMBEDDED_MODEL, progress=False)
     with wb.record(model, tmp_path / "a.zarr", capture=("router", "logits", "margin")) as rec:
-        assert rec._token_places
+        assert rec._token_places and rec._queue._unit == 256  # places of at least 256 tokens
+    with wb.record(model, tmp_path / "c.zarr", commit_every_seconds=0) as rec:
+        assert rec._queue._unit == 0  # each pass committed alone: taken as it comes
     with wb.record(model, tmp_path / "b.zarr", capture=("router", "attention")) as rec:
-        assert not rec._token_places
+        assert not rec._token_places and rec._queue._unit == 0  # places are passes
 
 
 def test_inbox_wakes_the_writer_only_when_its_batch_is_due():

@@ -53,8 +53,8 @@ against the GPU): per forward pass of ``batch x block`` tokens (N), L MoE layers
 ``logits`` (N, L, E) kept per layer and stacked (``2 N L E size``); ``attention`` one (H, Q, P)
 float16 map per row with images on the device plus the kernel's 128 MiB working blocks (Q <= block
 text queries, P = ``image_tiles x tokens_per_tile`` patches). On the host, up to ``queue_size + 1``
-passes (the recorder's queue, default 4, counted with per-token captures in passes of the largest
-size it has seen, and the pass being built).
+passes (the recorder's queue, default 4, counted with per-token captures in places of the largest
+size it has seen and at least 256 tokens, and the pass being built).
 
 **Reserve** (``reserve``): CUDA context, library workspaces and allocator slack, 1 GiB per GPU by
 default (not a model figure: a machine one).
@@ -468,17 +468,22 @@ def _captures(capture) -> tuple[str, ...]:
 
 def _recorder(text, vision, batch: int, block: int, size: int, capture: tuple[str, ...], image_tiles: int,
               tp: int, queue_size: int) -> tuple[dict[str, int], int]:
+    from workbench.hooks.inbox import PLACE_TOKENS
+
     N = batch * block
     L = len(text.moe_layers)
     k, E = text.num_experts_per_tok, text.num_local_experts
+    # host: queue_size places of the queue (with per-token captures only: at least PLACE_TOKENS
+    # tokens each) and the pass being built
+    held = queue_size * (N if "attention" in capture else max(N, PLACE_TOKENS)) + N
     dev: dict[str, int] = {}
     host = 0
     if "router" in capture:
         dev["router capture"] = N * L * k * (2 * 8 + 2 * size + 4)
-        host += (queue_size + 1) * N * L * k * (8 + 4)
+        host += held * L * k * (8 + 4)
     if "logits" in capture:
         dev["logits capture"] = 2 * N * L * E * size
-        host += (queue_size + 1) * N * L * E * size + N * L * E * 4
+        host += held * L * E * size + N * L * E * 4
     if "attention" in capture:
         P = image_tiles * (vision.tokens_per_tile if vision is not None else 0)
         Q = max(0, block - P)
