@@ -297,6 +297,22 @@ def test_trace_refuses_a_prompt_past_the_model_positions_before_the_store(capsys
     assert not store.exists()
 
 
+def test_trace_of_a_transformers_checkpoint_without_a_tokenizer_says_so(capsys, tmp_path):
+    pytest.importorskip("transformers")
+    from tests.test_families import save_checkpoint
+
+    d = tmp_path / "mixtral"
+    save_checkpoint("mixtral", d)
+    for f in d.glob("tokenizer*"):
+        f.unlink()
+    capsys.readouterr()  # save_pretrained's progress bars
+    prompts = write_prompts(tmp_path / "p.jsonl", ["hello"])
+    code, _, err = main_rc(capsys, "trace", d, "--prompts", prompts, "--out", tmp_path / "s.zarr", "--quiet")
+    msg = one_error_line(err, "trace")
+    assert code == 2 and "no usable tokenizer" in msg and "tokenizer.json" in msg, msg
+    assert not (tmp_path / "s.zarr").exists()
+
+
 def test_info_on_a_transformers_checkpoint_of_a_traced_family(capsys, tmp_path):
     pytest.importorskip("transformers")
     from tests.test_families import save_checkpoint

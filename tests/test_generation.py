@@ -657,6 +657,13 @@ def test_generate_command_writes_answers_and_the_trace(tmp_path, capsys, model, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "max_position_embeddings is 10,485,760" in err
     assert err.startswith("workbench generate: error: p.jsonl:2 (") and not fresh.exists()
+    # a prompt the processor refuses is named by its line, not its slot in the batch, before the store exists
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": "no slot", "images": [IMAGE]}) + "\n")
+    assert main(["generate", str(EMBEDDED_MODEL), "--prompts", str(bad), "--out", str(fresh), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("workbench generate: error: ") and "bad.jsonl:2: the text has 0 <|image|>" in err
+    assert "sample" not in err and not fresh.exists()
     # --answers in a folder that does not exist yet: created
     nested = tmp_path / "new" / "dir" / "a.jsonl"
     assert main(["generate", str(EMBEDDED_MODEL), "--prompts", str(prompts), "--max-new-tokens", "2",

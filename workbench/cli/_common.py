@@ -57,7 +57,7 @@ def read_prompts(path: Path, images_dir: Path | None) -> list[dict]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise CLIError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            raise CLIError(f"{path}:{n}: not valid JSON (column {e.colno}: {e.msg})") from None
         except RecursionError:
             raise CLIError(f"{path}:{n}: JSON nested too deeply") from None
         if isinstance(obj, str):
@@ -454,9 +454,13 @@ def load_transformers_checkpoint(path: Path, *, dtype: str | None, device: str |
         kw["device_map"] = device_map
     if not progress:
         transformers.utils.logging.disable_progress_bar()
+    try:  # the tokenizer first: no weights are read for a checkpoint that cannot be traced anyway
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CLIError(f"{path}: transformers finds no usable tokenizer there (tokenizer.json or "
+                       f"tokenizer_config.json with its files; {_first_line(e)})") from None
     try:
         model = auto.from_pretrained(str(path), **kw)
-        tok = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError, KeyError) as e:
         raise CLIError(f"{path}: transformers cannot load it ({_first_line(e)})") from None
     if device is not None:

@@ -14,6 +14,7 @@ from workbench.cli._common import (
     add_commit_argument,
     add_quantize_arguments,
     capture_options,
+    check_prompts_process,
     check_store_out,
     check_vocab,
     check_writable_dir,
@@ -61,10 +62,15 @@ def run(args) -> int:
     if args.prefill_chunk:
         model.prefill_chunk = args.prefill_chunk
     items = [{"text": p["text"], "images": p["images"]} for p in prompts]
-    try:  # every batch fits the model's positions and this machine's memory: checked before the store exists
+    # checked before the store exists: each prompt as the processor sees it (errors name its line),
+    # then every batch against the model's positions and this machine's memory
+    check_prompts_process(proc, prompts, prompts_path, max_tokens=None, truncate=False)
+    try:
         check_generation(model, proc, items, args.max_new_tokens, batch_size=args.batch_size,
                          names=[f"{prompts_path.name}:{p['line']}" for p in prompts])
-    except (ContextLengthError, InsufficientMemoryError) as e:
+    except ContextLengthError as e:
+        raise CLIError(f"{e} (--max-new-tokens)") from None
+    except InsufficientMemoryError as e:
         raise CLIError(f"{e} (--max-new-tokens, --batch-size)") from None
     rec = None
     if args.out:
