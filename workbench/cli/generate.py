@@ -34,9 +34,9 @@ def run(args) -> int:
 
     from workbench.checkpoint import load_model
     from workbench.generation import check_generation, generate
-    from workbench.runtime.memory import ContextLengthError, InsufficientMemoryError
     from workbench.hooks import Recorder
     from workbench.models.llama4.processor import load_processor
+    from workbench.runtime.memory import ContextLengthError, InsufficientMemoryError
 
     # Cheap checks first (flags, prompts, output paths), all before the model loads.
     prompts_path = Path(args.prompts)
