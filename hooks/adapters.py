@@ -41,6 +41,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -188,6 +189,11 @@ class WorkbenchLlama4Adapter(Adapter):
 # transformers models
 # ---------------------------------------------------------------------------------------------
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+# transformers' generate loop that tracks finished rows (GenerationMixin._sample: greedy and
+# sampling), and how many frames above the adapter's pre-hook it may be (hook, module call,
+# compiled-call wrappers).
+_SAMPLING_LOOPS = frozenset({"_sample"})
+_LOOP_FRAME_DEPTH = 8
 
 
 class TransformersAdapter(Adapter):
@@ -197,7 +203,9 @@ class TransformersAdapter(Adapter):
       :class:`~workbench.runtime.ForwardBatch` built from its ``attention_mask`` and, in
       ``generate``'s decode steps, the cache length (:func:`_hf_batch`), so decode steps continue
       their sequences at the right positions. ``generate`` never runs its last generated token
-      through the model: the trace holds every answer token but that one.
+      through the model: the trace holds every answer token but that one. A row that finished
+      early is fed pads while the other rows run: those steps count as padding (not recorded), read
+      from the sampling loop's own running rows (:meth:`_answer_rows`).
     * ``routers[i]`` fires from a forward hook on the i-th router module (instances of the family's
       ``router_class``, in decoder order). Each MoE layer's decoder index is read from the router's
       place in the module tree (``...layers.<i>....``), so models mixing dense and MoE layers
@@ -222,6 +230,7 @@ class TransformersAdapter(Adapter):
         self._shared: list[HookPoint] = []
         self._handles: list = []
         self._found: list[tuple[int, str, nn.Module]] | None = None
+        self._running: tuple[int, torch.Tensor] | None = None  # (loop frame id, running rows at its last call)
 
     # -- what the subclasses define ------------------------------------------------------------
     def _layer_routing(self, layer: int, router: nn.Module) -> MoELayerRouting:  # pragma: no cover - interface
@@ -307,8 +316,10 @@ class TransformersAdapter(Adapter):
                 ref = ids if ids is not None else kwargs.get("inputs_embeds")
                 if ref is None:
                     raise AdapterError(f"{type(module).__name__} was called without input_ids or inputs_embeds")
-                point(input_ids=ids, batch=_hf_batch(tuple(ref.shape[:2]), ref.device, kwargs.get("attention_mask"),
-                                                      kwargs.get("cache_position")))
+                mask, cache_position = kwargs.get("attention_mask"), kwargs.get("cache_position")
+                past = _past_length(ref.shape[1], mask, cache_position)
+                point(input_ids=ids, batch=_hf_batch(tuple(ref.shape[:2]), ref.device, mask, cache_position,
+                                                      keep=self._answer_rows(past)))
 
         found = self.router_modules()
         self._handles.append(self.model.register_forward_pre_hook(pre, with_kwargs=True))
@@ -332,10 +343,42 @@ class TransformersAdapter(Adapter):
                         q(shared_gate=torch.sigmoid(out))  # what the block computes: F.sigmoid(gate(x))
                 self._handles.append(gate.register_forward_hook(gate_hook))
 
+    def _answer_rows(self, past: int) -> torch.Tensor | None:
+        """Inside transformers' sampling loop: (B,) bool, the rows whose input token of this decode
+        step is an answer token; None elsewhere (every row counts).
+
+        Once a row has finished (an end-of-sequence token, a stop string, any stopping criterion),
+        ``generate`` goes on feeding it the pad token while other rows run, and with deferred stop
+        checks it may run a few steps past the end that it then drops. Those tokens are not the
+        answer, and recording them would add routing of pads to the answer. The loop's own record of
+        running rows is its local ``unfinished_sequences`` (the config's eos and pad ids are not
+        enough: ``generate(eos_token_id=..., pad_token_id=..., stop_strings=...)`` overrides them);
+        a step's input token was produced by the previous step, so it is an answer token iff its row
+        was running at the previous model call."""
+        frame = sys._getframe(2)
+        for _ in range(_LOOP_FRAME_DEPTH):
+            if frame is None:
+                return None
+            code = frame.f_code
+            if code.co_name in _SAMPLING_LOOPS and "unfinished_sequences" in code.co_varnames and \
+                    frame.f_globals.get("__name__", "").startswith("transformers.generation"):
+                break
+            frame = frame.f_back
+        else:
+            return None
+        running = frame.f_locals.get("unfinished_sequences") if frame is not None else None
+        if not isinstance(running, torch.Tensor):
+            return None
+        previous, self._running = self._running, (id(frame), running)  # the loop rebinds it: no copy needed
+        if past == 0 or previous is None or previous[0] != id(frame):  # a prefill, or another generate call
+            return None
+        return previous[1].bool()
+
     def close(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles, self._routers, self._shared = [], [], []
+        self._running = None
 
 
 @register_adapter
@@ -494,23 +537,33 @@ class TransformersDeepseekV3Adapter(TransformersAdapter):
         return logits, ids.gather(1, order), weights.gather(1, order)
 
 
-def _hf_batch(shape: tuple[int, int], device, attention_mask, cache_position) -> ForwardBatch:
+def _past_length(T: int, attention_mask, cache_position) -> int:
+    """Tokens per row already in the cache of a transformers call of ``T`` new tokens."""
+    if attention_mask is not None and attention_mask.shape[-1] > T:
+        return attention_mask.shape[-1] - T  # host-side: no sync
+    if cache_position is not None and cache_position.numel():
+        return int(cache_position.reshape(-1)[0])  # a call without a mask: one small sync
+    return 0
+
+
+def _hf_batch(shape: tuple[int, int], device, attention_mask, cache_position, *,
+              keep: torch.Tensor | None = None) -> ForwardBatch:
     """The ForwardBatch of a transformers call. In ``generate`` a call after the first continues
     its rows from a cache: its ``attention_mask`` covers past + new tokens (B, S + T) and
     ``cache_position`` starts at S. The call's tokens then start at stream index S, and positions
-    count on from the valid past tokens (those of the mask's first S columns)."""
-    T = shape[1]
-    past = 0
-    if attention_mask is not None and attention_mask.shape[-1] > T:
-        past = attention_mask.shape[-1] - T  # host-side: no sync
-    elif cache_position is not None and cache_position.numel():
-        past = int(cache_position.reshape(-1)[0])  # a call without a mask: one small sync
+    count on from the valid past tokens (those of the mask's first S columns). keep: (B,) bool,
+    rows whose tokens of this call are recorded (the others count as padding)."""
+    past = _past_length(shape[1], attention_mask, cache_position)
+    past_valid = None
+    if past:
+        if attention_mask is not None:
+            past_valid = attention_mask[:, :past].long().sum(-1)
+            attention_mask = attention_mask[:, past:]
+        else:
+            past_valid = torch.full((shape[0],), past, dtype=torch.long, device=device)
+    if keep is not None:
+        call = attention_mask if attention_mask is not None else torch.ones(shape, dtype=torch.long, device=device)
+        attention_mask = call * keep[:, None].to(device=call.device, dtype=call.dtype)
     if past == 0:
         return ForwardBatch.build(shape, device, attention_mask)
-    past_valid = None
-    if attention_mask is not None:
-        past_valid = attention_mask[:, :past].long().sum(-1)
-        attention_mask = attention_mask[:, past:]
-    else:
-        past_valid = torch.full((shape[0],), past, dtype=torch.long, device=device)
     return ForwardBatch.build(shape, device, attention_mask, start=past, past_valid=past_valid)

@@ -304,6 +304,37 @@ def test_generate_trace_equals_a_forward_over_the_full_text(family, tmp_path):
     np.testing.assert_array_equal(gen["generated"].values, (gen["position"].values >= prompt_len).astype(np.int8))
 
 
+def test_generate_trace_stops_a_finished_row_at_its_end_token(family, tmp_path):
+    """A row that finishes before the others (its end token) is fed pads by generate while the
+    others run: the trace holds its answer up to and including the end token, nothing after."""
+    name, model = family
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 300, (n,), generator=g) for n in (6, 5)]
+    T, new = 6, 6
+    ids = torch.full((2, T), PAD, dtype=torch.long)
+    mask = torch.zeros(2, T, dtype=torch.long)
+    for i, s in enumerate(prompts):
+        ids[i, T - len(s):], mask[i, T - len(s):] = s, 1
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=PAD)
+    answers = model.generate(**kw, min_new_tokens=new)[:, T:].tolist()
+    # an end token that row 0 produces early and row 1 never produces before its last fed token
+    stop = next((j, a) for j, a in enumerate(answers[0][:new - 2])
+                if a not in answers[0][:j] and a not in answers[1][:new - 1] and a != PAD)
+    j, eos = stop
+    with wb.record(model, tmp_path / "gen.zarr"):
+        out = model.generate(**kw, eos_token_id=eos)
+    assert out[0, T + j].item() == eos and (out[0, T + j + 1:] == PAD).all()  # generate padded row 0
+    with wb.record(model, tmp_path / "full.zarr"):
+        model(input_ids=torch.cat([prompts[0], torch.tensor(answers[0][:j + 1])])[None])
+        model(input_ids=torch.cat([prompts[1], torch.tensor(answers[1][:new - 1])])[None])
+    gen, full = by_sequence(wb.open_trace(tmp_path / "gen.zarr").load()), wb.open_trace(tmp_path / "full.zarr").load()
+    assert gen.sizes["token"] == full.sizes["token"] == 6 + (j + 1) + 5 + (new - 1)
+    for v in ("token_id", "sequence", "position", "topk_expert"):
+        np.testing.assert_array_equal(gen[v].values, full[v].values, err_msg=f"{name} {v}")
+    np.testing.assert_allclose(gen["topk_weight"].values, full["topk_weight"].values, rtol=1e-5)
+    assert not (gen["token_id"].values[gen["generated"].values == 1] == PAD).any()
+
+
 # -------------------------------------------------------------------------------------- CLI and API
 def save_checkpoint(family: str, d):
     make_llama4_tokenizer(d, vocab_size=320)
