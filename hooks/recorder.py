@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import sys
 import threading
@@ -47,7 +48,7 @@ from workbench.hooks.adapters import Adapter, AdapterError, adapter_for
 from workbench.hooks.captures import Capture, Pass, RecorderError, Written, make_captures, to_host
 from workbench.hooks.inbox import PLACE_TOKENS, Inbox
 from workbench.hooks.points import Handles
-from workbench.trace.schema import Modality
+from workbench.trace.schema import Modality, routing_description
 
 __all__ = ["Recorder", "record", "RecorderError"]
 
@@ -178,8 +179,9 @@ class Recorder:
         world = self.tp.size if self.tp is not None else 1
         if resume:
             w = TraceWriter.resume(self.store_path, min_commit_tokens=self._commit_every)
-            problem = _mismatch(w, self.spec, variables, captures) or _changed_model(w.attrs.get("provenance") or {},
-                                                                                      model_prov)
+            stored = w.attrs.get("provenance") or {}
+            problem = (_mismatch(w, self.spec, variables, captures) or _changed_routing(w.attrs, self.spec)
+                       or _changed_model(stored, model_prov) or _changed_config(stored, self.spec.config))
             if problem:
                 w.close(complete=False)
                 raise RecorderError(f"cannot resume {self.store_path}: {problem}")
@@ -602,8 +604,51 @@ def _mismatch(writer, spec, variables, captures) -> str | None:
     return None
 
 
+def _changed_routing(attrs: dict, spec) -> str | None:
+    """Why the store's routing rule differs from this model's (None: it does not), layer by layer."""
+    stored = (attrs.get("routing") or {}).get("layers")
+    if stored is None:  # a store older than the routing attribute
+        return None
+    now = routing_description(spec.layers, spec.rule)["layers"]
+    for a, b in zip(stored, now):
+        diffs = [f"{k}: stored {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        if diffs:
+            return f"it was recorded with another routing rule (MoE layer {b.get('layer')}: {'; '.join(diffs)})"
+    return None
+
+
+# Config entries that describe how a model was saved or is called, not what it computes.
+_CONFIG_RUNTIME_KEYS = frozenset({"transformers_version", "dtype", "torch_dtype", "output_attentions",
+                                  "output_hidden_states", "return_dict", "use_cache"})
+
+
+def _changed_config(stored: dict, now_config: dict) -> str | None:
+    """Why the model config differs from the one stored in the provenance (None: it does not);
+    entries starting with ``_`` (e.g. ``_name_or_path``) and runtime flags are not compared."""
+    before = stored.get("model_config")
+    if not isinstance(before, dict):
+        return None
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            if str(k).startswith("_") or k in _CONFIG_RUNTIME_KEYS:
+                continue
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    # through JSON, as stored: tuples become lists, int keys strings
+    a, b = flat(before), flat(json.loads(json.dumps(now_config, default=str)))
+    diffs = [f"{k}: stored {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if not diffs:
+        return None
+    more = f"; and {len(diffs) - 3} more" if len(diffs) > 3 else ""
+    return "it was recorded with another model config (" + "; ".join(diffs[:3]) + more + ")"
+
+
 # What a resumed recording must share with the store's first part: anything that can change routing.
-_RESUME_KEYS = (("checkpoint_fingerprint", "model weights (checkpoint fingerprint)"), ("dtype", "dtype"),
+_RESUME_KEYS = (("checkpoint_fingerprint", "checkpoint files (fingerprint of config.json and the weight files)"),
+                ("weights_sample", "model weights (fingerprint of a sample of every parameter)"), ("dtype", "dtype"),
                 ("device_type", "device type"), ("model_class", "model class"), ("tokenizer_hash", "tokenizer"))
 
 
@@ -614,8 +659,11 @@ def _changed_model(stored: dict, now: dict) -> str | None:
     store has but this model lacks (a random model resuming a checkpoint's trace) is a difference."""
     stored = {**stored, "device_type": str(stored.get("device", "")).split(":")[0] or None}
     now = {**now, "device_type": str(now.get("device", "")).split(":")[0] or None}
-    diffs = [f"{label}: stored {stored[key]!r}, now {now.get(key)!r}" for key, label in _RESUME_KEYS
-             if stored.get(key) is not None and stored.get(key) != now.get(key)]
+    changed = [(key, label) for key, label in _RESUME_KEYS
+               if stored.get(key) is not None and stored.get(key) != now.get(key)]
+    if any(key == "dtype" for key, _ in changed):  # the sampled bytes differ by the cast alone: say the cause
+        changed = [(key, label) for key, label in changed if key != "weights_sample"]
+    diffs = [f"{label}: stored {stored[key]!r}, now {now.get(key)!r}" for key, label in changed]
     if not diffs:
         return None
     return "it was recorded with another model setup (" + "; ".join(diffs) + ")"
@@ -643,7 +691,39 @@ def _model_provenance(model: nn.Module) -> dict[str, Any]:
         from workbench.runtime.parallel import describe_layout
 
         out["tensor_parallel"] = describe_layout(tp)
+    else:  # under tensor parallelism each rank holds shards: the sample would depend on the world size
+        out["weights_sample"] = weights_sample(model)
     return out
+
+
+# Elements read from each parameter or buffer by weights_sample.
+_SAMPLE_ELEMENTS = 4096
+
+
+def weights_sample(model: nn.Module) -> str:
+    """16 hex digits identifying a model's weights as they are in memory: sha256 over every
+    state-dict entry's name, shape, dtype and ``_SAMPLE_ELEMENTS`` evenly spaced elements (bytes).
+
+    Resuming a recording compares it, so that a model with other weights (another checkpoint, a
+    fine-tune, another random init, weights loaded with transformers' ``from_pretrained`` that no
+    checkpoint fingerprint covers) cannot continue a store. A sample, not every byte: reading a
+    109B-parameter model whole on every ``wb.record`` would take longer than many recordings, so
+    an edit of a few values between the sampled ones is not seen (a checkpoint fingerprint,
+    ``load_model`` and the CLI, covers every byte of the files). Offloaded (meta) tensors count by
+    name and shape only."""
+    h = hashlib.sha256(b"workbench.weights-sample/1\0")
+    for name, t in model.state_dict(keep_vars=True).items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = t.detach()
+        h.update(f"{name}\0{tuple(t.shape)}\0{t.dtype}\0".encode())
+        if t.is_meta or not t.numel():
+            continue
+        flat = t.reshape(-1)
+        step = max(1, flat.numel() // _SAMPLE_ELEMENTS)
+        sample = flat[::step][:_SAMPLE_ELEMENTS].contiguous()
+        h.update(sample.view(torch.uint8).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _vocab(processor) -> list[str] | None:

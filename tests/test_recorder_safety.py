@@ -61,7 +61,8 @@ def test_resume_refuses_another_dtype_tokenizer_or_weights(tmp_path, proc):
     tensors[name][0, 0] += 1e-3
     save_file(tensors, other / "model.safetensors", metadata={"format": "pt"})
     changed = wb.load_model(other, progress=False)
-    with pytest.raises(RecorderError, match=r"model weights \(checkpoint fingerprint\): stored '[0-9a-f]+', now"):
+    with pytest.raises(RecorderError, match=r"checkpoint files \(fingerprint of config.json and the weight "
+                                            r"files\): stored '[0-9a-f]+', now"):
         wb.record(changed, tmp_path / "t.zarr", resume=True, processor=proc)
     # every refusal left the store as it was: still resumable by the right model
     with wb.record(model, tmp_path / "t.zarr", resume=True, processor=proc):
@@ -117,3 +118,52 @@ def test_a_model_that_is_not_a_module_is_a_clear_error(model, tmp_path):
                                             rf"{type(model).__name__}.*{__import__('re').escape(hint)}"):
         wb.record(model, tmp_path / "t.zarr")
     assert not (tmp_path / "t.zarr").exists()
+
+
+def test_api_resume_of_a_transformers_model_refuses_other_weights_routing_or_config(tmp_path):
+    """A transformers model from ``from_pretrained`` has no checkpoint fingerprint: resuming through
+    the API compares a sample of its weights, the routing rule and the config instead."""
+    import json
+
+    import transformers
+
+    cfg = transformers.Qwen3MoeConfig(vocab_size=320, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=8,
+                                      num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True,
+                                      max_position_embeddings=64, initializer_range=0.2, rms_norm_eps=1e-6)
+
+    def saved(name, seed, **changes):
+        torch.manual_seed(seed)
+        transformers.Qwen3MoeForCausalLM(cfg).save_pretrained(tmp_path / name)
+        if changes:  # the same weights under another config
+            conf = json.loads((tmp_path / name / "config.json").read_text())
+            (tmp_path / name / "config.json").write_text(json.dumps({**conf, **changes}))
+        return transformers.Qwen3MoeForCausalLM.from_pretrained(tmp_path / name).eval()
+
+    store = tmp_path / "t.zarr"
+    first = saved("a", 0)
+    _partial_store(store, first)
+    with pytest.raises(RecorderError, match=r"model weights \(fingerprint of a sample of every parameter\): "
+                                            r"stored '[0-9a-f]{16}', now '[0-9a-f]{16}'"):
+        wb.record(saved("other_weights", 1), store, resume=True)
+    with pytest.raises(RecorderError, match=r"another routing rule \(MoE layer 0: renormalize: stored True, "
+                                            r"now False\)"):
+        wb.record(saved("no_renorm", 0, norm_topk_prob=False), store, resume=True)
+    with pytest.raises(RecorderError, match=r"another model config \(rms_norm_eps: stored 1e-06, now 0\.001\)"):
+        wb.record(saved("other_eps", 0, rms_norm_eps=1e-3), store, resume=True)
+    # the same checkpoint loaded again continues the store
+    with wb.record(transformers.Qwen3MoeForCausalLM.from_pretrained(tmp_path / "a").eval(), store, resume=True) as rec:
+        rec.model(input_ids=torch.tensor([[9, 8, 7]]))
+    ds = wb.open_trace(store)
+    assert ds.attrs["complete"] and ds.sizes["token"] == 4 + 3
+
+
+def test_weights_sample_is_equal_for_equal_weights_and_changes_with_an_edit():
+    from hooks.recorder import weights_sample
+
+    model = wb.load_model(EMBEDDED_MODEL, progress=False)
+    same = wb.load_model(EMBEDDED_MODEL, progress=False)
+    assert weights_sample(model) == weights_sample(same)
+    p = dict(same.named_parameters())["language_model.model.layers.1.feed_forward.experts.down_proj"]
+    p.data.reshape(-1)[0] += 1e-3  # element 0 of every tensor is in the sample
+    assert weights_sample(model) != weights_sample(same)
