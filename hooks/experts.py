@@ -34,7 +34,8 @@ under ``target="next"``) get NaN. ``attribution_target`` (token) int32 holds y_t
 
 ``margin`` (:class:`MarginCapture`): ``router_margin`` (token, moe_layer) float32, the top-1
 minus the top-2 router logit as top-k saw them (after any edit of the logits): how fragile the
-routing decision is. Works for any model with an adapter (router hook points only).
+routing decision is. Works for any model with an adapter (router hook points only) whose top-k
+ranks experts as their logits do; refused for DeepSeek-V3 (selection bias, group-limited choice).
 
 Nothing here synchronizes with the device in the forward pass: per-layer reductions are queued
 on the device and copied to pinned host memory without waiting (:func:`to_host`).
@@ -347,6 +348,14 @@ class MarginCapture(_PassCapture):
     def bind(self, model, adapter, spec) -> None:
         if spec.n_experts < 2:
             raise RecorderError("margin: a router with one expert has no second choice")
+        # Top-k of a monotone function of the logits (softmax, sigmoid, biased logits as gpt-oss
+        # stores them) ranks as the logits do; a per-expert selection bias or group-limited choice
+        # (DeepSeek-V3) does not, and a raw-logit gap would say nothing about how close a choice was.
+        odd = [r.layer for r in spec.layers if r.selection_bias or r.n_group > 1]
+        if odd:
+            raise RecorderError(f"margin: MoE layers {odd} choose experts by score + selection bias within the best "
+                                f"groups, not by the logits, so a top-1 minus top-2 logit gap would not measure how "
+                                f"close their choice was; record logits ('--capture logits') instead")
 
     def variables(self, spec) -> list[Variable]:
         return [Variable("router_margin", (TOKEN, MOE_LAYER), (len(spec.layers),), "float32", codec="float",

@@ -185,6 +185,21 @@ def test_margin_is_top1_minus_top2_logit_and_works_on_transformers(hf1, tmp_path
         assert (ds["router_margin"].values >= 0).all()
 
 
+def test_margin_is_refused_where_top_k_does_not_rank_by_logits(tmp_path):
+    """DeepSeek-V3 chooses by sigmoid(logit) + bias inside the best groups: the raw logit gap is refused."""
+    import transformers
+
+    cfg = transformers.DeepseekV3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
+                                        num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
+                                        moe_intermediate_size=16, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+                                        qk_nope_head_dim=8, v_head_dim=8, max_position_embeddings=64)
+    model = transformers.DeepseekV3ForCausalLM(cfg).eval()
+    with pytest.raises(RecorderError, match=r"margin: MoE layers \[1\] choose experts by score \+ selection bias"):
+        wb.record(model, tmp_path / "d.zarr", capture=("margin",))
+    assert not (tmp_path / "d.zarr").exists()  # refused before the store was created
+
+
 # ------------------------------------------------------------------------------- attribution
 def _final_h(model):
     got = []
