@@ -1,4 +1,4 @@
-"""Shared plumbing of the views: opening traces, cached load counts, display."""
+"""Shared plumbing of the views: opening traces, token reading order, cached load counts, display."""
 from __future__ import annotations
 
 import os
@@ -84,6 +84,54 @@ def layer_position(obj: xr.Dataset | xr.DataArray, layer: int | None, who: str) 
     if layer is None:
         return 0
     return AC.layer_position(obj, layer, who)
+
+
+def reading_order(sequences: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Permutation that puts token rows in reading order: by ``sequence``, then ``position`` (ties keep
+    storage order), as :func:`workbench.analysis.transitions.next_token_rows` orders tokens. Storage order
+    is not reading order: a batched generation appends one token per sequence at each decode step, and a
+    blocked prefill of a batch appends one block per sequence in turn."""
+    s = np.asarray(sequences, np.int64)
+    p = np.asarray(positions, np.int64)
+    if s.size < 2 or np.all((s[1:] > s[:-1]) | ((s[1:] == s[:-1]) & (p[1:] >= p[:-1]))):
+        return np.arange(s.size)  # the usual layout of unbatched traces: skip the sort
+    return np.lexsort((p, s))  # stable: equal (sequence, position) keep storage order
+
+
+def sequence_rows(ds: xr.Dataset, sequences, seq_column: np.ndarray | None = None) -> dict[int, np.ndarray]:
+    """Trace rows of each sequence id in ``sequences``, in position order (:func:`reading_order`); a
+    sequence with no token maps to an empty array. Reads the 1-D ``sequence`` column whole (or takes it
+    as ``seq_column``) and ``position`` only at the rows of these sequences."""
+    want = np.unique(np.asarray(sequences, np.int64))
+    out = {int(x): np.zeros(0, np.int64) for x in want}
+    seq = AC.load_column(ds, "sequence") if seq_column is None else np.asarray(seq_column)
+    rows = np.flatnonzero(np.isin(seq, want))
+    if not rows.size:
+        return out
+    pos = np.asarray(ds["position"].isel(token=rows).values)
+    rows = rows[reading_order(seq[rows], pos)]
+    s = seq[rows]
+    for chunk in np.split(rows, np.flatnonzero(s[1:] != s[:-1]) + 1):
+        out[int(seq[chunk[0]])] = chunk
+    return out
+
+
+def index_in(order: np.ndarray, rows) -> np.ndarray:
+    """Index of each of ``rows`` in ``order`` (distinct trace rows, e.g. one sequence's rows in position
+    order); ValueError when a row is not there."""
+    order = np.asarray(order, np.int64)
+    rows = np.asarray(rows, np.int64)
+    if not rows.size:
+        return np.zeros(0, np.int64)
+    if not order.size:
+        raise ValueError(f"trace row {int(rows[0])} is not among the rows given")
+    by_row = np.argsort(order, kind="stable")
+    at = np.minimum(np.searchsorted(order, rows, sorter=by_row), order.size - 1)
+    idx = by_row[at]
+    missing = order[idx] != rows
+    if missing.any():
+        raise ValueError(f"trace row {int(rows[np.flatnonzero(missing)[0]])} is not among the rows given")
+    return idx
 
 
 def n_experts_of(ds: xr.Dataset) -> int:

@@ -207,10 +207,7 @@ class CrossModalAttentionView(W.ViewBase):
         att, ds = self.att, self.ds
         q_tok = np.asarray(att["query_token"].values)
         q_pos = np.asarray(att["query_position"].values)
-        if "token_text" in ds:
-            texts = [str(x) for x in np.asarray(ds["token_text"].isel(token=q_tok).values)]
-        else:
-            texts = [f"\u27e8{int(x)}\u27e9" for x in np.asarray(ds["token_id"].isel(token=q_tok).values)]
+        texts = self._texts(q_tok)
         mods = np.asarray(ds["modality"].isel(token=q_tok).values)
         gen = (np.asarray(att["generated"].values).astype(bool) if "generated" in att.coords
                else np.zeros(q_tok.size, bool))
@@ -233,31 +230,29 @@ class CrossModalAttentionView(W.ViewBase):
             raise ValueError(f"query {query}: sequence {self.sequence} has {q_tok.size} query tokens")
         return int(query)
 
+    def _texts(self, rows: np.ndarray) -> list[str]:
+        """Token strings of trace ``rows`` (the vocabulary's, else ``⟨id⟩``)."""
+        ds = self.ds
+        if "token_text" in ds:
+            return [str(x) for x in np.asarray(ds["token_text"].isel(token=rows).values)]
+        return [f"\u27e8{int(x)}\u27e9" for x in np.asarray(ds["token_id"].isel(token=rows).values)]
+
     def _context(self, q_tok: np.ndarray) -> tuple[list[str], list[str]]:
         """Per query token: the word before it (from up to 4 preceding tokens of its sequence, "" at the
-        start) followed by a space, and the next token (stripped; "␣" for white space, "" at the end)."""
-        ds = self.ds
-        n = int(ds.sizes["token"])
-        lo, hi = max(int(q_tok.min(initial=0)) - 4, 0), min(int(q_tok.max(initial=0)) + 2, n)
-        if hi <= lo:
-            return [""] * q_tok.size, [""] * q_tok.size
-        win = ds.isel(token=slice(lo, hi))
-        if "token_text" in win:
-            texts = [str(x) for x in np.asarray(win["token_text"].values)]
-        else:
-            texts = [f"\u27e8{int(x)}\u27e9" for x in np.asarray(win["token_id"].values)]
-        seqs = np.asarray(win["sequence"].values)
+        start) followed by a space, and the next token (stripped; "␣" for white space, "" at the end).
+        Neighbours are taken in position order (:func:`~workbench.widgets._common.sequence_rows`), not
+        storage order: a batched generation interleaves the rows of its sequences."""
+        order = W.sequence_rows(self.ds, [self.sequence])[self.sequence]
+        at = W.index_in(order, q_tok)
+        if not at.size:
+            return [], []
+        need = np.unique(np.concatenate([order[max(i - 4, 0):i + 2] for i in at.tolist()]))
+        text = dict(zip(need.tolist(), self._texts(need)))
         before, after = [], []
-        for t in q_tok.tolist():
-            i = t - lo
-            prev = "".join(texts[j] for j in range(max(i - 4, 0), i) if seqs[j] == seqs[i])
-            words = prev.split()
+        for i in at.tolist():
+            words = "".join(text[int(r)] for r in order[max(i - 4, 0):i]).split()
             before.append(f"{words[-1]} " if words else "")
-            if i + 1 < len(texts) and seqs[i + 1] == seqs[i]:
-                nxt = texts[i + 1]
-                after.append(nxt.strip() or "\u2423")
-            else:
-                after.append("")
+            after.append((text[int(order[i + 1])].strip() or "\u2423") if i + 1 < order.size else "")
         return before, after
 
     def peakedness(self, query: int | None = None) -> np.ndarray:

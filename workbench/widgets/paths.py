@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from workbench.analysis import _common as AC
 from workbench.analysis import path_entropy, path_tokens, routing_paths
 
 from . import _common as W
@@ -18,7 +19,8 @@ def path_context_html(rows: np.ndarray, tokens: np.ndarray, texts: list[str], se
                       context: int) -> str:
     """HTML lines, one per matched trace row in ``rows``: the ``context`` tokens before and after it
     in its own sequence, the matched token bold. ``tokens``/``texts``/``sequences``: the window's trace
-    rows, their strings and sequences (every string HTML-escaped)."""
+    rows in reading order (by sequence, by position within one: neighbours in the array are neighbours
+    in the text), their strings and sequences (every string HTML-escaped)."""
     at = {int(r): i for i, r in enumerate(tokens)}
     lines = []
     for r in rows:
@@ -41,8 +43,9 @@ class PathExplorer(W.ViewBase):
     layers ``layers`` (decoder indices, default all; any other index raises ValueError naming the MoE
     layers), with the path entropy per depth (:func:`workbench.analysis.path_entropy`). Picking a path
     lists up to ``max_rows`` of its tokens (:func:`workbench.analysis.path_tokens`) in context
-    (``context`` tokens each side, within the sequence). Each path's experts are shown as colored
-    chips (:func:`expert_color`); token text comes from the trace's vocabulary (else the ids), escaped.
+    (``context`` tokens each side, within the sequence, in position order). Each path's experts are shown
+    as colored chips (:func:`expert_color`); token text comes from the trace's vocabulary (else the ids),
+    escaped.
     """
 
     def __init__(self, trace: Any, *, layers=None, top: int = 20, modality: int | str | None = None,
@@ -56,6 +59,7 @@ class PathExplorer(W.ViewBase):
         self.entropy = path_entropy(self.ds, layers=layers, modality=self.modality)
         self.layers = [int(x) for x in self.paths["layer"].values]
         self.context, self.max_rows = int(context), int(max_rows)
+        self._seq: np.ndarray | None = None  # the 1-D sequence column, read on the first path shown
         n = max(int(self.paths.attrs["n_tokens"]), 1)
         opts = [(" \u2192 ".join(map(str, row)) + f"   ({int(c)}, {100 * c / n:.1f}%)", i)
                 for i, (row, c) in enumerate(zip(self.paths["expert"].values.tolist(), self.paths["count"].values))]
@@ -96,18 +100,35 @@ class PathExplorer(W.ViewBase):
         rows = hits["token"].values
         if rows.size == 0:
             return "<i>no tokens</i>"
-        n = int(self.ds.sizes["token"])
-        window = np.unique(np.concatenate([np.arange(max(0, r - self.context), min(n, r + self.context + 1))
-                                           for r in rows]))
-        sub = self.ds.isel(token=window)
+        window, seqs = self._window(rows)
+        read = np.unique(window)  # sorted rows: one orthogonal read
+        sub = self.ds.isel(token=read)
         if "token_text" in sub:
             texts = [str(x) for x in sub["token_text"].values]
         else:
             texts = [f"[{int(x)}]" for x in sub["token_id"].values]
-        body = path_context_html(rows, window, texts, np.asarray(sub["sequence"].values), self.context)
+        texts = [texts[i] for i in np.searchsorted(read, window)]
+        body = path_context_html(rows, window, texts, seqs, self.context)
         more = hits.attrs["n_matches"] - rows.size
         tail = f"<div style='color:#888'>... and {more} more</div>" if more > 0 else ""
         return f"<div>{self._chips(self.selected)}</div>{body}{tail}"
+
+    def _window(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The trace rows within ``context`` tokens of any of ``rows`` in their sequence, in reading order
+        (:func:`~workbench.widgets._common.sequence_rows`; storage order interleaves the sequences of a
+        batched generation), and their sequence ids."""
+        if self._seq is None:
+            self._seq = AC.load_column(self.ds, "sequence")
+        hit_seq = self._seq[rows]
+        order = W.sequence_rows(self.ds, hit_seq, seq_column=self._seq)
+        window, seqs = [], []
+        for s, o in order.items():
+            at = W.index_in(o, rows[hit_seq == s])
+            near = np.unique(np.concatenate([np.arange(max(i - self.context, 0), min(i + self.context + 1, o.size))
+                                             for i in at.tolist()]))
+            window.append(o[near])
+            seqs.append(np.full(near.size, s, np.int64))
+        return np.concatenate(window), np.concatenate(seqs)
 
     def _draw(self) -> None:
         self.w_tokens.value = self.tokens_html()

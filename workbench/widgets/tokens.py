@@ -213,8 +213,9 @@ class TokenRoutingView(W.ViewBase):
     index of the MoE layer that colors the tokens (default: the first MoE layer; one that is not a
     MoE layer of the trace raises ValueError); the :attr:`layer` property reads and sets it. Hover a
     token for its top-k experts and weights at the layer; click it to pin it and plot its path
-    through all MoE layers (click again to unpin). The trace is read one page (``page_size`` tokens)
-    at a time.
+    through all MoE layers (click again to unpin). The trace is read one page (``page_size`` trace
+    rows, :meth:`page_rows`) at a time; a page shows its tokens by sequence, in position order within
+    each (a batched generation stores the tokens of its sequences interleaved).
 
     Color key and highlight: above the tokens a key lists each expert's chip with the number (and
     share) of the page's tokens whose top-1 expert it is at the layer. Click chips, type ids into
@@ -391,6 +392,7 @@ class TokenRoutingView(W.ViewBase):
         return self.strip.html
 
     def page_rows(self, page: int | None = None) -> slice:
+        """The trace rows of page ``page`` (default: the one shown)."""
         p = self.page if page is None else int(page)
         return slice(p * self.page_size, min((p + 1) * self.page_size, self.n_tokens))
 
@@ -407,6 +409,9 @@ class TokenRoutingView(W.ViewBase):
         d["rows"] = np.arange(sl.start, sl.stop)
         if not self.has_text:
             d["token_text"] = np.array([f"\u27e8{int(i)}\u27e9" for i in d["token_id"]], dtype=object)
+        # the page's rows in reading order: a batched generation interleaves its sequences' rows
+        order = W.reading_order(d["sequence"], d["position"])
+        d = {n: np.asarray(v)[order] for n, v in d.items()}
         self._page_data, self._page_loaded = d, self.page
         self.load_seconds = time.perf_counter() - t0
         return d
@@ -425,8 +430,9 @@ class TokenRoutingView(W.ViewBase):
 
     def _token_text(self, token: int) -> str:
         d = self._page_data
-        if d is not None and d["rows"].size and d["rows"][0] <= token <= d["rows"][-1]:
-            return str(d["token_text"][token - d["rows"][0]])
+        at = np.flatnonzero(d["rows"] == token) if d is not None else ()
+        if len(at):
+            return str(d["token_text"][at[0]])
         if self.has_text:
             return str(self.ds["token_text"].isel(token=token).values)
         return f"\u27e8{int(self.ds['token_id'].isel(token=token).values)}\u27e9"
