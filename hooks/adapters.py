@@ -389,6 +389,11 @@ class TransformersLlama4Adapter(TransformersAdapter):
     logits). The ids are not part of its output: they are recomputed from the logits by the same
     call the router makes (``torch.topk(logits, k, dim=1)``: identical ids), and the weights READ
     from its scores at those ids (the values the block multiplies the expert inputs by).
+
+    Left-padded rows: transformers takes the NoPE layers' query temperature from the buffer index,
+    not the token's position, so a padded row's router logits differ from the same prompt run alone
+    (by up to ~5e-2 on the embedded model). The trace records what transformers computed, at the
+    tokens' true positions; workbench's own model follows the position (it equals the unpadded run).
     """
 
     frameworks_and_types = (("transformers", "llama4"), ("transformers", "llama4_text"))
