@@ -516,9 +516,11 @@ class TransformersDeepseekV3Adapter(TransformersAdapter):
 
     Ids and weights are READ from the router's output. The router's top-k is unsorted
     (``sorted=False``): the adapter orders each token's slots by the selection score s + b, best
-    first (the order ``sorted=True`` would give), so slot 0 is the top choice as in every other
-    family; the set of experts and each expert's weight are the model's, unchanged. The first
-    ``first_k_dense_replace`` layers are dense (no router)."""
+    first (the order ``sorted=True`` would give); the set of experts and each expert's weight are
+    the model's, unchanged. The weights exclude the bias, so slot 0 need not hold the largest
+    weight: the analyses' top-1 expert and ranked lists go by applied weight (as in every family;
+    :func:`workbench.analysis._common.rank_by_weight`). The first ``first_k_dense_replace`` layers
+    are dense (no router)."""
 
     frameworks_and_types = (("transformers", "deepseek_v3"),)
     router_class = "transformers.models.deepseek_v3.modeling_deepseek_v3:DeepseekV3TopkRouter"

@@ -255,11 +255,23 @@ def check_experts(experts: np.ndarray, n_experts: int, offset: int, who: str) ->
 
 def top1(experts: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
     """Top-1 expert of each (token, layer): the slot with the largest ``topk_weight`` (first slot on
-    ties; slot 0 when k == 1). ``experts``/``weights``: (..., k)."""
+    ties; slot 0 when k == 1). ``experts``/``weights``: (..., k). Equals ``rank_by_weight(...)[..., 0]``."""
     if experts.shape[-1] == 1 or weights is None:
         return experts[..., 0]
     slot = np.argmax(weights, axis=-1)
     return np.take_along_axis(experts, slot[..., None], axis=-1)[..., 0]
+
+
+def rank_by_weight(experts: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+    """Each (token, layer)'s top-k list ranked by applied weight (``topk_weight``), descending; ties keep
+    the slot order (a stable sort), so element 0 is :func:`top1`. ``experts``/``weights``: (..., k).
+
+    Softmax families store slots by weight already (unchanged); DeepSeek-V3 stores them by its selection
+    score s + b while the weight excludes b, so there the order differs."""
+    if experts.shape[-1] == 1 or weights is None:
+        return experts
+    order = np.argsort(-np.asarray(weights), axis=-1, kind="stable")
+    return np.take_along_axis(experts, order, axis=-1)
 
 
 def safe_div(num, den):

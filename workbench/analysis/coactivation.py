@@ -31,9 +31,12 @@ def coactivation(ds: xr.Dataset, layer: int, *, counts: bool = False, modality=N
     ``convention="olmoe"`` reproduces OLMoE's analysis script (``run_moe_analysis.py``,
     ``do_correlation_analysis``): only NEIGHBOURING pairs of each token's ranked top-k list count,
     (S_t[a], S_t[a+1]) for a = 0 .. k-2, both directions (a list adds 2(k-1) ordered pairs), so
-    N_ij = #{t, a : {S_t[a], S_t[a+1]} = {i, j}} and C_ij = N_ij / N_i as above. The ranking is the
-    slot order of the trace (slot 0 = the highest router score; OLMoE's script ranks by logit,
-    the same order). For k <= 2 both conventions agree. The convention is in ``attrs``.
+    N_ij = #{t, a : {S_t[a], S_t[a+1]} = {i, j}} and C_ij = N_ij / N_i as above. The list is ranked by
+    applied weight (``topk_weight``), descending, ties in slot order (:func:`~._common.rank_by_weight`),
+    so S_t[0] is the top-1 expert of every other analysis. For softmax routers (OLMoE, Mixtral, Qwen)
+    this is the stored slot order and OLMoE's (its script ranks by logit); DeepSeek-V3 stores slots by
+    its selection score s + b, which can differ from the weight order. For k <= 2 both conventions
+    agree. The convention is in ``attrs``.
     """
     who = "coactivation"
     if convention not in CONVENTIONS:
@@ -44,13 +47,18 @@ def coactivation(ds: xr.Dataset, layer: int, *, counts: bool = False, modality=N
     li = C.layer_position(ds, layer, who)
     k = ds.sizes["k"]
     sub = ds.isel(moe_layer=[li])
-    names = ["topk_expert"] + (["modality"] if code is not None else [])
+    ranked = convention == "olmoe" and k > 1
+    names = ["topk_expert"] + (["topk_weight"] if ranked else []) + (["modality"] if code is not None else [])
+    if ranked:
+        C.require(ds, "topk_weight", who=who)
     if code is not None:
         C.require(ds, "modality", who=who)
     nij = np.zeros(E * E, dtype=np.int64)
     ni = np.zeros(E, dtype=np.int64)
     for sl, blk in C.iter_blocks(sub, names):
         e = C.check_experts(blk["topk_expert"], E, sl.start, who)[:, 0, :]  # (n, k)
+        if ranked:
+            e = C.rank_by_weight(e, blk["topk_weight"][:, 0, :])
         if code is not None:
             e = e[blk["modality"] == code]
         ni += np.bincount(e.ravel(), minlength=E)
@@ -68,10 +76,12 @@ def coactivation(ds: xr.Dataset, layer: int, *, counts: bool = False, modality=N
               "layer": int(ds["layer"].values[li])}
     attrs = {"k": k, "n_experts": E, "modality_filter": C.modality_attr(code),
              "n_tokens": int(ni.sum() // k) if k else 0, "convention": convention}
-    pairs = ("neighbouring slots {S_t[a], S_t[a+1]} = {i, j} of the ranked list (OLMoE)" if convention == "olmoe"
+    pairs = ("neighbours {S_t[a], S_t[a+1]} = {i, j} of the list ranked by applied weight (topk_weight), descending "
+             "(OLMoE)" if convention == "olmoe"
              else "i in S_t and j in S_t")
     if counts:
-        attrs["definition"] = f"N_ij = #{{t : {pairs}}}, i != j (diagonal 0)"
+        over = "t, a" if convention == "olmoe" else "t"
+        attrs["definition"] = f"N_ij = #{{{over} : {pairs}}}, i != j (diagonal 0)"
         return xr.DataArray(nij, dims=("expert", "expert_j"), coords=coords, name="coactivation_count", attrs=attrs)
     cond = C.safe_div(nij, ni[:, None])
     np.fill_diagonal(cond, np.nan)

@@ -12,8 +12,9 @@ from .transitions import next_token_rows
 MAX_CELLS = 1 << 30
 
 
-def _grouped_counts(ds, group, n_groups, E, who, code_mask=None):
-    """counts[g, l, i] = #{t : group[t] = g, i in S_t^l}, streaming top-k blocks; group -1 = skip."""
+def _grouped_counts(ds, group, n_groups, E, who, top1=False):
+    """counts[g, l, i] = #{t : group[t] = g, i in S_t^l}, streaming top-k blocks; group -1 = skip.
+    ``top1=True``: only each token's top-1 expert (:func:`~._common.top1`, largest ``topk_weight``) counts."""
     L = ds.sizes["moe_layer"]
     cells = n_groups * L * E
     if cells > MAX_CELLS:
@@ -23,8 +24,13 @@ def _grouped_counts(ds, group, n_groups, E, who, code_mask=None):
         )
     counts = np.zeros(cells, dtype=np.int64)
     base = (np.arange(L, dtype=np.int64) * E)[None, :, None]
-    for sl, blk in C.iter_blocks(ds, ["topk_expert"]):
+    weighted = top1 and ds.sizes["k"] > 1
+    if weighted:
+        C.require(ds, "topk_weight", who=who)
+    for sl, blk in C.iter_blocks(ds, ["topk_expert"] + (["topk_weight"] if weighted else [])):
         e = C.check_experts(blk["topk_expert"], E, sl.start, who)
+        if top1:
+            e = C.top1(e, blk.get("topk_weight"))[..., None]
         g = group[sl]
         sel = g >= 0
         if not sel.any():
@@ -69,10 +75,13 @@ def vocab_specialization(ds: xr.Dataset, *, target: str = "input", min_count: in
     whole, streams top-k blocks; memory ~ 16 bytes x kept ids x layers x experts.
 
     ``convention="olmoe"`` reproduces OLMoE's token analysis (``run_moe_analysis.py``,
-    ``do_token_analysis``): only each token's TOP-1 expert (slot 0) counts; for each kept id v,
-    ``top_expert`` (token_id, moe_layer) = its most frequent top-1 expert (ties: the lowest index;
-    OLMoE's script takes the one seen first, the share is the same) and ``top_share`` = the share
-    of v's occurrences routed to it, max_i #{t: v(t)=v, S_t[0]=i} / n_v; ``score`` (moe_layer) =
+    ``do_token_analysis``): only each token's TOP-1 expert counts, top1_t = the first of its top-k list
+    ranked by applied weight (``topk_weight``), descending (first slot on ties; the top-1 of every
+    other analysis, :func:`~._common.top1`; for softmax routers such as OLMoE's, slot 0; DeepSeek-V3
+    stores slots by its selection score s + b instead, so there it can differ from slot 0). For each
+    kept id v, ``top_expert`` (token_id, moe_layer) = its most frequent top-1 expert (ties: the lowest
+    index; OLMoE's script takes the one seen first, the share is the same) and ``top_share`` = the share
+    of v's occurrences routed to it, max_i #{t: v(t)=v, top1_t=i} / n_v; ``score`` (moe_layer) =
     the UNWEIGHTED mean of ``top_share`` over the kept ids. ``min_count`` defaults to 10 there
     (OLMoE lists ids seen >= 10 times; its printed "Average probability" averages every id:
     ``min_count=1``). Every output names its convention in ``attrs``.
@@ -147,7 +156,7 @@ def _olmoe_vocab(ds, group, ids, n_v, E, who, attrs) -> xr.Dataset:
     """The ``olmoe`` convention of :func:`vocab_specialization` (top-1 share of each id's most frequent expert)."""
     L = ds.sizes["moe_layer"]
     U = ids.shape[0]
-    counts = _grouped_counts(ds.isel(k=[0]), group, U, E, who)  # (U, L, E): top-1 slots only
+    counts = _grouped_counts(ds, group, U, E, who, top1=True)  # (U, L, E): top-1 experts only
     top_expert = counts.argmax(axis=-1) if U else np.zeros((0, L), np.int64)
     top_share = counts.max(axis=-1) / n_v[:, None].astype(np.float64) if U else np.zeros((0, L))
     score = top_share.mean(axis=0) if U else np.full(L, np.nan)
@@ -159,8 +168,9 @@ def _olmoe_vocab(ds, group, ids, n_v, E, who, attrs) -> xr.Dataset:
         },
         coords={"token_id": ids, "count": ("token_id", n_v), **C.layer_coords(ds)},
     )
-    out["top_expert"].attrs["definition"] = "argmax_i #{t: v(t)=v, S_t[0]=i} (top-1 expert; ties: lowest index)"
-    out["top_share"].attrs["definition"] = "max_i #{t: v(t)=v, S_t[0]=i} / n_v"
+    out["top_expert"].attrs["definition"] = ("argmax_i #{t: v(t)=v, top1_t=i} (ties: lowest index); top1_t = first of "
+                                             "the top-k list ranked by applied weight (topk_weight), descending")
+    out["top_share"].attrs["definition"] = "max_i #{t: v(t)=v, top1_t=i} / n_v"
     out["score"].attrs["definition"] = "unweighted mean of top_share over the kept ids (OLMoE's token analysis)"
     out.attrs.update({**attrs, "convention": "olmoe"})
     return out
