@@ -4,6 +4,7 @@ traces (rows shuffled, sequences crossing several chunk boundaries, modality fil
 and the dashboard's "by position" panel and the export figure built on them."""
 from __future__ import annotations
 
+import dataclasses
 from itertools import pairwise
 from math import log, sqrt
 
@@ -18,9 +19,10 @@ from workbench.trace.schema import routing_layout
 
 
 def write_trace(path, experts, *, sequence, position, weights=None, modality=None, layers=(1, 3), n_experts=4,
-                logits=None, chunk=None, text_only=False, chunk_bytes=None):
+                logits=None, chunk=None, text_only=False, chunk_bytes=None, score="sigmoid"):
     """A store written with the real writer; ``experts`` (T, L, k). ``chunk``: attention_chunk_size
-    recorded in the provenance model_config (text part of a multimodal config, or flat)."""
+    recorded in the provenance model_config (text part of a multimodal config, or flat). ``score``: the
+    routing score recorded for every MoE layer (Llama 4's sigmoid by default)."""
     e = np.asarray(experts, np.int16)
     T, L, k = e.shape
     w = np.asarray(weights, np.float32) if weights is not None else np.full((T, L, k), 1.0 / k, np.float32)
@@ -29,9 +31,9 @@ def write_trace(path, experts, *, sequence, position, weights=None, modality=Non
         text = {"attention_chunk_size": chunk, "model_type": "llama4_text"}
         attrs["model_config"] = text if text_only else {"model_type": "llama4", "text_config": text}
     kw = {"chunk_bytes": chunk_bytes} if chunk_bytes else {}
-    with TraceWriter.create(path, **routing_layout(list(layers), n_experts, k,
-                                                   logits_dtype="float32" if logits is not None else None),
-                            attrs=attrs, **kw) as wr:
+    layout = routing_layout(list(layers), n_experts, k, logits_dtype="float32" if logits is not None else None)
+    layout["routing"] = [dataclasses.replace(r, score=score) for r in layout["routing"]]
+    with TraceWriter.create(path, **layout, attrs=attrs, **kw) as wr:
         rows = {"token_id": np.arange(T, dtype=np.int32), "sequence": np.asarray(sequence, np.int32),
                 "position": np.asarray(position, np.int32),
                 "modality": np.asarray(modality if modality is not None else np.zeros(T), np.int8),
@@ -113,6 +115,31 @@ def test_entropy_by_position_hand(hand):
     close(A.entropy_by_position(hand, bucket=4, layer=3)["load_entropy"], [0, 0, 0])
     with pytest.raises(ValueError, match="undefined"):
         A.entropy_by_position(hand, source="scores")
+
+
+def test_entropy_results_say_what_the_probabilities_are(tmp_path):
+    """entropy_by_position and by_chunk_offset carry router_entropy's routing_score / probabilities_are."""
+    rng = np.random.default_rng(3)
+    T = 10
+    kw = dict(sequence=np.zeros(T), position=np.arange(T), chunk=4,
+              logits=rng.normal(size=(T, 2, 4)))
+    experts = np.stack([rng.permutation(4)[:2] for _ in range(2 * T)]).reshape(T, 2, 2)
+    for score, phrase in (("sigmoid", "a convention: the model scores experts with a sigmoid"),
+                          ("softmax", "the router's own distribution")):
+        ds = write_trace(tmp_path / f"{score}.zarr", experts, score=score, **kw)
+        ref = A.router_entropy(ds, per_token=False).attrs
+        assert ref["routing_score"] == score and ref["probabilities_are"].startswith(phrase)
+        for out in (A.entropy_by_position(ds), A.entropy_by_position(ds, layer=3, bucket=2), A.by_chunk_offset(ds)):
+            assert out.attrs["probabilities"] == "softmax(logits)"
+            assert out.attrs["routing_score"] == score
+            assert out.attrs["probabilities_are"] == ref["probabilities_are"]
+        # the applied scores are what the model applies: no caveat, as router_entropy(source="scores")
+        scores = A.entropy_by_position(ds, source="scores")
+        assert scores.attrs["routing_score"] == score and "probabilities_are" not in scores.attrs
+        assert "probabilities_are" not in A.router_entropy(ds, source="scores", per_token=False).attrs
+        # no router entropy computed: nothing to qualify
+        none = A.by_chunk_offset(ds, source=None)
+        assert "routing_score" not in none.attrs and "probabilities_are" not in none.attrs
 
 
 def test_same_expert_rate_by_position_hand(hand):

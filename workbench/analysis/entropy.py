@@ -206,14 +206,24 @@ def _entropy_dataset(ds: xr.Dataset, mean: np.ndarray, ntok: np.ndarray, per_tok
         out.attrs["n_tokens"] = int(ntok[0])
     if prob == PROB_SCORES:
         out.attrs["note"] = "scores cover only the k chosen experts: values are at most log k / log E"
+    out.attrs.update(routing_attrs(ds, prob))
+    return out
+
+
+def routing_attrs(ds: xr.Dataset, prob: str) -> dict:
+    """What the entropy's probabilities are for the recorded model: ``routing_score`` (from the trace's
+    ``routing`` attribute) and, for ``prob`` = softmax(logits), ``probabilities_are`` (the router's own
+    distribution for a softmax router, a convention for a sigmoid one); empty when the trace does not say.
+    Every result that reports a router entropy carries these attrs."""
     score = _routing_score(ds)
-    if score is not None:
-        out.attrs["routing_score"] = score
-        if prob == PROB_LOGITS:
-            out.attrs["probabilities_are"] = (
-                "the router's own distribution (the model applies a softmax over the logits)" if score == "softmax"
-                else f"a convention: the model scores experts with a {score}, not a softmax over all experts, so "
-                     "softmax(logits) is the router's implied distribution, not one it applies")
+    if score is None:
+        return {}
+    out = {"routing_score": score}
+    if prob == PROB_LOGITS:
+        out["probabilities_are"] = (
+            "the router's own distribution (the model applies a softmax over the logits)" if score == "softmax"
+            else f"a convention: the model scores experts with a {score}, not a softmax over all experts, so "
+                 "softmax(logits) is the router's implied distribution, not one it applies")
     return out
 
 

@@ -36,7 +36,7 @@ import numpy as np
 import xarray as xr
 
 from . import _common as C
-from .entropy import _probability_source
+from .entropy import _probability_source, routing_attrs
 from .transitions import _read_pairs, _top1_names, next_token_rows
 
 #: default bucket spec: log-spaced edges 0, 1, 2, 4, 8, ...
@@ -372,7 +372,8 @@ def entropy_by_position(ds: xr.Dataset, *, bucket=DEFAULT_BUCKET, layer: int | N
     - ``mean_entropy`` = mean over the bucket's tokens of H_t = -sum_i p_ti log p_ti / log E, the
       per-token router entropy of :func:`workbench.analysis.router_entropy` with its ``source``
       (``"auto"``: p = softmax(router_logits) when the trace records them, else the applied top-k
-      scores normalized to sum 1; ``attrs['probabilities']`` says which). Left out (with
+      scores normalized to sum 1; ``attrs['probabilities']`` says which, and ``attrs['routing_score']`` /
+      ``attrs['probabilities_are']`` what they are for the recorded model, as there). Left out (with
       ``attrs['mean_entropy']`` saying why) when ``source=None``, or ``"auto"`` on a top-1 trace
       without router logits.
 
@@ -395,6 +396,7 @@ def _entropy_vars(st: _Setup, n: dict, ent, why, dim: str) -> xr.Dataset:
     if ent is not None:
         data["mean_entropy"] = ((dim, "moe_layer"), C.safe_div(n["ent_sum"], n["ntok"][:, None]))
         attrs["probabilities"] = ent[2]
+        attrs.update(routing_attrs(st.ds, ent[2]))  # as router_entropy says it: softmax(logits) may be a convention
     else:
         attrs["mean_entropy"] = f"not computed: {why}"
     out = xr.Dataset(data, attrs=attrs)
