@@ -486,6 +486,24 @@ def test_saturation_hand():
         A.saturation(a, a.isel(k=[0]))
 
 
+def test_risk_difference_refuses_different_expert_counts():
+    """Expert i of a 4-expert model is not expert i of a 6-expert one: refused up front, both orders,
+    as saturation does."""
+    a = trace_a()  # E = 4
+    b = trace_a()
+    b.attrs["n_experts"] = 6
+    for x, y, want in ((b, a, "6 vs 4"), (a, b, "4 vs 6")):
+        with pytest.raises(ValueError, match=f"different expert counts: {want}"):
+            A.risk_difference(x, y)
+        with pytest.raises(ValueError, match=f"different expert counts: {want}"):
+            A.saturation(x, y)
+    # same counts: p_behaviour - p_baseline; layer 1 of trace A holds expert 0 in 5 of 6 sets, expert 3 in none
+    rd = A.risk_difference(a, a.isel(token=[3, 4]))  # baseline t3 {2,0}, t4 {1,2}
+    close(rd["p_behaviour"].values[0], [5 / 6, 4 / 6, 3 / 6, 0])
+    close(rd["p_baseline"].values[0], [1 / 2, 1 / 2, 1, 0])
+    close(rd["risk_difference"].values[0], [5 / 6 - 1 / 2, 4 / 6 - 1 / 2, 3 / 6 - 1, 0])
+
+
 # --------------------------------------------------------------------------- out of core
 def all_results(ds, other=None):
     layers = ds["layer"].values.tolist()

@@ -45,10 +45,14 @@ def risk_difference(behaviour: xr.Dataset, baseline: xr.Dataset, *, modality=Non
                     n_experts: int | None = None) -> xr.Dataset:
     """Per (moe_layer, expert): ``p_behaviour`` and ``p_baseline``, the fraction of tokens whose top-k set
     holds the expert (token-level activation rate), and ``risk_difference`` = p_behaviour - p_baseline.
-    The two traces must have the same MoE layers. attrs ``n_behaviour``, ``n_baseline``."""
+    The two traces must have the same number of experts (``n_experts``, when given, overrides both) and
+    the same MoE layers; a ValueError naming both otherwise. attrs ``n_behaviour``, ``n_baseline``."""
     who = "risk_difference"
     code = C.resolve_modality(modality, who)
     E = C.get_n_experts(behaviour, n_experts, who)
+    Eb = C.get_n_experts(baseline, n_experts, who)
+    if E != Eb:  # expert i of one model is not expert i of the other: refuse before counting
+        raise ValueError(f"{who}: the traces have different expert counts: {E} vs {Eb} (behaviour vs baseline)")
     la, lb = (np.asarray(d["layer"].values).tolist() for d in (behaviour, baseline))
     if la != lb:
         raise ValueError(f"{who}: the traces have different MoE layers ({la} vs {lb})")
