@@ -714,3 +714,114 @@ def test_routing_paths_table_equals_the_analysis(syn, tmp_path):
         assert r[1] == " -> ".join(str(int(x)) for x in want["expert"].values[i])
         assert int(r[2]) == int(want["count"].values[i])
         assert float(r[3]) == pytest.approx(float(want["share"].values[i]), abs=1e-3)
+
+
+# ------------------------------------------------------------------- the routing rule in every file kind
+DS_RULE = ("s = sigmoid(logits); experts CHOSEN by s + b within the topk_group best of n_group groups; weight = s "
+           "without b / their sum, times scale, applied to the expert OUTPUT (test rule)")
+DS_ROUTING = "layers 1,3: n_experts=6, top_k=2, score=sigmoid, renormalize=True, weight_applied_to=output, " \
+             "shared_expert=True, selection_bias=True, n_group=4, topk_group=2, scale=2.5"
+
+
+def _routed_trace(path: Path, score: str) -> Path:
+    """A 2-layer (decoder 1, 3), E = 6, top-2 trace with router logits and text + image tokens; ``score``
+    ``"sigmoid"``: DeepSeek-V3's routing fields (selection bias, groups, scale), else a plain softmax."""
+    from workbench.trace.schema import MoELayerRouting, logits_variable, routing_variables
+
+    extra = (dict(selection_bias=True, n_group=4, topk_group=2, scale=2.5, renormalize=True) if score == "sigmoid"
+             else {})
+    routing = [MoELayerRouting(x, 6, 2, score=score, weight_applied_to="output", **extra) for x in (1, 3)]
+    rng = np.random.default_rng(5)
+    T = 24
+    lg = rng.normal(size=(T, 2, 6)).astype(np.float32)
+    top = np.argsort(-lg, axis=-1)[..., :2]
+    variables = routing_variables(2, 6, 2) + [logits_variable(2, 6, "float32")]
+    with TraceWriter.create(path, routing=routing, variables=variables,
+                            routing_rule=DS_RULE if score == "sigmoid" else "softmax top-k (test rule)",
+                            attrs={"model_config": {"architectures": ["DeepseekV3ForCausalLM"]}}) as w:
+        rows = dict(token_id=rng.integers(0, 50, T).astype(np.int32),
+                    sequence=np.repeat([0, 1], T // 2).astype(np.int32),
+                    position=np.tile(np.arange(T // 2), 2).astype(np.int32),
+                    modality=np.where(np.arange(T) % 3 == 0, 1, 0).astype(np.int8), topk_expert=top.astype(np.int16),
+                    topk_weight=np.take_along_axis(1 / (1 + np.exp(-lg)), top, -1).astype(np.float32),
+                    router_logits=lg)
+        if "generated" in w.variables:  # schema v3: a per-token prompt/generated flag
+            rows["generated"] = np.zeros(T, np.int8)
+        w.append(**rows)
+    return path
+
+
+def _note_lines(path: Path, mark: str) -> list[str]:
+    return [line[len(mark):] for line in path.read_text(encoding="utf-8").splitlines() if line.startswith(mark)]
+
+
+def test_every_file_kind_states_the_routing_rule(tmp_path):
+    """A DeepSeek-like (sigmoid, bias-corrected, grouped, scaled) trace: manifest, CSV, LaTeX, NetCDF, Parquet,
+    report and figures name the rule; the router-entropy line and figure title carry the sigmoid caveat."""
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from workbench.export import plot_entropy
+
+    store = _routed_trace(tmp_path / "ds.zarr", "sigmoid")
+    out = tmp_path / "out"
+    export_all(store, out, what="layer_metrics,layer_metrics_by_modality,entropy,netcdf,parquet,report",
+               formats=("pdf", "png"), progress=False)
+    caveat = router_entropy(open_trace(store), per_token=False).attrs["probabilities_are"]
+    assert caveat.startswith("a convention: the model scores experts with a sigmoid")
+    want_layers = [{"layer": x, "n_experts": 6, "top_k": 2, "score": "sigmoid", "renormalize": True,
+                    "weight_applied_to": "output", "shared_expert": True, "selection_bias": True, "n_group": 4,
+                    "topk_group": 2, "scale": 2.5} for x in (1, 3)]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["provenance"]["routing"] == DS_ROUTING and manifest["provenance"]["routing_rule"] == DS_RULE
+    assert manifest["trace_routing"] == {"layers": want_layers, "rule": DS_RULE}
+    # CSV and LaTeX: provenance comment lines, and the caveat on the router_entropy line
+    for name in ("layer_metrics", "layer_metrics_by_modality"):
+        com, rows = read_csv(out / "tables" / f"{name}.csv")
+        assert com["routing"] == DS_ROUTING and com["routing_rule"] == DS_RULE and rows
+        for path, mark in ((out / "tables" / f"{name}.csv", "# note: "), (out / "tables" / f"{name}.tex", "% note: ")):
+            ent = [n for n in _note_lines(path, mark) if n.startswith("router_entropy = ")]
+            assert len(ent) == 1 and ent[0].endswith(f"; softmax(logits) is {caveat}"), path.name
+        tex = (out / "tables" / f"{name}.tex").read_text()
+        assert f"% routing: {DS_ROUTING}\n" in tex and f"% routing_rule: {DS_RULE}\n" in tex
+    # NetCDF global attributes
+    with xr.open_dataset(out / "data" / "trace_subset.nc") as nc:
+        attrs = dict(nc.attrs)
+    assert attrs["routing"] == DS_ROUTING and attrs["routing_rule"] == DS_RULE
+    assert json.loads(attrs["trace_routing"]) == {"layers": want_layers, "rule": DS_RULE}
+    # Parquet schema metadata
+    meta = pq.read_schema(out / "data" / "trace_subset.parquet").metadata
+    prov = json.loads(meta[b"workbench.provenance"])
+    assert prov["routing"] == DS_ROUTING and prov["routing_rule"] == DS_RULE
+    assert json.loads(meta[b"workbench.trace_routing"]) == {"layers": want_layers, "rule": DS_RULE}
+    # report: meta tags, provenance table, the caveat under the metrics table
+    text = (out / "report.html").read_text(encoding="utf-8")
+    p = _Refs()
+    p.feed(text)
+    assert p.meta["workbench:routing"] == DS_ROUTING and p.meta["workbench:routing_rule"] == DS_RULE
+    assert f"<td>routing_rule</td><td>{DS_RULE}</td>" in text
+    assert html.escape(f"softmax(logits) is {caveat}") in text
+    # figures: metadata, and the entropy title
+    assert f"routing_rule={DS_RULE}" in pdf_info((out / "figures" / "entropy.pdf").read_bytes())["info"]["Keywords"]
+    with Image.open(out / "figures" / "entropy.png") as im:
+        im.load()
+        assert im.text["routing"] == DS_ROUTING
+    title = plot_entropy(open_trace(store)).axes[0].get_title(loc="left")
+    assert f"softmax(logits) is {caveat}" in " ".join(title.split())
+
+
+def test_softmax_trace_names_its_rule_without_the_caveat(tmp_path):
+    from workbench.export import plot_entropy
+
+    store = _routed_trace(tmp_path / "sm.zarr", "softmax")
+    out = tmp_path / "out"
+    export_all(store, out, what="layer_metrics", progress=False)
+    com, _ = read_csv(out / "tables" / "layer_metrics.csv")
+    assert com["routing"] == ("layers 1,3: n_experts=6, top_k=2, score=softmax, renormalize=False, "
+                              "weight_applied_to=output, shared_expert=True")
+    assert com["routing_rule"] == "softmax top-k (test rule)"
+    ent = [n for n in _note_lines(out / "tables" / "layer_metrics.csv", "# note: ") if n.startswith("router_entropy")]
+    assert ent == ["router_entropy = mean over tokens of H(softmax(router logits)) / log E; softmax(logits) is the "
+                   "router's own distribution (the model applies a softmax over the logits)"]
+    title = plot_entropy(open_trace(store)).axes[0].get_title(loc="left")
+    assert title == "Router entropy of softmax(logits), 6 experts"

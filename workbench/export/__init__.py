@@ -16,7 +16,9 @@ table builders of :mod:`workbench.export.tables`.
 
 Provenance of every file (:func:`export_provenance`): ``trace_fingerprint`` (see
 :func:`trace_fingerprint`), store path, schema, trace creation time and length, model
-architecture, checkpoint path and fingerprint, tokenizer and inputs hashes, the workbench
+architecture, its routing rule (``routing``: per-layer score sigmoid/softmax, renormalize, selection
+bias, groups, scale...; ``routing_rule``: the rule text), checkpoint path and fingerprint, tokenizer
+and inputs hashes, the workbench
 versions that recorded and exported it, the export date, the selection and the artifact name.
 Where it goes: PDF Info dictionary, SVG RDF metadata, PNG text chunks, ``# key: value`` CSV
 lines, ``% key: value`` LaTeX lines, NetCDF global attributes, Parquet schema metadata, HTML

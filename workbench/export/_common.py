@@ -15,7 +15,7 @@ import numpy as np
 import xarray as xr
 
 __all__ = ["ExportError", "ExportFailedError", "ExportNote", "ArtifactSkipped", "Selection", "trace_fingerprint",
-           "export_provenance", "storable_text"]
+           "export_provenance", "routing_summary", "storable_text"]
 
 _FINGERPRINT_KEYS = ("schema", "n_tokens", "n_commits", "moe_layers", "n_experts", "top_k", "routing", "variables",
                      "captures", "provenance")
@@ -82,15 +82,34 @@ def _model_name(prov: Mapping[str, Any]) -> str:
     return name
 
 
+def routing_summary(routing: Mapping[str, Any] | None) -> str:
+    """The trace's ``routing`` attribute (:func:`workbench.trace.schema.routing_description`) in one line:
+    the fields of each MoE layer but ``layer``, layers with the same fields grouped, e.g.
+    ``"layers 1,2: n_experts=8, top_k=3, score=sigmoid, renormalize=True, ..., scale=2.5"``; ``n/a``
+    when the trace has no per-layer routing description."""
+    layers = routing.get("layers") if isinstance(routing, Mapping) else None
+    layers = [x for x in (layers if isinstance(layers, (list, tuple)) else []) if isinstance(x, Mapping)]
+    if not layers:
+        return "n/a"
+    groups: dict[str, list[str]] = {}
+    for x in layers:
+        fields = ", ".join(f"{k}={v}" for k, v in x.items() if k != "layer")
+        groups.setdefault(fields, []).append(str(x.get("layer", "?")))
+    return "; ".join(f"layer{'s' if len(ids) > 1 else ''} {','.join(ids)}: {fields}" for fields, ids in groups.items())
+
+
 def export_provenance(ds: xr.Dataset, path: Path | None = None, *, exported: str | None = None,
                       selection: "Selection | None" = None) -> dict[str, str]:
     """Flat ``{key: str}`` provenance written into every exported file.
 
     Keys: ``trace_fingerprint`` (see :func:`trace_fingerprint`), ``trace`` (store path),
     ``trace_schema``, ``trace_created``, ``trace_tokens``, ``model`` (architecture),
-    ``checkpoint``, ``checkpoint_fingerprint``, ``tokenizer_hash``, ``inputs_hash``,
-    ``trace_workbench_version`` (that recorded it), ``workbench_version`` (that exported it),
-    ``exported`` (ISO-8601 UTC) and ``selection``. Missing values read ``n/a``.
+    ``routing`` (how the model routes, per MoE layer: :func:`routing_summary` of the trace's
+    ``routing`` attribute: sigmoid/softmax score, renormalize, selection bias, groups, scale...),
+    ``routing_rule`` (that attribute's rule text), ``checkpoint``, ``checkpoint_fingerprint``,
+    ``tokenizer_hash``, ``inputs_hash``, ``trace_workbench_version`` (that recorded it),
+    ``workbench_version`` (that exported it), ``exported`` (ISO-8601 UTC) and ``selection``.
+    Missing values read ``n/a``.
     """
     a = ds.attrs
     prov = a.get("provenance") or {}
@@ -106,6 +125,9 @@ def export_provenance(ds: xr.Dataset, path: Path | None = None, *, exported: str
         "trace_created": s(prov.get("created")),
         "trace_tokens": s(a.get("n_tokens")),
         "model": s(_model_name(prov)),
+        # the routing rule decides what the weights and the entropy mean (sigmoid vs softmax, bias...)
+        "routing": s(routing_summary(a.get("routing"))),
+        "routing_rule": s(a["routing"].get("rule") if isinstance(a.get("routing"), Mapping) else None),
         "checkpoint": s(prov.get("checkpoint_path")),
         "checkpoint_fingerprint": s(prov.get("checkpoint_fingerprint")),
         "tokenizer_hash": s(prov.get("tokenizer_hash")),

@@ -448,7 +448,7 @@ def export_all(store, out_dir, what: str | Sequence[str] = ("figures", "tables",
                 vocab_top=vocab_top, vocab_min_count=vocab_min_count, compare=compare, compare_labels=compare_labels,
                 importance=importance)
     result = ExportResult()
-    manifest = Manifest(ctx.out, ctx.prov, ctx.ds.attrs.get("provenance") or {})
+    manifest = Manifest(ctx.out, ctx.prov, ctx.ds.attrs.get("provenance") or {}, _routing_attr(ctx.ds))
     try:
         manifest.save()  # first: a previous export's manifest must not describe this export's files
     except OSError as e:
@@ -489,6 +489,12 @@ def export_all(store, out_dir, what: str | Sequence[str] = ("figures", "tables",
                                 "lists every file, with status 'running'")
     result.append(path)
     return result
+
+
+def _routing_attr(ds: xr.Dataset) -> dict:
+    """The trace's ``routing`` attribute ({"layers": [...], "rule": text}), or {} when it has none."""
+    routing = ds.attrs.get("routing")
+    return dict(routing) if isinstance(routing, Mapping) else {}
 
 
 def _os_error(e: OSError) -> str:

@@ -9,8 +9,10 @@ Per-commit arrays (``expert_load``, ``commit_end``) are left out (commits do not
 token subset). ``router_logits`` are written as float32 (float16 is not a NetCDF type; the values are
 unchanged). Written with the ``h5netcdf`` engine (NetCDF-4/HDF5) when h5py is installed, else
 ``scipy`` (NetCDF-3 64-bit offset: int64 ``token_index`` becomes int32, strings become char
-arrays). Global attributes: every provenance key, ``trace_provenance`` (the trace's full
-provenance as JSON), ``schema = "workbench.trace_subset/1"``, ``n_experts``, ``top_k``.
+arrays). Global attributes: every provenance key (``routing`` and ``routing_rule`` among them),
+``trace_provenance`` (the trace's full provenance as JSON), ``trace_routing`` (the trace's ``routing``
+attribute, per-layer routing description and rule, as JSON), ``schema = "workbench.trace_subset/1"``,
+``n_experts``, ``top_k``.
 Open with ``xr.open_dataset(path)``.
 
 Text NetCDF cannot hold (NUL ends an HDF5 string; lone surrogates are not UTF-8) is escaped
@@ -28,7 +30,8 @@ when a vocabulary is stored), ``layer`` (int32, decoder layer index), ``expert_0
 (fixed-size list of E float32) when recorded. Rows are sorted by token_index then layer order.
 Written by pyarrow in row groups of a bounded number of tokens (memory does not grow with the
 subset). Token strings keep NUL; lone surrogates are escaped (``\\udcXX``), with a note. Schema
-metadata: ``workbench.provenance`` (JSON of the provenance keys) and ``workbench.trace_provenance``;
+metadata: ``workbench.provenance`` (JSON of the provenance keys, ``routing`` and ``routing_rule``
+among them), ``workbench.trace_provenance`` and ``workbench.trace_routing`` (JSON, as in NetCDF);
 read with ``pyarrow.parquet.read_table`` / ``pandas.read_parquet``.
 """
 from __future__ import annotations
@@ -81,6 +84,7 @@ def subset_dataset(ds: xr.Dataset, sel: Selection, prov: Mapping[str, str]) -> x
         data["token_text"] = xr.Variable(("token",), np.array([str(t) for t in texts], dtype=object),
                                          attrs={"long_name": "token string (trace vocabulary)"})
     trace_prov = ds.attrs.get("provenance") or {}
+    routing = ds.attrs.get("routing")
     attrs: dict[str, Any] = {k: str(v) for k, v in prov.items()}
     attrs.update({
         "schema": "workbench.trace_subset/1",
@@ -89,6 +93,7 @@ def subset_dataset(ds: xr.Dataset, sel: Selection, prov: Mapping[str, str]) -> x
         "top_k": int(ds.attrs.get("top_k")),
         "moe_layers": np.asarray(sub["layer"].values, np.int32),
         "trace_provenance": json.dumps(jsonable(trace_prov), sort_keys=True),
+        "trace_routing": json.dumps(jsonable(dict(routing) if isinstance(routing, Mapping) else {}), sort_keys=True),
     })
     out = xr.Dataset(
         data,
@@ -194,6 +199,7 @@ def write_parquet(sub: xr.Dataset, path: Path, prov: Mapping[str, str], trace_pr
     meta = {
         "workbench.provenance": json.dumps(dict(prov), sort_keys=False),
         "workbench.trace_provenance": json.dumps(jsonable(trace_provenance or {}), sort_keys=True),
+        "workbench.trace_routing": str(sub.attrs.get("trace_routing", "{}")),
         "workbench.layout": "one row per (token, moe_layer); expert_j/weight_j = top-k slot j as stored",
         "workbench.n_experts": str(E),
         "workbench.top_k": str(k),

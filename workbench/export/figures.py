@@ -277,7 +277,11 @@ def plot_imbalance(ds: xr.Dataset):
 
 def plot_entropy(ds: xr.Dataset):
     """Mean normalized router entropy per layer, p = softmax(router logits)
-    (``workbench.analysis.router_entropy``); needs recorded router logits."""
+    (``workbench.analysis.router_entropy``); needs recorded router logits. For a model that does not
+    apply a softmax over all experts (a sigmoid router: Llama 4, DeepSeek-V3) the title carries the
+    caveat of ``router_entropy().attrs['probabilities_are']``."""
+    import textwrap
+
     from workbench.analysis import router_entropy
 
     if "router_logits" not in ds.variables:
@@ -287,8 +291,12 @@ def plot_entropy(ds: xr.Dataset):
     mods = _modalities_present(ds)
     split = router_entropy(ds, source="logits", per_token=False, by_modality=True) if len(mods) > 1 else None
     x = np.asarray(ds["layer"].values)
+    title = f"Router entropy of softmax(logits), {ent.attrs['n_experts']} experts"
+    caveat = []
+    if ent.attrs.get("routing_score", "softmax") != "softmax" and ent.attrs.get("probabilities_are"):
+        caveat = textwrap.wrap(f"softmax(logits) is {ent.attrs['probabilities_are']}", 58)
     with _rc():
-        fig = _figure(SINGLE, 1.9)
+        fig = _figure(SINGLE, 1.9 + 0.14 * len(caveat))  # room for the caveat lines
         ax = fig.subplots()
         ax.plot(x, ent["mean_entropy"].values, color="#000000", marker="o", label="all tokens")
         if split is not None:
@@ -299,7 +307,7 @@ def plot_entropy(ds: xr.Dataset):
         ax.set_xticks(x)
         ax.set_xlabel("MoE layer (decoder index)")
         ax.set_ylabel("mean H / log E")
-        ax.set_title(f"Router entropy of softmax(logits), {ent.attrs['n_experts']} experts", loc="left")
+        ax.set_title("\n".join([title] + caveat), loc="left", linespacing=1.1)
         fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=4)
     return fig
 

@@ -6,9 +6,12 @@ when a write fails half-way (a full disk), the manifest lists exactly the files 
 if the manifest itself cannot be rewritten, the file it would have listed is removed (freeing
 space) and the manifest on disk, one file older, is again exact.
 
-Keys: ``status`` (``"running"``, ``"complete"`` or ``"failed"``), ``provenance``,
-``trace_provenance``, ``files`` (paths relative to the export folder), ``skipped`` ({artifact:
-why}), ``notes`` (e.g. text that had to be escaped), ``failed`` ({artifact: error}, on failure).
+Keys: ``status`` (``"running"``, ``"complete"`` or ``"failed"``), ``provenance`` (its ``routing`` and
+``routing_rule`` say how the model routes), ``trace_provenance``, ``trace_routing`` (the trace's
+``routing`` attribute as stored: per MoE layer score, renormalize, weight_applied_to, selection_bias,
+n_group, topk_group, scale, shared_expert_gate..., and the rule text; ``{}`` when it has none),
+``files`` (paths relative to the export folder), ``skipped`` ({artifact: why}), ``notes`` (e.g. text
+that had to be escaped), ``failed`` ({artifact: error}, on failure).
 """
 from __future__ import annotations
 
@@ -27,11 +30,13 @@ MANIFEST_NAME = "manifest.json"
 class Manifest:
     """The manifest of one export into ``out``."""
 
-    def __init__(self, out: Path, provenance: Mapping[str, str], trace_provenance: Mapping[str, Any]):
+    def __init__(self, out: Path, provenance: Mapping[str, str], trace_provenance: Mapping[str, Any],
+                 trace_routing: Mapping[str, Any] | None = None):
         self.out = Path(out)
         self.path = self.out / MANIFEST_NAME
         self.provenance = dict(provenance)
         self.trace_provenance = jsonable(dict(trace_provenance))
+        self.trace_routing = jsonable(dict(trace_routing or {}))
         self.status = "running"
         self.files: list[str] = []
         self.skipped: dict[str, str] = {}
@@ -40,7 +45,8 @@ class Manifest:
 
     def to_json(self) -> dict:
         out = {"status": self.status, "provenance": self.provenance, "trace_provenance": self.trace_provenance,
-               "files": list(self.files), "skipped": dict(self.skipped), "notes": list(self.notes)}
+               "trace_routing": self.trace_routing, "files": list(self.files), "skipped": dict(self.skipped),
+               "notes": list(self.notes)}
         if self.failed:
             out["failed"] = dict(self.failed)
         return out

@@ -18,7 +18,9 @@ Values come from :mod:`workbench.analysis` (no formula is re-derived here):
 
 - ``layer_metrics``: per MoE layer, :func:`~workbench.analysis.load_imbalance` (cv,
   max_over_mean, maxvio, load_entropy) and, when router logits were recorded,
-  :func:`~workbench.analysis.router_entropy` (mean normalized entropy of softmax(logits)).
+  :func:`~workbench.analysis.router_entropy` (mean normalized entropy of softmax(logits); its note
+  says what these probabilities are for the recorded model, ``attrs['probabilities_are']``: for a
+  sigmoid router, Llama 4 or DeepSeek-V3, a convention, not the distribution the model applies).
 - ``layer_metrics_by_modality``: the same split by modality (when the trace mixes modalities).
 - ``vocab_top_tokens`` / ``vocab_specialization``: :func:`~workbench.analysis.vocab_specialization`,
   the token ids with the largest p(expert | token id) per expert, and the per-layer score.
@@ -210,9 +212,19 @@ _METRIC_COLUMNS = [
 ]
 
 
+def _entropy_note(ent: xr.Dataset) -> str:
+    """The router_entropy column's definition, with what softmax(logits) is for the recorded model
+    (``attrs['probabilities_are']`` of :func:`~workbench.analysis.router_entropy`, when the trace says)."""
+    note = "router_entropy = mean over tokens of H(softmax(router logits)) / log E"
+    if ent.attrs.get("probabilities_are"):
+        note += f"; softmax(logits) is {ent.attrs['probabilities_are']}"
+    return note
+
+
 def layer_metrics_table(ds: xr.Dataset) -> Table:
     """Per MoE layer: tokens, load imbalance (CV, max/mean, MaxVio, load entropy) and, with
-    router logits, the mean normalized router entropy of softmax(logits)."""
+    router logits, the mean normalized router entropy of softmax(logits) (its note says whether that
+    is the distribution the model applies)."""
     from workbench.analysis import load_imbalance, router_entropy
 
     imb = load_imbalance(ds)
@@ -224,7 +236,7 @@ def layer_metrics_table(ds: xr.Dataset) -> Table:
     if "router_logits" in ds.variables:
         ent = router_entropy(ds, source="logits", per_token=False)
         cols.append(Column("router_entropy", r"$\bar H_{\mathrm{router}}$"))
-        notes.append("router_entropy = mean over tokens of H(softmax(router logits)) / log E")
+        notes.append(_entropy_note(ent))
     else:
         notes.append("router_entropy omitted: the trace has no router_logits")
     rows = []
@@ -285,8 +297,10 @@ def layer_metrics_by_modality_table(ds: xr.Dataset) -> Table:
             if ent is not None:
                 r.append(float(ent["mean_entropy"].values[m, i]))
             rows.append(r)
-    return Table("layer_metrics_by_modality", cols, rows, "Routing metrics per MoE layer and modality.",
-                 ["same definitions as layer_metrics, over the tokens of each modality"])
+    notes = ["same definitions as layer_metrics, over the tokens of each modality"]
+    if ent is not None:
+        notes.append(_entropy_note(ent))
+    return Table("layer_metrics_by_modality", cols, rows, "Routing metrics per MoE layer and modality.", notes)
 
 
 def vocab_tables(ds: xr.Dataset, vocab: Sequence[str] | None, *, top: int = 5, min_count: int = 5,
