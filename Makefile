@@ -20,8 +20,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/workbench demo
 
+# Tests in TEST_WORKERS processes (pytest-xdist), a test file per process at a time (module fixtures are
+# built once); most tests use one core at a time, so 2 workers halve the run on CI's 2 cores. A short
+# OpenMP spin: workers' torch threads share the cores (RESULTS.md, "OpenMP spin-waiting").
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	GOMP_SPINCOUNT=$${GOMP_SPINCOUNT:-1000} $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # JupyterLab from the project's venv (its kernel is the venv's Python), on 127.0.0.1 only, with a fresh
 # token; prints the URL to open. LAB_PORT=9999 make lab for another port (a busy port fails loudly).
