@@ -619,7 +619,7 @@ def _changed_routing(attrs: dict, spec) -> str | None:
 
 # Config entries that describe how a model was saved or is called, not what it computes.
 _CONFIG_RUNTIME_KEYS = frozenset({"transformers_version", "dtype", "torch_dtype", "output_attentions",
-                                  "output_hidden_states", "return_dict", "use_cache"})
+                                  "output_hidden_states", "output_router_logits", "return_dict", "use_cache"})
 
 
 def _changed_config(stored: dict, now_config: dict) -> str | None:

@@ -151,8 +151,9 @@ def test_api_resume_of_a_transformers_model_refuses_other_weights_routing_or_con
         wb.record(saved("no_renorm", 0, norm_topk_prob=False), store, resume=True)
     with pytest.raises(RecorderError, match=r"another model config \(rms_norm_eps: stored 1e-06, now 0\.001\)"):
         wb.record(saved("other_eps", 0, rms_norm_eps=1e-3), store, resume=True)
-    # the same checkpoint loaded again continues the store
-    with wb.record(transformers.Qwen3MoeForCausalLM.from_pretrained(tmp_path / "a").eval(), store, resume=True) as rec:
+    # the same checkpoint loaded again continues the store, also with a flag that changes no routing
+    again = transformers.Qwen3MoeForCausalLM.from_pretrained(tmp_path / "a", output_router_logits=True).eval()
+    with wb.record(again, store, resume=True) as rec:
         rec.model(input_ids=torch.tensor([[9, 8, 7]]))
     ds = wb.open_trace(store)
     assert ds.attrs["complete"] and ds.sizes["token"] == 4 + 3
