@@ -276,18 +276,25 @@ def by_sequence(ds):
     return ds.isel(token=order)
 
 
+def left_padded_prompts(seed: int, lengths: tuple[int, ...]):
+    """Random prompts of ``lengths`` and their left-padded batch (ids, mask), as generate takes them."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, 300, (n,), generator=g) for n in lengths]
+    T = max(lengths)
+    ids = torch.full((len(prompts), T), PAD, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for i, s in enumerate(prompts):
+        ids[i, T - len(s):], mask[i, T - len(s):] = s, 1
+    return prompts, ids, mask
+
+
 def test_generate_trace_equals_a_forward_over_the_full_text(family, tmp_path):
     """transformers' generate recorded through the adapter: prompt and decode steps in their
     sequences at the right positions, flagged generated, routed as one forward pass over prompt +
     answer (less the answer's last token: generate never runs it)."""
     name, model = family
-    g = torch.Generator().manual_seed(2)
-    prompts = [torch.randint(3, 300, (n,), generator=g) for n in (7, 4)]
+    prompts, ids, mask = left_padded_prompts(seed=2, lengths=(7, 4))
     T, new = 7, 6
-    ids = torch.full((2, T), PAD, dtype=torch.long)
-    mask = torch.zeros(2, T, dtype=torch.long)
-    for i, s in enumerate(prompts):
-        ids[i, T - len(s):], mask[i, T - len(s):] = s, 1
     with wb.record(model, tmp_path / "gen.zarr"):
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
                              do_sample=False, pad_token_id=PAD)
@@ -308,13 +315,8 @@ def test_generate_trace_stops_a_finished_row_at_its_end_token(family, tmp_path):
     """A row that finishes before the others (its end token) is fed pads by generate while the
     others run: the trace holds its answer up to and including the end token, nothing after."""
     name, model = family
-    g = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(3, 300, (n,), generator=g) for n in (6, 5)]
+    prompts, ids, mask = left_padded_prompts(seed=5, lengths=(6, 5))
     T, new = 6, 6
-    ids = torch.full((2, T), PAD, dtype=torch.long)
-    mask = torch.zeros(2, T, dtype=torch.long)
-    for i, s in enumerate(prompts):
-        ids[i, T - len(s):], mask[i, T - len(s):] = s, 1
     kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=PAD)
     answers = model.generate(**kw, min_new_tokens=new)[:, T:].tolist()
     # an end token that row 0 produces early and row 1 never produces before its last fed token
