@@ -318,7 +318,7 @@ class TransformersAdapter(Adapter):
                     raise AdapterError(f"{type(module).__name__} was called without input_ids or inputs_embeds")
                 mask, cache_position = kwargs.get("attention_mask"), kwargs.get("cache_position")
                 past = _past_length(ref.shape[1], mask, cache_position)
-                point(input_ids=ids, batch=_hf_batch(tuple(ref.shape[:2]), ref.device, mask, cache_position,
+                point(input_ids=ids, batch=_hf_batch(tuple(ref.shape[:2]), ref.device, mask, past,
                                                       keep=self._answer_rows(past)))
 
         found = self.router_modules()
@@ -366,7 +366,7 @@ class TransformersAdapter(Adapter):
             frame = frame.f_back
         else:
             return None
-        running = frame.f_locals.get("unfinished_sequences") if frame is not None else None
+        running = frame.f_locals.get("unfinished_sequences")
         if not isinstance(running, torch.Tensor):
             return None
         previous, self._running = self._running, (id(frame), running)  # the loop rebinds it: no copy needed
@@ -553,14 +553,13 @@ def _past_length(T: int, attention_mask, cache_position) -> int:
     return 0
 
 
-def _hf_batch(shape: tuple[int, int], device, attention_mask, cache_position, *,
+def _hf_batch(shape: tuple[int, int], device, attention_mask, past: int, *,
               keep: torch.Tensor | None = None) -> ForwardBatch:
     """The ForwardBatch of a transformers call. In ``generate`` a call after the first continues
-    its rows from a cache: its ``attention_mask`` covers past + new tokens (B, S + T) and
-    ``cache_position`` starts at S. The call's tokens then start at stream index S, and positions
+    its rows from a cache: ``past`` = S tokens per row (:func:`_past_length`), its ``attention_mask``
+    covers past + new tokens (B, S + T). The call's tokens then start at stream index S, and positions
     count on from the valid past tokens (those of the mask's first S columns). keep: (B,) bool,
     rows whose tokens of this call are recorded (the others count as padding)."""
-    past = _past_length(shape[1], attention_mask, cache_position)
     past_valid = None
     if past:
         if attention_mask is not None:
