@@ -186,6 +186,12 @@ def fig_state(page, view: str):
     return page.evaluate(JS_FIG, view)
 
 
+def wait_fig(page, view: str, timeout=30_000) -> dict:
+    """The figure of ``view`` once it is drawn (views draw their plots asynchronously, one after another)."""
+    page.wait_for_function("(view) => { " + JS_FIG_BODY + " }", arg=view, timeout=timeout)
+    return fig_state(page, view)
+
+
 def wait_fig_change(page, view: str, before: dict, timeout=30_000) -> dict:
     page.wait_for_function(
         "([view, before]) => { const gd = [...document.querySelectorAll('.js-plotly-plot')]"
@@ -741,7 +747,7 @@ def test_legibility_key_highlight_escaping_sankey_titles_attention_and_live_cade
             # the label with its context, shown as itself (plotly text lines join without the break's space)
             assert info["label"].replace(" ", "") in rendered.replace(" ", ""), (info, rendered)
             assert f"L{info['layer']}" in rendered
-            shares = fig_state(page, "CrossModalAttentionView.shares")
+            shares = wait_fig(page, "CrossModalAttentionView.shares")  # drawn after the map: wait for it
             assert shares is not None and "top left" in shares["data"]
             page.locator(".wb-attention-view").screenshot(path=str(shots / "attention_story.png"))
     OUT.mkdir(parents=True, exist_ok=True)
