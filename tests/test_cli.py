@@ -46,6 +46,12 @@ def test_info_on_checkpoint_and_preset(ckpt):
     assert "128 experts" in out and "MoE layers (24): 1, 3, 5" in out
 
 
+def test_python_m_workbench_is_the_workbench_command(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "workbench", "info", tmp_path / "nope"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and "error: no config.json" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_info_on_missing_path_is_one_line_error(tmp_path):
     out = run_cli("info", tmp_path / "nope")
     assert out.returncode == 2 and "error: no config.json" in out.stderr and "Traceback" not in out.stderr
