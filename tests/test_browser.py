@@ -273,12 +273,12 @@ def test_views_render_and_react_in_jupyterlab(tmp_path):
 
         # ---- dashboard: the layer slider changes the per-expert bars
         before = fig_state(page, "ExpertLoadDashboard.bars")
-        assert before["title"].startswith("Layer L1")
+        assert before["title"].startswith("Layer 1:")
         h = slider_handle(page, ".wb-load-dashboard", "Layer")
         h.focus()
         h.press("ArrowRight")
         after = wait_fig_change(page, "ExpertLoadDashboard.bars", before)
-        assert after["title"].startswith("Layer L3"), after["title"]
+        assert after["title"].startswith("Layer 3:"), after["title"]
         # the mode toggle changes the heatmap
         hm0 = fig_state(page, "ExpertLoadDashboard.heatmap")
         revs = page.eval_on_selector_all(".wb-load-dashboard .wb-plot", "els => els.map(e => Number(e.dataset.revision))")
@@ -295,7 +295,7 @@ def test_views_render_and_react_in_jupyterlab(tmp_path):
         before = fig_state(page, "ExpertLoadDashboard.bars")
         h.press("ArrowRight")
         after = wait_fig_change(page, "ExpertLoadDashboard.bars", before)
-        assert after["title"] == "Layer L5: count per expert", after["title"]
+        assert after["title"] == "Layer 5: count per expert", after["title"]
         kinds = page.eval_on_selector_all(".wb-load-dashboard .wb-plot", "els => els.map(e => e.dataset.drawKind)")
         assert kinds.count("patch") >= 2, kinds  # heatmap (highlight) and bars: data-only updates (Plotly.update)
         page.locator(".wb-load-dashboard").screenshot(path=str(shots / "load_dashboard.png"))

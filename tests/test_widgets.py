@@ -199,7 +199,7 @@ def test_dashboard_layer_slider_bars_use_expert_colors(tiny):
     assert dash.layer == 1
     dash.w_layer.value = 2  # the slider's third position: decoder layer 5
     np.testing.assert_array_equal(dash.bars.data[0].y, n[2])
-    assert "L5" in dash.bars.layout.title.text
+    assert dash.bars.layout.title.text.startswith("Layer 5:")
     assert dash.heatmap.layout.shapes[0].y0 == 1.5
     assert dash.layer == 5
     assert [lab for lab, _ in dash.w_layer.options] == ["L1", "L3", "L5"]
@@ -211,12 +211,12 @@ def test_dashboard_layer_is_a_decoder_index(tiny):
     n = hand_counts(d)
     dash = ExpertLoadDashboard(p, mode="count", layer=3)
     np.testing.assert_array_equal(dash.bars.data[0].y, n[1])
-    assert dash.bars.layout.title.text.startswith("Layer L3:")
+    assert dash.bars.layout.title.text.startswith("Layer 3:")
     assert dash.heatmap.layout.shapes[0].y0 == 0.5 and dash.heatmap.layout.shapes[0].y1 == 1.5
     assert dash.layer == 3 and dash.w_layer.value == 1
     dash.layer = 5
     np.testing.assert_array_equal(dash.bars.data[0].y, n[2])
-    assert dash.bars.layout.title.text.startswith("Layer L5:")
+    assert dash.bars.layout.title.text.startswith("Layer 5:")
     default = ExpertLoadDashboard(p, mode="count")  # the first MoE layer
     assert default.layer == 1
     np.testing.assert_array_equal(default.bars.data[0].y, n[0])
