@@ -77,8 +77,8 @@ def model_parts(model: nn.Module) -> ModelParts:
             if hasattr(m, "hook_experts") and hasattr(m, "hook_router") and hasattr(m, "layer_idx")}
     if not moes:
         raise RecorderError(f"{type(model).__name__} has no MoE blocks with a hook_experts point: the expert "
-                            "captures need a workbench Llama 4 model (transformers stores the experts as fused "
-                            "weights with no per-expert output)")
+                            "captures need a workbench Llama 4 model (wb.load_model); on transformers models the "
+                            "adapters expose the routers only (captures router, logits and margin)")
     by_block = {id(m): layer for layer, m in moes.items()}
     resid = {by_block[id(m.feed_forward)]: m.post_attention_layernorm for m in model.modules()
              if id(getattr(m, "feed_forward", None)) in by_block and hasattr(m, "post_attention_layernorm")}

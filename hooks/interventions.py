@@ -24,7 +24,9 @@ def moe_layers(model: nn.Module) -> dict[int, nn.Module]:
         if hasattr(module, "hook_router") and hasattr(module, "layer_idx"):
             out[int(module.layer_idx)] = module
     if not out:
-        raise ValueError(f"{type(model).__name__} has no MoE layers with router hook points (a workbench model)")
+        raise ValueError(f"{type(model).__name__} has no MoE layers with editable router hook points: "
+                         "interventions, steering_effect and expert_importance need a workbench Llama 4 model "
+                         "(wb.load_model); on transformers models the adapters only observe the routers")
     return dict(sorted(out.items()))
 
 
