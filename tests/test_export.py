@@ -825,3 +825,50 @@ def test_softmax_trace_names_its_rule_without_the_caveat(tmp_path):
                    "router's own distribution (the model applies a softmax over the logits)"]
     title = plot_entropy(open_trace(store)).axes[0].get_title(loc="left")
     assert title == "Router entropy of softmax(logits), 6 experts"
+
+
+def test_subsets_hold_every_per_token_capture_and_name_what_they_leave_out(tmp_path):
+    """A generation recorded with margin, expert norms, attribution and vectors: the NetCDF and Parquet
+    subsets carry ``generated`` and every per-token capture over (token, moe_layer, k, expert) with the
+    trace's values on the selected rows and layers; the vectors, over other dims, are named in a note."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from workbench.embedded import EMBEDDED_MODEL
+
+    model = wb.load_model(EMBEDDED_MODEL, dtype=torch.float32, progress=False)
+    proc = wb.load_processor(EMBEDDED_MODEL)
+    store = tmp_path / "gen.zarr"
+    capture = {"router": {}, "margin": {}, "attribution": {}, "expert_out": {"vector_layers": [0]}}
+    with wb.record(model, store, capture=capture, processor=proc) as rec:
+        wb.generate(model, proc, ["The cat sat on", "Two plus two is"], 5, recorder=rec)
+    ds = open_trace(store).load()
+    layers = [int(x) for x in ds["layer"].values]
+    extra = ["generated", "router_margin", "expert_out_norm", "shared_out_norm", "resid_norm", "attribution",
+             "attribution_shared", "attribution_target"]
+    assert all(n in ds for n in extra) and "expert_out_vec" in ds and ds["generated"].values.any()
+    from workbench.export import ExportNote
+
+    with pytest.warns(ExportNote, match="left out expert_out_vec"):
+        res = export_all(store, tmp_path / "o", what=("netcdf", "parquet"), layers=[layers[1]], progress=False)
+    want = ds.isel(moe_layer=[1])
+    with xr.open_dataset(tmp_path / "o" / "data" / "trace_subset.nc") as got:
+        got = got.load()
+    for name in extra:
+        np.testing.assert_array_equal(got[name].values, want[name].values, err_msg=name)
+    assert "expert_out_vec" not in got
+    assert any("left out expert_out_vec ('token', 'vector_layer', 'part', 'hidden')" in n for n in res.notes), res.notes
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert sum("left out expert_out_vec" in n for n in manifest["notes"]) == 1  # once for both files
+
+    t = pq.read_table(tmp_path / "o" / "data" / "trace_subset.parquet")
+    n, K_ = ds.sizes["token"], ds.sizes["k"]
+    assert t.num_rows == n  # one selected layer: a row per token
+    col = lambda c: t.column(c).to_numpy(zero_copy_only=False)  # noqa: E731
+    for name in ("generated", "attribution_target"):
+        np.testing.assert_array_equal(col(name), ds[name].values, err_msg=name)
+    for name in ("router_margin", "shared_out_norm", "resid_norm", "attribution_shared"):
+        np.testing.assert_array_equal(col(name), want[name].values[:, 0], err_msg=name)
+    for name in ("expert_out_norm", "attribution"):
+        np.testing.assert_array_equal(np.stack([col(f"{name}_{j}") for j in range(K_)], -1),
+                                      want[name].values[:, 0], err_msg=name)

@@ -256,7 +256,7 @@ def _a_importance(ctx: ExportContext, formats=FIGURE_FORMATS, importance=None, *
 def _a_netcdf(ctx: ExportContext, **_) -> list[Path]:
     from .data import subset_dataset, write_netcdf
 
-    sub = subset_dataset(ctx.ds, ctx.sel, with_artifact(ctx.prov, "trace_subset"))
+    sub = subset_dataset(ctx.ds, ctx.sel, with_artifact(ctx.prov, "trace_subset"), notes=ctx.notes)
     return [write_netcdf(sub, ctx.out / "data" / "trace_subset.nc", notes=ctx.notes)]
 
 
@@ -264,7 +264,7 @@ def _a_parquet(ctx: ExportContext, **_) -> list[Path]:
     from .data import subset_dataset, write_parquet
 
     prov = with_artifact(ctx.prov, "trace_subset")
-    sub = subset_dataset(ctx.ds, ctx.sel, prov)
+    sub = subset_dataset(ctx.ds, ctx.sel, prov, notes=ctx.notes)
     return [write_parquet(sub, ctx.out / "data" / "trace_subset.parquet", prov, ctx.ds.attrs.get("provenance"),
                           notes=ctx.notes)]
 

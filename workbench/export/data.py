@@ -2,12 +2,15 @@
 
 NetCDF (``trace_subset.nc``): the trace's per-token variables restricted to the selection, same
 names and dims as in the trace (:mod:`workbench.trace.schema`: ``token_id, sequence, position,
-modality`` (token); ``topk_expert, topk_weight`` (token, moe_layer, k); ``router_logits`` (token,
-moe_layer, expert) when recorded; ``token_text`` when the trace stores a vocabulary), with
-coordinates ``token_index`` (token: the row in the source trace) and ``layer`` (moe_layer).
-Per-commit arrays (``expert_load``, ``commit_end``) are left out (commits do not survive a
-token subset). ``router_logits`` are written as float32 (float16 is not a NetCDF type; the values are
-unchanged). Written with the ``h5netcdf`` engine (NetCDF-4/HDF5) when h5py is installed, else
+modality`` (token); ``generated`` (token) in traces that have it; ``topk_expert, topk_weight``
+(token, moe_layer, k); ``router_logits`` (token, moe_layer, expert) when recorded; every other
+per-token capture over those dims, e.g. ``router_margin``, ``expert_out_norm``, ``attribution``;
+``token_text`` when the trace stores a vocabulary), with coordinates ``token_index`` (token: the
+row in the source trace) and ``layer`` (moe_layer). Per-token variables over other dims (the
+``expert_out_vec`` vectors) are left out, and a note in the manifest names them; per-commit arrays
+(``expert_load``, ``commit_end``) are left out too (commits do not survive a token subset). float16
+variables (``router_logits``, ...) are written as float32 (float16 is not a NetCDF type; the values
+are unchanged; attribute ``stored_dtype``). Written with the ``h5netcdf`` engine (NetCDF-4/HDF5) when h5py is installed, else
 ``scipy`` (NetCDF-3 64-bit offset: int64 ``token_index`` becomes int32, strings become char
 arrays). Global attributes: every provenance key (``routing`` and ``routing_rule`` among them),
 ``trace_provenance`` (the trace's full provenance as JSON), ``trace_routing`` (the trace's ``routing``
@@ -27,7 +30,10 @@ Parquet (``trace_subset.parquet``): tidy, one row per (token, MoE layer): ``toke
 (int64), ``sequence``, ``position``, ``token_id`` (int32), ``modality`` (int8), ``token`` (string,
 when a vocabulary is stored), ``layer`` (int32, decoder layer index), ``expert_0..expert_{k-1}``
 (int16), ``weight_0..weight_{k-1}`` (float32, slot order as stored), and ``router_logits``
-(fixed-size list of E float32) when recorded. Rows are sorted by token_index then layer order.
+(fixed-size list of E float32) when recorded; then the other variables of the NetCDF subset, as
+columns of the same name: per token (``generated``, ``attribution_target``) repeated on the token's
+rows, per (token, layer) one column (``router_margin``), per slot ``name_0..name_{k-1}``
+(``expert_out_norm_j``), per expert a fixed-size list. Rows are sorted by token_index then layer order.
 Written by pyarrow in row groups of a bounded number of tokens (memory does not grow with the
 subset). Token strings keep NUL; lone surrogates are escaped (``\\udcXX``), with a note. Schema
 metadata: ``workbench.provenance`` (JSON of the provenance keys, ``routing`` and ``routing_rule``
@@ -54,6 +60,18 @@ __all__ = ["subset_dataset", "write_netcdf", "write_parquet", "netcdf_engine", "
 PARQUET_BLOCK_TOKENS = 16384
 NETCDF_IN_MEMORY_BYTES = 1 << 30
 _TOKEN_VARS = ("token_id", "sequence", "position", "modality", "topk_expert", "topk_weight", "router_logits")
+# per-token variables over these dims go into the subsets; the tidy Parquet table has a column layout for each
+_SUBSET_DIMS = {"token", "moe_layer", "k", "expert"}
+
+
+def _subset_vars(ds: xr.Dataset) -> tuple[list[str], list[str]]:
+    """(the trace's per-token variables a subset holds: the core ones first, then the others by name;
+    the per-token variables it leaves out, with their dims)."""
+    per_token = [n for n in ds.data_vars if ds[n].dims[:1] == ("token",) and n != "token_text"]
+    keep = [n for n in _TOKEN_VARS if n in per_token]
+    keep += sorted(n for n in per_token if n not in keep and set(ds[n].dims) <= _SUBSET_DIMS)
+    left = [f"{n} {tuple(ds[n].dims)}" for n in sorted(per_token) if n not in keep]
+    return keep, left
 
 
 def netcdf_engine() -> str:
@@ -66,19 +84,26 @@ def netcdf_engine() -> str:
         return "scipy"
 
 
-def subset_dataset(ds: xr.Dataset, sel: Selection, prov: Mapping[str, str]) -> xr.Dataset:
-    """The selected part of the trace as a (lazy) Dataset ready to write (see the module doc)."""
+def subset_dataset(ds: xr.Dataset, sel: Selection, prov: Mapping[str, str],
+                   notes: list[str] | None = None) -> xr.Dataset:
+    """The selected part of the trace as a (lazy) Dataset ready to write (see the module doc); the
+    per-token variables it leaves out are named in a line of ``notes``."""
     sub = sel.apply(ds)
     n_src = int(ds.sizes["token"])
     rows = sel.token_rows if sel.token_rows is not None else np.arange(n_src)
+    names, left = _subset_vars(sub)
+    if left and notes is not None:
+        msg = ("trace subset (NetCDF, Parquet): left out " + ", ".join(left)
+               + " (only per-token variables over token, moe_layer, k and expert go in); read them from the trace")
+        if msg not in notes:
+            notes.append(msg)
     data = {}
-    for name in _TOKEN_VARS:
-        if name in sub.variables:
-            v = sub[name]
-            if name == "router_logits" and v.dtype != np.float32:
-                v = v.astype(np.float32)
-                v.attrs["stored_dtype"] = str(sub[name].dtype)
-            data[name] = v.variable
+    for name in names:
+        v = sub[name]
+        if v.dtype == np.float16:
+            v = v.astype(np.float32)
+            v.attrs["stored_dtype"] = str(sub[name].dtype)
+        data[name] = v.variable
     if "token_text" in sub.variables:
         texts = np.asarray(sub["token_text"].values, dtype=object)
         data["token_text"] = xr.Variable(("token",), np.array([str(t) for t in texts], dtype=object),
@@ -101,11 +126,8 @@ def subset_dataset(ds: xr.Dataset, sel: Selection, prov: Mapping[str, str]) -> x
                 "layer": ("moe_layer", np.asarray(sub["layer"].values, np.int32))},
         attrs=attrs,
     )
-    for name in ("topk_expert", "topk_weight", "router_logits"):
-        if name in out.variables:
-            out[name].attrs.pop("coordinates", None)
-            out[name].encoding = {}
     for name in out.variables:
+        out[name].attrs.pop("coordinates", None)
         out[name].encoding = {}
     return out
 
@@ -196,6 +218,10 @@ def write_parquet(sub: xr.Dataset, path: Path, prov: Mapping[str, str], trace_pr
     fields += [pa.field(f"weight_{j}", pa.float32()) for j in range(k)]
     if has_logits:
         fields.append(pa.field("router_logits", pa.list_(pa.float32(), E)))
+    core = {"token_id", "sequence", "position", "modality", "topk_expert", "topk_weight", "router_logits"}
+    extras = [n for n in sub.data_vars if n not in core and n != "token_text" and n != "token_text_escaped"]
+    for n in extras:
+        fields += _extra_fields(n, sub[n], k)
     meta = {
         "workbench.provenance": json.dumps(dict(prov), sort_keys=False),
         "workbench.trace_provenance": json.dumps(jsonable(trace_provenance or {}), sort_keys=True),
@@ -207,7 +233,7 @@ def write_parquet(sub: xr.Dataset, path: Path, prov: Mapping[str, str], trace_pr
     schema = pa.schema(fields, metadata={k_: v.encode("utf-8") for k_, v in meta.items()})
     n = int(sub.sizes["token"])
     names = ["token_id", "sequence", "position", "modality", "topk_expert", "topk_weight"]
-    names += ["router_logits"] if has_logits else []
+    names += (["router_logits"] if has_logits else []) + extras
     with atomic_path(path) as tmp:
         with pq.ParquetWriter(tmp, schema, compression="zstd") as w:
             for s in range(0, n, block_tokens):
@@ -234,5 +260,38 @@ def write_parquet(sub: xr.Dataset, path: Path, prov: Mapping[str, str], trace_pr
                     lg = np.asarray(blk["router_logits"].transpose("token", "moe_layer", "expert").values,
                                     np.float32).reshape(T * L * E)
                     arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(lg), E))
+                for n in extras:
+                    arrays += _extra_arrays(blk[n], T, L)
                 w.write_table(pa.Table.from_arrays(arrays, schema=schema))
     return Path(path)
+
+
+def _extra_fields(name: str, var: xr.DataArray, k: int) -> list:
+    """The Parquet columns of a subset variable beyond the core ones (layouts in the module doc)."""
+    import pyarrow as pa
+
+    t = pa.from_numpy_dtype(var.dtype)
+    dims = tuple(var.dims)
+    if dims in (("token",), ("token", "moe_layer")):
+        return [pa.field(name, t)]
+    if dims == ("token", "moe_layer", "k"):
+        return [pa.field(f"{name}_{j}", t) for j in range(k)]
+    if dims == ("token", "moe_layer", "expert"):
+        return [pa.field(name, pa.list_(t, int(var.sizes["expert"])))]
+    raise ValueError(f"{name}: no Parquet layout for dims {dims}")
+
+
+def _extra_arrays(var: xr.DataArray, T: int, L: int) -> list:
+    """The column arrays of :func:`_extra_fields` for a block of ``T`` tokens (rows token-major, then layer)."""
+    import pyarrow as pa
+
+    a = np.asarray(var.values)
+    if var.dims == ("token",):
+        return [pa.array(np.repeat(a, L))]
+    if var.dims == ("token", "moe_layer"):
+        return [pa.array(a.reshape(T * L))]
+    if var.dims == ("token", "moe_layer", "k"):
+        flat = a.reshape(T * L, -1)
+        return [pa.array(np.ascontiguousarray(flat[:, j])) for j in range(flat.shape[1])]
+    E = int(var.sizes["expert"])
+    return [pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(T * L * E)), E)]
