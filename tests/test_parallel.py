@@ -229,6 +229,9 @@ def scenario_forward(tp, out_dir: Path, arg: str) -> None:
     _forward_suite(model, proc, out, "")
     gens = wb.generate(model, proc, PROMPTS[:2] + PROMPTS[3:], max_new_tokens=6)
     out["generated"] = torch.tensor([g.token_ids + [-1] * (6 - len(g.token_ids)) for g in gens])
+    # sampling without a seed: every rank must pick the same tokens (each rank writes its own)
+    sampled = wb.generate(model, proc, PROMPTS[:2], max_new_tokens=8, do_sample=True, temperature=1.5)
+    (out_dir / f"sampled-{tp.rank}.json").write_text(json.dumps([g.token_ids for g in sampled]))
     names = list(param_splits(model, tp.size))
     out["split_bytes"], out["split_storage"] = map(torch.tensor, _param_bytes(model, names))
     out["expert_bytes"] = torch.tensor(_param_bytes(model, [n for n in names if ".experts." in n])[0])
@@ -421,6 +424,8 @@ def test_forward_generation_memory_and_checksum(tmp_path, reference, world):
     routes = [k for k in reference if k.startswith("route_")]
     assert routes and all(torch.equal(got[k], reference[k]) for k in routes)
     assert torch.equal(got["generated"], reference["generated"])
+    sampled = [json.loads((tmp_path / f"sampled-{r}.json").read_text()) for r in range(world)]
+    assert all(s == sampled[0] for s in sampled) and len(sampled[0]) == 2, sampled
     # per-rank memory: 1/N of the split tensors (KV heads: 1/2 when replicated on 4 ranks), 1/N of every
     # expert, each in its own storage (no view of a full tensor)
     assert int(got["split_bytes"]) == reference[f"split_bytes_{world}"]

@@ -58,7 +58,8 @@ def generate(model: nn.Module, processor, prompts: str | dict | Iterable, max_ne
     prompts: a string, a dict {"text": str, "images": [PIL image | path, ...]}, or a list of them.
     Greedy by default (``do_sample=False``: argmax, the same ids as transformers' greedy
     ``generate``); sampling divides the logits by ``temperature`` and keeps the smallest set of
-    tokens whose probability reaches ``top_p``; ``seed`` makes it reproducible. Each row stops at
+    tokens whose probability reaches ``top_p``; ``seed`` makes it reproducible (without one, a fresh
+    seed; under tensor parallelism rank 0's, so every rank picks the same tokens). Each row stops at
     an end-of-sequence id of the model config, at a ``stop`` string (the text is cut before it)
     or token id, or after ``max_new_tokens``. recorder: a :class:`~workbench.hooks.Recorder` of
     this model; each prompt becomes one trace sequence (see the module docstring). batch_size:
@@ -90,9 +91,15 @@ def generate(model: nn.Module, processor, prompts: str | dict | Iterable, max_ne
     if do_sample:
         gen = torch.Generator(device=device)
         if seed is None:
-            gen.seed()  # a fresh random seed for this generator only (the global RNG is left alone)
-        else:
-            gen.manual_seed(seed)
+            from workbench.runtime.parallel import tp_of
+
+            seed = gen.seed()  # a fresh random seed for this generator only (the global RNG is left alone)
+            tp = tp_of(model)
+            if tp is not None:
+                # every rank must pick the same tokens (each embeds its pick and the embedding's
+                # all-reduce would add different rows): rank 0's seed; the logits are equal on all ranks
+                seed = tp.broadcast_object(seed)
+        gen.manual_seed(seed)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(items) * max_new_tokens, desc="generate", unit="tok", disable=not progress)
