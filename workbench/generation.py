@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -89,16 +90,19 @@ def generate(model: nn.Module, processor, prompts: str | dict | Iterable, max_ne
     device = next(model.parameters()).device
     gen = None
     if do_sample:
-        gen = torch.Generator(device=device)
-        if seed is None:
-            from workbench.runtime.parallel import tp_of
+        from workbench.runtime.parallel import tp_of
 
-            seed = gen.seed()  # a fresh random seed for this generator only (the global RNG is left alone)
-            tp = tp_of(model)
-            if tp is not None:
-                # every rank must pick the same tokens (each embeds its pick and the embedding's
-                # all-reduce would add different rows): rank 0's seed; the logits are equal on all ranks
-                seed = tp.broadcast_object(seed)
+        gen = torch.Generator(device=device)
+        seed_given = seed is not None
+        mine = seed if seed_given else gen.seed()  # a fresh seed for this generator only (not the global RNG)
+        seed, tp = mine, tp_of(model)
+        if tp is not None:
+            # every rank must pick the same tokens (each embeds its pick and the embedding's all-reduce
+            # would add different rows): rank 0's seed everywhere; the logits are equal on all ranks
+            seed = tp.broadcast_object(mine)
+            if seed_given and seed != mine:
+                warnings.warn(f"generate: rank {tp.rank} samples with rank 0's seed {seed}, not its own {mine}",
+                              stacklevel=2)
         gen.manual_seed(seed)
     from tqdm.auto import tqdm
 
