@@ -649,6 +649,7 @@ def _changed_config(stored: dict, now_config: dict) -> str | None:
 # What a resumed recording must share with the store's first part: anything that can change routing.
 _RESUME_KEYS = (("checkpoint_fingerprint", "checkpoint files (fingerprint of config.json and the weight files)"),
                 ("weights_sample", "model weights (fingerprint of a sample of every parameter)"), ("dtype", "dtype"),
+                ("quantized", "quantized weights in memory"),
                 ("device_type", "device type"), ("model_class", "model class"), ("tokenizer_hash", "tokenizer"))
 
 
@@ -661,7 +662,7 @@ def _changed_model(stored: dict, now: dict) -> str | None:
     now = {**now, "device_type": str(now.get("device", "")).split(":")[0] or None}
     changed = [(key, label) for key, label in _RESUME_KEYS
                if stored.get(key) is not None and stored.get(key) != now.get(key)]
-    if any(key == "dtype" for key, _ in changed):  # the sampled bytes differ by the cast alone: say the cause
+    if any(key in ("dtype", "quantized") for key, _ in changed):  # the sampled bytes differ by that: say the cause
         changed = [(key, label) for key, label in changed if key != "weights_sample"]
     diffs = [f"{label}: stored {stored[key]!r}, now {now.get(key)!r}" for key, label in changed]
     if not diffs:
@@ -686,6 +687,9 @@ def _model_provenance(model: nn.Module) -> dict[str, Any]:
     source = getattr(model, "source", None)
     if isinstance(source, dict):
         out.update({f"checkpoint_{k}": v for k, v in source.items() if k != "tensor_parallel"})
+    # what is quantized in memory, however it got so (load_model(quantize=...), or the quant API after
+    # loading, which the checkpoint's provenance does not see)
+    out["quantized"] = quantized_modules(model)
     tp = getattr(model, "tp", None)
     if tp is not None:
         from workbench.runtime.parallel import describe_layout
@@ -694,6 +698,24 @@ def _model_provenance(model: nn.Module) -> dict[str, Any]:
     else:  # under tensor parallelism each rank holds shards: the sample would depend on the world size
         out["weights_sample"] = weights_sample(model)
     return out
+
+
+def quantized_modules(model: nn.Module) -> str:
+    """What of ``model`` holds quantized weights in memory (:mod:`workbench.quant`), e.g.
+    ``"fp8: 4 expert blocks, 24 linear layers"``, ``"int4-g128: 4 expert blocks"``; ``"none"``."""
+    from workbench.quant.modules import QuantizedTextExperts, QuantLinear
+
+    counts: dict[tuple[str, str], int] = {}
+    for m in model.modules():
+        if isinstance(m, (QuantizedTextExperts, QuantLinear)):
+            tag = m.kind + (f"-g{m.group_size}" if m.kind == "int4" else "")
+            what = "expert blocks" if isinstance(m, QuantizedTextExperts) else "linear layers"
+            counts[tag, what] = counts.get((tag, what), 0) + 1
+    if not counts:
+        return "none"
+    tags = sorted({t for t, _ in counts})
+    return "; ".join(f"{t}: " + ", ".join(f"{n} {w}" for (t2, w), n in sorted(counts.items()) if t2 == t)
+                     for t in tags)
 
 
 # Elements read from each parameter or buffer by weights_sample.

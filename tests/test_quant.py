@@ -341,6 +341,19 @@ def test_quantize_provenance_and_never_quantized_parts(float_ckpt):
     from hooks.recorder import _changed_model, _model_provenance
     why = _changed_model(_model_provenance(a), _model_provenance(c))
     assert "checkpoint files" in why and "+fp8:experts" in why
+    moe = [layer.feed_forward for layer in plain.model.layers if layer.is_moe_layer]
+    assert _model_provenance(plain)["quantized"] == "none"
+    assert _model_provenance(a)["quantized"] == f"int4-g128: {len(moe)} expert blocks"
+    assert _model_provenance(b)["quantized"] == f"int4-g128: {len(moe)} expert blocks, {3 * len(moe)} linear layers"
+    # quantized with the quant API after loading: the checkpoint's provenance cannot see it, the model's does
+    from workbench.quant.modules import QuantizedTextExperts
+    for ff in moe:
+        ff.experts = QuantizedTextExperts.from_float(ff.experts, "fp8")
+    after = _model_provenance(plain)
+    assert after["quantized"] == f"fp8: {len(moe)} expert blocks" and "checkpoint_quantize" not in after
+    why = _changed_model(_model_provenance(wb.load_model(path, progress=False)), after)
+    assert why == ("it was recorded with another model setup (quantized weights in memory: stored 'none', now "
+                   f"'fp8: {len(moe)} expert blocks')")
     for bad in ("router", "lm_head", "embed_tokens", "vision_model", "norm"):
         with pytest.raises(ValueError, match="never quantized"):
             wb.load_model(path, progress=False, quantize="int4", quantize_modules=[bad])
