@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import os
 import sys
@@ -528,6 +529,9 @@ class Recorder:
         bar = tqdm(total=len(items), desc=f"trace -> {self.store_path.name}", unit="prompt",
                    disable=not progress or self._follower)
         device = next(model.parameters()).device
+        # the trace never reads the language-model logits: the last token's only (a long prompt's full
+        # logits are B x T x vocab)
+        keep = {"logits_to_keep": 1} if _takes(model, "logits_to_keep") else {}
         try:
             with torch.inference_mode():  # as wb.generate: no per-op autograd bookkeeping
                 for start in range(0, len(items), batch_size):
@@ -536,7 +540,7 @@ class Recorder:
                     tensors = {k: v.to(device) for k, v in batch.items()
                                if k in ("input_ids", "attention_mask", "pixel_values") and v is not None}
                     with self.sequences([it["index"] for it in chunk]):
-                        model(**tensors)
+                        model(**tensors, **keep)
                     seen += int(batch["attention_mask"].sum())  # host tensor from the processor: no sync
                     bar.update(len(chunk))
                     bar.set_postfix(tok_s=f"{seen / max(time.perf_counter() - t0, 1e-9):,.0f}")
@@ -548,14 +552,36 @@ class Recorder:
                 "tokens": self.n_tokens - n0, "seconds": dt, "tokens_per_s": (self.n_tokens - n0) / max(dt, 1e-9)}
 
     def _processed(self, processor, chunk: list[dict], max_tokens, truncation):
-        kw = dict(text=[it["text"] for it in chunk], padding=True, return_tensors="pt")
-        if max_tokens is not None:
-            kw.update(max_length=max_tokens, truncation=truncation)
-        if any(it["images"] for it in chunk):
-            kw["images"] = [it["images"] for it in chunk]
-        batch = processor(**kw)
+        batch = _encode(processor, chunk, max_tokens, truncation)
         self._note_images(chunk, getattr(batch, "images", None))
         return batch
+
+    @staticmethod
+    def check_run(model: nn.Module, processor, inputs: Iterable, *, batch_size: int = 8,
+                  max_tokens: int | None = None, truncation: bool = False, names: Sequence[str] | None = None) -> None:
+        """Raise InsufficientMemoryError before any work when a batch of :meth:`run` (each batch of
+        ``batch_size`` non-empty prompts, padded as ``run`` pads it) would need more memory than is
+        free on the model's device for its blocked prefill (workbench's Llama 4; inputs up to its
+        ``prefill_chunk`` go in one pass, which the model does not check either). names: how
+        messages call each input (default "input <index>"). The CLI runs it before creating the store."""
+        from workbench.runtime.memory import check_fits, prefill_bytes
+
+        config, block = getattr(model, "text_config", None), getattr(model, "prefill_chunk", None)
+        if config is None or not block:
+            return
+        param = next(model.parameters())
+        items = [it for it in (_as_item(x, i) for i, x in enumerate(inputs)) if it["text"].strip() or it["images"]]
+        for b0 in range(0, len(items), batch_size):
+            chunk = items[b0:b0 + batch_size]
+            mask = _encode(processor, chunk, max_tokens, truncation)["attention_mask"]
+            B, T = mask.shape
+            if T <= block:
+                continue
+            longest = chunk[int(mask.sum(-1).argmax())]["index"]
+            name = names[longest] if names is not None else f"input {longest}"
+            check_fits(prefill_bytes(config, B, T, block, param.dtype, logits_to_keep=1), param.device,
+                       f"{name} ({T:,} tokens" + (", the longest of a batch of " + str(B) if B > 1 else "") + ")",
+                       hint="shorter prompts or a smaller batch size")
 
     def _note_images(self, chunk: list[dict], infos) -> None:
         """Provenance for the views (``CrossModalAttentionView(trace, sequence)`` needs no image arguments):
@@ -668,6 +694,24 @@ def _changed_model(stored: dict, now: dict) -> str | None:
     if not diffs:
         return None
     return "it was recorded with another model setup (" + "; ".join(diffs) + ")"
+
+
+def _encode(processor, chunk: list[dict], max_tokens, truncation):
+    """The processor batch of ``chunk`` (items of :func:`_as_item`) as :meth:`Recorder.run` encodes it."""
+    kw = dict(text=[it["text"] for it in chunk], padding=True, return_tensors="pt")
+    if max_tokens is not None:
+        kw.update(max_length=max_tokens, truncation=truncation)
+    if any(it["images"] for it in chunk):
+        kw["images"] = [it["images"] for it in chunk]
+    return processor(**kw)
+
+
+def _takes(model: nn.Module, name: str) -> bool:
+    """Whether ``model``'s forward has a parameter ``name`` (not merely ``**kwargs``)."""
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _as_item(x, i: int) -> dict[str, Any]:

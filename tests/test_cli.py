@@ -271,6 +271,40 @@ def test_trace_prompt_errors_name_the_line_and_the_flags(capsys, tmp_path):
     assert not (tmp_path / "i.zarr").exists()
 
 
+def test_trace_checks_memory_before_the_store_and_keeps_only_the_last_logits(capsys, tmp_path, monkeypatch):
+    """A prompt longer than the prefill block, on a machine whose free memory (here set: the one input
+    that cannot be chosen on this machine) is too small: one error line naming its line and the batch
+    size, no store. With just enough memory for a prefill that keeps the last token's logits (the trace
+    never reads the others), but not for all logits, the trace runs."""
+    import workbench.runtime.memory as memory
+    from workbench.embedded import EMBEDDED_MODEL
+    from workbench.runtime.memory import prefill_bytes
+
+    model = wb.load_model(EMBEDDED_MODEL, progress=False)
+    proc = wb.load_processor(EMBEDDED_MODEL)
+    text = "the cat sat on the mat " * 800
+    T = int(proc(text=[text], return_tensors="pt")["input_ids"].shape[1])
+    dtype, block = next(model.parameters()).dtype, model.prefill_chunk
+    assert T > block
+    need_last = prefill_bytes(model.text_config, 1, T, block, dtype, logits_to_keep=1)
+    need_all = prefill_bytes(model.text_config, 1, T, block, dtype)
+    assert need_all > need_last + (16 << 20)
+    prompts = write_prompts(tmp_path / "p.jsonl", ["short", text])
+    store = tmp_path / "s.zarr"
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 20 << 20)
+    code, _, err = main_rc(capsys, "trace", EMBEDDED_MODEL, "--prompts", prompts, "--out", store, "--quiet",
+                           "--batch-size", 1)
+    msg = one_error_line(err, "trace")
+    assert code == 2 and f"p.jsonl:2 ({T:,} tokens) needs about" in msg and msg.endswith("--batch-size 1"), msg
+    assert "logits_to_keep" not in msg and not store.exists()
+    monkeypatch.setattr(memory, "available_bytes", lambda device: need_last + (8 << 20))
+    code, out, err = main_rc(capsys, "trace", EMBEDDED_MODEL, "--prompts", prompts, "--out", store, "--quiet",
+                             "--batch-size", 1)
+    assert code == 0 and "traced 2 prompts" in out, err
+    short = int(proc(text=["short"], return_tensors="pt")["input_ids"].shape[1])
+    assert wb.open_trace(store).sizes["token"] == T + short
+
+
 def test_trace_refuses_max_tokens_beyond_the_model_positions(capsys, tmp_path, monkeypatch):
     from workbench.embedded import EMBEDDED_MODEL
 

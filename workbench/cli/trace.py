@@ -50,6 +50,7 @@ def _run(args, tp) -> int:
     from workbench.checkpoint import load_model
     from workbench.hooks import Recorder
     from workbench.models.llama4.processor import load_processor
+    from workbench.runtime.memory import InsufficientMemoryError
 
     # Cheap checks first: flags (argparse), prompts, captures and --out, all before the model loads.
     prompts_path = Path(args.prompts)
@@ -85,6 +86,13 @@ def _run(args, tp) -> int:
     limit = getattr(getattr(model, "text_config", None), "max_position_embeddings", None)  # workbench's Llama 4
     check_prompts_process(proc, prompts, prompts_path, max_tokens=args.max_tokens, truncate=args.truncate,
                           max_positions=limit)
+    if not args.resume:  # too big for this machine's memory: said before the store exists (a resumed
+        # run's batches are other ones; the model's own check still runs before each allocation)
+        try:
+            Recorder.check_run(model, proc, prompts, batch_size=args.batch_size, max_tokens=args.max_tokens,
+                               truncation=args.truncate, names=[f"{prompts_path}:{p['line']}" for p in prompts])
+        except InsufficientMemoryError as e:
+            raise CLIError(f"{e}; --batch-size {args.batch_size}") from None
     rec = Recorder(model, out, capture, processor=proc, resume=args.resume, overwrite=args.overwrite,
                    provenance=provenance, commit_every_seconds=args.commit_every)
     ok = False

@@ -105,11 +105,11 @@ def available_bytes(device: torch.device | str) -> int | None:
     return None
 
 
-def check_fits(nbytes: int, device: torch.device | str, what: str,
-               hint: str = "shorter inputs, fewer rows, or logits_to_keep=1 when only the last token's logits "
-                           "are needed") -> None:
-    """Raise InsufficientMemoryError naming ``what`` (and ``hint``: what to change) when ``nbytes``
-    exceed the free memory of ``device``."""
+def check_fits(nbytes: int, device: torch.device | str, what: str, hint: str | None = None) -> None:
+    """Raise InsufficientMemoryError naming ``what`` (and ``hint``: what to change; default: shorter
+    inputs, fewer rows or ``logits_to_keep=1``) when ``nbytes`` exceed the free memory of ``device``."""
+    if hint is None:
+        hint = "shorter inputs, fewer rows, or logits_to_keep=1 when only the last token's logits are needed"
     free = available_bytes(device)
     if free is not None and nbytes > free:
         raise InsufficientMemoryError(

@@ -499,7 +499,8 @@ def run_blocks(text_model: Llama4TextModel, lm_head: nn.Linear, input_ids, atten
     if cache is None:
         dtype = (inputs_embeds if inputs_embeds is not None else text_model.embed_tokens.weight).dtype
         check_fits(prefill_bytes(config, B, T, prefill_chunk, dtype, logits_to_keep), ref.device,
-                   f"a {T}-token prefill of {B} row(s)")
+                   f"a {T}-token prefill of {B} row(s)",
+                   hint=None if logits_to_keep <= 0 else "shorter inputs or fewer rows")
         cache = KVCache(text_model.cache_config, B, T, block=prefill_chunk, dtype=dtype, device=ref.device)
     step = min(prefill_chunk, cache.block)
     hs = []
