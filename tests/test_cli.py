@@ -305,6 +305,29 @@ def test_trace_checks_memory_before_the_store_and_keeps_only_the_last_logits(cap
     assert wb.open_trace(store).sizes["token"] == T + short
 
 
+def test_trace_quantize_flag(capsys, tmp_path, ckpt):
+    """``workbench trace --quantize`` loads as ``load_model(quantize=...)`` does: the same routing as the
+    API on the same model, the quantization in the store's provenance; refused for transformers loading."""
+    from workbench.embedded import EMBEDDED_MODEL
+
+    prompts = write_prompts(tmp_path / "p.jsonl", ["The quick brown fox.", "1 + 2 = 3"])
+    store = tmp_path / "q.zarr"
+    code, _, err = main_rc(capsys, "trace", EMBEDDED_MODEL, "--prompts", prompts, "--out", store, "--quiet",
+                           "--quantize", "int4", "--quantize-modules", "shared_expert")
+    assert code == 0, err
+    ds = wb.open_trace(store)
+    prov = ds.attrs["provenance"]
+    assert prov["checkpoint_quantize"] == "int4" and prov["checkpoint_quantize_modules"] == "experts,shared_expert"
+    assert prov["quantized"].startswith("int4-g128: ") and "linear layers" in prov["quantized"]
+    model = wb.load_model(EMBEDDED_MODEL, quantize="int4", quantize_modules=("shared_expert",), progress=False)
+    with wb.record(model, tmp_path / "api.zarr", processor=wb.load_processor(EMBEDDED_MODEL)) as rec:
+        rec.run(model, wb.load_processor(EMBEDDED_MODEL), ["The quick brown fox.", "1 + 2 = 3"], progress=False)
+    np.testing.assert_array_equal(ds["topk_expert"].values, wb.open_trace(tmp_path / "api.zarr")["topk_expert"].values)
+    code, _, err = main_rc(capsys, "trace", ckpt, "--prompts", prompts, "--out", tmp_path / "t.zarr", "--quiet",
+                           "--loader", "transformers", "--quantize", "fp8")
+    assert code == 2 and "--quantize applies to Llama 4 checkpoints loaded with workbench" in one_error_line(err, "trace")
+
+
 def test_trace_refuses_max_tokens_beyond_the_model_positions(capsys, tmp_path, monkeypatch):
     from workbench.embedded import EMBEDDED_MODEL
 

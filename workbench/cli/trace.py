@@ -15,6 +15,7 @@ from workbench.cli._common import (
     CLIError,
     add_capture_arguments,
     add_commit_argument,
+    add_quantize_arguments,
     capture_options,
     check_prompts_process,
     check_store_out,
@@ -24,6 +25,7 @@ from workbench.cli._common import (
     dtype_name,
     load_transformers_checkpoint,
     positive_int,
+    quantize_options,
     read_prompts,
     trace_summary,
 )
@@ -58,6 +60,7 @@ def _run(args, tp) -> int:
         raise CLIError(f"--images {args.images} is not a directory")
     prompts = read_prompts(prompts_path, Path(args.images) if args.images else None)
     capture = capture_options(args)
+    quantize = quantize_options(args)
     inputs_hash = hashlib.sha256(prompts_path.read_bytes()).hexdigest()[:16]
     out = Path(args.out)
     if tp is None or tp.rank == 0:  # rank 0 owns the store
@@ -70,6 +73,8 @@ def _run(args, tp) -> int:
 
         if tp is not None:
             raise CLIError("--tp applies to Llama 4 checkpoints loaded with workbench")
+        if quantize:
+            raise CLIError("--quantize applies to Llama 4 checkpoints loaded with workbench")
         if any(p["images"] for p in prompts):
             raise CLIError("prompts with images need a multimodal Llama 4 checkpoint loaded with workbench")
         model, proc = load_transformers_checkpoint(Path(args.model), dtype=args.dtype, device=args.device,
@@ -79,7 +84,7 @@ def _run(args, tp) -> int:
         if args.device_map is not None:
             raise CLIError("--device-map applies to checkpoints loaded with transformers (use --device)")
         model = load_model(args.model, dtype=args.dtype, device=args.device or (tp.device if tp else None), tp=tp,
-                           progress=not args.quiet)
+                           progress=not args.quiet, **quantize)
         proc = load_processor(args.model)
     check_vocab(proc, model)
     # a prompt the processor refuses fails here, naming its line, not after Recorder created the store
@@ -149,5 +154,6 @@ def add_parser(sub) -> None:
                         "workbench, or transformers (also for Llama 4)")
     p.add_argument("--tp", type=positive_int, default=None,
                    help="tensor parallelism over N processes: run under torchrun --nproc-per-node N")
+    add_quantize_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
