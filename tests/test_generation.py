@@ -656,7 +656,8 @@ def test_generate_command_writes_answers_and_the_trace(tmp_path, capsys, model, 
                  "--out", str(fresh), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "max_position_embeddings is 10,485,760" in err
-    assert err.startswith("workbench generate: error: p.jsonl:2 (") and not fresh.exists()
+    assert err.startswith(f"workbench generate: error: {prompts}:2 (") and not fresh.exists()
+    assert err.endswith("(shorten the prompt or lower --max-new-tokens)")
     # a prompt the processor refuses is named by its line, not its slot in the batch, before the store exists
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": "no slot", "images": [IMAGE]}) + "\n")
