@@ -15,6 +15,10 @@ Models: a tiny random Mixtral and Qwen3-MoE built with transformers' own config 
 * ``recorder-no-floor`` (``--variants recorder-no-floor``): the same recorder with queue places of
   one pass however short (``PLACE_TOKENS = 0``): the writer then wakes every 3 passes of fewer
   than 256 tokens; shows what the floor is worth on short passes (``--batch 1 --seq 1``);
+* ``recorder-deferred`` (``--variants recorder-deferred``): a recorder whose writer thread sleeps
+  through the streak (``queue_size=4096``, ``commit_every_seconds=3600``) and writes and commits it at
+  the flush, inside the timed streak: the same work, none of it during the passes; shows what the
+  writer's wake-ups during the passes cost beyond their own CPU time;
 * ``nnsight``: ``NNsight(model).trace(ids)`` per pass, saving the same router outputs (each gate
   module's output tuple: logits, weights, ids) with ``.output.save()``; the saved tensors are kept
   for the streak (nothing written to disk: nnsight's save path only).
@@ -112,6 +116,12 @@ def run_model(name: str, args, tmp: Path) -> dict:
         finally:
             R.PLACE_TOKENS = saved
         old_rec.detach()
+    deferred = None
+    if "recorder-deferred" in args.variants:  # the writer sleeps through the streak, takes it at the flush
+        deferred = wb.record(model, tmp / f"{name}-deferred.zarr",
+                             capture={"router": {}, "logits": {"dtype": "float32"}},
+                             queue_size=4096, commit_every_seconds=3600.0)
+        deferred.detach()
     nn_model = NNsight(model) if NNsight is not None else None
     gates = gate_modules(model)
     kept: list = []
@@ -129,8 +139,8 @@ def run_model(name: str, args, tmp: Path) -> dict:
             if kind == "plain":
                 for _ in range(args.passes):
                     model(input_ids=ids)
-            elif kind in ("recorder", "recorder-no-floor"):
-                r = rec if kind == "recorder" else old_rec
+            elif kind in ("recorder", "recorder-no-floor", "recorder-deferred"):
+                r = {"recorder": rec, "recorder-no-floor": old_rec, "recorder-deferred": deferred}[kind]
                 r.attach()
                 for _ in range(args.passes):
                     model(input_ids=ids)
@@ -154,7 +164,7 @@ def run_model(name: str, args, tmp: Path) -> dict:
         return time.perf_counter() - t0
 
     kinds = ["plain", "adapter", "recorder"] + (["recorder-no-floor"] if old_rec is not None else []) \
-        + (["nnsight"] if nn_model is not None else [])
+        + (["recorder-deferred"] if deferred is not None else []) + (["nnsight"] if nn_model is not None else [])
     for k in kinds:  # warm-up
         streak(k)
     times: dict[str, list[float]] = {k: [] for k in kinds}
@@ -165,8 +175,9 @@ def run_model(name: str, args, tmp: Path) -> dict:
         print(f"  {name} round {r}: " + ", ".join(f"{k} {times[k][-1] * 1e3:.0f}" for k in kinds)
               + f" ms; load {os.getloadavg()[0]:.2f}", flush=True)
     rec.close()
-    if old_rec is not None:
-        old_rec.close()
+    for r_ in (old_rec, deferred):
+        if r_ is not None:
+            r_.close()
     adapter.close()
     ds = wb.open_trace(tmp / f"{name}.zarr")
     expected = (1 + args.rounds) * args.passes * args.batch * args.seq
@@ -185,7 +196,7 @@ def run_model(name: str, args, tmp: Path) -> dict:
                                 "of_minima": min(times[k]) / min(times["plain"]) - 1,
                                 "per_pass_ms": float(np.median(np.asarray(times[k]) - plain)) / args.passes * 1e3}
     if "nnsight" in times:
-        for k in ("recorder", "adapter") + (("recorder-no-floor",) if old_rec is not None else ()):
+        for k in [k for k in kinds if k not in ("plain", "nnsight")]:
             ratio = np.asarray(times["nnsight"]) / np.asarray(times[k])
             out[f"nnsight_over_{k}"] = {"median": float(np.median(ratio)), "ci95": bootstrap_median_ci(ratio)}
             # the same round's streaks: how much less a pass costs than under nnsight (> 0: faster)
@@ -204,9 +215,11 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--variants", nargs="*", default=[], choices=["recorder-no-floor"],
+    ap.add_argument("--variants", nargs="*", default=[], choices=["recorder-no-floor", "recorder-deferred"],
                     help="recorder-no-floor: a second recorder whose queue places are passes, however short "
-                         "(workbench.hooks.inbox.PLACE_TOKENS = 0), i.e. the writer's batching before the floor")
+                         "(workbench.hooks.inbox.PLACE_TOKENS = 0), i.e. the writer's batching before the floor; "
+                         "recorder-deferred: a recorder whose writer sleeps through each streak (4096 queue places, "
+                         "commits every hour) and writes it at the flush, i.e. no writer work during the passes")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -222,12 +235,12 @@ def main() -> None:
             r = run_model(name, args, Path(tmp))
             results["models"][name] = r
             line = f"{name}: " + ", ".join(f"{k} {v:.0f} ms" for k, v in r["ms"].items())
-            for k in ("adapter", "recorder", "recorder-no-floor", "nnsight"):
+            for k in ("adapter", "recorder", "recorder-no-floor", "recorder-deferred", "nnsight"):
                 if f"{k}_overhead" in r:
                     o = r[f"{k}_overhead"]
                     line += (f"; {k} {o['median']:+.1%} [{o['ci95'][0]:+.1%}, {o['ci95'][1]:+.1%}] "
                              f"(minima {o['of_minima']:+.1%}, {o['per_pass_ms']:+.2f} ms/pass)")
-            for k in ("adapter", "recorder", "recorder-no-floor"):
+            for k in ("adapter", "recorder", "recorder-no-floor", "recorder-deferred"):
                 if f"nnsight_over_{k}" in r:
                     q, d = r[f"nnsight_over_{k}"], r[f"{k}_saves_ms_per_pass"]
                     line += (f"; nnsight/{k} {q['median']:.2f}x [{q['ci95'][0]:.2f}, {q['ci95'][1]:.2f}], "
