@@ -325,7 +325,8 @@ def test_trace_quantize_flag(capsys, tmp_path, ckpt):
     np.testing.assert_array_equal(ds["topk_expert"].values, wb.open_trace(tmp_path / "api.zarr")["topk_expert"].values)
     code, _, err = main_rc(capsys, "trace", ckpt, "--prompts", prompts, "--out", tmp_path / "t.zarr", "--quiet",
                            "--loader", "transformers", "--quantize", "fp8")
-    assert code == 2 and "--quantize applies to Llama 4 checkpoints loaded with workbench" in one_error_line(err, "trace")
+    msg = one_error_line(err, "trace")
+    assert code == 2 and "--quantize applies to Llama 4 checkpoints loaded with workbench" in msg
 
 
 def test_trace_refuses_max_tokens_beyond_the_model_positions(capsys, tmp_path, monkeypatch):

@@ -167,7 +167,7 @@ def test_bad_options_and_models_are_refused(ckpt2, hf1, tmp_path):
         wb.record(model, tmp_path / "b.zarr", capture={"expert_out": {"vector_dtype": "int8"}})
     with pytest.raises(RecorderError, match="outside the vocabulary"):
         wb.record(model, tmp_path / "c.zarr", capture=[AttributionCapture(target=10**6)])
-    with pytest.raises(RecorderError, match=r"need a workbench Llama 4 model \(wb.load_model\); on transformers models"):
+    with pytest.raises(RecorderError, match=r"need a workbench Llama 4 model \(wb.load_model\); on transformers"):
         wb.record(hf1[0], tmp_path / "d.zarr", capture=("expert_out",))
     assert not (tmp_path / "d.zarr").exists()
     with pytest.raises(ValueError, match="interventions, steering_effect and expert_importance need a workbench"):

@@ -13,9 +13,9 @@ variables (``router_logits``, ...) are written as float32 (float16 is not a NetC
 are unchanged; attribute ``stored_dtype``). Written with the ``h5netcdf`` engine (NetCDF-4/HDF5)
 when h5py is installed, else ``scipy`` (NetCDF-3 64-bit offset: int64 ``token_index`` becomes
 int32, strings become char arrays). Global attributes: every provenance key (``routing`` and
-``routing_rule`` among them), ``trace_provenance`` (the trace's full provenance as JSON), ``trace_routing`` (the trace's ``routing``
-attribute, per-layer routing description and rule, as JSON), ``schema = "workbench.trace_subset/1"``,
-``n_experts``, ``top_k``.
+``routing_rule`` among them), ``trace_provenance`` (the trace's full provenance as JSON),
+``trace_routing`` (the trace's ``routing`` attribute, per-layer routing description and rule, as
+JSON), ``schema = "workbench.trace_subset/1"``, ``n_experts``, ``top_k``.
 Open with ``xr.open_dataset(path)``.
 
 Text NetCDF cannot hold (NUL ends an HDF5 string; lone surrogates are not UTF-8) is escaped

@@ -381,7 +381,8 @@ class ExpertLoadDashboard(W.ViewBase):
                         # two short lines in every mode: the title fits beside the toolbar, same top margin
                         {"title.text": f"Expert load<br><sup>{label} — {self.n_selected:,} tokens</sup>"})
             bars[mode] = ({"hovertemplate": "expert %{x}: " + hover.replace("%{z", "%{y") + "<extra></extra>"},
-                          {"yaxis.title.text": title, "title.text": f"Layer {self.layer_values[li]}: {label} per expert"})
+                          {"yaxis.title.text": title,
+                           "title.text": f"Layer {self.layer_values[li]}: {label} per expert"})
         return hm, bars
 
     def _redraw(self, heatmap: bool = True, layer: bool = True, metrics: bool = True) -> None:
