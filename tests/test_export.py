@@ -872,3 +872,52 @@ def test_subsets_hold_every_per_token_capture_and_name_what_they_leave_out(tmp_p
     for name in ("expert_out_norm", "attribution"):
         np.testing.assert_array_equal(np.stack([col(f"{name}_{j}") for j in range(K_)], -1),
                                       want[name].values[:, 0], err_msg=name)
+
+
+def test_subsets_leave_out_per_token_variables_without_a_table_layout(tmp_path):
+    """A registered capture writing (token, expert) and (token, k) variables: not in the subsets (the
+    Parquet table has no layout for them), named in a note; the export completes."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    import pyarrow.parquet as pq
+    import torch
+
+    from workbench.embedded import EMBEDDED_MODEL
+    from workbench.export import ExportNote
+    from workbench.hooks.captures import CAPTURES, _PerLayer, kept_rows, register_capture, to_host
+    from workbench.trace.schema import TOKEN, Variable
+
+    @dataclass(eq=False)
+    class FirstLayer(_PerLayer):
+        name: ClassVar[str] = "first_layer_test"
+        keys: ClassVar[tuple] = ("router_logits", "topk_weights")
+
+        def variables(self, spec):
+            return [Variable("first_logits", (TOKEN, "expert"), (spec.n_experts,), "float32", codec="float",
+                             capture=self.name),
+                    Variable("first_w", (TOKEN, "k"), (spec.top_k,), "float32", codec="float", capture=self.name)]
+
+        def finish(self):
+            logits, w = self._stacked()
+            return to_host(logits[:, 0].float()), to_host(w[:, 0].float())
+
+        def rows(self, payload, keep):
+            return {"first_logits": kept_rows(payload[0].numpy(), keep), "first_w": kept_rows(payload[1].numpy(), keep)}
+
+    register_capture(FirstLayer)
+    try:
+        model = wb.load_model(EMBEDDED_MODEL, dtype=torch.float32, progress=False)
+        proc = wb.load_processor(EMBEDDED_MODEL)
+        store = tmp_path / "c.zarr"
+        with wb.record(model, store, capture=("router", "margin", "first_layer_test"), processor=proc) as rec:
+            rec.run(model, proc, ["hello there", "abc def"], progress=False)
+    finally:
+        CAPTURES.pop("first_layer_test", None)
+    with pytest.warns(ExportNote, match=r"left out first_logits \('token', 'expert'\), first_w \('token', 'k'\)"):
+        res = export_all(store, tmp_path / "o", what=("netcdf", "parquet"), progress=False)
+    assert {p.name for p in res} >= {"trace_subset.nc", "trace_subset.parquet"}
+    with xr.open_dataset(tmp_path / "o" / "data" / "trace_subset.nc") as got:
+        assert "router_margin" in got and "first_logits" not in got and "first_w" not in got
+    cols = pq.read_table(tmp_path / "o" / "data" / "trace_subset.parquet").column_names
+    assert "router_margin" in cols and not any(c.startswith("first") for c in cols)

@@ -4,10 +4,12 @@ NetCDF (``trace_subset.nc``): the trace's per-token variables restricted to the 
 names and dims as in the trace (:mod:`workbench.trace.schema`: ``token_id, sequence, position,
 modality`` (token); ``generated`` (token) in traces that have it; ``topk_expert, topk_weight``
 (token, moe_layer, k); ``router_logits`` (token, moe_layer, expert) when recorded; every other
-per-token capture over those dims, e.g. ``router_margin``, ``expert_out_norm``, ``attribution``;
+per-token variable with one of those layouts, (token), (token, moe_layer), (token, moe_layer, k) or
+(token, moe_layer, expert), e.g. ``router_margin``, ``expert_out_norm``, ``attribution``;
 ``token_text`` when the trace stores a vocabulary), with coordinates ``token_index`` (token: the
-row in the source trace) and ``layer`` (moe_layer). Per-token variables over other dims (the
-``expert_out_vec`` vectors) are left out, and a note in the manifest names them; per-commit arrays
+row in the source trace) and ``layer`` (moe_layer). Per-token variables with other dims (the
+``expert_out_vec`` vectors) or whose Parquet columns would take the name of the table's own are left
+out, and a note in the manifest names them; per-commit arrays
 (``expert_load``, ``commit_end``) are left out too (commits do not survive a token subset). float16
 variables (``router_logits``, ...) are written as float32 (float16 is not a NetCDF type; the values
 are unchanged; attribute ``stored_dtype``). Written with the ``h5netcdf`` engine (NetCDF-4/HDF5)
@@ -60,8 +62,10 @@ __all__ = ["subset_dataset", "write_netcdf", "write_parquet", "netcdf_engine", "
 PARQUET_BLOCK_TOKENS = 16384
 NETCDF_IN_MEMORY_BYTES = 1 << 30
 _TOKEN_VARS = ("token_id", "sequence", "position", "modality", "topk_expert", "topk_weight", "router_logits")
-# per-token variables over these dims go into the subsets; the tidy Parquet table has a column layout for each
-_SUBSET_DIMS = {"token", "moe_layer", "k", "expert"}
+# per-token variables with these dims go into the subsets (the tidy Parquet table has a column layout for each)
+_SUBSET_DIMS = (("token",), ("token", "moe_layer"), ("token", "moe_layer", "k"), ("token", "moe_layer", "expert"))
+# the Parquet table's own columns, besides expert_j / weight_j
+_PARQUET_FIXED = {"token_index", "sequence", "position", "token_id", "modality", "token", "layer", "router_logits"}
 
 
 def _subset_vars(ds: xr.Dataset) -> tuple[list[str], list[str]]:
@@ -69,9 +73,16 @@ def _subset_vars(ds: xr.Dataset) -> tuple[list[str], list[str]]:
     the per-token variables it leaves out, with their dims)."""
     per_token = [n for n in ds.data_vars if ds[n].dims[:1] == ("token",) and n != "token_text"]
     keep = [n for n in _TOKEN_VARS if n in per_token]
-    keep += sorted(n for n in per_token if n not in keep and set(ds[n].dims) <= _SUBSET_DIMS)
+    keep += sorted(n for n in per_token if n not in keep and ds[n].dims in _SUBSET_DIMS
+                   and not _parquet_clash(n, int(ds.sizes.get("k", 0))))
     left = [f"{n} {tuple(ds[n].dims)}" for n in sorted(per_token) if n not in keep]
     return keep, left
+
+
+def _parquet_clash(name: str, k: int) -> bool:
+    """Whether an extra variable's Parquet column(s) would take the name of one of the table's own."""
+    own = _PARQUET_FIXED | {f"{w}_{j}" for w in ("expert", "weight") for j in range(k)}
+    return name in own or any(f"{name}_{j}" in own for j in range(k))
 
 
 def netcdf_engine() -> str:
@@ -94,7 +105,8 @@ def subset_dataset(ds: xr.Dataset, sel: Selection, prov: Mapping[str, str],
     names, left = _subset_vars(sub)
     if left and notes is not None:
         msg = ("trace subset (NetCDF, Parquet): left out " + ", ".join(left)
-               + " (only per-token variables over token, moe_layer, k and expert go in); read them from the trace")
+               + " (only per-token variables over (token[, moe_layer[, k | expert]]) whose names do not clash with "
+               "the table's columns go in); read them from the trace")
         if msg not in notes:
             notes.append(msg)
     data = {}
