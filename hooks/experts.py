@@ -79,6 +79,10 @@ def model_parts(model: nn.Module) -> ModelParts:
         raise RecorderError(f"{type(model).__name__} has no MoE blocks with a hook_experts point: the expert "
                             "captures need a workbench Llama 4 model (wb.load_model); on transformers models the "
                             "adapters expose the routers only (captures router, logits and margin)")
+    if getattr(model, "tp", None) is not None:
+        raise RecorderError("the expert captures (expert_out, attribution) do not run under tensor parallelism: each "
+                            "rank holds a slice of every expert and of the unembedding; record them in one process "
+                            "(the router, logits and attention captures work under tensor parallelism)")
     by_block = {id(m): layer for layer, m in moes.items()}
     resid = {by_block[id(m.feed_forward)]: m.post_attention_layernorm for m in model.modules()
              if id(getattr(m, "feed_forward", None)) in by_block and hasattr(m, "post_attention_layernorm")}

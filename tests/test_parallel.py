@@ -271,6 +271,12 @@ def scenario_record(tp, out_dir: Path, arg: str) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
         model.language_model.model.hook_inputs.add(die)
     store = out_dir / "tp.zarr"
+    from workbench.hooks import RecorderError
+
+    try:  # refused on every rank before any collective or store
+        wb.record(model, out_dir / f"experts-{tp.rank}.zarr", capture=("expert_out",), processor=proc)
+    except RecorderError as e:
+        (out_dir / f"experts-refused-{tp.rank}.txt").write_text(str(e))
     rec = wb.Recorder(model, store, capture=("router", "logits", "attention"), processor=proc,
                       commit_every_seconds=0)
     ok = False
@@ -494,6 +500,9 @@ def test_trace_under_tp_equals_single_process(tmp_path):
     prov = zarr.open_group(str(tmp_path / "tp.zarr"), mode="r").attrs["provenance"]
     assert prov["tensor_parallel"]["world_size"] == 2 and "self_attn.q_proj" in prov["tensor_parallel"]["layout"]
     assert prov["tensor_parallel_parts"] == {"0": 2}
+    for rank in range(2):  # the expert captures: a clear refusal on every rank, no store
+        msg = (tmp_path / f"experts-refused-{rank}.txt").read_text()
+        assert "do not run under tensor parallelism" in msg and not (tmp_path / f"experts-{rank}.zarr").exists()
     # generation recorded under TP: the same trace as one process
     import workbench as wb
     from workbench.embedded import EMBEDDED_MODEL
