@@ -420,7 +420,7 @@ def test_dashboard_position_panel(tmp_path):
     rate = A.same_expert_rate_by_position(ds, layer=3)
     close(dash.position.data[1].x, rate["same_top1_rate"])
     close(dash.position.data[2].x, rate["same_top1_baseline"])
-    assert "L3" in dash.position.layout.title.text
+    assert dash.position.layout.title.text.startswith("By position, layer 3 (")
     dash.layer = 5  # follows the layer slider
     close(dash.position.data[0].z, A.load_by_position(ds, layer=5).values)
     dash.w_modality.value = 1  # and the token filter

@@ -510,7 +510,7 @@ class ExpertLoadDashboard(W.ViewBase):
             line.customdata = v["n_pairs"]
             line.hovertemplate = "positions %{y}: %{x:.1%} of %{customdata:,} pairs<extra></extra>"
             base.x, base.y = v["baseline"], v["labels"]
-            self.position.layout.title.text = (f"By position, layer {self.layers[int(self.w_layer.value)]} "
+            self.position.layout.title.text = (f"By position, layer {self.layer_values[int(self.w_layer.value)]} "
                                                f"({self.position_data['load'].attrs['bucket']} buckets)")
 
     def _on_position(self) -> None:
