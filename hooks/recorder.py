@@ -558,12 +558,14 @@ class Recorder:
 
     @staticmethod
     def check_run(model: nn.Module, processor, inputs: Iterable, *, batch_size: int = 8,
-                  max_tokens: int | None = None, truncation: bool = False, names: Sequence[str] | None = None) -> None:
+                  max_tokens: int | None = None, truncation: bool = False, names: Sequence[str] | None = None,
+                  batch_size_name: str = "batch_size") -> None:
         """Raise InsufficientMemoryError before any work when a batch of :meth:`run` (each batch of
         ``batch_size`` non-empty prompts, padded as ``run`` pads it) would need more memory than is
         free on the model's device for its blocked prefill (workbench's Llama 4; inputs up to its
         ``prefill_chunk`` go in one pass, which the model does not check either). names: how
-        messages call each input (default "input <index>"). The CLI runs it before creating the store."""
+        messages call each input (default "input <index>"); batch_size_name: how the hint calls the
+        batch size (the CLI: its flag). The CLI runs it before creating the store."""
         from workbench.runtime.memory import check_fits, prefill_bytes
 
         config, block = getattr(model, "text_config", None), getattr(model, "prefill_chunk", None)
@@ -581,7 +583,7 @@ class Recorder:
             name = names[longest] if names is not None else f"input {longest}"
             check_fits(prefill_bytes(config, B, T, block, param.dtype, logits_to_keep=1), param.device,
                        f"{name} ({T:,} tokens" + (", the longest of a batch of " + str(B) if B > 1 else "") + ")",
-                       hint="shorter prompts or a smaller batch size")
+                       hint=f"shorter prompts or a smaller {batch_size_name}" if B > 1 else "a shorter prompt")
 
     def _note_images(self, chunk: list[dict], infos) -> None:
         """Provenance for the views (``CrossModalAttentionView(trace, sequence)`` needs no image arguments):

@@ -295,8 +295,12 @@ def test_trace_checks_memory_before_the_store_and_keeps_only_the_last_logits(cap
     code, _, err = main_rc(capsys, "trace", EMBEDDED_MODEL, "--prompts", prompts, "--out", store, "--quiet",
                            "--batch-size", 1)
     msg = one_error_line(err, "trace")
-    assert code == 2 and f"p.jsonl:2 ({T:,} tokens) needs about" in msg and msg.endswith("--batch-size 1"), msg
+    assert code == 2 and f"p.jsonl:2 ({T:,} tokens) needs about" in msg and msg.endswith("(a shorter prompt)"), msg
     assert "logits_to_keep" not in msg and not store.exists()
+    code, _, err = main_rc(capsys, "trace", EMBEDDED_MODEL, "--prompts", prompts, "--out", store, "--quiet")
+    msg = one_error_line(err, "trace")  # both prompts in one batch of 8: the batch size is worth changing
+    assert f"p.jsonl:2 ({T:,} tokens, the longest of a batch of 2)" in msg, msg
+    assert msg.endswith("(shorter prompts or a smaller --batch-size (now 8))") and not store.exists(), msg
     monkeypatch.setattr(memory, "available_bytes", lambda device: need_last + (8 << 20))
     code, out, err = main_rc(capsys, "trace", EMBEDDED_MODEL, "--prompts", prompts, "--out", store, "--quiet",
                              "--batch-size", 1)

@@ -131,7 +131,7 @@ def generate(model: nn.Module, processor, prompts: str | dict | Iterable, max_ne
 
 def check_generation(model: nn.Module, processor, prompts: str | dict | Iterable, max_new_tokens: int, *,
                      batch_size: int = 8, prefill_chunk: int | None = None,
-                     names: Sequence[str] | None = None) -> None:
+                     names: Sequence[str] | None = None, memory_hint: str | None = None) -> None:
     """Raise before any work when :func:`generate` could not run these prompts to ``max_new_tokens``.
 
     Each batch of ``batch_size`` prompts is encoded as ``generate`` encodes it (left-padded to its
@@ -140,13 +140,15 @@ def check_generation(model: nn.Module, processor, prompts: str | dict | Iterable
     when its KV cache and prefill (:func:`~workbench.runtime.memory.generation_bytes`) need more
     memory than is free on the model's device; the processor's own error for a prompt it cannot
     encode. names: how messages call each prompt (default "prompt <index>"; the CLI passes
-    "FILE:LINE"). ``generate`` runs this first; run it yourself to fail before, e.g., creating a
-    trace store.
+    "FILE:LINE"); memory_hint: what the memory error suggests changing (the CLI names its flags).
+    ``generate`` runs this first; run it yourself to fail before, e.g., creating a trace store.
     """
-    _check_batches(model, processor, _as_prompts(prompts), max_new_tokens, batch_size, prefill_chunk, names)
+    _check_batches(model, processor, _as_prompts(prompts), max_new_tokens, batch_size, prefill_chunk, names,
+                   memory_hint)
 
 
-def _check_batches(model, processor, items, max_new_tokens, batch_size, prefill_chunk, names) -> None:
+def _check_batches(model, processor, items, max_new_tokens, batch_size, prefill_chunk, names,
+                   memory_hint=None) -> None:
     config = model.text_config
     param = next(model.parameters())
     for b0 in range(0, len(items), batch_size):
@@ -161,7 +163,7 @@ def _check_batches(model, processor, items, max_new_tokens, batch_size, prefill_
         block = max(1, min(T0, prefill_chunk or getattr(model, "prefill_chunk", T0)))
         check_fits(generation_bytes(config, B, T0, max_new_tokens, block, param.dtype), param.device,
                    f"generating for {what} in a batch of {B}",
-                   hint="fewer new tokens, a smaller batch_size, or shorter prompts")
+                   hint=memory_hint or "fewer new tokens, a smaller batch_size, or shorter prompts")
 
 
 def _encode(processor, items: list[dict]):

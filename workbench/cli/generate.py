@@ -67,11 +67,12 @@ def run(args) -> int:
     check_prompts_process(proc, prompts, prompts_path, max_tokens=None, truncate=False)
     try:
         check_generation(model, proc, items, args.max_new_tokens, batch_size=args.batch_size,
-                         names=[f"{prompts_path}:{p['line']}" for p in prompts])
+                         names=[f"{prompts_path}:{p['line']}" for p in prompts],
+                         memory_hint="a smaller --max-new-tokens or --batch-size, or shorter prompts")
     except ContextLengthError as e:
         raise CLIError(f"{e} (shorten the prompt or lower --max-new-tokens)") from None
     except InsufficientMemoryError as e:
-        raise CLIError(f"{e} (--max-new-tokens, --batch-size)") from None
+        raise CLIError(str(e)) from None
     rec = None
     if args.out:
         rec = Recorder(model, Path(args.out), capture, processor=proc, overwrite=args.overwrite,

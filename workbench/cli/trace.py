@@ -95,9 +95,10 @@ def _run(args, tp) -> int:
         # run's batches are other ones; the model's own check still runs before each allocation)
         try:
             Recorder.check_run(model, proc, prompts, batch_size=args.batch_size, max_tokens=args.max_tokens,
-                               truncation=args.truncate, names=[f"{prompts_path}:{p['line']}" for p in prompts])
+                               truncation=args.truncate, names=[f"{prompts_path}:{p['line']}" for p in prompts],
+                               batch_size_name=f"--batch-size (now {args.batch_size})")
         except InsufficientMemoryError as e:
-            raise CLIError(f"{e}; --batch-size {args.batch_size}") from None
+            raise CLIError(str(e)) from None
     rec = Recorder(model, out, capture, processor=proc, resume=args.resume, overwrite=args.overwrite,
                    provenance=provenance, commit_every_seconds=args.commit_every)
     ok = False
