@@ -78,7 +78,8 @@ def model_parts(model: nn.Module) -> ModelParts:
     if not moes:
         raise RecorderError(f"{type(model).__name__} has no MoE blocks with a hook_experts point: the expert "
                             "captures need a workbench Llama 4 model (wb.load_model); on transformers models the "
-                            "adapters expose the routers only (captures router, logits and margin)")
+                            "adapters expose the routers only (captures router, logits and, but on DeepSeek-V3, "
+                            "margin)")
     if getattr(model, "tp", None) is not None:
         raise RecorderError("the expert captures (expert_out, attribution) do not run under tensor parallelism: each "
                             "rank holds a slice of every expert and of the unembedding; record them in one process "
