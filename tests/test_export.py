@@ -872,6 +872,18 @@ def test_subsets_hold_every_per_token_capture_and_name_what_they_leave_out(tmp_p
     for name in ("expert_out_norm", "attribution"):
         np.testing.assert_array_equal(np.stack([col(f"{name}_{j}") for j in range(K_)], -1),
                                       want[name].values[:, 0], err_msg=name)
+    # written in row groups of a few tokens (the default is 16,384): the same table
+    from workbench.export.data import subset_dataset, write_parquet
+    from workbench.export._common import Selection
+
+    sub = subset_dataset(ds, Selection.make(ds, layers=[layers[1]]), {"p": "1"})
+    small = write_parquet(sub, tmp_path / "small.parquet", {"p": "1"}, block_tokens=7)
+    t7 = pq.read_table(small)
+    assert t7.num_rows == n and t7.num_rows > 7 * 3
+    assert "generated" in t7.column_names and "expert_out_norm_0" in t7.column_names
+    for c in t7.column_names:
+        np.testing.assert_array_equal(np.asarray(t7.column(c).to_pylist(), dtype=object if c == "token" else None),
+                                      np.asarray(t.column(c).to_pylist(), dtype=object if c == "token" else None), c)
 
 
 def test_subsets_leave_out_per_token_variables_without_a_table_layout(tmp_path):

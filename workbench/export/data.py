@@ -232,8 +232,8 @@ def write_parquet(sub: xr.Dataset, path: Path, prov: Mapping[str, str], trace_pr
         fields.append(pa.field("router_logits", pa.list_(pa.float32(), E)))
     core = {"token_id", "sequence", "position", "modality", "topk_expert", "topk_weight", "router_logits"}
     extras = [n for n in sub.data_vars if n not in core and n != "token_text" and n != "token_text_escaped"]
-    for n in extras:
-        fields += _extra_fields(n, sub[n], k)
+    for name in extras:
+        fields += _extra_fields(name, sub[name], k)
     meta = {
         "workbench.provenance": json.dumps(dict(prov), sort_keys=False),
         "workbench.trace_provenance": json.dumps(jsonable(trace_provenance or {}), sort_keys=True),
@@ -272,8 +272,8 @@ def write_parquet(sub: xr.Dataset, path: Path, prov: Mapping[str, str], trace_pr
                     lg = np.asarray(blk["router_logits"].transpose("token", "moe_layer", "expert").values,
                                     np.float32).reshape(T * L * E)
                     arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(lg), E))
-                for n in extras:
-                    arrays += _extra_arrays(blk[n], T, L)
+                for name in extras:
+                    arrays += _extra_arrays(blk[name], T, L)
                 w.write_table(pa.Table.from_arrays(arrays, schema=schema))
     return Path(path)
 
