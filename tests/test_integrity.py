@@ -365,3 +365,29 @@ def test_netcdf_export_disk_full_is_not_a_crash(recorded, tiny_fs, tmp_path):
     assert r.stderr.startswith("workbench export: error: writing netcdf into ") and r.stderr.count("\n") == 1
     manifest = check_manifest_is_exact(out)
     assert manifest["files"] == [] and manifest["failed"]["netcdf"].startswith("No space left on device [errno 28]")
+
+
+def test_verify_attribution_nan_is_data_but_infinite_values_are_damage(tmp_path):
+    """The attribution capture's NaN (a token with no next token in its pass) is not damage: a fresh
+    trace with it verifies OK. An infinite router weight or attribution is damage."""
+    import torch
+    import zarr
+
+    import workbench as wb
+    from workbench.embedded import EMBEDDED_MODEL
+
+    model = wb.load_model(EMBEDDED_MODEL, dtype=torch.float32, progress=False)
+    proc = wb.load_processor(EMBEDDED_MODEL)
+    store = tmp_path / "a.zarr"
+    with wb.record(model, store, capture=("router", "attribution"), processor=proc) as rec:
+        rec.run(model, proc, ["The cat sat on the mat.", "1 + 2 = 3"], progress=False)
+    assert np.isnan(open_trace(store)["attribution"].values).any()
+    res = verify_trace(store)
+    assert res.ok, [str(p) for p in res]
+    a = zarr.open_array(store / "topk_weight", mode="r+")
+    a[2, 0, 0] = np.inf
+    b = zarr.open_array(store / "attribution", mode="r+")
+    b[1, 0, 0] = -np.inf
+    assert sorted(str(p).split(" (tokens")[0] for p in verify_trace(store)) == [
+        "array 'attribution': infinite values in the token table",
+        "array 'topk_weight': NaN or infinite values in the token table"]
