@@ -391,3 +391,21 @@ def test_verify_attribution_nan_is_data_but_infinite_values_are_damage(tmp_path)
     assert sorted(str(p).split(" (tokens")[0] for p in verify_trace(store)) == [
         "array 'attribution': infinite values in the token table",
         "array 'topk_weight': NaN or infinite values in the token table"]
+
+
+def test_verify_recounts_expert_loads_from_the_ids(multi, tmp_path):
+    """Per-commit expert_load must equal a count of its commit's topk_expert rows: an altered id (row sums
+    unchanged) or a count moved between experts is reported, naming the commit."""
+    import zarr
+
+    store = damaged(multi, tmp_path)
+    assert verify_trace(store).ok
+    ids = zarr.open_array(store / "topk_expert", mode="r+")
+    row = np.asarray(ids[25])
+    row[0, 0] = (row[0, 0] + 1) % 4
+    if row[0, 0] == row[0, 1]:
+        row[0, 0] = (row[0, 0] + 1) % 4
+    ids[25] = row  # token 25 is in the second commit (tokens 20-39)
+    assert [str(p) for p in verify_trace(store)] == [
+        "array 'expert_load': per-commit counts differ from a count of the topk_expert rows of 1 commit(s): one of "
+        "the two was altered (commits 1 of 3 committed)"]

@@ -80,6 +80,7 @@ def verify_trace(path: str | os.PathLike) -> VerifyResult:
         keep = info.node in (COMMIT_END, "batch_end") or (declared.get(info.node) and declared[info.node].per_commit)
         decoded[info.node] = _decode(p, info, declared.get(info.node), res, keep)
     _check_commits(attrs, declared, decoded, res)
+    _check_counts(p, declared, decoded, res)
     return res
 
 
@@ -197,3 +198,41 @@ def _check_commits(attrs: dict, declared: dict[str, Variable], decoded: dict, re
         if wrong.size:
             res.append(Problem(vname, f"per-commit counts do not sum to the commit's tokens x {per_token} slots "
                                       f"in {wrong.size} commit(s)", rows_text("commits", wrong.tolist(), 1, ends.size)))
+
+
+# Token rows read at a time when recounting a count variable's source (int16 ids: a few MiB per layer).
+_RECOUNT_ROWS = 1 << 18
+
+
+def _check_counts(path: Path, declared: dict[str, Variable], decoded: dict, res: VerifyResult) -> None:
+    """Each per-commit count row (``expert_load``) equals the count of its commit's rows of the array it
+    counts (``topk_expert``): the analyses read the counts instead of the ids, so a flipped id or count
+    would change a load figure silently. Skipped when either is already reported damaged."""
+    import zarr
+    from zarr.storage import LocalStore
+
+    ends = decoded.get(COMMIT_END)
+    damaged = {p.node for p in res}
+    if ends is None or COMMIT_END in damaged:
+        return
+    ends = np.asarray(ends, np.int64)
+    n = int(ends[-1]) if ends.size else 0
+    for vname, var in declared.items():
+        counts = decoded.get(vname)
+        src = (var.reduce or {}).get("count")
+        if not var.per_commit or counts is None or src is None or {vname, src} & damaged:
+            continue
+        A, N = var.row_shape
+        with quiet():
+            arr = zarr.open_array(store=LocalStore(path, read_only=True), path=src, mode="r")
+        got = np.zeros((ends.size, A, N), np.int64)
+        for r0 in range(0, n, _RECOUNT_ROWS):
+            block = np.asarray(arr[r0:min(n, r0 + _RECOUNT_ROWS)], np.int64).reshape(-1, A, arr.shape[-1])
+            commit = np.searchsorted(ends, np.arange(r0, r0 + block.shape[0]), side="right")
+            flat = (commit[:, None, None] * A + np.arange(A)[None, :, None]) * N + block
+            got += np.bincount(flat.ravel(), minlength=ends.size * A * N).reshape(ends.size, A, N)
+        wrong = np.flatnonzero(np.any(got != np.asarray(counts, np.int64).reshape(ends.size, A, N), axis=(1, 2)))
+        if wrong.size:
+            res.append(Problem(vname, f"per-commit counts differ from a count of the {src} rows of {wrong.size} "
+                                      "commit(s): one of the two was altered", rows_text("commits", wrong.tolist(), 1,
+                                                                                         ends.size)))
