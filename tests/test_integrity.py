@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -409,3 +410,20 @@ def test_verify_recounts_expert_loads_from_the_ids(multi, tmp_path):
     assert [str(p) for p in verify_trace(store)] == [
         "array 'expert_load': per-commit counts differ from a count of the topk_expert rows of 1 commit(s): one of "
         "the two was altered (commits 1 of 3 committed)"]
+
+
+@pytest.mark.parametrize("attrs,message", [
+    ({"n_tokens": 40}, "n_tokens = 40 but the last committed commit ends at token 60"),
+    ({"n_experts": 8}, "n_experts = 8 but the arrays hold 4 along 'expert'"),
+    ({"top_k": 1}, "top_k = 1 but the arrays hold 2 along 'k'"),
+    ({"moe_layers": [0, 3]}, "moe_layers = [0, 3] but the layer array holds [1, 3]"),
+])
+def test_root_attributes_that_disagree_with_the_arrays(multi, tmp_path, attrs, message):
+    """An edited zarr.json whose counts disagree with the arrays: open_trace and verify say so (the
+    analyses would count over 8 experts, or read 40 of 60 tokens as the complete trace)."""
+    store = damaged(multi, tmp_path)
+    root_attrs(store, **attrs)
+    with pytest.raises(TraceCorruptError, match=re.escape(message)):
+        open_trace(store)
+    found = " ".join(str(p) for p in verify_trace(store))
+    assert message in found or (attrs.get("n_tokens") and "do not rise strictly to n_tokens = 40" in found), found

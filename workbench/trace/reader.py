@@ -18,7 +18,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import xarray as xr
@@ -195,6 +195,7 @@ def open_trace(path: str | os.PathLike, *, tokens: bool = False) -> xr.Dataset:
                 raise TraceError(f"{p}: array {name!r} has {var.sizes[dim]} rows along {dim!r} but {want} are "
                                  "committed (damaged trace)")
     ds = _trim(ds, n, nc)
+    _check_agrees(p, ds, attrs, n, nc)
     for name, (_, default) in ADDED_CORE.items():  # core columns an older schema lacks
         if name not in ds.variables:
             var = next(v for v in CORE_VARIABLES if v.name == name)
@@ -203,6 +204,27 @@ def open_trace(path: str | os.PathLike, *, tokens: bool = False) -> xr.Dataset:
     if tokens:
         _add_token_text(ds, p)
     return ds
+
+
+def _check_agrees(path: Path, ds: xr.Dataset, attrs: Mapping, n: int, nc: int) -> None:
+    """TraceCorruptError when the root attributes disagree with the arrays (an edited or damaged
+    ``zarr.json``): the last committed ``commit_end`` is ``n_tokens``; ``n_experts``, ``top_k`` and
+    ``moe_layers`` are the arrays' expert and slot counts and layer coordinate. Reads a few values."""
+    from workbench.trace.integrity import Problem
+
+    problems = []
+    if nc and COMMIT_END in ds.variables and int(ds[COMMIT_END].values[-1]) != n:
+        problems.append(Problem("", f"n_tokens = {n} but the last committed commit ends at token "
+                                    f"{int(ds[COMMIT_END].values[-1])}"))
+    for key, dim in (("n_experts", EXPERT), ("top_k", "k")):
+        if dim in ds.sizes and int(attrs[key]) != int(ds.sizes[dim]):
+            problems.append(Problem("", f"{key} = {attrs[key]} but the arrays hold {ds.sizes[dim]} along {dim!r}"))
+    layers = [int(x) for x in np.asarray(ds[LAYER_COORD].values)]
+    if layers != [int(x) for x in attrs["moe_layers"]]:
+        problems.append(Problem("", f"moe_layers = {list(attrs['moe_layers'])} but the layer array holds {layers}"))
+    if problems:
+        raise TraceCorruptError(f"{path}: the root attributes disagree with the arrays: "
+                                + "; ".join(p.what for p in problems), problems)
 
 
 def _add_token_text(ds: xr.Dataset, path: Path) -> None:

@@ -27,7 +27,7 @@ from workbench.trace._util import quiet
 from workbench.trace.errors import TraceCorruptError
 from workbench.trace.integrity import (ArrayInfo, Problem, child_nodes, rows_text, array_problems, committed_lengths,
                                        root_problems)
-from workbench.trace.reader import required_arrays, read_root, trace_attrs
+from workbench.trace.reader import open_trace, required_arrays, read_root, trace_attrs
 from workbench.trace.schema import COMMIT_END, VOCAB_GROUP, Variable
 
 __all__ = ["verify_trace", "VerifyResult"]
@@ -81,6 +81,11 @@ def verify_trace(path: str | os.PathLike) -> VerifyResult:
         decoded[info.node] = _decode(p, info, declared.get(info.node), res, keep)
     _check_commits(attrs, declared, decoded, res)
     _check_counts(p, declared, decoded, res)
+    if res.ok:  # what open_trace checks beyond the nodes: the root attributes against the arrays
+        try:
+            open_trace(p)
+        except TraceCorruptError as e:
+            res.extend(e.problems or [Problem("", str(e))])
     return res
 
 
