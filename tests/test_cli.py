@@ -393,3 +393,13 @@ def test_info_on_a_transformers_checkpoint_of_a_traced_family(capsys, tmp_path):
     assert code == 0, err
     assert out.startswith("MixtralForCausalLM") and "model type 'mixtral'" in out and "through transformers" in out
     assert "4 layers, hidden 32" in out and "MoE layers (4): 0-3; 8 experts, top-2" in out
+
+
+def test_an_undecodable_chunk_met_late_is_a_clear_error(tmp_path):
+    """A chunk damaged so that blosc fails surfaces lazily, deep in an analysis (numcodecs raises a bare
+    RuntimeError): exit 2 and a pointer to verify, not an internal error."""
+    from workbench.cli import _classify
+
+    code, msg = _classify(RuntimeError("error during blosc decompression: -1"))
+    assert code == 2 and "the store is damaged; `workbench verify STORE`" in msg
+    assert _classify(RuntimeError("something else"))[0] == 1

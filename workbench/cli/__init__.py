@@ -105,6 +105,9 @@ def _classify(e: Exception) -> tuple[int, str]:
     if isinstance(e, (CLIError, ConfigError, CheckpointError, ProcessorError, TraceError, RecorderError, OSError,
                       ContextLengthError, InsufficientMemoryError)):  # too long for the model or the machine
         return (1 if failed else 2), _one_line(str(e) or type(e).__name__)
+    if isinstance(e, RuntimeError) and "blosc decompression" in str(e):  # a damaged chunk, decoded lazily
+        return 2, _one_line(f"a chunk of the trace cannot be decoded ({e}): the store is damaged; `workbench verify "
+                            "STORE` lists the damaged arrays and rows")
     return 1, _one_line(f"internal error: {type(e).__name__}: {e} (run again with --debug for the traceback)")
 
 
