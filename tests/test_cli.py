@@ -49,11 +49,14 @@ def test_info_on_checkpoint_and_preset(ckpt):
 def test_python_m_workbench_is_the_workbench_command(tmp_path):
     out = subprocess.run([sys.executable, "-m", "workbench", "info", tmp_path / "nope"], capture_output=True, text=True,
                          timeout=120)
-    assert out.returncode == 2 and "error: no config.json" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 2 and "nope does not exist" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_info_on_missing_path_is_one_line_error(tmp_path):
     out = run_cli("info", tmp_path / "nope")
+    assert out.returncode == 2 and f"error: {tmp_path / 'nope'} does not exist (a checkpoint directory, a trace " \
+        "store, or a preset: maverick, scout)" in out.stderr and "Traceback" not in out.stderr
+    out = run_cli("info", tmp_path)  # a directory that is neither
     assert out.returncode == 2 and "error: no config.json" in out.stderr and "Traceback" not in out.stderr
 
 

@@ -135,6 +135,9 @@ def run(args) -> int:
     if not path.exists() and args.path in PRESETS:
         print(describe_model(preset(args.path), source=f"preset {args.path}"))
         return 0
+    if not path.exists():
+        raise CLIError(f"{path} does not exist (a checkpoint directory, a trace store, or a preset: "
+                       f"{', '.join(sorted(PRESETS))})")
     if _traced_with_transformers(path):
         print(describe_transformers(path))
         return 0
