@@ -427,3 +427,13 @@ def test_root_attributes_that_disagree_with_the_arrays(multi, tmp_path, attrs, m
         open_trace(store)
     found = " ".join(str(p) for p in verify_trace(store))
     assert message in found or (attrs.get("n_tokens") and "do not rise strictly to n_tokens = 40" in found), found
+
+
+@pytest.mark.parametrize("variables", [5, {"token_id": 1}, {"token_id": {"name": "token_id"}}])
+def test_unreadable_variable_declarations_are_damage(multi, tmp_path, variables):
+    store = damaged(multi, tmp_path)
+    root_attrs(store, variables=variables)
+    with pytest.raises(TraceCorruptError, match="root attribute 'variables'"):
+        open_trace(store)
+    res = verify_trace(store)
+    assert not res.ok and "root attribute 'variables'" in str(list(res)[0])

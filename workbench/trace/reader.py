@@ -80,11 +80,28 @@ def read_root(path: str | os.PathLike) -> dict:
     for key in required:
         if key not in attrs:
             raise TraceCorruptError(f"{p}: root attribute {key!r} is missing (damaged trace)")
+    if schema != SCHEMA_V1:
+        _check_variables(p, attrs["variables"])
     try:
         committed_lengths(attrs)
     except TraceCorruptError as e:
         raise TraceCorruptError(f"{p}: {e}", e.problems) from None
     return meta
+
+
+def _check_variables(p: Path, variables) -> None:
+    """TraceCorruptError unless the ``variables`` root attribute is {name: a Variable's JSON}."""
+    from workbench.trace.schema import Variable
+
+    if not isinstance(variables, dict):
+        raise TraceCorruptError(f"{p}: root attribute 'variables' is a {type(variables).__name__}, not a mapping "
+                                "of array names to their declarations (damaged trace)")
+    for name, d in variables.items():
+        try:
+            Variable.from_json(d)
+        except (TypeError, ValueError, AttributeError) as e:
+            raise TraceCorruptError(f"{p}: root attribute 'variables' has an unreadable declaration of {name!r} "
+                                    f"({type(e).__name__}: {e}) (damaged trace)") from None
 
 
 def trace_attrs(attrs: dict) -> dict:
