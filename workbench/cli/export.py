@@ -62,8 +62,8 @@ def add_parser(sub) -> None:
     p.add_argument("--layers", help="MoE layers to export, decoder indices, e.g. 1,3,5-9 (default: all)")
     p.add_argument("--sequences", help="sequences to export, e.g. 0,2-4 (default: all)")
     p.add_argument("--tokens", help="token rows START:STOP of the trace (default: all)")
-    p.add_argument("--labels", help="sequence labels for the domain tables: JSON {seq: label} or list, or a JSONL "
-                                     "prompts file with a 'domain'/'label' field per line")
+    p.add_argument("--labels", help="sequence labels for the domain tables: a file holding JSON ({seq: label} or a "
+                                     "list), or a JSONL prompts file with a 'domain'/'label' field per line")
     p.add_argument("--sequence", type=int, help="sequence shown by the token routing figure, the report and the "
                                                 "attention overlay (default: the first selected)")
     p.add_argument("--transitions", help="two MoE layers A,B for the transition figure (default: the first two)")
